@@ -1,0 +1,21 @@
+"""lora_convert: compress LoRA adapters into LoRA-Mini form, store them tiny, restore them.
+
+    >>> import lora_convert as lc                                               # doctest: +SKIP
+    >>> adapter = lc.load_adapter("fixtures/peft-tiny-llama")
+    >>> mini = lc.compress(adapter, outer="random", seed=7, outer_dim=64, rank=8)
+    >>> report = lc.save(mini, "mini")          # fits stream module by module
+    >>> restored = lc.reconstruct(lc.load("mini"))
+    >>> lc.save_adapter(restored, "restored")   # a standard PEFT directory again
+"""
+__version__ = "0.1.0"
+
+from .adapter import Adapter, LoraModule  # noqa: E402
+from .api import compress, load, load_adapter, reconstruct, save, save_adapter, verify  # noqa: E402
+from .container import MiniAdapter, MiniModule  # noqa: E402
+from .errors import (BadInputError, FormatDetectionError, HubError, IntegrityError,  # noqa: E402
+                     LoraConvertError, UnsupportedError)
+from .report import FidelityReport  # noqa: E402
+
+__all__ = ["Adapter", "LoraModule", "MiniAdapter", "MiniModule", "FidelityReport", "compress", "load",
+           "load_adapter", "reconstruct", "save", "save_adapter", "verify", "LoraConvertError",
+           "BadInputError", "UnsupportedError", "FormatDetectionError", "IntegrityError", "HubError"]

@@ -1,0 +1,96 @@
+"""The one in-memory adapter model every format reads into and writes from.
+
+An :class:`Adapter` is lazy: it knows its module names and how to load each
+module, and loads factors only when asked, one module at a time, so memory
+stays bounded by the largest module rather than the whole adapter.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's scaling rule: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass
+class LoraModule:
+    """One low-rank update ΔW = scale · up @ down.
+
+    `down` (A) is r × in and `up` (B) is out × r, both 2-D. Conv kernels are
+    flattened to out × (in·kh·kw); `kernel` records the original 4-D shapes so
+    writers can restore them.
+    """
+
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    use_rslora: bool = False
+    kind: str = "linear"  # "linear" | "conv" | "embedding"
+    kernel: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.down.shape[1])
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down.dtype
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter, read lazily.
+
+    `config` is the source format's own configuration (for PEFT the
+    adapter_config.json dict), kept so writers can reproduce it; `metadata`
+    holds source-file metadata (e.g. kohya's ss_* keys). `passthrough` names
+    tensors that are carried through untouched (PEFT modules_to_save).
+    """
+
+    format: str
+    module_names: list[str]
+    load_module: Callable[[str], LoraModule]
+    config: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    passthrough_names: list[str] = field(default_factory=list)
+    load_passthrough: Callable[[str], torch.Tensor] | None = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.module_names)
+
+    def module(self, name: str) -> LoraModule:
+        return self.load_module(name)
+
+    def modules(self) -> Iterator[LoraModule]:
+        for name in self.module_names:
+            yield self.load_module(name)
+
+    def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.passthrough_names:
+            yield name, self.load_passthrough(name)
+
+
+def from_modules(fmt: str, modules: list[LoraModule], **kw) -> Adapter:
+    """An Adapter over modules already in memory (tests, small programmatic use)."""
+    table = {m.name: m for m in modules}
+    return Adapter(format=fmt, module_names=list(table), load_module=table.__getitem__, **kw)

@@ -1,0 +1,193 @@
+"""Command line: a thin layer over lora_convert's verbs.
+
+Exit codes: 0 success, 2 bad input (one line naming the file and the problem),
+1 internal error. Set LORA_CONVERT_DEBUG=1 to see tracebacks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import LoraConvertError
+from .formats import REGISTRY as _FORMATS
+
+FORMAT_CHOICES = sorted(_FORMATS)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """Turns lora_convert errors into one line and an exit code, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
+            raise
+        except LoraConvertError as exc:
+            if os.environ.get("LORA_CONVERT_DEBUG"):
+                raise
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as exc:  # a bug: say so plainly, still no traceback
+            if os.environ.get("LORA_CONVERT_DEBUG"):
+                raise
+            _fail(f"internal error ({type(exc).__name__}: {exc}); rerun with LORA_CONVERT_DEBUG=1 "
+                  "for a traceback", 1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lora-convert")
+def main():
+    """Compress LoRA adapters into LoRA-Mini form, verify them, and restore standard adapters.
+
+    \b
+    lora-convert inspect ./my-adapter
+    lora-convert compress ./my-adapter -o ./mini --outer random --seed 7 --outer-dim 64 --rank 16
+    lora-convert verify ./mini --against ./my-adapter
+    lora-convert reconstruct ./mini -o ./restored
+    """
+
+
+@contextlib.contextmanager
+def progress_bar(length: int, label: str):
+    """A progress bar on stderr (shown on terminals); yields a per-item callback."""
+    with click.progressbar(length=length, label=label, file=sys.stderr,
+                           show_pos=True, item_show_func=lambda n: n) as bar:
+        yield lambda m: bar.update(1, getattr(m, "name", None))
+
+
+def _emit(report, as_json: bool, extra: dict | None = None) -> None:
+    if as_json:
+        doc = report.as_dict()
+        doc.update(extra or {})
+        click.echo(json.dumps(doc, indent=2))
+        if report.warning():
+            click.echo(report.warning(), err=True)
+    else:
+        click.echo(report.table())
+
+
+def _outer_dim(value: str | None):
+    if value is None:
+        return None
+    try:
+        parts = [int(p) for p in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected a or a,b (integers), got {value!r}") from None
+    if len(parts) not in (1, 2):
+        raise click.BadParameter(f"expected a or a,b, got {value!r}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+input_format = click.option("--from", "fmt", type=click.Choice(FORMAT_CHOICES), default=None,
+                            help="Input layout (detected when omitted).")
+allow_pickle = click.option("--allow-pickle", is_flag=True,
+                            help="Allow adapter_model.bin, loaded with torch.load(weights_only=True) only.")
+json_flag = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
+
+
+@main.command()
+@click.argument("path")
+@input_format
+@allow_pickle
+@json_flag
+def inspect(path, fmt, allow_pickle, as_json):
+    """Show what is in an adapter or a LoRA-Mini file."""
+    from .inspect import describe
+
+    doc = describe(path, fmt, allow_pickle)
+    text = doc.pop("_text")
+    click.echo(json.dumps(doc, indent=2) if as_json else text)
+
+
+@main.command()
+@click.argument("path")
+@click.option("-o", "--output", required=True, help="Output directory (or a .safetensors file).")
+@click.option("--outer", type=click.Choice(["random", "svd"]), default="random", show_default=True,
+              help="random: outers regenerated from a seed (tiny files); svd: the update's own singular "
+                   "vectors, stored (near-lossless).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random outers.")
+@click.option("--outer-dim", default=None, help="Outer sizes a[,b] for random outers (default 64, "
+                                                "capped by each module's dimensions).")
+@click.option("--rank", type=int, default=None, help="Inner rank (optimal truncation).")
+@click.option("--keep-energy", type=float, default=None,
+              help="Smallest inner rank per module keeping this share of the update's energy, e.g. 0.99.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Storage dtype of inner (and stored outer) tensors; auto keeps the adapter's.")
+@input_format
+@allow_pickle
+@json_flag
+def compress(path, output, outer, seed, outer_dim, rank, keep_energy, dtype, fmt, allow_pickle, as_json):
+    """Compress an adapter into LoRA-Mini form and report its fidelity."""
+    from . import api
+
+    adapter = api.load_adapter(path, fmt, allow_pickle=allow_pickle)
+    mini = api.compress(adapter, outer, seed=seed, outer_dim=_outer_dim(outer_dim), rank=rank,
+                        keep_energy=keep_energy, dtype=dtype)
+    with progress_bar(len(mini), "compressing") as tick:
+        report = api.save(mini, output, progress=tick)
+    _emit(report, as_json, {"output": output})
+
+
+@main.command()
+@click.argument("path")
+@click.option("--against", default=None, help="Original adapter to measure the error against.")
+@input_format
+@allow_pickle
+@json_flag
+def verify(path, against, fmt, allow_pickle, as_json):
+    """Regenerate outers, check every fingerprint and checksum, report the error."""
+    from . import api
+
+    n = len(api.load(path))
+    with progress_bar(n, "verifying") as tick:
+        report = api.verify(path, against, fmt=fmt, allow_pickle=allow_pickle, progress=tick)
+    _emit(report, as_json, {"verified": True})
+    if not as_json:
+        click.echo("integrity: OK (all outer fingerprints and tensor checksums match)")
+
+
+@main.command()
+@click.argument("path")
+@click.option("-o", "--output", required=True, help="Output directory or file.")
+@click.option("--to", "to", type=click.Choice(FORMAT_CHOICES), default=None,
+              help="Output layout (default: the layout the adapter was compressed from).")
+@click.option("--trim-rank", is_flag=True,
+              help="Write the inner rank instead of zero-padding back to the original rank.")
+def reconstruct(path, output, to, trim_rank):
+    """Turn a LoRA-Mini file back into a standard adapter with the original scale."""
+    from . import api
+
+    mini = api.load(path)
+    adapter = api.reconstruct(mini, trim_rank=trim_rank)
+    api.save_adapter(adapter, output, to)
+    click.echo(f"wrote {to or adapter.format} adapter with {len(adapter)} modules to {output}")
+
+
+@main.command()
+@click.argument("path")
+@click.option("-o", "--output", required=True, help="Output directory or file.")
+@click.option("--to", "to", type=click.Choice(FORMAT_CHOICES), required=True, help="Output layout.")
+@input_format
+@allow_pickle
+def convert(path, output, to, fmt, allow_pickle):
+    """Convert an adapter between layouts, keeping every module's scale."""
+    from . import api
+
+    adapter = api.load_adapter(path, fmt, allow_pickle=allow_pickle)
+    api.save_adapter(adapter, output, to)
+    click.echo(f"wrote {to} adapter with {len(adapter)} modules to {output}")
+
+
+if __name__ == "__main__":
+    main()

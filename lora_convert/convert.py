@@ -1,0 +1,154 @@
+"""compress / reconstruct / compare: the operations between Adapter and MiniAdapter.
+
+All of them are lazy and per-module: nothing is computed until a writer or a
+report iterates the modules, and then one module is held at a time.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from . import outer
+from .adapter import Adapter, LoraModule
+from .container import DTYPES, MiniAdapter, MiniModule
+from .errors import BadInputError
+from .mathcore import difference_norm, fit_inner, frobenius, relative_error
+from .report import FidelityReport, ModuleFidelity
+
+_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.float64: "float64"}
+
+
+def _storage_dtype(dtype: str, source: torch.dtype) -> torch.dtype:
+    if dtype == "auto":
+        return source if source in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise BadInputError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(DTYPES)})") from None
+
+
+def compress_module(m: LoraModule, source: str = "random", *, seed: int = 0, outer_dim=None,
+                    rank: int | None = None, keep_energy: float | None = None,
+                    dtype: str = "auto") -> MiniModule:
+    """Fit one module's inner matrices for the chosen outers and record its fidelity."""
+    src = outer.get(source)
+    options = {"seed": seed, "outer_dim": outer_dim, "rank": rank, "keep_energy": keep_energy}
+    U, V, spec = src.make(m, options)
+    fit = fit_inner(m.up, m.down, U, V, rank=rank, keep_energy=keep_energy)
+    store = _storage_dtype(dtype, m.dtype)
+    if fit.rank == 0:  # an all-zero update: keep one zero direction so shapes stay valid
+        fit.X, fit.Y = torch.zeros(U.shape[1], 1, dtype=torch.float64), torch.zeros(1, V.shape[0], dtype=torch.float64)
+    X, Y = fit.X.to(store), fit.Y.to(store)
+    if src.STORED:
+        U, V = U.to(store), V.to(store)
+    mini = MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
+                      use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=spec,
+                      U=U, V=V, X=X, Y=Y)
+    B2, A2 = mini.factors()
+    mini.fidelity = {"rel_error": relative_error(m.up, m.down, B2, A2),
+                     "energy": (m.scale * frobenius(m.up, m.down)) ** 2}
+    return mini
+
+
+def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_dim=None,
+             rank: int | None = None, keep_energy: float | None = None, dtype: str = "auto") -> MiniAdapter:
+    """LoRA-Mini form of `adapter` (lazy: modules are fitted when iterated or saved).
+
+    >>> import lora_convert as lc                                    # doctest: +SKIP
+    >>> mini = lc.compress(lc.load_adapter("fixtures/peft-tiny-llama"), outer="random", seed=7)
+    >>> report = lc.save(mini, "mini")
+    """
+    _validate_options(outer, rank, keep_energy, outer_dim)
+    kwargs = dict(seed=seed, outer_dim=outer_dim, rank=rank, keep_energy=keep_energy, dtype=dtype)
+    _storage_dtype(dtype, torch.float32)  # fail early on a bad name
+
+    def load(name: str) -> MiniModule:
+        return compress_module(adapter.module(name), outer, **kwargs)
+
+    return MiniAdapter(source_format=adapter.format, module_names=list(adapter.module_names), load_module=load,
+                       source_config=adapter.config, source_metadata=adapter.metadata,
+                       passthrough_names=list(adapter.passthrough_names), load_passthrough=adapter.load_passthrough,
+                       original_bytes=source_bytes(adapter.source), source=adapter.source)
+
+
+def _validate_options(source, rank, keep_energy, outer_dim) -> None:
+    outer.get(source)
+    if rank is not None and rank <= 0:
+        raise BadInputError(f"--rank must be positive, got {rank}")
+    if keep_energy is not None and not 0.0 < keep_energy <= 1.0:
+        raise BadInputError(f"--keep-energy must be in (0, 1], got {keep_energy}")
+    dims = [outer_dim] if isinstance(outer_dim, int) else list(outer_dim or [])
+    if any(d <= 0 for d in dims):
+        raise BadInputError(f"--outer-dim must be positive, got {outer_dim}")
+
+
+def source_bytes(source: str) -> int | None:
+    """Size on disk of an adapter's tensor files (for the compression ratio)."""
+    if not source or not os.path.exists(source):
+        return None
+    p = Path(source)
+    files = [p] if p.is_file() else [*p.glob("*.safetensors"), *p.glob("*.bin")]
+    return sum(f.stat().st_size for f in files) or None
+
+
+def reconstruct_module(m: MiniModule, trim_rank: bool = False) -> LoraModule:
+    """A standard LoRA pair for `m`: B' = U X, A' = Y V, same scale as the original.
+
+    By default the inner rank k is zero-padded back to the original rank r, so the
+    restored adapter has the original config and exactly the original scale. With
+    `trim_rank` it has rank k and alpha chosen so that alpha'/k (or /√k) equals the
+    original scale.
+    """
+    B2, A2 = m.factors()
+    dtype = getattr(torch, m.dtype, torch.float32)
+    alpha, k = m.alpha, m.inner_rank
+    if trim_rank and k < m.rank:
+        alpha = m.scale * (k ** 0.5 if m.use_rslora else k)
+    elif k < m.rank:
+        B2 = torch.cat([B2, B2.new_zeros(B2.shape[0], m.rank - k)], dim=1)
+        A2 = torch.cat([A2, A2.new_zeros(m.rank - k, A2.shape[1])], dim=0)
+    return LoraModule(name=m.name, down=A2.to(dtype), up=B2.to(dtype), alpha=alpha, use_rslora=m.use_rslora,
+                      kind=m.kind, kernel=m.kernel)
+
+
+def reconstruct(mini: MiniAdapter, trim_rank: bool = False) -> Adapter:
+    """The standard adapter a LoRA-Mini adapter stands for (lazy), in its source format."""
+    return Adapter(format=mini.source_format, module_names=list(mini.module_names),
+                   load_module=lambda n: reconstruct_module(mini.module(n), trim_rank),
+                   config=mini.source_config, metadata=mini.source_metadata,
+                   passthrough_names=list(mini.passthrough_names), load_passthrough=mini.load_passthrough,
+                   source=mini.source)
+
+
+def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityReport:
+    """Per-module error of `mini` against the original adapter, from the factors."""
+    missing = sorted(set(original.module_names) ^ set(mini.module_names))
+    if missing:
+        raise BadInputError(f"module sets differ between the LoRA-Mini file and the original: {missing[:3]}",
+                            original.source)
+    report = FidelityReport()
+    for m in mini.modules():
+        o = original.module(m.name)
+        B2, A2 = m.factors()
+        ref = o.scale * frobenius(o.up, o.down)
+        err = difference_norm(o.up.double() * o.scale, o.down, B2 * m.scale, A2)
+        rel = err / ref if ref else (0.0 if err == 0 else float("inf"))
+        report.add(ModuleFidelity(m.name, (m.out_features, m.in_features), m.rank, m.inner_rank,
+                                  m.outer["source"], int(m.outer["a"]), int(m.outer["b"]), rel, ref**2))
+        if progress:
+            progress(m)
+    return report
+
+
+def stored_report(mini: MiniAdapter, progress=None) -> FidelityReport:
+    """The fidelity recorded at compression time, after loading (and so checking) every module."""
+    report = FidelityReport(original_bytes=mini.original_bytes,
+                            compressed_bytes=os.path.getsize(mini.source) if mini.source else None)
+    for m in mini.modules():
+        report.add(m.fidelity_row())
+        if progress:
+            progress(m)
+    return report

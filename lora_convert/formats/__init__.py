@@ -1,0 +1,76 @@
+"""On-disk adapter layouts, one module each, behind a small registry.
+
+Each format module provides:
+    NAME: str                   registry key, also recorded in LoRA-Mini metadata
+    LABEL: str                  human-readable name for `inspect`
+    OUTPUT_IS_DIR: bool         whether `write` produces a directory or a single file
+    detect(path) -> bool        cheap check (file names, key patterns); no tensors loaded
+    read(path, **options) -> Adapter
+    write(adapter, dest) -> None   dest is a temporary path the caller publishes atomically
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..adapter import Adapter
+from ..atomic import atomic_output
+from ..errors import BadInputError, FormatDetectionError
+from . import peft
+
+REGISTRY: dict[str, object] = {peft.NAME: peft}
+
+
+def register(module) -> None:
+    """Add a format module (see this package's docstring for the interface)."""
+    REGISTRY[module.NAME] = module
+
+
+def _sample_keys(path: Path, n: int = 5) -> list[str]:
+    from ..st import read_header
+
+    target = path
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        if not found:
+            return []
+        target = found[0]
+    try:
+        return list(read_header(target).tensors)[:n]
+    except BadInputError:
+        return []
+
+
+def detect(path: str | os.PathLike) -> str:
+    """The name of the one format that recognises `path`; never guesses."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError("no such file or directory", path)
+    hits = [name for name, mod in REGISTRY.items() if mod.detect(path)]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        keys = _sample_keys(path)
+        hint = f"; first keys: {', '.join(keys)}" if keys else ""
+        raise FormatDetectionError(f"not a recognised LoRA layout (known: {', '.join(REGISTRY)}){hint}", path)
+    raise FormatDetectionError(f"ambiguous layout: matches {', '.join(hits)}; pass --from to choose", path)
+
+
+def read(path: str | os.PathLike, fmt: str | None = None, **options) -> Adapter:
+    """Read an adapter in `fmt` (detected when None)."""
+    fmt = fmt or detect(path)
+    return _module(fmt).read(Path(path), **options)
+
+
+def write(adapter: Adapter, dest: str | os.PathLike, fmt: str) -> None:
+    """Write `adapter` in `fmt` to `dest` atomically."""
+    mod = _module(fmt)
+    with atomic_output(dest, mod.OUTPUT_IS_DIR) as tmp:
+        mod.write(adapter, tmp)
+
+
+def _module(fmt: str):
+    try:
+        return REGISTRY[fmt]
+    except KeyError:
+        raise BadInputError(f"unknown format {fmt!r} (known: {', '.join(REGISTRY)})") from None

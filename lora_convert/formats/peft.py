@@ -1,0 +1,257 @@
+"""PEFT LoRA adapters: a directory with adapter_config.json and adapter_model.safetensors.
+
+Key naming follows PEFT's saved state dict: ``base_model.model.<module>.lora_A.weight`` /
+``lora_B.weight`` (Linear and Conv), ``<module>.lora_embedding_A`` / ``_B`` (Embedding),
+modules_to_save tensors stored under their original names. Per-module rank and alpha
+follow PEFT's own ``rank_pattern`` / ``alpha_pattern`` matching rule.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter, LoraModule
+from ..errors import BadInputError, UnsupportedError
+from ..st import LazyTensors, StreamingWriter, require_finite
+
+NAME = "peft"
+LABEL = "PEFT LoRA"
+OUTPUT_IS_DIR = True
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+PREFIX = "base_model.model."
+_FACTOR = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_A|lora_B)\.weight$|"
+                     r"^(?P<emod>.+)\.(?P<ekind>lora_embedding_A|lora_embedding_B)$")
+_DORA = re.compile(r"\.lora_magnitude_vector(\.weight)?$")
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and (
+        (path / WEIGHTS_FILE).is_file() or (path / PICKLE_FILE).is_file())
+
+
+def pattern_key(patterns, module: str) -> str | None:
+    """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", module)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def load_config(path: Path) -> dict:
+    cfg_path = path / CONFIG_FILE
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"missing {CONFIG_FILE}", path) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"invalid JSON ({exc})", cfg_path) from None
+    if not isinstance(cfg, dict):
+        raise BadInputError("config is not a JSON object", cfg_path)
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedError(f"peft_type {peft_type} is not supported yet (only LORA)", cfg_path)
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    if type(r) is not int or r <= 0:
+        raise BadInputError(f"r must be a positive integer, got {r!r}", cfg_path)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise BadInputError(f"lora_alpha must be a number, got {alpha!r}", cfg_path)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise BadInputError(f"{key} must be an object", cfg_path)
+    for mod, rr in (cfg.get("rank_pattern") or {}).items():
+        if type(rr) is not int or rr <= 0:
+            raise BadInputError(f"rank_pattern[{mod!r}] must be a positive integer, got {rr!r}", cfg_path)
+    return cfg
+
+
+class _Tensors:
+    """safetensors (lazy) or, only when allowed, a weights_only torch pickle."""
+
+    def __init__(self, path: Path, allow_pickle: bool):
+        st = path / WEIGHTS_FILE
+        if st.is_file():
+            self.lazy, self.path = LazyTensors(st), st
+            self.keys = self.lazy.keys()
+            return
+        self.path = path / PICKLE_FILE
+        if not allow_pickle:
+            raise BadInputError(f"{PICKLE_FILE} is a pickle; pass --allow-pickle to load it with "
+                                "torch.load(weights_only=True)", self.path)
+        self.lazy = None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError, RuntimeError, EOFError ...
+            raise BadInputError(f"refused to load pickle ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:200] if str(exc) else 'invalid'})", self.path) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise BadInputError("pickle does not hold a flat dict of tensors", self.path)
+        self.state, self.keys = state, list(state)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.lazy.get(key) if self.lazy is not None else self.state[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.lazy.shape(key) if self.lazy is not None else tuple(self.state[key].shape)
+
+
+def _is_passthrough(module_path: str, modules_to_save) -> bool:
+    return any(module_path == m or module_path.endswith("." + m) or f".{m}." in f".{module_path}."
+               for m in modules_to_save or [])
+
+
+def _index_keys(tensors: _Tensors, cfg: dict):
+    """Map module name -> {'A': key, 'B': key, 'emb': bool}; list passthrough keys."""
+    modules, passthrough, unknown = {}, [], []
+    for key in tensors.keys:
+        if _DORA.search(key):
+            mod = _strip(_DORA.sub("", key))
+            raise UnsupportedError(f"module {mod!r} is DoRA (lora_magnitude_vector); DoRA is not supported yet",
+                                   tensors.path)
+        m = _FACTOR.match(key)
+        if m:
+            mod = _strip(m.group("mod") or m.group("emod"))
+            kind = m.group("kind") or m.group("ekind")
+            modules.setdefault(mod, {"emb": kind.startswith("lora_embedding")})[kind[-1]] = key
+        elif _is_passthrough(_strip(key), cfg.get("modules_to_save")):
+            passthrough.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
+        raise BadInputError(f"unknown keys, not LoRA factors or modules_to_save: {shown}", tensors.path)
+    for mod, entry in modules.items():
+        missing = [f for f in "AB" if f not in entry]
+        if missing:
+            raise BadInputError(f"module {mod!r} has only one factor (missing lora_{missing[0]})", tensors.path)
+    return modules, passthrough
+
+
+def _strip(key: str) -> str:
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+def _check_patterns(cfg: dict, modules, cfg_path: Path) -> None:
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in cfg.get(key) or {}:
+            if not any(pattern_key([pattern], mod) for mod in modules):
+                raise BadInputError(f"{key} entry {pattern!r} matches no module in the adapter", cfg_path)
+
+
+def module_rank_alpha(cfg: dict, module: str) -> tuple[int, float]:
+    """r and lora_alpha for `module` under PEFT's pattern rules."""
+    rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    rk, ak = pattern_key(rp, module), pattern_key(ap, module)
+    r = rp[rk] if rk is not None else cfg.get("r", 8)
+    alpha = ap[ak] if ak is not None else cfg.get("lora_alpha", 8)
+    return r, float(alpha)
+
+
+def read(path: Path, allow_pickle: bool = False, **_) -> Adapter:
+    """Read a PEFT LoRA directory lazily (factors load per module)."""
+    path = Path(path)
+    if path.is_file() and path.name in (WEIGHTS_FILE, PICKLE_FILE, CONFIG_FILE):
+        path = path.parent
+    cfg = load_config(path)
+    tensors = _Tensors(path, allow_pickle)
+    modules, passthrough = _index_keys(tensors, cfg)
+    if not modules:
+        raise BadInputError("no LoRA modules found", tensors.path)
+    _check_patterns(cfg, modules, path / CONFIG_FILE)
+
+    def load(name: str) -> LoraModule:
+        return _load_module(tensors, cfg, name, modules[name])
+
+    return Adapter(format=NAME, module_names=sorted(modules), load_module=load, config=cfg,
+                   passthrough_names=passthrough, load_passthrough=tensors.get, source=str(path))
+
+
+def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict) -> LoraModule:
+    A = require_finite(tensors.get(entry["A"]), f"module {name!r} lora_A", tensors.path)
+    B = require_finite(tensors.get(entry["B"]), f"module {name!r} lora_B", tensors.path)
+    r, alpha = module_rank_alpha(cfg, name)
+    kind, kernel = ("embedding", {}) if entry["emb"] else _kind(A, B)
+    down, up = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+    if A.dim() < 2 or B.dim() < 2 or up.shape[1] != down.shape[0]:
+        raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                            "do not form a low-rank pair (rank mismatch)", tensors.path)
+    if down.shape[0] == 0:
+        raise BadInputError(f"module {name!r}: rank 0", tensors.path)
+    if down.shape[0] != r:
+        raise BadInputError(f"module {name!r}: tensors have rank {down.shape[0]} but the config "
+                            f"(r / rank_pattern) says {r}", tensors.path)
+    return LoraModule(name=name, down=down, up=up, alpha=alpha, use_rslora=bool(cfg.get("use_rslora")),
+                      kind=kind, kernel=kernel)
+
+
+def _kind(A: torch.Tensor, B: torch.Tensor):
+    if A.dim() <= 2 and B.dim() <= 2:
+        return "linear", {}
+    if B.dim() > 2 and any(d != 1 for d in B.shape[2:]):
+        raise UnsupportedError(f"conv lora_B with a {tuple(B.shape[2:])} kernel is not supported "
+                               "(expected 1x1)")
+    return "conv", {"down_shape": list(A.shape), "up_shape": list(B.shape)}
+
+
+# ---------------------------------------------------------------- writing
+
+def build_config(adapter: Adapter, ranks: dict[str, int], alphas: dict[str, float], rslora: bool) -> dict:
+    """adapter_config.json for the written modules, reproducing every module's scale exactly."""
+    base = dict(adapter.config) if adapter.format == NAME else {}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    cfg = {"peft_type": "LORA", "task_type": base.get("task_type"), "base_model_name_or_path":
+           base.get("base_model_name_or_path"), "target_modules": sorted({n.rsplit(".", 1)[-1] for n in ranks}),
+           "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True,
+           "modules_to_save": None, "init_lora_weights": True, "use_dora": False}
+    cfg.update(base)
+    cfg.update(r=_int_if_whole(r), lora_alpha=_int_if_whole(alpha), use_rslora=rslora)
+    cfg["rank_pattern"] = {_exact(n): v for n, v in ranks.items() if v != r}
+    cfg["alpha_pattern"] = {_exact(n): _int_if_whole(v) for n, v in alphas.items() if v != alpha}
+    return cfg
+
+
+def _exact(module: str) -> str:
+    # PEFT treats pattern keys as regexes matched at a dot boundary; escaping pins one module.
+    return re.escape(module)
+
+
+def _int_if_whole(x):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _write_factors(writer: StreamingWriter, m: LoraModule) -> None:
+    key = PREFIX + m.name
+    if m.kind == "embedding":
+        writer.add(f"{key}.lora_embedding_A", m.down.contiguous())
+        writer.add(f"{key}.lora_embedding_B", m.up.contiguous())
+        return
+    down, up = m.down, m.up
+    if m.kind == "conv":
+        down = down.reshape([m.rank, *m.kernel["down_shape"][1:]])
+        up = up.reshape([m.out_features, m.rank, *m.kernel["up_shape"][2:]])
+    writer.add(f"{key}.lora_A.weight", down.contiguous())
+    writer.add(f"{key}.lora_B.weight", up.contiguous())
+
+
+def write(adapter: Adapter, dest: Path) -> None:
+    """Write a PEFT directory into `dest` (a fresh temporary directory)."""
+    ranks, alphas, rslora = {}, {}, None
+    with StreamingWriter(dest / WEIGHTS_FILE) as writer:
+        for m in adapter.modules():
+            if rslora is None:
+                rslora = m.use_rslora
+            elif m.use_rslora != rslora:
+                raise UnsupportedError("modules mix rsLoRA and plain scaling; PEFT cannot express that")
+            _write_factors(writer, m)
+            ranks[m.name], alphas[m.name] = m.rank, m.alpha
+        for name, tensor in adapter.passthrough():
+            writer.add(name, tensor)
+        writer.finish({"format": "pt"})
+    cfg = build_config(adapter, ranks, alphas, bool(rslora))
+    (dest / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,47 @@
+"""`inspect`: a description of an adapter or a LoRA-Mini file (text and JSON)."""
+from __future__ import annotations
+
+from . import container, formats
+from .paths import local_path
+
+
+def describe(path, fmt=None, allow_pickle=False) -> dict:
+    local = local_path(path)
+    if fmt is None and container.is_mini(local):
+        return _describe_mini(local)
+    return _describe_adapter(local, fmt, allow_pickle)
+
+
+def _describe_adapter(path, fmt, allow_pickle) -> dict:
+    adapter = formats.read(path, fmt, allow_pickle=allow_pickle)
+    label = getattr(formats.REGISTRY[adapter.format], "LABEL", adapter.format)
+    rows = []
+    for m in adapter.modules():
+        rows.append({"name": m.name, "kind": m.kind, "shape": [m.out_features, m.in_features], "rank": m.rank,
+                     "alpha": m.alpha, "scale": m.scale, "dtype": str(m.dtype).replace("torch.", "")})
+    params = sum(r["rank"] * sum(r["shape"]) for r in rows)
+    doc = {"path": str(path), "format": adapter.format, "label": label, "modules": rows,
+           "passthrough": adapter.passthrough_names, "lora_parameters": params}
+    lines = [f"{path}: {label} adapter, {len(rows)} LoRA modules, {params:,} LoRA parameters"]
+    lines += [f"  {r['name']:<60} {r['kind']:<9} {r['shape'][0]}x{r['shape'][1]}  r={r['rank']} "
+              f"alpha={r['alpha']:g} scale={r['scale']:g} {r['dtype']}" for r in rows]
+    if adapter.passthrough_names:
+        lines.append(f"  passthrough tensors (modules_to_save): {len(adapter.passthrough_names)}")
+    doc["_text"] = "\n".join(lines)
+    return doc
+
+
+def _describe_mini(path) -> dict:
+    mini = container.load(path)
+    specs = mini.module_names
+    lines = [f"{path}: LoRA-Mini file from a {mini.source_format} adapter, {len(specs)} modules"]
+    rows = []
+    for m in mini.modules():
+        o = m.outer
+        rows.append({"name": m.name, "shape": [m.out_features, m.in_features], "rank": m.rank,
+                     "inner_rank": m.inner_rank, "outer": o, "fidelity": m.fidelity})
+        seed = f" seed={o['seed']}" if "seed" in o else ""
+        lines.append(f"  {m.name:<60} {m.out_features}x{m.in_features} r={m.rank} k={m.inner_rank} "
+                     f"outer={o['source']} {o['a']}x{o['b']}{seed} rel.err={m.fidelity.get('rel_error', float('nan')):.2e}")
+    return {"path": str(path), "format": "lora-mini", "source_format": mini.source_format, "modules": rows,
+            "_text": "\n".join(lines)}

@@ -1,0 +1,23 @@
+"""Sources of the fixed outer matrices U (out×a) and V (b×in), one module each.
+
+Each outer module provides:
+    NAME: str
+    STORED: bool                       whether U and V are written into the file
+    make(module, options) -> (U, V, spec)      for compression; spec is JSON-able
+    restore(name, spec, out_features, in_features, tensors) -> (U, V)   when loading;
+        raises IntegrityError when a regenerated matrix does not match its fingerprint
+"""
+from __future__ import annotations
+
+from ..errors import BadInputError
+from . import random as random_outer
+from . import svd as svd_outer
+
+REGISTRY = {random_outer.NAME: random_outer, svd_outer.NAME: svd_outer}
+
+
+def get(name: str):
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise BadInputError(f"unknown outer source {name!r} (known: {', '.join(REGISTRY)})") from None

@@ -1,0 +1,106 @@
+"""Fidelity report: per-module relative error and retained energy, plus a whole-adapter summary."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+LOW_ENERGY = 0.5  # below this share the compressed adapter is not a faithful stand-in
+
+
+@dataclass
+class ModuleFidelity:
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    inner_rank: int
+    outer: str
+    a: int
+    b: int
+    rel_error: float
+    energy: float  # ||s·B·A||_F² of the original module
+
+    @property
+    def retained_energy(self) -> float:
+        return max(0.0, 1.0 - self.rel_error**2)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "rank": self.rank,
+                "inner_rank": self.inner_rank, "outer": self.outer, "a": self.a, "b": self.b,
+                "rel_error": self.rel_error, "retained_energy": self.retained_energy}
+
+
+@dataclass
+class FidelityReport:
+    modules: list[ModuleFidelity] = field(default_factory=list)
+    original_bytes: int | None = None
+    compressed_bytes: int | None = None
+
+    def add(self, row: ModuleFidelity) -> None:
+        self.modules.append(row)
+
+    @property
+    def total_energy(self) -> float:
+        return sum(m.energy for m in self.modules)
+
+    @property
+    def rel_error(self) -> float:
+        """Whole-adapter relative error: sqrt(Σ residual² / Σ ||ΔW||²) across modules."""
+        total = self.total_energy
+        if total == 0.0:
+            return 0.0
+        return math.sqrt(sum(m.energy * m.rel_error**2 for m in self.modules) / total)
+
+    @property
+    def retained_energy(self) -> float:
+        return max(0.0, 1.0 - self.rel_error**2)
+
+    @property
+    def low_energy(self) -> bool:
+        return bool(self.modules) and self.retained_energy < LOW_ENERGY
+
+    def summary(self) -> dict:
+        worst = max(self.modules, key=lambda m: m.rel_error, default=None)
+        out = {"modules": len(self.modules), "rel_error": self.rel_error,
+               "retained_energy": self.retained_energy,
+               "worst_module": worst.name if worst else None,
+               "worst_rel_error": worst.rel_error if worst else None,
+               "low_energy": self.low_energy}
+        if self.original_bytes and self.compressed_bytes:
+            out.update(original_bytes=self.original_bytes, compressed_bytes=self.compressed_bytes,
+                       ratio=self.original_bytes / self.compressed_bytes)
+        return out
+
+    def as_dict(self) -> dict:
+        return {"summary": self.summary(), "modules": [m.as_dict() for m in self.modules]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+    def warning(self) -> str | None:
+        if not self.low_energy:
+            return None
+        return (f"WARNING: the compressed adapter keeps only {100 * self.retained_energy:.1f}% of the "
+                "update's energy. Random outers much smaller than the layer keep a few percent of a "
+                "trained adapter; run `lora-convert recover` to re-fit the inner matrices against the "
+                "original, or use --outer svd / a larger --outer-dim.")
+
+    def table(self, max_rows: int = 40) -> str:
+        lines = [f"{'module':<56} {'shape':>13} {'r':>4} {'k':>4} {'a×b':>9} {'rel.err':>9} {'energy':>8}"]
+        rows = self.modules if len(self.modules) <= max_rows else sorted(
+            self.modules, key=lambda m: -m.rel_error)[:max_rows]
+        for m in rows:
+            name = m.name if len(m.name) <= 56 else "…" + m.name[-55:]
+            lines.append(f"{name:<56} {m.shape[0]:>6}×{m.shape[1]:<6} {m.rank:>4} {m.inner_rank:>4} "
+                         f"{f'{m.a}×{m.b}':>9} {m.rel_error:>9.2e} {100 * m.retained_energy:>7.2f}%")
+        if len(rows) < len(self.modules):
+            lines.append(f"… {len(self.modules) - len(rows)} more modules (worst {max_rows} shown; --json for all)")
+        s = self.summary()
+        lines.append(f"whole adapter: {s['modules']} modules, relative error {s['rel_error']:.3e}, "
+                     f"retained energy {100 * s['retained_energy']:.2f}%")
+        if "ratio" in s:
+            lines.append(f"size: {s['original_bytes']:,} B -> {s['compressed_bytes']:,} B "
+                         f"({s['ratio']:.1f}x smaller)")
+        if self.warning():
+            lines.append(self.warning())
+        return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""Strict safetensors access: header validation before any tensor is touched,
+lazy per-tensor loading, and a streaming writer whose memory does not grow with
+the file.
+
+The header is validated here (not left to the Rust loader) so that every
+malformed file gets the same one-line BadInputError naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import BadInputError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference limit
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+            "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4,
+            "U64": 8}
+TORCH_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+               torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+               torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r} in header")
+        seen[key] = value
+    return seen
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Parse and validate a safetensors header; raise BadInputError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise BadInputError("truncated safetensors file (no header length)", path)
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > MAX_HEADER_BYTES or n > size - 8:
+                raise BadInputError(f"safetensors header length {n} exceeds the file size {size}", path)
+            raw = fh.read(n)
+    except OSError as exc:
+        raise BadInputError(f"cannot read file ({exc.strerror})", path) from None
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadInputError(f"invalid safetensors header JSON ({exc})", path) from None
+    if not isinstance(obj, dict):
+        raise BadInputError("safetensors header is not a JSON object", path)
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise BadInputError("safetensors __metadata__ must map strings to strings", path)
+    tensors = {name: _tensor_info(path, name, info) for name, info in obj.items()}
+    _check_layout(path, tensors, size - 8 - n)
+    return Header(path, tensors, metadata)
+
+
+def _tensor_info(path: Path, name: str, info) -> TensorInfo:
+    if not isinstance(info, dict):
+        raise BadInputError(f"tensor {name!r}: header entry is not an object", path)
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in ITEMSIZE:
+        raise BadInputError(f"tensor {name!r}: unknown dtype {dtype!r}", path)
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadInputError(f"tensor {name!r}: invalid shape {shape!r}", path)
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise BadInputError(f"tensor {name!r}: invalid data_offsets {offsets!r}", path)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * ITEMSIZE[dtype] != offsets[1] - offsets[0]:
+        raise BadInputError(
+            f"tensor {name!r}: dtype {dtype} and shape {shape} need {numel * ITEMSIZE[dtype]} bytes "
+            f"but data_offsets span {offsets[1] - offsets[0]}", path)
+    return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> None:
+    cursor = 0
+    for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.end > data_len:
+            raise BadInputError(f"tensor {name!r}: data_offsets run past the end of the file "
+                                f"(truncated or corrupt)", path)
+        if info.start != cursor:
+            what = "overlap" if info.start < cursor else "leave a gap"
+            raise BadInputError(f"tensor {name!r}: data_offsets {what} in the data buffer", path)
+        cursor = info.end
+    if cursor != data_len:
+        raise BadInputError(f"data buffer has {data_len - cursor} unaccounted trailing bytes", path)
+
+
+class LazyTensors:
+    """Validated, lazily loaded tensors of one safetensors file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.header = read_header(path)
+        self.path = self.header.path
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.header.tensors[key].shape
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.header.tensors:
+            raise BadInputError(f"missing tensor {key!r}", self.path)
+        try:
+            with safe_open(self.path, framework="pt") as fh:
+                return fh.get_tensor(key)
+        except Exception as exc:  # safetensors raises several untyped errors
+            raise BadInputError(f"cannot load tensor {key!r} ({exc})", self.path) from None
+
+
+def require_finite(tensor: torch.Tensor, what: str, path) -> torch.Tensor:
+    """Reject NaN/Inf in a factor: they would silently poison every fit."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise BadInputError(f"{what} contains NaN or Inf values", path)
+    return tensor
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    t = tensor.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+class StreamingWriter:
+    """Write a safetensors file tensor by tensor without holding them all in memory.
+
+    Data goes to a spool file beside the target; `finish` writes the header and
+    appends the spool. Use inside atomic_file() so a failure leaves nothing.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._spool_path = self.path.with_name(self.path.name + ".spool")
+        self._spool = open(self._spool_path, "wb")
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._entries:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if tensor.dtype not in TORCH_DTYPE:
+            raise ValueError(f"unsupported dtype {tensor.dtype} for {name!r}")
+        data = tensor_bytes(tensor)
+        self._spool.write(data)
+        self._entries[name] = {"dtype": TORCH_DTYPE[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._offset, self._offset + len(data)]}
+        self._offset += len(data)
+
+    def finish(self, metadata: dict[str, str] | None = None) -> None:
+        header = dict(self._entries)
+        if metadata:
+            header = {"__metadata__": metadata, **header}
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-(8 + len(raw)) % 8)  # align the data buffer to 8 bytes
+        self._spool.close()
+        try:
+            with open(self.path, "wb") as out, open(self._spool_path, "rb") as spool:
+                out.write(struct.pack("<Q", len(raw)))
+                out.write(raw)
+                while chunk := spool.read(1 << 24):
+                    out.write(chunk)
+        finally:
+            self._spool_path.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        self._spool.close()
+        self._spool_path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            self.abort()
