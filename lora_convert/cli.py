@@ -60,7 +60,10 @@ def main():
 
 @contextlib.contextmanager
 def progress_bar(length: int, label: str):
-    """A progress bar on stderr (shown on terminals); yields a per-item callback."""
+    """A progress bar on stderr when it is a terminal; yields a per-item callback."""
+    if not sys.stderr.isatty():
+        yield lambda m: None
+        return
     with click.progressbar(length=length, label=label, file=sys.stderr,
                            show_pos=True, item_show_func=lambda n: n) as bar:
         yield lambda m: bar.update(1, getattr(m, "name", None))

@@ -31,8 +31,8 @@ _DORA = re.compile(r"\.lora_magnitude_vector(\.weight)?$")
 
 
 def detect(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG_FILE).is_file() and (
-        (path / WEIGHTS_FILE).is_file() or (path / PICKLE_FILE).is_file())
+    # The weights file name alone is PEFT's; a missing config is then reported by read().
+    return path.is_dir() and ((path / WEIGHTS_FILE).is_file() or (path / PICKLE_FILE).is_file())
 
 
 def pattern_key(patterns, module: str) -> str | None:
@@ -203,6 +203,9 @@ def _kind(A: torch.Tensor, B: torch.Tensor):
 def build_config(adapter: Adapter, ranks: dict[str, int], alphas: dict[str, float], rslora: bool) -> dict:
     """adapter_config.json for the written modules, reproducing every module's scale exactly."""
     base = dict(adapter.config) if adapter.format == NAME else {}
+    if base and all(module_rank_alpha(base, n) == (ranks[n], alphas[n]) for n in ranks) \
+            and bool(base.get("use_rslora")) == rslora:
+        return base  # the source's own r/alpha/patterns still describe every module exactly
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     cfg = {"peft_type": "LORA", "task_type": base.get("task_type"), "base_model_name_or_path":

@@ -1,0 +1,149 @@
+"""CLI contract: help, JSON reports, exit codes, one-line errors, no partial output."""
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from lora_convert.cli import main
+
+SRC = "peft-tiny-llama"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_lists_the_verbs():
+    out = run("--help").output
+    for verb in ("inspect", "compress", "verify", "reconstruct", "convert"):
+        assert verb in out
+
+
+def test_compress_json_verify_reconstruct(fixtures, tmp_path):
+    res = run("compress", fixtures / SRC, "-o", tmp_path / "mini", "--outer", "random", "--seed", "7",
+              "--outer-dim", "32,16", "--rank", "4", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["summary"]["modules"] == 14 and doc["summary"]["low_energy"] is True
+    assert {m["a"] for m in doc["modules"]} == {32} and {m["inner_rank"] for m in doc["modules"]} == {4}
+    assert "WARNING" in res.stderr and "recover" in res.stderr
+    res = run("verify", tmp_path / "mini", "--against", fixtures / SRC, "--json")
+    assert res.exit_code == 0
+    assert json.loads(res.stdout)["summary"]["rel_error"] == pytest.approx(doc["summary"]["rel_error"], rel=1e-9)
+    res = run("reconstruct", tmp_path / "mini", "-o", tmp_path / "restored")
+    assert res.exit_code == 0 and (tmp_path / "restored" / "adapter_config.json").is_file()
+
+
+def test_keep_energy_svd_reports_table(fixtures, tmp_path):
+    res = run("compress", fixtures / SRC, "-o", tmp_path / "svd", "--outer", "svd", "--keep-energy", "0.9")
+    assert res.exit_code == 0
+    assert "whole adapter: 14 modules" in res.stdout and "WARNING" not in res.output
+    assert json.loads((tmp_path / "svd" / "lora_mini_config.json").read_text())["fidelity"]["retained_energy"] >= 0.9
+
+
+def test_inspect_text_and_json(fixtures, tmp_path):
+    res = run("inspect", fixtures / "peft-tiny-llama-patterns", "--json")
+    doc = json.loads(res.stdout)
+    ranks = {m["name"]: m["rank"] for m in doc["modules"]}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 4 and ranks["model.layers.0.mlp.down_proj"] == 12
+    run("compress", fixtures / SRC, "-o", tmp_path / "m.safetensors", "--seed", "3")
+    res = run("inspect", tmp_path / "m.safetensors")
+    assert res.exit_code == 0 and "LoRA-Mini" in res.stdout and "seed=3" in res.stdout
+
+
+def copy_fixture(fixtures, tmp_path):
+    dst = tmp_path / "adapter"
+    shutil.copytree(fixtures / SRC, dst)
+    return dst
+
+
+def corrupt_missing_config(d):
+    (d / "adapter_config.json").unlink()
+
+
+def corrupt_rank_mismatch(d):
+    f = d / "adapter_model.safetensors"
+    t = load_file(f)
+    key = next(k for k in t if k.endswith("q_proj.lora_B.weight"))
+    t[key] = t[key][:, :5].contiguous()
+    save_file(t, f)
+
+
+def corrupt_nan(d):
+    f = d / "adapter_model.safetensors"
+    t = load_file(f)
+    key = next(k for k in t if k.endswith("lora_A.weight"))
+    t[key][0, 0] = float("nan")
+    save_file(t, f)
+
+
+def corrupt_truncated(d):
+    f = d / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def corrupt_unknown_key(d):
+    f = d / "adapter_model.safetensors"
+    t = load_file(f)
+    t["base_model.model.model.something_else"] = torch.zeros(3)
+    save_file(t, f)
+
+
+def corrupt_header_length(d):
+    f = d / "adapter_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", len(data) * 2) + data[8:])
+
+
+@pytest.mark.parametrize("corrupt,words", [
+    (corrupt_missing_config, "missing adapter_config.json"),
+    (corrupt_rank_mismatch, "rank"),
+    (corrupt_nan, "NaN"),
+    (corrupt_truncated, "past the end"),
+    (corrupt_unknown_key, "unknown keys"),
+    (corrupt_header_length, "header length"),
+])
+@pytest.mark.parametrize("verb", ["compress", "inspect"])
+def test_bad_input_exits_2_with_one_line_and_no_output(verb, corrupt, words, fixtures, tmp_path):
+    src = copy_fixture(fixtures, tmp_path)
+    corrupt(src)
+    out = tmp_path / "out"
+    args = [verb, src] + (["-o", out] if verb == "compress" else [])
+    res = run(*args)
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and str(src) in lines[0]
+    assert "Traceback" not in res.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_pickle_refused_without_flag(fixtures, tmp_path):
+    src = copy_fixture(fixtures, tmp_path)
+    torch.save(load_file(src / "adapter_model.safetensors"), src / "adapter_model.bin")
+    (src / "adapter_model.safetensors").unlink()
+    res = run("compress", src, "-o", tmp_path / "o")
+    assert res.exit_code == 2 and "--allow-pickle" in res.stderr
+    res = run("compress", src, "-o", tmp_path / "o", "--allow-pickle")
+    assert res.exit_code == 0 and (tmp_path / "o" / "lora_mini.safetensors").is_file()
+
+
+def test_bad_option_values_exit_2(fixtures, tmp_path):
+    assert run("compress", fixtures / SRC, "-o", tmp_path / "o", "--keep-energy", "1.5").exit_code == 2
+    assert run("compress", fixtures / SRC, "-o", tmp_path / "o", "--outer-dim", "x").exit_code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_tampered_seed_fails_verification(fixtures, tmp_path):
+    run("compress", fixtures / SRC, "-o", tmp_path / "m.safetensors", "--seed", "3")
+    f = tmp_path / "m.safetensors"
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8:8 + n].replace(b'\\"seed\\": 3', b'\\"seed\\": 4')
+    assert header != raw[8:8 + n]
+    f.write_bytes(raw[:8] + header + raw[8 + n:])
+    res = run("verify", f)
+    assert res.exit_code == 2 and "fingerprint" in res.stderr

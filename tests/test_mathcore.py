@@ -1,0 +1,130 @@
+"""Math core: exactness, least-squares optimality, truncation, energy selection."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_convert.mathcore import (choose_rank, difference_norm, factored_svd, fit_inner, frobenius,
+                                   relative_error, svd_outers)
+
+D = torch.float64
+
+
+def lowrank(out, inp, r, seed=0, decay=0.6):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.tensor([decay**i for i in range(r)], dtype=D)
+    return torch.randn(out, r, generator=g, dtype=D) * s, torch.randn(r, inp, generator=g, dtype=D)
+
+
+def dense_error(B, A, U, fit, V):
+    return float(torch.linalg.matrix_norm(U.to(D) @ fit.X @ fit.Y @ V.to(D) - B @ A))
+
+
+def test_factored_svd_matches_dense_svd():
+    B, A = lowrank(50, 40, 6)
+    u, s, v = factored_svd(B, A)
+    dense = torch.linalg.svdvals(B @ A)[:6]
+    assert torch.allclose(s, dense, rtol=1e-10)
+    assert torch.allclose(u @ torch.diag(s) @ v.T, B @ A, atol=1e-12)
+
+
+def test_frobenius_and_difference_norm_from_factors():
+    B, A = lowrank(30, 20, 4)
+    B2, A2 = lowrank(30, 20, 3, seed=1)
+    assert frobenius(B, A) == pytest.approx(float(torch.linalg.matrix_norm(B @ A)), rel=1e-12)
+    assert difference_norm(B, A, B2, A2) == pytest.approx(float(torch.linalg.matrix_norm(B @ A - B2 @ A2)),
+                                                          rel=1e-10)
+    assert difference_norm(B, A, B, A) < 1e-12 * frobenius(B, A)
+
+
+def test_svd_outers_exact_when_inner_rank_covers_rank():
+    B, A = lowrank(64, 48, 8)
+    U, V = svd_outers(B, A, 8)
+    fit = fit_inner(B, A, U, V)
+    assert fit.rank == 8
+    assert relative_error(B, A, U @ fit.X, fit.Y @ V) < 1e-12
+
+
+def test_non_orthonormal_outers_reproduce_an_update_inside_their_span():
+    g = torch.Generator().manual_seed(3)
+    U, V = torch.randn(40, 10, generator=g, dtype=D) * 5, torch.randn(12, 30, generator=g, dtype=D) + 2
+    B = U @ torch.randn(10, 4, generator=g, dtype=D)
+    A = torch.randn(4, 12, generator=g, dtype=D) @ V
+    fit = fit_inner(B, A, U, V)
+    assert relative_error(B, A, U @ fit.X, fit.Y @ V) < 1e-10
+    assert fit.retained_energy() == pytest.approx(1.0, abs=1e-10)
+
+
+def test_fit_equals_dense_least_squares_reference():
+    B, A = lowrank(40, 36, 6, seed=4)
+    g = torch.Generator().manual_seed(5)
+    U, V = torch.randn(40, 12, generator=g, dtype=D), torch.randn(9, 36, generator=g, dtype=D)
+    fit = fit_inner(B, A, U, V, rank=3)
+    qu, _ = torch.linalg.qr(U)
+    qv, _ = torch.linalg.qr(V.T)
+    u, s, vh = torch.linalg.svd(qu.T @ (B @ A) @ qv)
+    best = qu @ (u[:, :3] * s[:3]) @ vh[:3] @ qv.T
+    assert dense_error(B, A, U, fit, V) == pytest.approx(float(torch.linalg.matrix_norm(best - B @ A)), rel=1e-9)
+
+
+@pytest.mark.parametrize("rank", [2, 5])
+def test_no_perturbation_of_inner_matrices_lowers_the_error(rank):
+    B, A = lowrank(30, 25, 6, seed=7)
+    g = torch.Generator().manual_seed(8)
+    U, V = torch.randn(30, 8, generator=g, dtype=D), torch.randn(8, 25, generator=g, dtype=D)
+    fit = fit_inner(B, A, U, V, rank=rank)
+    best = dense_error(B, A, U, fit, V)
+    X0, Y0 = fit.X.clone(), fit.Y.clone()
+    for scale in (1e-2, 1e-4):
+        for _ in range(30):
+            fit.X = X0 + scale * torch.randn(X0.shape, generator=g, dtype=D)
+            fit.Y = Y0 + scale * torch.randn(Y0.shape, generator=g, dtype=D)
+            assert dense_error(B, A, U, fit, V) >= best * (1 - 1e-12)
+
+
+def test_truncation_error_equals_discarded_energy():
+    B, A = lowrank(50, 50, 8, seed=9)
+    U, V = svd_outers(B, A, 8)
+    fit = fit_inner(B, A, U, V, rank=3)
+    s = torch.linalg.svdvals(B @ A)
+    expected = float((s[3:] ** 2).sum() / (s**2).sum()) ** 0.5
+    assert relative_error(B, A, U @ fit.X, fit.Y @ V) == pytest.approx(expected, rel=1e-9)
+    assert fit.retained_energy() == pytest.approx(1 - expected**2, rel=1e-9)
+
+
+def test_keep_energy_picks_the_smallest_sufficient_rank():
+    s = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=D)
+    total = float((s**2).sum())
+    for target in (0.5, 0.8, 0.95, 0.99, 1.0):
+        k = choose_rank(s, total, None, target)
+        assert float((s[:k] ** 2).sum()) / total >= target - 1e-12
+        assert k == 1 or float((s[: k - 1] ** 2).sum()) / total < target
+
+
+def test_keep_energy_capped_by_what_outers_can_hold():
+    B, A = lowrank(200, 200, 8, seed=10)
+    g = torch.Generator().manual_seed(1)
+    U, V = torch.randn(200, 8, generator=g, dtype=D), torch.randn(8, 200, generator=g, dtype=D)
+    fit = fit_inner(B, A, U, V, keep_energy=0.99)
+    assert fit.rank == 8 and fit.retained_energy() < 0.2  # random outers hold a small share
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(2, 40), inp=st.integers(2, 40), r=st.integers(1, 8), a=st.integers(1, 16),
+       b=st.integers(1, 16), k=st.integers(1, 8), dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
+       seed=st.integers(0, 1000))
+def test_fit_properties(out, inp, r, a, b, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(out, r, generator=g).to(dtype)
+    A = torch.randn(r, inp, generator=g).to(dtype)
+    a, b = min(a, out), min(b, inp)
+    U, V = torch.randn(out, a, generator=g), torch.randn(b, inp, generator=g)
+    fit = fit_inner(B, A, U, V, rank=k)
+    assert fit.X.shape == (a, fit.rank) and fit.Y.shape == (fit.rank, b) and fit.rank <= min(k, r, a, b)
+    assert fit.X.dtype == D and torch.isfinite(fit.X).all() and torch.isfinite(fit.Y).all()
+    err = relative_error(B, A, U.to(D) @ fit.X, fit.Y @ V.to(D))
+    assert 0.0 <= err <= 1.0 + 1e-9  # a least-squares fit never does worse than zero
+    assert err ** 2 == pytest.approx(1 - fit.retained_energy(), abs=1e-8)
+    U2, V2 = svd_outers(B, A, min(r, out, inp))
+    exact = fit_inner(B, A, U2, V2)
+    assert relative_error(B, A, U2 @ exact.X, exact.Y @ V2) < 1e-9
