@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,12 @@ CONFIG_NAME = "lora_mini_config.json"
 PASSTHROUGH = "__passthrough__."
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FACTOR_DTYPES = ("F32", "F16", "BF16")  # what X, Y, U, V may be stored as (docs/FORMAT.md)
+KINDS = ("linear", "conv", "embedding")
+# No single matrix a reader materialises from metadata alone (regenerated outers, factors
+# zero-padded back to the original rank) may exceed this many elements: a hostile file
+# must not be able to make a tiny file allocate terabytes.
+MAX_MATRIX_ELEMENTS = 1 << 30
 
 
 @dataclass
@@ -118,6 +125,24 @@ def sha256_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(tensor_bytes(t)).hexdigest()
 
 
+METADATA_SHA256 = "lora_mini_sha256"
+
+
+def metadata_digest(meta: dict, layout: dict) -> str:
+    """SHA-256 over everything in the header that is not tensor data (docs/FORMAT.md).
+
+    Covers ``format``, ``format_version``, the ``lora_mini`` document (module specs, seeds,
+    outer fingerprints, tensor checksums) and every tensor's dtype and shape, so that no
+    edit of the header can silently change the adapter; the data bytes are covered by
+    ``tensor_sha256``. `layout` maps tensor name -> (dtype, shape).
+    """
+    canon = {"format": meta.get("format"), "format_version": meta.get("format_version"),
+             "lora_mini": meta.get("lora_mini"),
+             "tensors": {name: [dtype, [int(d) for d in shape]] for name, (dtype, shape) in layout.items()}}
+    raw = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(raw.encode("ascii")).hexdigest()
+
+
 def _is_dir_target(path: Path) -> bool:
     return path.suffix != ".safetensors"
 
@@ -148,8 +173,10 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
                    "source_metadata": mini.source_metadata, "modules": specs,
                    "passthrough": list(mini.passthrough_names), "tensor_sha256": hashes,
                    "original_bytes": mini.original_bytes, "created_by": f"lora_convert {__version__}"}
-            writer.finish({"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
-                           "lora_mini": json.dumps(doc, sort_keys=True, allow_nan=False)})
+            meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                    "lora_mini": json.dumps(doc, sort_keys=True, allow_nan=False)}
+            meta[METADATA_SHA256] = metadata_digest(meta, writer.layout())
+            writer.finish(meta)
         report.compressed_bytes = file.stat().st_size
         if _is_dir_target(path):
             summary = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "file": FILE_NAME,
@@ -181,9 +208,14 @@ def resolve_file(path: str | os.PathLike) -> Path:
 
 
 def is_mini(path: str | os.PathLike) -> bool:
-    """True when `path` is (or is a directory holding) a LoRA-Mini file."""
+    """True when `path` is (or is a directory holding) a LoRA-Mini file.
+
+    A file named ``lora_mini.safetensors`` counts even when its header is broken, so that
+    `load` reports the actual problem instead of "not a recognised layout".
+    """
     try:
-        return LazyTensors(resolve_file(path)).metadata.get("format") == FORMAT_NAME
+        file = resolve_file(path)
+        return file.name == FILE_NAME or LazyTensors(file).metadata.get("format") == FORMAT_NAME
     except BadInputError:
         return False
 
@@ -198,12 +230,14 @@ def load(path: str | os.PathLike) -> MiniAdapter:
 
     def checked(key: str) -> torch.Tensor:
         t = lazy.get(key)
-        if sha256_tensor(t) != hashes.get(key):
+        if not isinstance(hashes.get(key), str) or sha256_tensor(t) != hashes[key]:
             raise IntegrityError(f"tensor {key!r} does not match its SHA-256 checksum (corrupt or tampered)", file)
         return t
 
+    shapes = {key: info.shape for key, info in lazy.header.tensors.items()}
+
     def load_module(name: str) -> MiniModule:
-        return _module_from_spec(name, specs[name], checked, file)
+        return _module_from_spec(name, specs[name], checked, file, shapes)
 
     return MiniAdapter(source_format=doc["source_format"], module_names=list(specs), load_module=load_module,
                        source_config=doc.get("source_config") or {}, source_metadata=doc.get("source_metadata") or {},
@@ -219,42 +253,121 @@ def _parse_metadata(lazy: LazyTensors) -> dict:
     if meta.get("format_version") != str(FORMAT_VERSION):
         raise UnsupportedError(f"LoRA-Mini format version {meta.get('format_version')!r} is not supported "
                                f"(this build reads version {FORMAT_VERSION})", file)
+    if METADATA_SHA256 not in meta:
+        raise IntegrityError(f"LoRA-Mini metadata has no {METADATA_SHA256} checksum", file)
+    layout = {name: (info.dtype, info.shape) for name, info in lazy.header.tensors.items()}
+    if metadata_digest(meta, layout) != meta[METADATA_SHA256]:
+        raise IntegrityError(f"LoRA-Mini metadata does not match its {METADATA_SHA256} checksum (corrupt or "
+                             "tampered: module specs, seeds, outer fingerprints, tensor dtypes and shapes "
+                             "are all covered)", file)
     try:
         doc = json.loads(meta["lora_mini"])
-    except (KeyError, ValueError) as exc:
-        raise BadInputError(f"invalid lora_mini metadata ({exc})", file) from None
+    except (KeyError, ValueError, RecursionError) as exc:
+        raise BadInputError(f"invalid lora_mini metadata ({type(exc).__name__}: {exc})", file) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("modules"), dict) or not isinstance(
             doc.get("tensor_sha256"), dict) or not isinstance(doc.get("source_format"), str):
         raise BadInputError("lora_mini metadata lacks modules, tensor_sha256 or source_format", file)
+    if not all(isinstance(v, dict) for v in doc["modules"].values()):
+        raise BadInputError("lora_mini metadata: every module spec must be an object", file)
+    if not isinstance(doc.get("passthrough", []), list) or not all(isinstance(n, str) for n in doc.get("passthrough", [])):
+        raise BadInputError("lora_mini metadata: passthrough must be a list of tensor names", file)
+    for key in ("source_config", "source_metadata"):
+        if not isinstance(doc.get(key) or {}, dict):
+            raise BadInputError(f"lora_mini metadata: {key} must be an object", file)
+    ob = doc.get("original_bytes")
+    if ob is not None and (type(ob) is not int or ob < 0):
+        raise BadInputError("lora_mini metadata: original_bytes must be a non-negative integer", file)
     return doc
 
 
 def _check_tensor_set(lazy: LazyTensors, specs: dict, passthrough: list, hashes: dict) -> None:
     expected = {PASSTHROUGH + n for n in passthrough}
     for name, spec in specs.items():
-        roles = ["X", "Y"] + (["U", "V"] if spec.get("outer", {}).get("source") == "svd" else [])
-        expected.update(f"{name}.{r}" for r in roles)
+        o = spec.get("outer")
+        stored = isinstance(o, dict) and o.get("source") in outer.REGISTRY and outer.get(o["source"]).STORED
+        expected.update(f"{name}.{r}" for r in ["X", "Y"] + (["U", "V"] if stored else []))
+    for key in expected - {PASSTHROUGH + n for n in passthrough}:
+        info = lazy.header.tensors.get(key)
+        if info is not None and (info.dtype not in FACTOR_DTYPES or len(info.shape) != 2):
+            raise BadInputError(f"tensor {key!r} is {info.dtype} {list(info.shape)}; inner and outer tensors "
+                                f"must be 2-D {', '.join(FACTOR_DTYPES)}", lazy.path)
     present = set(lazy.keys())
     if present != expected:
         extra, missing = sorted(present - expected), sorted(expected - present)
         what = f"unexpected tensors {extra[:3]}" if extra else f"missing tensors {missing[:3]}"
         raise BadInputError(f"tensor set does not match the metadata: {what}", lazy.path)
-    if set(hashes) != expected:
+    if set(hashes) != expected or not all(isinstance(h, str) for h in hashes.values()):
         raise BadInputError("tensor_sha256 does not list exactly the file's tensors", lazy.path)
 
 
-def _module_from_spec(name: str, spec: dict, checked, file: Path) -> MiniModule:
+def _pos_int(spec: dict, key: str) -> int:
+    v = spec.get(key)
+    if type(v) is not int or v <= 0:
+        raise ValueError(f"{key} must be a positive integer, got {v!r}")
+    return v
+
+
+def _validate_spec(name: str, spec: dict, shapes: dict) -> None:
+    """Check a module spec against itself and the stored tensors' shapes, before anything is
+    loaded or generated: every size a reader will allocate is then bounded."""
+    if spec.get("kind") not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {spec.get('kind')!r}")
+    rank, out_f, in_f, k = (_pos_int(spec, key) for key in ("rank", "out_features", "in_features", "inner_rank"))
+    alpha = spec.get("alpha")
+    if type(alpha) not in (int, float) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if type(spec.get("use_rslora")) is not bool:
+        raise ValueError(f"use_rslora must be true or false, got {spec.get('use_rslora')!r}")
+    if not isinstance(getattr(torch, str(spec.get("dtype")), None), torch.dtype) or \
+            not getattr(torch, spec["dtype"]).is_floating_point:
+        raise ValueError(f"dtype must name a torch floating-point dtype, got {spec.get('dtype')!r}")
+    fid = spec.get("fidelity") or {}
+    if not isinstance(fid, dict) or not all(type(v) in (int, float) for v in fid.values()):
+        raise ValueError("fidelity must map names to numbers")
+    o = spec.get("outer")
+    if not isinstance(o, dict):
+        raise ValueError("outer must be an object")
+    src = outer.get(o.get("source"))
+    a, b = _pos_int(o, "a"), _pos_int(o, "b")
+    if src.NAME == "random" and (type(o.get("seed")) is not int or not isinstance(o.get("u_sha256"), str)
+                                 or not isinstance(o.get("v_sha256"), str)):
+        raise ValueError("random outer needs an integer seed and u_sha256/v_sha256 fingerprints")
+    want = {"X": (a, k), "Y": (k, b)}
+    if src.STORED:
+        want.update(U=(out_f, a), V=(b, in_f))
+    got = {role: tuple(shapes[f"{name}.{role}"]) for role in want}
+    if got != want or k > rank:
+        raise ValueError(f"shapes {got} do not match the spec (expected {want}, inner rank {k} <= rank {rank})")
+    for what, rows, cols in (("U", out_f, a), ("V", b, in_f), ("B", out_f, rank), ("A", rank, in_f)):
+        if rows * cols > MAX_MATRIX_ELEMENTS:
+            raise ValueError(f"{what} would be {rows}x{cols}, over the limit of {MAX_MATRIX_ELEMENTS} elements")
+    kernel = spec.get("kernel") or {}
+    if not isinstance(kernel, dict):
+        raise ValueError("kernel must be an object")
+    if spec["kind"] != "conv":
+        if kernel:
+            raise ValueError(f"kernel must be empty for a {spec['kind']} module")
+        return
+    down, up = kernel.get("down_shape"), kernel.get("up_shape")
+    if not all(isinstance(s, list) and len(s) >= 3 and all(type(d) is int and d > 0 for d in s) for s in (down, up)):
+        raise ValueError("conv kernel needs down_shape and up_shape lists of positive integers")
+    if down[0] != rank or math.prod(down[1:]) != in_f or up[:2] != [out_f, rank] or math.prod(up[2:]) != 1:
+        raise ValueError(f"conv kernel {kernel} does not match out={out_f} in={in_f} rank={rank}")
+
+
+def _module_from_spec(name: str, spec: dict, checked, file: Path, shapes: dict) -> MiniModule:
     try:
+        _validate_spec(name, spec, shapes)
         o = spec["outer"]
         src = outer.get(o["source"])
-        out_f, in_f = int(spec["out_features"]), int(spec["in_features"])
+        out_f, in_f = spec["out_features"], spec["in_features"]
+        X, Y = checked(f"{name}.X"), checked(f"{name}.Y")
         stored = {r: checked(f"{name}.{r}") for r in ("U", "V")} if src.STORED else {}
         U, V = src.restore(name, o, out_f, in_f, stored, file)
-        X, Y = checked(f"{name}.X"), checked(f"{name}.Y")
-        m = MiniModule(name=name, kind=spec["kind"], kernel=spec.get("kernel") or {}, rank=int(spec["rank"]),
-                       alpha=float(spec["alpha"]), use_rslora=bool(spec["use_rslora"]), dtype=spec["dtype"],
+        m = MiniModule(name=name, kind=spec["kind"], kernel=spec.get("kernel") or {}, rank=spec["rank"],
+                       alpha=float(spec["alpha"]), use_rslora=spec["use_rslora"], dtype=spec["dtype"],
                        outer=o, U=U, V=V, X=X, Y=Y, fidelity=spec.get("fidelity") or {})
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise BadInputError(f"module {name!r}: malformed spec ({type(exc).__name__}: {exc})", file) from None
     _check_shapes(m, file)
     return m

@@ -180,6 +180,10 @@ class StreamingWriter:
                                "data_offsets": [self._offset, self._offset + len(data)]}
         self._offset += len(data)
 
+    def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name -> (dtype, shape) of every tensor added so far."""
+        return {name: (e["dtype"], tuple(e["shape"])) for name, e in self._entries.items()}
+
     def finish(self, metadata: dict[str, str] | None = None) -> None:
         header = dict(self._entries)
         if metadata:
