@@ -30,7 +30,7 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress=None) -> FidelityR
 
 def load(path: str | os.PathLike) -> MiniAdapter:
     """Open a LoRA-Mini file or directory; fingerprints and checksums are verified per module."""
-    return container.load(local_path(path))
+    return container.load(local_path(path, expect="lora-mini"))
 
 
 def save_adapter(adapter: Adapter, path: str | os.PathLike, fmt: str | None = None) -> None:

@@ -11,10 +11,19 @@ def is_hub_uri(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and path.startswith(HF_SCHEME)
 
 
-def local_path(path: str | os.PathLike) -> Path:
-    """A local path for `path`, downloading (and verifying) ``hf://`` inputs first."""
+def local_path(path: str | os.PathLike, expect: str | None = None) -> Path:
+    """A local path for `path`, downloading (and verifying) ``hf://`` inputs first.
+
+    `expect` ("lora-mini" or "adapter") says what a Hub repo must hold (see hub.download_uri);
+    the endpoint and token come from HF_ENDPOINT and HF_TOKEN / the saved login.
+
+    >>> local_path("./mini")
+    PosixPath('mini')
+    >>> local_path("hf://me/llama-lora-mini@v1", expect="lora-mini")       # doctest: +SKIP
+    PosixPath('~/.cache/huggingface/hub/models--me--llama-lora-mini/snapshots/3f2a…')
+    """
     if is_hub_uri(path):
         from .hub import download_uri
 
-        return download_uri(path)
+        return download_uri(path, expect=expect)
     return Path(path)

@@ -1,0 +1,550 @@
+"""Share adapters on the Hugging Face Hub (or any Hub-compatible endpoint), verified end to end.
+
+Built on the real ``huggingface_hub`` client and its conventions: the token comes from
+``token=``, else ``HF_TOKEN`` or the saved login (``hf auth login`` / ``huggingface-cli login``);
+the endpoint from ``endpoint=``, else ``HF_ENDPOINT``; downloads land in the HF cache
+(``HF_HOME`` / ``HF_HUB_CACHE``); a revision is a branch, a tag or a commit sha.
+
+    >>> from lora_convert import hub                                       # doctest: +SKIP
+    >>> hub.push("./mini", "me/llama-lora-mini", private=True).commit       # one commit: file, config, card
+    '3f2a…'
+    >>> hub.pull("me/llama-lora-mini", "./mini-copy", revision="v1").path   # pinned, verified, atomic
+    PosixPath('mini-copy')
+    >>> hub.download_uri("hf://me/llama-lora-mini@v1")                    # a verified cache snapshot
+    PosixPath('~/.cache/huggingface/hub/models--me--llama-lora-mini/snapshots/3f2a…')
+
+Every failure a user can meet is one line: HubNotFoundError (repo, revision or file),
+HubAuthError (missing/bad token, no permission), HubNetworkError (unreachable, dropped,
+server errors after retries), HubError (anything else the Hub refuses), BadInputError
+(not a LoRA-Mini repo, invalid local adapter), IntegrityError (corrupt download).
+Transient failures (5xx, 429, dropped connections) are retried with exponential backoff on
+top of the client's own retries: LORA_CONVERT_HUB_RETRIES (default 4) more attempts,
+LORA_CONVERT_HUB_BACKOFF (default 1.0) seconds before the first, doubling, at most 30 s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import httpx2
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, snapshot_download
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
+                                    LocalEntryNotFoundError, LocalTokenNotFoundError, OfflineModeIsEnabled,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import validate_repo_id
+
+from . import __version__, container, modelcard
+from .atomic import atomic_dir
+from .convert import stored_report
+from .errors import (BadInputError, HubAuthError, HubError, HubNetworkError, HubNotFoundError, IntegrityError,
+                     LoraConvertError)
+from .paths import HF_SCHEME
+
+__all__ = ["push", "pull", "download_uri", "parse_uri", "PushResult", "PullResult"]
+
+T = TypeVar("T")
+RETRIES_ENV, BACKOFF_ENV = "LORA_CONVERT_HUB_RETRIES", "LORA_CONVERT_HUB_BACKOFF"
+DEFAULT_RETRIES, DEFAULT_BACKOFF, MAX_DELAY = 4, 1.0, 30.0
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+README = "README.md"
+MINI_FILES = (container.FILE_NAME, container.CONFIG_NAME, README)
+DEFAULT_MESSAGE = "Upload LoRA-Mini adapter with lora_convert"
+LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`), set HF_TOKEN, or pass --token"
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+# --------------------------------------------------------------------------- where, and as whom
+
+
+@dataclass(frozen=True)
+class Target:
+    """One repo at one revision on one endpoint, as one identity (token as the client takes it)."""
+
+    repo_id: str
+    revision: str | None
+    endpoint: str
+    token: str | bool | None
+
+    @property
+    def uri(self) -> str:
+        return f"{HF_SCHEME}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+
+    def api(self) -> HfApi:
+        return HfApi(endpoint=self.endpoint, token=self.token, library_name="lora_convert",
+                     library_version=__version__)
+
+    def sends_token(self) -> bool:
+        """Whether requests carry a token: explicit, or HF_TOKEN / the saved login."""
+        if isinstance(self.token, str) or self.token is True:
+            return True
+        return self.token is None and not constants.HF_HUB_DISABLE_IMPLICIT_TOKEN and get_token() is not None
+
+
+def _target(repo_id: str, revision: str | None, token: str | bool | None, endpoint: str | None) -> Target:
+    if repo_id.startswith(HF_SCHEME):
+        uri = parse_uri(repo_id)
+        if revision and uri.revision and revision != uri.revision:
+            raise BadInputError(f"two revisions given: {uri.revision!r} in the URI and {revision!r}", repo_id)
+        repo_id, revision = uri.repo_id, revision or uri.revision
+    _check_repo_id(repo_id)
+    # The client reads HF_ENDPOINT once, at import, into constants.ENDPOINT: read it here at call
+    # time and pass it explicitly everywhere, so every call agrees on one endpoint.
+    return Target(repo_id, revision or None, (endpoint or constants.ENDPOINT).rstrip("/"), token)
+
+
+def _check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise BadInputError(f"invalid repo id: {str(exc).splitlines()[0]}", repo_id) from None
+
+
+def parse_uri(uri: str) -> Target:
+    """``hf://owner/repo[@revision]`` -> Target (endpoint and token from the environment).
+
+    >>> parse_uri("hf://me/adapter@v1").revision
+    'v1'
+    >>> parse_uri("hf://me/adapter").revision is None
+    True
+    """
+    if not uri.startswith(HF_SCHEME):
+        raise BadInputError(f"not a Hub URI (expected {HF_SCHEME}owner/repo[@revision])", uri)
+    repo_id, _, revision = uri[len(HF_SCHEME):].partition("@")
+    if repo_id.split("/")[0] in ("datasets", "spaces"):
+        raise BadInputError("only model repos hold adapters (no datasets/ or spaces/ prefix)", uri)
+    if repo_id.count("/") > 1:
+        raise BadInputError("expected hf://owner/repo[@revision]; subfolders are not supported", uri)
+    if "@" in uri and not revision:
+        raise BadInputError("empty revision after '@'", uri)
+    _check_repo_id(repo_id)
+    return Target(repo_id, revision or None, constants.ENDPOINT.rstrip("/"), None)
+
+
+# --------------------------------------------------------------------------- retries and errors
+
+
+def _retry_policy() -> tuple[int, float]:
+    """(extra attempts, first delay in seconds) from the environment."""
+    try:
+        retries = int(os.environ.get(RETRIES_ENV, DEFAULT_RETRIES))
+        base = float(os.environ.get(BACKOFF_ENV, DEFAULT_BACKOFF))
+    except ValueError:
+        raise BadInputError(f"{RETRIES_ENV} must be an integer and {BACKOFF_ENV} a number of seconds") from None
+    return max(retries, 0), max(base, 0.0)
+
+
+def _root(exc: BaseException) -> BaseException:
+    """The error behind the client's "not in the local cache either" wrappers."""
+    while isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None) if isinstance(exc, HfHubHTTPError) else None
+    return getattr(response, "status_code", None)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth another try: dropped/refused connections, timeouts, 5xx, 429, 408."""
+    return isinstance(exc, httpx2.TransportError) or _status(exc) in TRANSIENT_STATUS
+
+
+def _delay(exc: BaseException, base: float, attempt: int) -> float:
+    retry_after = exc.response.headers.get("Retry-After", "") if _status(exc) else ""
+    if retry_after.strip().isdigit():  # a 429/503 that says when: honour it, within reason
+        return min(float(retry_after), MAX_DELAY)
+    return min(base * 2**attempt, MAX_DELAY)
+
+
+def _call(t: Target, what: str, fn: Callable[[], T]) -> T:
+    """Run one Hub operation, retrying transient failures, and turn errors into one line.
+
+    The client retries some requests itself (tree listings, LFS transfers, a 5xx on HEAD) but
+    not repo_info, commits, branch creation or a 5xx on GET /resolve: retrying here covers them.
+    """
+    retries, base = _retry_policy()
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except LoraConvertError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated below, or re-raised untouched
+            cause = _root(exc)
+            if attempt < retries and _transient(cause):
+                time.sleep(_delay(cause, base, attempt))
+                continue
+            error = translate(cause, t, what, attempt + 1)
+            if error is None:
+                raise
+            raise error from exc
+    raise AssertionError("unreachable")
+
+
+def translate(exc: BaseException, t: Target, what: str, attempts: int = 1) -> LoraConvertError | None:
+    """The one-line lora_convert error for a client error, or None when it is not a Hub error."""
+    for kinds, make in _TRANSLATIONS:
+        if isinstance(exc, kinds):
+            return make(exc, t, what, attempts)
+    return None
+
+
+def _not_found(exc, t: Target, what, attempts) -> HubError:
+    if not t.sends_token():
+        return HubNotFoundError(f"repository not found on {t.endpoint} (no token was sent: if it is private, "
+                                f"{LOGIN_HINT})", t.uri)
+    return HubNotFoundError(f"repository not found on {t.endpoint}, or this token cannot see it", t.uri)
+
+
+def _http(exc, t: Target, what, attempts) -> HubError:
+    status = _status(exc)
+    server = " ".join(str(getattr(exc, "server_message", None) or "").split())
+    detail = f" ({server})" if server else ""
+    if status == 401:
+        return HubAuthError(f"authentication failed while trying to {what}: the token is missing or invalid{detail}; "
+                            f"{LOGIN_HINT}", t.uri)
+    if status == 403:
+        return HubAuthError(f"permission denied while trying to {what}{detail}: this token cannot write to the "
+                            f"repo; use a token with write access ({LOGIN_HINT})", t.uri)
+    if status == 412:
+        return HubError(f"the branch moved while trying to {what} (someone pushed meanwhile); run the push again",
+                        t.uri)
+    if status in TRANSIENT_STATUS:
+        return HubNetworkError(f"server error HTTP {status} from {t.endpoint} while trying to {what}, "
+                               f"{attempts} attempt(s){detail}; the Hub may be down, try again later", t.uri)
+    return HubError(f"the Hub refused to {what}: HTTP {status}{detail}", t.uri)
+
+
+def _transport(exc, t: Target, what, attempts) -> HubError:
+    if isinstance(exc, httpx2.ConnectError):
+        how = "cannot connect to"
+    elif isinstance(exc, httpx2.TimeoutException):
+        how = "timed out talking to"
+    else:
+        how = "the connection dropped talking to"
+    return HubNetworkError(f"{how} {t.endpoint} while trying to {what}, {attempts} attempt(s) ({type(exc).__name__}: "
+                           f"{exc}); check the network, HF_ENDPOINT or --endpoint", t.uri)
+
+
+_TRANSLATIONS: list[tuple[type | tuple[type, ...], Callable[..., LoraConvertError]]] = [
+    (GatedRepoError, lambda e, t, w, a: HubAuthError(
+        f"gated repository: accept its conditions on the Hub, then {LOGIN_HINT}", t.uri)),
+    (RevisionNotFoundError, lambda e, t, w, a: HubNotFoundError(
+        f"revision {t.revision!r} not found: not a branch, tag or commit of {t.repo_id}", t.uri)),
+    (RepositoryNotFoundError, _not_found),
+    (EntryNotFoundError, lambda e, t, w, a: HubNotFoundError(f"file not found while trying to {w}", t.uri)),
+    (HfHubHTTPError, _http),
+    (httpx2.TransportError, _transport),
+    (LocalTokenNotFoundError, lambda e, t, w, a: HubAuthError(f"no token found; {LOGIN_HINT}", t.uri)),
+    (OfflineModeIsEnabled, lambda e, t, w, a: HubNetworkError(
+        f"HF_HUB_OFFLINE is set, so the Hub cannot be asked to {w}", t.uri)),
+    (LocalEntryNotFoundError, lambda e, t, w, a: HubNetworkError(
+        f"could not reach {t.endpoint} to {w} and nothing usable is cached", t.uri)),
+    (HFValidationError, lambda e, t, w, a: BadInputError(str(e).splitlines()[0], t.uri)),
+]
+
+
+# --------------------------------------------------------------------------- file digests and the cache
+
+
+def _digest(path: Path, algorithm: str, prefix: bytes = b"") -> str:
+    h = hashlib.new(algorithm, prefix)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The git object id of a blob: what the Hub lists as the ``oid`` of a non-LFS file.
+
+    >>> git_blob_sha1(b"")
+    'e69de29bb2d1d6434b8b29ae775ad8c2e48c5391'
+    """
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def matches(entry: RepoFile, path: Path) -> bool:
+    """Does the local file have the size and hash the repo tree lists for it?
+
+    LFS files are checked against their sha256; others against their git blob sha1. The client
+    itself checks only the size, so a corrupted transfer would otherwise go unnoticed.
+    """
+    size = path.stat().st_size
+    if entry.lfs is not None:
+        return size == entry.lfs.size and _digest(path, "sha256") == entry.lfs.sha256
+    return size == entry.size and _digest(path, "sha1", b"blob %d\0" % size) == entry.blob_id
+
+
+def evict(cached: Path) -> None:
+    """Remove a file from the HF cache (the snapshot entry and the blob behind it).
+
+    The client serves a commit's files from the cache without asking the Hub again, so a
+    corrupt blob left there would be served forever; gone, the next download fetches it anew.
+    """
+    blob = cached.resolve() if cached.is_symlink() else None
+    cached.unlink(missing_ok=True)
+    if blob is not None:
+        blob.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Files of one commit in the HF cache, with what the repo tree says about them."""
+
+    path: Path
+    commit: str
+    entries: dict[str, RepoFile]
+
+    def check(self, folder: Path, t: Target) -> None:
+        """Compare `folder`'s copies with the tree; evict and raise on the first mismatch."""
+        for name, entry in sorted(self.entries.items()):
+            if not matches(entry, folder / name):
+                evict(self.path / name)
+                raise IntegrityError(f"downloaded {name} does not match the repo's checksum (corrupted in transit "
+                                     "or in the cache); the cached copy was removed, run the command again",
+                                     f"{HF_SCHEME}{t.repo_id}@{self.commit}")
+
+
+def fetch(t: Target, select: Callable[[list[str]], list[str]], cache_dir: str | os.PathLike | None = None) -> Snapshot:
+    """Resolve `t.revision` to a commit, then download `select(repo files)` of that commit into the cache.
+
+    The commit is pinned first so that the files, the tree they are checked against and the
+    result all belong to the same commit even if the branch moves meanwhile.
+    """
+    api = t.api()
+    info = _call(t, "look up the revision", lambda: api.repo_info(t.repo_id, revision=t.revision))
+    names = select(sorted(s.rfilename for s in info.siblings or []))
+    listed = _call(t, "list the repo's files", lambda: api.get_paths_info(t.repo_id, names, revision=info.sha))
+    entries = {e.path: e for e in listed if isinstance(e, RepoFile)}
+    if sorted(entries) != sorted(names):  # every file we hand out must have a checksum to verify
+        raise HubError(f"the repo tree does not describe {sorted(set(names) - set(entries))}", t.uri)
+    cache = cache_dir or constants.HF_HUB_CACHE
+    path = _call(t, "download the files", lambda: snapshot_download(
+        t.repo_id, revision=info.sha, allow_patterns=[glob.escape(n) for n in names], cache_dir=cache,
+        token=t.token, endpoint=t.endpoint, library_name="lora_convert", library_version=__version__))
+    return Snapshot(Path(path), info.sha, entries)
+
+
+def _mini_files(t: Target) -> Callable[[list[str]], list[str]]:
+    def select(names: list[str]) -> list[str]:
+        if container.FILE_NAME not in names:
+            raise BadInputError(f"not a LoRA-Mini repo: no {container.FILE_NAME} at this revision (to compress a "
+                                f"standard adapter, run `lora-convert compress {t.uri} -o ./mini`)", t.uri)
+        return [n for n in MINI_FILES if n in names]
+    return select
+
+
+def _adapter_files(t: Target) -> Callable[[list[str]], list[str]]:
+    """Top-level adapter files: weights and configs, pickles only when there are no safetensors."""
+    def select(names: list[str]) -> list[str]:
+        top = [n for n in names if "/" not in n]
+        weights = [n for n in top if n.endswith(".safetensors")] or [n for n in top if n.endswith(".bin")]
+        if not weights:
+            raise BadInputError("no adapter weights (*.safetensors or *.bin) at the top of the repo", t.uri)
+        return sorted(weights + [n for n in top if n.endswith(".json")])
+    return select
+
+
+# --------------------------------------------------------------------------- pull and hf:// paths
+
+
+@dataclass(frozen=True)
+class PullResult:
+    repo_id: str
+    revision: str | None
+    commit: str
+    path: Path
+    modules: int
+
+    def describe(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        return (f"pulled {HF_SCHEME}{self.repo_id}{rev} (commit {self.commit[:12]}) to {self.path}: "
+                f"{self.modules} modules, all outer fingerprints and checksums verified")
+
+
+def verify_mini(folder: Path, where: str) -> tuple[container.MiniAdapter, list[dict]]:
+    """Load a LoRA-Mini adapter and every module and passthrough tensor, so every check runs.
+
+    Returns the adapter and each module's outer spec. Errors name `where` (a path or hf:// URI).
+    """
+    try:
+        mini = container.load(folder)
+        outers = [m.outer for m in mini.modules()]
+        for _ in mini.passthrough():
+            pass
+    except LoraConvertError as exc:
+        raise type(exc)(exc.problem, where) from None
+    return mini, outers
+
+
+def pull(repo_id: str, dest: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
+         endpoint: str | None = None, cache_dir: str | os.PathLike | None = None) -> PullResult:
+    """Download a LoRA-Mini repo at a pinned revision, verify everything, publish `dest` atomically.
+
+    `repo_id` may also be ``hf://owner/repo[@revision]``. Files go through the HF cache; the
+    copy in `dest` is checked against the repo tree's sha256 / git oids, then every module is
+    loaded (outer fingerprints, tensor checksums) before `dest` appears. A failed pull leaves
+    `dest` as it was; a corrupt cached file is evicted so that the next pull downloads it again.
+
+    >>> pull("me/llama-lora-mini", "./mini", revision="v1").commit          # doctest: +SKIP
+    '3f2a…'
+    """
+    t = _target(repo_id, revision, token, endpoint)
+    snap = fetch(t, _mini_files(t), cache_dir)
+    with atomic_dir(dest) as tmp:
+        for name in snap.entries:
+            shutil.copyfile(snap.path / name, tmp / name)
+        snap.check(tmp, t)
+        mini, _ = verify_mini(tmp, f"{HF_SCHEME}{t.repo_id}@{snap.commit}")
+    return PullResult(t.repo_id, t.revision, snap.commit, Path(dest), len(mini))
+
+
+def download_uri(uri: str, *, expect: str | None = None, token: str | bool | None = None,
+                 endpoint: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The verified local snapshot (in the HF cache) for ``hf://owner/repo[@revision]``.
+
+    A LoRA-Mini repo yields its LoRA-Mini files; any other repo its top-level adapter files
+    (*.safetensors and *.json; *.bin only when there are no safetensors). Every file is checked
+    against the repo tree (corrupt ones are evicted). LoRA-Mini modules are checked when they
+    are loaded, as for a local file. `expect="lora-mini"` refuses other repos with a clear error,
+    `expect="adapter"` fetches adapter files even from a LoRA-Mini repo.
+
+    >>> download_uri("hf://someone/their-lora")                                # doctest: +SKIP
+    PosixPath('~/.cache/huggingface/hub/models--someone--their-lora/snapshots/0a1b…')
+    """
+    choosers = {None: _auto, "lora-mini": _mini_files, "adapter": _adapter_files}
+    if expect not in choosers:
+        raise ValueError(f"expect must be None, 'lora-mini' or 'adapter', not {expect!r}")
+    t = _target(uri, None, token, endpoint)
+    snap = fetch(t, choosers[expect](t), cache_dir)
+    snap.check(snap.path, t)
+    return snap.path
+
+
+def _auto(t: Target) -> Callable[[list[str]], list[str]]:
+    mini, adapter = _mini_files(t), _adapter_files(t)
+    return lambda names: mini(names) if container.FILE_NAME in names else adapter(names)
+
+
+# --------------------------------------------------------------------------- push
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    revision: str
+    commit: str
+    url: str
+    up_to_date: bool
+    created_branch: bool = False
+
+    def describe(self) -> str:
+        where = f"{HF_SCHEME}{self.repo_id}@{self.revision}"
+        if self.up_to_date:
+            return f"{where} is already up to date (commit {self.commit[:12]}); nothing pushed"
+        return f"pushed to {where} (commit {self.commit[:12]}): {self.url}"
+
+
+def files_to_push(local: Path, repo_id: str) -> dict[str, bytes]:
+    """Verify a local LoRA-Mini adapter; the exact bytes of the three files of the commit.
+
+    `local` is a LoRA-Mini directory or a single LoRA-Mini ``.safetensors`` file (its config is
+    then generated). A README.md in the directory is kept (given the metadata it lacks) unless
+    lora_convert generated it.
+    """
+    mini, outers = verify_mini(local, str(local))
+    report = stored_report(mini)  # modules were just checked; this reads the stored fidelity
+    file = container.resolve_file(local)
+    config, readme = local / container.CONFIG_NAME, local / README
+    return {
+        container.FILE_NAME: file.read_bytes(),
+        container.CONFIG_NAME: config.read_bytes() if local.is_dir() and config.is_file()
+        else modelcard.summary_config(mini, report).encode(),
+        README: modelcard.readme_for(repo_id, mini, report, outers,
+                                     readme.read_text(encoding="utf-8") if local.is_dir() and readme.is_file()
+                                     else None).encode(),
+    }
+
+
+def _ensure_branch(api: HfApi, t: Target) -> bool:
+    """Create `t.revision` from the default branch when it does not exist; True when created."""
+    refs = _call(t, "list the repo's branches", lambda: api.list_repo_refs(t.repo_id))
+    if t.revision in {b.name for b in refs.branches}:
+        return False
+    if t.revision in {tag.name for tag in refs.tags} or _COMMIT_SHA.fullmatch(t.revision):
+        raise BadInputError(f"--revision must name a branch to push to; {t.revision!r} is a tag or a commit", t.uri)
+    _call(t, "create the branch", lambda: api.create_branch(t.repo_id, branch=t.revision, exist_ok=True))
+    return True
+
+
+def _remote_has(api: HfApi, t: Target, head: str, files: dict[str, bytes]) -> bool:
+    listed = api.get_paths_info(t.repo_id, list(files), revision=head)
+    remote = {e.path: e for e in listed if isinstance(e, RepoFile)}
+    for name, data in files.items():
+        entry = remote.get(name)
+        if entry is None:
+            return False
+        same = (entry.lfs.sha256 == hashlib.sha256(data).hexdigest() if entry.lfs is not None
+                else entry.blob_id == git_blob_sha1(data))
+        if not same:
+            return False
+    return True
+
+
+def _commit(api: HfApi, t: Target, files: dict[str, bytes], message: str) -> tuple[str, bool]:
+    """One commit with `files` on `t.revision`, unless the branch already holds them.
+
+    Idempotent, so that retrying is safe: each attempt re-reads the branch head, and if an
+    earlier attempt whose answer was lost did land, finds the files there and stops. The
+    parent commit is pinned, so a concurrent push makes the Hub refuse (412) instead of
+    silently interleaving. Returns (commit, whether this call made it).
+    """
+    tried = False
+
+    def once() -> tuple[str, bool]:
+        nonlocal tried
+        head = api.repo_info(t.repo_id, revision=t.revision).sha
+        if _remote_has(api, t, head, files):
+            return head, tried
+        tried = True
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in files.items()]
+        info = api.create_commit(t.repo_id, operations, commit_message=message, revision=t.revision,
+                                 parent_commit=head)
+        return info.oid, True
+
+    return _call(t, "commit the files", once)
+
+
+def push(local_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, token: str | bool | None = None,
+         endpoint: str | None = None) -> PushResult:
+    """Verify a local LoRA-Mini adapter and upload it to `repo_id` in a single commit.
+
+    The commit holds lora_mini.safetensors, lora_mini_config.json and a generated model card
+    (README.md). The repo is created when missing (`private` applies only then), and the
+    branch `revision` too (from the default branch). Pushing what the branch already holds
+    makes no commit and reports "already up to date".
+
+    >>> push("./mini", "me/llama-lora-mini", revision="experiments", commit_message="seed 7")  # doctest: +SKIP
+    PushResult(repo_id='me/llama-lora-mini', revision='experiments', commit='…', url='…', up_to_date=False, ...)
+    """
+    local = Path(local_dir)
+    t = _target(repo_id, revision, token, endpoint)
+    t = dataclasses.replace(t, revision=t.revision or constants.DEFAULT_REVISION)
+    files = files_to_push(local, t.repo_id)
+    api = t.api()
+    url = _call(t, "create the repository", lambda: api.create_repo(t.repo_id, private=private, exist_ok=True))
+    t = dataclasses.replace(t, repo_id=url.repo_id or t.repo_id)  # "name" alone lands in the token's namespace
+    created = _ensure_branch(api, t)
+    commit, changed = _commit(api, t, files, commit_message or DEFAULT_MESSAGE)
+    return PushResult(t.repo_id, t.revision, commit, f"{url.rstrip('/')}/tree/{t.revision}", not changed, created)
