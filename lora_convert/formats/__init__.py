@@ -7,6 +7,9 @@ Each format module provides:
     detect(path) -> bool        cheap check (file names, key patterns); no tensors loaded
     read(path, **options) -> Adapter
     write(adapter, dest) -> None   dest is a temporary path the caller publishes atomically
+Optional:
+    label(adapter) -> str       LABEL with the detected variant, e.g. "kohya (SDXL)"
+    output_is_dir(dest) -> bool when the destination decides (diffusers: file or directory)
 """
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ from pathlib import Path
 from ..adapter import Adapter
 from ..atomic import atomic_output
 from ..errors import BadInputError, FormatDetectionError
-from . import peft
+from . import diffusers, kohya, lycoris, mlx, peft
 
-REGISTRY: dict[str, object] = {peft.NAME: peft}
+REGISTRY: dict[str, object] = {m.NAME: m for m in (peft, kohya, lycoris, diffusers, mlx)}
 
 
 def register(module) -> None:
@@ -65,8 +68,17 @@ def read(path: str | os.PathLike, fmt: str | None = None, **options) -> Adapter:
 def write(adapter: Adapter, dest: str | os.PathLike, fmt: str) -> None:
     """Write `adapter` in `fmt` to `dest` atomically."""
     mod = _module(fmt)
-    with atomic_output(dest, mod.OUTPUT_IS_DIR) as tmp:
+    is_dir = mod.output_is_dir(dest) if hasattr(mod, "output_is_dir") else mod.OUTPUT_IS_DIR
+    with atomic_output(dest, is_dir) as tmp:
         mod.write(adapter, tmp)
+
+
+def label(adapter: Adapter) -> str:
+    """Human-readable layout name with the detected variant, e.g. "kohya (SDXL)"."""
+    mod = REGISTRY.get(adapter.format)
+    if mod is None:
+        return adapter.format
+    return mod.label(adapter) if hasattr(mod, "label") else getattr(mod, "LABEL", adapter.format)
 
 
 def _module(fmt: str):

@@ -1,0 +1,69 @@
+"""Helpers shared by the format modules: cached key listing, error text, scale folding."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInputError
+from ..st import read_header
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_keys(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    return tuple(read_header(path).tensors)
+
+
+def safetensors_keys(path: Path) -> tuple[str, ...]:
+    """Tensor names of a safetensors file (validated header; cached so several detect() calls
+    on one file read it once). An invalid header raises BadInputError naming the file."""
+    st = os.stat(path)
+    return _cached_keys(str(path), st.st_mtime_ns, st.st_size)
+
+
+def is_safetensors_file(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".safetensors"
+
+
+def unknown_keys_error(keys: list[str], what: str, path) -> BadInputError:
+    shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    return BadInputError(f"unknown keys, not {what}: {shown}", path)
+
+
+def most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def int_if_whole(x):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def fold_scale(up: torch.Tensor, down: torch.Tensor, factor: float):
+    """(up', down') with up' @ down' = factor · up @ down, the factor split as √|factor| on each
+    side (sign on up) so neither factor's magnitude drifts far from the original."""
+    if factor == 1.0:
+        return up, down
+    root = math.sqrt(abs(factor))
+    sign = -1.0 if factor < 0 else 1.0
+    up2 = (up.double() * (sign * root)).to(up.dtype)
+    down2 = (down.double() * root).to(down.dtype)
+    return up2, down2
+
+
+def scalar_tensor(value: float) -> torch.Tensor:
+    """A 0-d alpha tensor: float32 when that holds `value` exactly, else float64 (scale stays exact)."""
+    t = torch.tensor(value, dtype=torch.float32)
+    return t if float(t) == value else torch.tensor(value, dtype=torch.float64)
+
+
+def check_no_passthrough(adapter, fmt: str) -> None:
+    if adapter.passthrough_names:
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"the adapter carries {len(adapter.passthrough_names)} full tensors "
+                               f"(modules_to_save, e.g. {adapter.passthrough_names[0]!r}) that the {fmt} "
+                               "layout cannot hold; write it as peft instead")

@@ -1,0 +1,216 @@
+"""LyCORIS LoHa and LoKr files, read as equivalent plain LoRA pairs.
+
+LoHa: ΔW = scale · (w1a w1b) ⊙ (w2a w2b), keys ``hada_w1_a`` (out×r), ``hada_w1_b`` (r×in·k·k),
+``hada_w2_a/b``; with Tucker cores ``hada_t1/t2`` (r×r×kh×kw) the ``_a`` factors are r×out and
+the ``_b`` factors r×in. scale = alpha / r (no alpha: 1).
+LoKr: ΔW = scale · kron(w1, w2), each factor full (``lokr_w1``, ``lokr_w2``) or a product
+(``lokr_w1_a @ lokr_w1_b``, ``lokr_w2_a @ lokr_w2_b``, Tucker ``lokr_t2``); scale = alpha / r of
+the decomposed factor (w2's if both), 1 when neither is decomposed (ComfyUI's rule).
+
+LoRA-Mini needs a low-rank pair, so each module is converted by a factored SVD that never
+forms ΔW: a Hadamard product of rank-r1 and rank-r2 products is P Q with P the row-wise
+(face-splitting) product of w1a, w2a and Q the column-wise Khatri-Rao product of w1b, w2b
+(rank <= r1·r2); the SVD of a Kronecker product is the Kronecker product of the factors' SVDs.
+Singular values are kept until the dropped tail is below `lycoris_tol` of the norm; the
+measured error of every module is recorded in ``adapter.config["conversion"]`` (and on the
+module as ``conversion_error``). Plain LoRA/LoCon modules in the same file are read as kohya's.
+Writing produces the converted LoRA in the kohya layout (same key names).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter, LoraModule
+from ..errors import BadInputError, UnsupportedError
+from ..mathcore import factored_svd, relative_error
+from ..st import LazyTensors, require_finite
+from . import kohya, naming
+from ._util import is_safetensors_file, safetensors_keys, unknown_keys_error
+
+NAME = "lycoris"
+LABEL = "LyCORIS LoHa/LoKr"
+OUTPUT_IS_DIR = False
+DEFAULT_TOL = 1e-6
+_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
+          "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha")
+_KEY = re.compile(r"^(?P<stem>(?:lora_(?:unet|te\d?)|lycoris)_[^.]+)\.(?P<role>" + "|".join(_ROLES) + r")$")
+_UNSUPPORTED = re.compile(r"\.(diff|diff_b|dora_scale|on_input|oft_\w+|ia3_\w+|a1\.weight|w_norm|b_norm)$")
+
+
+def detect(path: Path) -> bool:
+    """A .safetensors file with at least one LoHa or LoKr factor under a kohya/LyCORIS prefix."""
+    return is_safetensors_file(path) and any(
+        (m := _KEY.match(k)) and m.group("role") != "alpha" for k in safetensors_keys(path))
+
+
+def label(adapter: Adapter) -> str:
+    algos = ", ".join(adapter.config.get("algos", []))
+    return f"LyCORIS ({algos}; {adapter.config.get('variant', '?')})"
+
+
+def read(path: Path, lycoris_tol: float = DEFAULT_TOL, **_) -> Adapter:
+    """Read LoHa/LoKr (and LoCon) modules lazily, converting each to a LoRA pair when loaded."""
+    path = Path(path)
+    lazy = LazyTensors(path)
+    lora_entries, names, rest = kohya.index_keys(lazy.keys(), path)
+    entries, unknown = {}, []
+    for key in rest:
+        m = _KEY.match(key)
+        if m:
+            entries.setdefault(m.group("stem"), {})[m.group("role")] = key
+        elif _UNSUPPORTED.search(key):
+            raise UnsupportedError(f"tensor {key!r}: this LyCORIS algorithm is not supported (LoHa, LoKr, "
+                                   "LoCon only)", path)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise unknown_keys_error(unknown, "LyCORIS LoHa/LoKr/LoCon factors", path)
+    for stem in entries:
+        names[stem] = kohya.to_name(stem, path)
+    kohya.check_unique(names, path)
+    algos = {stem: _algo(stem, e, path) for stem, e in entries.items()}
+    algos.update({stem: "LoCon" for stem in lora_entries})
+    by_name = {names[s]: s for s in algos}
+    conversion = {"method": "factored SVD (LoHa: face-splitting/Khatri-Rao; LoKr: Kronecker of SVDs)",
+                  "tolerance": lycoris_tol, "rel_error": {}}
+
+    def load(name: str) -> LoraModule:
+        stem = by_name[name]
+        if algos[stem] == "LoCon":
+            return kohya.load_module(lazy, name, lora_entries[stem])
+        m = _convert(lazy, name, entries[stem], algos[stem], lycoris_tol)
+        conversion["rel_error"][name] = m.conversion_error
+        return m
+
+    config = {"variant": naming.variant_of(by_name, lazy.metadata), "algos": sorted(set(algos.values())),
+              "conversion": conversion}
+    return Adapter(format=NAME, module_names=sorted(by_name), load_module=load, config=config,
+                   metadata=dict(lazy.metadata), source=str(path))
+
+
+def _algo(stem: str, entry: dict, path) -> str:
+    roles = set(entry)
+    if roles >= {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} and not any(r.startswith("lokr") for r in roles):
+        return "LoHa"
+    has_w1 = "lokr_w1" in roles or {"lokr_w1_a", "lokr_w1_b"} <= roles
+    has_w2 = "lokr_w2" in roles or {"lokr_w2_a", "lokr_w2_b"} <= roles
+    if has_w1 and has_w2 and not any(r.startswith("hada") for r in roles):
+        return "LoKr"
+    raise BadInputError(f"module {stem!r} has an incomplete or mixed LoHa/LoKr factor set: {sorted(roles)}", path)
+
+
+def _convert(lazy: LazyTensors, name: str, entry: dict, algo: str, tol: float) -> LoraModule:
+    def get(role):
+        if role not in entry:
+            return None
+        return require_finite(lazy.get(entry[role]), f"module {name!r} {role}", lazy.path).to(torch.float64)
+
+    try:
+        if algo == "LoHa":
+            U, S, V, ref, scale, kernel = _loha(get)
+        else:
+            U, S, V, ref, scale, kernel = _lokr(get)
+    except RuntimeError as exc:  # shape mismatches inside einsum/matmul
+        raise BadInputError(f"module {name!r}: {algo} factor shapes do not fit ({exc})", lazy.path) from None
+    return _lora_from_svd(name, U, S, V, ref, scale, kernel, tol)
+
+
+def _tucker(t, a, b):
+    """Tucker factor (t: r×r×kh×kw, a: r×out, b: r×in) as P (out×r), Q (r×in·kh·kw); kernel (in, kh, kw)."""
+    Q = torch.einsum("ijhw,jq->iqhw", t, b)
+    return a.T, Q.reshape(Q.shape[0], -1), tuple(Q.shape[1:])
+
+
+def _hada_factor(get, n: int):
+    a, b, t = get(f"hada_w{n}_a"), get(f"hada_w{n}_b"), get(f"hada_t{n}")
+    if t is not None:
+        return _tucker(t, a, b)
+    return a, b.reshape(b.shape[0], -1), None
+
+
+def _loha(get):
+    P1, Q1, k1 = _hada_factor(get, 1)
+    P2, Q2, k2 = _hada_factor(get, 2)
+    if P1.shape[0] != P2.shape[0] or Q1.shape[1] != Q2.shape[1]:
+        raise RuntimeError(f"w1 is {P1.shape[0]}×{Q1.shape[1]} but w2 is {P2.shape[0]}×{Q2.shape[1]}")
+    out, r1, r2 = P1.shape[0], P1.shape[1], P2.shape[1]
+    P = (P1[:, :, None] * P2[:, None, :]).reshape(out, r1 * r2)  # face-splitting (row-wise Kronecker)
+    Q = (Q1[:, None, :] * Q2[None, :, :]).reshape(r1 * r2, -1)  # Khatri-Rao (column-wise Kronecker)
+    alpha = get("alpha")
+    scale = float(alpha.reshape(-1)[0]) / get("hada_w1_b").shape[0] if alpha is not None else 1.0
+    U, S, V = factored_svd(P, Q)
+    return U, S, V, (P, Q), scale, k1 or k2
+
+
+def _lokr_factor(get, n: int):
+    """SVD (U, S, V) of w1 or w2 flattened to 2-D, its decomposed rank (None if full), kernel."""
+    full, a, b, t = get(f"lokr_w{n}"), get(f"lokr_w{n}_a"), get(f"lokr_w{n}_b"), get(f"lokr_t{n}")
+    if full is not None:
+        kernel = tuple(full.shape[1:]) if full.dim() == 4 else None
+        u, s, vh = torch.linalg.svd(full.reshape(full.shape[0], -1), full_matrices=False)
+        return (u, s, vh.T), None, kernel
+    if t is not None:
+        P, Q, kernel = _tucker(t, a, b)
+        return factored_svd(P, Q), b.shape[0], kernel
+    return factored_svd(a, b.reshape(b.shape[0], -1)), b.shape[0], None
+
+
+def _lokr(get):
+    (U1, S1, V1), rank1, _ = _lokr_factor(get, 1)
+    (U2, S2, V2), rank2, kernel2 = _lokr_factor(get, 2)
+    dim = rank2 if rank2 is not None else rank1
+    alpha = get("alpha")
+    scale = float(alpha.reshape(-1)[0]) / dim if alpha is not None and dim is not None else 1.0
+    # SVD of kron(w1, w2) = kron(U1,U2) · diag(kron(S1,S2)) · kron(V1,V2)ᵀ: exact, nothing dense formed.
+    U, S, V = _kron(U1, U2), _kron(S1, S2), _kron(V1, V2)
+    order = torch.argsort(S, descending=True)
+    ref = (_kron(U1 * S1, U2 * S2), V.T)
+    kernel = None
+    if kernel2 is not None:  # in = in1·in2; the kernel belongs to w2's columns
+        kernel = (V1.shape[0] * kernel2[0], *kernel2[1:])
+    return U[:, order], S[order], V[:, order], ref, scale, kernel
+
+
+def _kron(a, b):
+    return torch.kron(a.contiguous(), b.contiguous())  # torch.kron views its inputs: SVD outputs are strided
+
+
+def _lora_from_svd(name, U, S, V, ref, scale, kernel, tol) -> LoraModule:
+    k = _keep(S, tol)
+    root = S[:k].sqrt()
+    up, down = (U[:, :k] * root).to(torch.float32), (V[:, :k] * root).T.contiguous().to(torch.float32)
+    err = relative_error(ref[0], ref[1], up, down)
+    kind, kern = "linear", {}
+    if kernel is not None and len(kernel) == 3:
+        kind, kern = "conv", {"down_shape": [k, *kernel], "up_shape": [up.shape[0], k, 1, 1]}
+    m = LoraModule(name=name, down=down, up=up, alpha=scale * k, kind=kind, kernel=kern)
+    m.conversion_error = err  # LoraModule has no field for it; readers of LyCORIS set this attribute
+    return m
+
+
+def _keep(S: torch.Tensor, tol: float) -> int:
+    """Smallest k whose dropped tail ||S[k:]|| is within tol·||S||."""
+    energy = S.pow(2)
+    total = float(energy.sum())
+    if total == 0.0:
+        return 1
+    tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[i] = Σ_{j>=i} S_j²
+    ok = (tail <= (tol ** 2) * total).nonzero()
+    return max(1, int(ok[0]) if ok.numel() else S.numel())
+
+
+def write(adapter: Adapter, dest: Path) -> None:
+    """LoHa/LoKr structure cannot be restored from a LoRA pair: write the converted LoRA in the kohya
+    layout (same key names; A1111, ComfyUI and LyCORIS load it) and say so in the metadata."""
+    conversion = adapter.config.get("conversion") or {}
+
+    def note():
+        errors = conversion.get("rel_error") or {}
+        return {"converted_from": "LyCORIS " + "/".join(adapter.config.get("algos", [])),
+                "written_as": "plain LoRA (kohya layout)",
+                "max_conversion_rel_error": max(errors.values(), default=0.0)}
+
+    kohya.write(adapter, dest, note=note)
