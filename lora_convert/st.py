@@ -61,15 +61,17 @@ def read_header(path: str | os.PathLike) -> Header:
             if len(head) < 8:
                 raise BadInputError("truncated safetensors file (no header length)", path)
             (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > MAX_HEADER_BYTES or n > size - 8:
+            if n < 2 or n > MAX_HEADER_BYTES:
+                raise BadInputError(f"invalid safetensors header length {n} (file size {size})", path)
+            if n > size - 8:
                 raise BadInputError(f"safetensors header length {n} exceeds the file size {size}", path)
             raw = fh.read(n)
     except OSError as exc:
         raise BadInputError(f"cannot read file ({exc.strerror})", path) from None
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadInputError(f"invalid safetensors header JSON ({exc})", path) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BadInputError(f"invalid safetensors header JSON ({type(exc).__name__}: {exc})", path) from None
     if not isinstance(obj, dict):
         raise BadInputError("safetensors header is not a JSON object", path)
     metadata = obj.pop("__metadata__", None) or {}

@@ -7,8 +7,13 @@ follow PEFT's own ``rank_pattern`` / ``alpha_pattern`` matching rule.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
+import signal
+import threading
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -49,8 +54,10 @@ def load_config(path: Path) -> dict:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInputError(f"missing {CONFIG_FILE}", path) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"invalid JSON ({exc})", cfg_path) from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadInputError(f"invalid JSON ({type(exc).__name__}: {exc})", cfg_path) from None
+    except OSError as exc:
+        raise BadInputError(f"cannot read file ({exc.strerror})", cfg_path) from None
     if not isinstance(cfg, dict):
         raise BadInputError("config is not a JSON object", cfg_path)
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
@@ -59,15 +66,79 @@ def load_config(path: Path) -> dict:
     r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     if type(r) is not int or r <= 0:
         raise BadInputError(f"r must be a positive integer, got {r!r}", cfg_path)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise BadInputError(f"lora_alpha must be a number, got {alpha!r}", cfg_path)
+    if not _finite_number(alpha):
+        raise BadInputError(f"lora_alpha must be a finite number, got {alpha!r}", cfg_path)
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(cfg.get(key) or {}, dict):
             raise BadInputError(f"{key} must be an object", cfg_path)
+        for pattern in cfg.get(key) or {}:
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise BadInputError(f"{key} entry {pattern!r} is not a valid regular expression ({exc})",
+                                    cfg_path) from None
     for mod, rr in (cfg.get("rank_pattern") or {}).items():
         if type(rr) is not int or rr <= 0:
             raise BadInputError(f"rank_pattern[{mod!r}] must be a positive integer, got {rr!r}", cfg_path)
+    for mod, aa in (cfg.get("alpha_pattern") or {}).items():
+        if not _finite_number(aa):
+            raise BadInputError(f"alpha_pattern[{mod!r}] must be a finite number, got {aa!r}", cfg_path)
+    mts = cfg.get("modules_to_save")
+    if mts is not None and (not isinstance(mts, list) or not all(isinstance(m, str) for m in mts)):
+        raise BadInputError(f"modules_to_save must be a list of module names or null, got {mts!r}", cfg_path)
     return cfg
+
+
+def _finite_number(x) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)
+
+
+PATTERN_TIME_LIMIT_S = 5.0  # all rank/alpha pattern matching of one adapter together
+
+
+class _PatternTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _PatternTimeout in the block after `seconds` (CPython's regex engine checks signals,
+    so this interrupts catastrophic backtracking). Only in the main thread and when no other
+    interval timer is running; elsewhere the block runs unlimited."""
+    usable = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+              and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _PatternTimeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def resolve_patterns(cfg: dict, modules, cfg_path: Path) -> dict[str, tuple[int, float]]:
+    """(r, alpha) of every module, and a check that each pattern matches some module.
+
+    rank_pattern/alpha_pattern keys are regular expressions from an untrusted file, matched
+    against module names from another: the matching runs under a time limit so that a
+    catastrophic-backtracking pattern is an error, not a hang."""
+    try:
+        with _time_limit(PATTERN_TIME_LIMIT_S):
+            table = {mod: module_rank_alpha(cfg, mod) for mod in modules}
+            _check_patterns(cfg, modules, cfg_path)
+    except _PatternTimeout:
+        raise BadInputError(f"rank_pattern/alpha_pattern matching took too long (over {PATTERN_TIME_LIMIT_S:g} s; "
+                            "a catastrophically backtracking regular expression?)", cfg_path) from None
+    except RecursionError:
+        raise BadInputError("rank_pattern/alpha_pattern regular expression is too complex", cfg_path) from None
+    return table
 
 
 class _Tensors:
@@ -85,10 +156,12 @@ class _Tensors:
                                 "torch.load(weights_only=True)", self.path)
         self.lazy = None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns on stderr about odd protocols: one line only
+                warnings.simplefilter("ignore")
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError, RuntimeError, EOFError ...
-            raise BadInputError(f"refused to load pickle ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:200] if str(exc) else 'invalid'})", self.path) from None
+            raise BadInputError(f"refused to load pickle: torch.load(weights_only=True) rejected it "
+                                f"({type(exc).__name__}: {_pickle_reason(exc)})", self.path) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise BadInputError("pickle does not hold a flat dict of tensors", self.path)
         self.state, self.keys = state, list(state)
@@ -98,6 +171,17 @@ class _Tensors:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.lazy.shape(key) if self.lazy is not None else tuple(self.state[key].shape)
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """The informative sentence of torch's weights_only error (not its advice to disable the check)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line.split("WeightsUnpickler error:", 1)[-1].strip() for line in lines]
+    for line in lines:
+        if line and not line.startswith(("Weights only load failed", "Check the documentation", "Please file an issue",
+                                         "(1)", "(2)")):
+            return line.split(". ")[0].rstrip(".")[:200]
+    return "invalid file"
 
 
 def _is_passthrough(module_path: str, modules_to_save) -> bool:
@@ -162,26 +246,37 @@ def read(path: Path, allow_pickle: bool = False, **_) -> Adapter:
     modules, passthrough = _index_keys(tensors, cfg)
     if not modules:
         raise BadInputError("no LoRA modules found", tensors.path)
-    _check_patterns(cfg, modules, path / CONFIG_FILE)
+    rank_alpha = resolve_patterns(cfg, modules, path / CONFIG_FILE)
 
     def load(name: str) -> LoraModule:
-        return _load_module(tensors, cfg, name, modules[name])
+        return _load_module(tensors, cfg, name, modules[name], rank_alpha[name])
 
     return Adapter(format=NAME, module_names=sorted(modules), load_module=load, config=cfg,
                    passthrough_names=passthrough, load_passthrough=tensors.get, source=str(path))
 
 
-def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict) -> LoraModule:
-    A = require_finite(tensors.get(entry["A"]), f"module {name!r} lora_A", tensors.path)
-    B = require_finite(tensors.get(entry["B"]), f"module {name!r} lora_B", tensors.path)
-    r, alpha = module_rank_alpha(cfg, name)
-    kind, kernel = ("embedding", {}) if entry["emb"] else _kind(A, B)
-    down, up = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
-    if A.dim() < 2 or B.dim() < 2 or up.shape[1] != down.shape[0]:
+def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict, rank_alpha=None) -> LoraModule:
+    A, B = tensors.get(entry["A"]), tensors.get(entry["B"])
+    for what, t in (("lora_A", A), ("lora_B", B)):
+        if not t.is_floating_point():
+            raise BadInputError(f"module {name!r}: {what} has dtype {t.dtype}; LoRA factors must be floating point",
+                                tensors.path)
+        require_finite(t, f"module {name!r} {what}", tensors.path)
+    r, alpha = rank_alpha or module_rank_alpha(cfg, name)
+    if A.dim() < 2 or B.dim() < 2:
+        raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                            "do not form a low-rank pair (factors must be at least 2-D)", tensors.path)
+    kind, kernel = ("embedding", {}) if entry["emb"] else _kind(A, B, tensors.path)
+    down = A.reshape(A.shape[0], math.prod(A.shape[1:]))
+    up = B.reshape(B.shape[0], math.prod(B.shape[1:]))
+    if up.shape[1] != down.shape[0]:
         raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
                             "do not form a low-rank pair (rank mismatch)", tensors.path)
     if down.shape[0] == 0:
         raise BadInputError(f"module {name!r}: rank 0", tensors.path)
+    if down.shape[1] == 0 or up.shape[0] == 0:
+        raise BadInputError(f"module {name!r}: empty factor (lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)})",
+                            tensors.path)
     if down.shape[0] != r:
         raise BadInputError(f"module {name!r}: tensors have rank {down.shape[0]} but the config "
                             f"(r / rank_pattern) says {r}", tensors.path)
@@ -189,12 +284,12 @@ def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict) -> LoraMo
                       kind=kind, kernel=kernel)
 
 
-def _kind(A: torch.Tensor, B: torch.Tensor):
+def _kind(A: torch.Tensor, B: torch.Tensor, path=None):
     if A.dim() <= 2 and B.dim() <= 2:
         return "linear", {}
     if B.dim() > 2 and any(d != 1 for d in B.shape[2:]):
         raise UnsupportedError(f"conv lora_B with a {tuple(B.shape[2:])} kernel is not supported "
-                               "(expected 1x1)")
+                               "(expected 1x1)", path)
     return "conv", {"down_shape": list(A.shape), "up_shape": list(B.shape)}
 
 
