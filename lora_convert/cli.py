@@ -55,6 +55,8 @@ def main():
     lora-convert compress ./my-adapter -o ./mini --outer random --seed 7 --outer-dim 64 --rank 16
     lora-convert verify ./mini --against ./my-adapter
     lora-convert reconstruct ./mini -o ./restored
+    lora-convert push ./mini me/my-adapter-mini
+    lora-convert reconstruct hf://me/my-adapter-mini -o ./restored
     """
 
 
@@ -151,7 +153,9 @@ def compress(path, output, outer, seed, outer_dim, rank, keep_energy, dtype, fmt
 def verify(path, against, fmt, allow_pickle, as_json):
     """Regenerate outers, check every fingerprint and checksum, report the error."""
     from . import api
+    from .paths import local_path
 
+    path = local_path(path, expect="lora-mini")  # an hf:// input is fetched (and checked) once
     n = len(api.load(path))
     with progress_bar(n, "verifying") as tick:
         report = api.verify(path, against, fmt=fmt, allow_pickle=allow_pickle, progress=tick)
@@ -177,6 +181,49 @@ def reconstruct(path, output, to, trim_rank):
     click.echo(f"wrote {to or adapter.format} adapter with {len(adapter)} modules to {output}")
 
 
+token_option = click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login).")
+endpoint_option = click.option("--endpoint", default=None,
+                               help="Hub endpoint URL (default: HF_ENDPOINT, else https://huggingface.co).")
+
+
+@main.command()
+@click.argument("path")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
+@click.option("--revision", default=None, help="Branch to push to (created from the default branch if missing).")
+@click.option("-m", "--message", "commit_message", default=None, help="Commit message.")
+@token_option
+@endpoint_option
+def push(path, repo_id, private, revision, commit_message, token, endpoint):
+    """Verify a LoRA-Mini adapter and upload it to a Hub repo in one commit, with a model card.
+
+    \b
+    lora-convert push ./mini me/my-adapter-mini --private -m "seed 7, k=8"
+    """
+    from . import hub
+
+    result = hub.push(path, repo_id, private=private, revision=revision, commit_message=commit_message,
+                      token=token, endpoint=endpoint)
+    click.echo(result.describe())
+
+
+@main.command()
+@click.argument("repo_id")
+@click.option("-o", "--output", required=True, help="Output directory (replaced atomically).")
+@click.option("--revision", default=None, help="Branch, tag or commit sha (default: the default branch).")
+@token_option
+@endpoint_option
+def pull(repo_id, output, revision, token, endpoint):
+    """Download a LoRA-Mini repo at a pinned revision and verify it before writing OUTPUT.
+
+    \b
+    lora-convert pull me/my-adapter-mini -o ./mini --revision v1
+    """
+    from . import hub
+
+    click.echo(hub.pull(repo_id, output, revision=revision, token=token, endpoint=endpoint).describe())
+
+
 @main.command()
 @click.argument("path")
 @click.option("-o", "--output", required=True, help="Output directory or file.")
@@ -191,6 +238,10 @@ def convert(path, output, to, fmt, allow_pickle):
     api.save_adapter(adapter, output, to)
     click.echo(f"wrote {to} adapter with {len(adapter)} modules to {output}")
 
+
+from .cli_recover import register as _register_training  # noqa: E402  (recover / eval / train)
+
+_register_training(main)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,162 @@
+"""LoRA-Mini layers: a frozen base module plus scale · U X Y V, applied as a chain of thin products.
+
+The outers U (out×a) and V (b×in) are frozen buffers (regenerated from the seed or
+loaded from the file, never trained); the inners X (a×k) and Y (k×b) are the only
+parameters. The update is applied to the input one factor at a time, so the out×in
+ΔW is never formed: cost and memory stay at O(tokens · (a + b + k)).
+
+A layer can also hold the original LoRA pair (the teacher) as frozen buffers and
+switch between three modes on the same base weights, so recovery needs one copy of
+the base model, not three:
+    "student"  base(x) + scale · U X Y V x        (the LoRA-Mini adapter)
+    "teacher"  base(x) + scale_t · B A x          (the original LoRA, as PEFT computes it)
+    "base"     base(x)
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import LoraModule
+from ..container import MiniModule
+from ..errors import BadInputError, UnsupportedError
+
+MODES = ("student", "teacher", "base")
+
+
+def layer_kind(base: nn.Module) -> str:
+    """'linear' | 'conv' | 'embedding' for the base modules LoRA-Mini can wrap."""
+    if isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D":  # transformers' GPT-2 Conv1D is a linear
+        return "linear"
+    if isinstance(base, nn.Conv2d):
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise UnsupportedError("grouped or non-zero-padded Conv2d is not supported by LoRA-Mini layers")
+        return "conv"
+    if isinstance(base, nn.Embedding):
+        return "embedding"
+    raise UnsupportedError(f"cannot wrap a {type(base).__name__} (LoRA-Mini layers wrap Linear, Conv2d, Embedding)")
+
+
+def base_shape(base: nn.Module, kind: str) -> tuple[int, int]:
+    """(out, in) of the flattened weight the update ΔW (out×in) is added to."""
+    if kind == "embedding":  # PEFT stores the embedding update transposed: out = dim, in = vocabulary
+        return base.embedding_dim, base.num_embeddings
+    if type(base).__name__ == "Conv1D":  # weight is in×out
+        return base.weight.shape[1], base.weight.shape[0]
+    w = base.weight
+    return w.shape[0], w[0].numel()
+
+
+class MiniLayer(nn.Module):
+    """A base Linear / Conv2d / Embedding plus a LoRA-Mini update (and optionally its teacher)."""
+
+    def __init__(self, base: nn.Module, module: MiniModule, teacher: LoraModule | None = None):
+        super().__init__()
+        self.base = base
+        self.kind = layer_kind(base)
+        self.name = module.name
+        self.mode = "student"
+        self.set_module(module)
+        if teacher is not None:
+            self.attach_teacher(teacher)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def set_module(self, module: MiniModule) -> None:
+        """Load outers (frozen) and inners (trainable, float32 master copies) from `module`."""
+        self._check(module.out_features, module.in_features, f"LoRA-Mini module {module.name!r}")
+        dev = self.device
+        # Outers are derived data (seed or file): non-persistent, so model.state_dict() stays the base's.
+        self.register_buffer("U", module.U.to(dev, torch.float32), persistent=False)
+        self.register_buffer("V", module.V.to(dev, torch.float32), persistent=False)
+        self.X = nn.Parameter(module.X.to(dev, torch.float32).clone())
+        self.Y = nn.Parameter(module.Y.to(dev, torch.float32).clone())
+        self.scale = float(module.scale)
+
+    def attach_teacher(self, teacher: LoraModule) -> None:
+        """Keep the original LoRA pair as frozen buffers for the "teacher" mode."""
+        self._check(teacher.out_features, teacher.in_features, f"teacher module {teacher.name!r}")
+        dev = self.device
+        self.register_buffer("teacher_A", teacher.down.to(dev, torch.float32), persistent=False)
+        self.register_buffer("teacher_B", teacher.up.to(dev, torch.float32), persistent=False)
+        self.teacher_scale = float(teacher.scale)
+
+    @property
+    def has_teacher(self) -> bool:
+        return getattr(self, "teacher_A", None) is not None
+
+    def _check(self, out_f: int, in_f: int, what: str) -> None:
+        want = base_shape(self.base, self.kind)
+        if (out_f, in_f) != tuple(want):
+            raise BadInputError(f"{what} is {out_f}×{in_f} but the model's {type(self.base).__name__} "
+                                f"at {self.name!r} is {want[0]}×{want[1]} (wrong base model?)")
+
+    def forward(self, x, *args, **kwargs):
+        out = self.base(x, *args, **kwargs)
+        if self.mode == "base":
+            return out
+        if self.mode == "teacher":
+            if not self.has_teacher:
+                raise RuntimeError(f"layer {self.name!r} has no teacher attached")
+            delta = self.teacher_scale * self._mix(self._down(x, self.teacher_A), self.teacher_B)
+        else:
+            delta = self.scale * self.student_delta_from(self._down(x, self.V))
+        return out + delta.to(out.dtype)
+
+    def student_delta_from(self, h: torch.Tensor) -> torch.Tensor:
+        for M in (self.Y, self.X, self.U):
+            h = self._mix(h, M)
+        return h
+
+    def _down(self, x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+        """Apply an r×in down-projection the way the base module consumes its input."""
+        if self.kind == "embedding":
+            b = self.base
+            return F.embedding(x, D.T, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+        x = x.to(D.dtype) if not torch.is_autocast_enabled(x.device.type) else x
+        if self.kind == "conv":
+            b = self.base
+            kernel = D.reshape(D.shape[0], *b.weight.shape[1:])
+            return F.conv2d(x, kernel, None, b.stride, b.padding, b.dilation)
+        return F.linear(x, D)
+
+    def _mix(self, h: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """Apply a p×q matrix on the channel axis (last for linear/embedding, 1 for conv)."""
+        if self.kind == "conv":
+            return F.conv2d(h, M[:, :, None, None])
+        return F.linear(h, M)
+
+    def extra_repr(self) -> str:
+        a, k, b = self.X.shape[0], self.X.shape[1], self.Y.shape[1]
+        return f"name={self.name!r}, kind={self.kind}, a={a}, k={k}, b={b}, scale={self.scale:g}, mode={self.mode}"
+
+
+def inner_parameters(layers: Iterable[MiniLayer]) -> list[nn.Parameter]:
+    """X and Y of every layer, in a stable order (optimizer and checkpoint state rely on it)."""
+    return [p for layer in layers for p in (layer.X, layer.Y)]
+
+
+def set_mode(layers: Iterable[MiniLayer], mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for layer in layers:
+        layer.mode = mode
+
+
+@contextlib.contextmanager
+def use_mode(layers: Iterable[MiniLayer], mode: str) -> Iterator[None]:
+    """Temporarily run the model as base, teacher or student; restores the previous mode."""
+    layers = list(layers)
+    previous = [layer.mode for layer in layers]
+    set_mode(layers, mode)
+    try:
+        yield
+    finally:
+        for layer, m in zip(layers, previous):
+            layer.mode = m

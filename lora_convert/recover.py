@@ -1,0 +1,316 @@
+"""Recovery fine-tuning, held-out evaluation, and from-scratch training of LoRA-Mini adapters.
+
+recover: the closed-form inners keep only a few percent of a trained LoRA's energy when the
+    outers are random and small, so the student (base + LoRA-Mini) is trained to match the
+    teacher (base + the original LoRA) on unlabelled text: KL of next-token distributions for
+    causal LMs, relative MSE of the last hidden state otherwise, optionally plus per-layer
+    output matching. Only the inner matrices X, Y train; the outers stay as the file defines
+    them, so the result is written back with the same seeds and fingerprints.
+evaluate: KL, top-1 agreement and loss of base / teacher / student on held-out text, and the
+    share of the teacher's improvement the student keeps.
+train: the LoRA-Mini paper's method: random outers from --seed, inners trained from scratch
+    on task text with the causal-LM loss, written in the same file format.
+
+One model copy serves as base, teacher and student (see nn.layers). Devices, bf16 autocast
+on CUDA, gradient accumulation and multi-GPU data parallelism come from accelerate, so
+``accelerate launch -m lora_convert.cli recover ...`` runs the same code on several GPUs.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import container
+from .adapter import Adapter
+from .container import MiniAdapter
+from .errors import BadInputError
+from .nn import data as D
+from .nn.export import export_inner
+from .nn.inject import inject
+from .nn.layers import MiniLayer, use_mode
+from .nn.loop import TrainOptions, TrainResult, make_accelerator, train_inner
+from .nn.models import ModelSource, load_model, model_dtype, pick_device
+from .nn.objectives import FidelityStats, distill_loss, layer_matching_loss, lm_loss, model_output, tap_outputs
+
+
+@dataclass
+class ModelOptions:
+    base: str | None = None  # default: base_model_name_or_path recorded in the adapter
+    gguf_file: str | None = None
+    revision: str | None = None
+    offline: bool = False
+    task: str = "auto"  # auto | causal-lm | hidden
+    device: str = "auto"  # auto | cuda | cpu
+    dtype: str = "auto"  # base weights: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+
+
+@dataclass
+class DataOptions:
+    data: str
+    eval_data: str | None = None  # default: hold out the last eval_fraction of `data`
+    eval_fraction: float = 0.1
+    max_len: int = 256
+    max_eval_sequences: int | None = None
+
+
+@dataclass
+class Session:
+    """A loaded model with LoRA-Mini layers injected, ready to train or evaluate."""
+
+    accelerator: object
+    model: torch.nn.Module
+    tokenizer: object
+    task: str
+    layers: dict[str, MiniLayer]
+    base: str
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+@dataclass
+class RunResult:
+    before: dict
+    after: dict
+    training: TrainResult
+    output: str
+    report: object = None
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ setup
+
+def open_session(mini: MiniAdapter, teacher: Adapter | None, mopts: ModelOptions, grad_accum: int = 1) -> Session:
+    base = mopts.base or mini.source_config.get("base_model_name_or_path")
+    if not base:
+        raise BadInputError("no base model given and the adapter does not record base_model_name_or_path; "
+                            "pass --base")
+    device = pick_device(mopts.device)
+    accelerator = make_accelerator(device, grad_accum)
+    src = ModelSource.parse(base, mopts.gguf_file, mopts.revision, mopts.offline)
+    model, tokenizer, task = load_model(src, mopts.task, model_dtype(device, mopts.dtype))
+    layers = inject(model, mini, teacher)
+    model = accelerator.prepare(model)
+    return Session(accelerator, model, tokenizer, task, layers, base)
+
+
+def read_data(dopts: DataOptions) -> tuple[list[str], list[str] | None]:
+    """The texts (and held-out texts, if a file is given), read before any model is loaded so bad
+    data fails fast."""
+    return D.read_texts(dopts.data), D.read_texts(dopts.eval_data) if dopts.eval_data else None
+
+
+def load_sequences(session: Session, dopts: DataOptions, texts) -> tuple[list, list]:
+    """(training sequences, held-out sequences), tokenized; causal LMs pack text into full blocks."""
+    pack = session.task == "causal-lm"
+    train_texts, eval_texts = texts
+    seqs = D.tokenize(session.tokenizer, train_texts, dopts.max_len, pack)
+    if eval_texts is not None:
+        held = D.tokenize(session.tokenizer, eval_texts, dopts.max_len, pack)
+    else:
+        seqs, held = D.split_holdout(seqs, dopts.eval_fraction)
+    if not seqs or not held:
+        raise BadInputError("not enough text for training and evaluation after tokenization", dopts.data)
+    return seqs, held[:dopts.max_eval_sequences] if dopts.max_eval_sequences else held
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if p.is_dir():
+        return ";".join(f"{f.name}:{f.stat().st_size}" for f in sorted(p.iterdir()) if f.is_file())
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ evaluation
+
+@torch.no_grad()
+def evaluate(session: Session, seqs: list, batch_size: int = 8, reference: dict | None = None) -> dict:
+    """Held-out fidelity of the student against the teacher (and the base, unless `reference`
+    already holds the base's numbers for the same data). Batches are split across processes."""
+    acc, task = session.accelerator, session.task
+    stats = FidelityStats(task)
+    raw = acc.unwrap_model(session.model)
+    batches = D.eval_batches(seqs, batch_size, session.pad_id)
+    for batch in batches[acc.process_index::acc.num_processes]:
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        outs = {}
+        for mode in ("teacher", "student") + (() if reference else ("base",)):
+            with use_mode(session.layers.values(), mode), acc.autocast():
+                outs[mode] = model_output(raw(**batch), task)
+        add = stats.add_causal if task == "causal-lm" else stats.add_hidden
+        add(batch, outs.get("base"), outs["teacher"], outs["student"])
+    _reduce_stats(acc, stats)
+    return stats.summary(reference)
+
+
+def _reduce_stats(acc, stats: FidelityStats) -> None:
+    if acc.num_processes == 1:
+        return
+    keys = sorted(stats.sums)
+    t = torch.tensor([stats.sums[k] for k in keys] + [stats.tokens], dtype=torch.float64, device=acc.device)
+    t = acc.reduce(t, reduction="sum")
+    stats.sums = dict(zip(keys, t[:-1].tolist()))
+    stats.tokens = int(t[-1])
+
+
+@torch.no_grad()
+def heldout_loss(session: Session, seqs: list, mode: str, batch_size: int = 8) -> float:
+    """Mean next-token loss of the model in `mode` ("base" or "student") on held-out sequences."""
+    acc, raw = session.accelerator, session.accelerator.unwrap_model(session.model)
+    total, count = torch.zeros((), dtype=torch.float64, device=acc.device), 0
+    for batch in D.eval_batches(seqs, batch_size, session.pad_id)[acc.process_index::acc.num_processes]:
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        with use_mode(session.layers.values(), mode), acc.autocast():
+            logits = raw(**batch).logits
+        n = int(batch["attention_mask"][:, 1:].sum())
+        total += lm_loss(logits, batch).double() * n
+        count += n
+    sums = acc.reduce(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=acc.device)]),
+                      reduction="sum")
+    return float(sums[0] / sums[1].clamp_min(1))
+
+
+def format_eval(s: dict, title: str) -> str:
+    """The evaluation as a small table (causal LMs) or relative errors (hidden-state models)."""
+    if "loss_base" not in s:
+        return (f"{title} ({s['tokens']:,} tokens): hidden-state MSE to the teacher: base {s['mse_base']:.4g}, "
+                f"student {s['mse_student']:.4g}; the student keeps {100 * s['retained']:.1f}% of the teacher's "
+                "shift from the base")
+    lines = [f"{title} ({s['tokens']:,} held-out tokens)",
+             f"  {'':<8} {'loss':>8} {'KL(teacher||.)':>15} {'top-1 agree':>12}",
+             f"  {'base':<8} {s['loss_base']:>8.4f} {s['kl_base']:>15.4f} {100 * s['agree_base']:>11.1f}%",
+             f"  {'teacher':<8} {s['loss_teacher']:>8.4f} {0.0:>15.4f} {100.0:>11.1f}%",
+             f"  {'student':<8} {s['loss_student']:>8.4f} {s['kl_student']:>15.4f} {100 * s['agree_student']:>11.1f}%",
+             f"  the student keeps {100 * s['retained']:.1f}% of the teacher's improvement "
+             f"(loss {s['loss_base']:.4f} -> {s['loss_teacher']:.4f})"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ recover
+
+def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, mopts: ModelOptions,
+            topts: TrainOptions, layer_weight: float = 0.0, log=print) -> RunResult:
+    """Re-fit the inners of the LoRA-Mini file at `mini_path` against the teacher adapter; write `output`."""
+    from .api import load_adapter
+
+    mini, teacher, texts = container.load(mini_path), load_adapter(teacher_path), read_data(dopts)
+    topts.checkpoint_dir = topts.checkpoint_dir or default_checkpoint_dir(output)
+    topts.validate()
+    session = open_session(mini, teacher, mopts, topts.grad_accum)
+    seqs, held = load_sequences(session, dopts, texts)
+    before = evaluate(session, held, topts.batch_size)
+    _log(session, log, format_eval(before, "before recovery"))
+    run = {"mini": file_digest(container.resolve_file(mini_path)), "teacher": file_digest(teacher.source),
+           "data": file_digest(dopts.data), "base": session.base, "max_len": dopts.max_len, "task": session.task,
+           "layer_weight": layer_weight}
+    step_loss = distill_step(session, layer_weight)
+    training = train_inner(session.accelerator, session.model, session.layers, seqs, session.pad_id, step_loss,
+                           topts, run)
+    after = evaluate(session, held, topts.batch_size, reference=before)
+    _log(session, log, format_eval(after, "after recovery"))
+    report = _export(session, mini, output, teacher, {"recovery_steps": topts.steps})
+    return RunResult(before, after, training, output, report)
+
+
+def distill_step(session: Session, layer_weight: float = 0.0):
+    """step_loss(batch) for recovery: teacher forward (no grad), student forward, distillation loss."""
+    acc, task, layers = session.accelerator, session.task, list(session.layers.values())
+    raw = acc.unwrap_model(session.model)
+    tapped = layers if layer_weight else []
+
+    def step_loss(batch: dict) -> torch.Tensor:
+        t_out, s_out = {}, {}
+        with torch.no_grad(), use_mode(layers, "teacher"), tap_outputs(tapped, t_out):
+            teacher = model_output(raw(**batch), task)
+        with tap_outputs(tapped, s_out):
+            student = model_output(session.model(**batch), task)
+        loss = distill_loss(student, teacher, batch, task)
+        if layer_weight:
+            loss = loss + layer_weight * layer_matching_loss(s_out, t_out)
+        return loss
+
+    return step_loss
+
+
+def default_checkpoint_dir(output: str) -> str:
+    return str(Path(output)) + ".checkpoints"
+
+
+def _export(session: Session, mini: MiniAdapter, output: str, teacher: Adapter | None, marks: dict):
+    """Write the trained inners (main process). `marks` (numbers only, per the format) are added to every
+    module's fidelity record so readers can tell a function-space fit from a weight-space one."""
+    acc = session.accelerator
+    acc.wait_for_everyone()
+    report = None
+    if acc.is_main_process:
+        report = export_inner(session.layers, mini, output, teacher, extra_fidelity=marks)
+    acc.wait_for_everyone()
+    return report
+
+
+def _log(session: Session, log, text: str) -> None:
+    if log and session.accelerator.is_main_process:
+        log(text)
+
+
+# ------------------------------------------------------------------ eval
+
+def evaluate_files(mini_path: str, teacher_path: str, dopts: DataOptions, mopts: ModelOptions,
+                   batch_size: int = 8) -> dict:
+    """Held-out fidelity of a LoRA-Mini file against its teacher adapter (all of dopts.data is held out)."""
+    from .api import load_adapter
+
+    mini, teacher, texts = container.load(mini_path), load_adapter(teacher_path), D.read_texts(dopts.data)
+    session = open_session(mini, teacher, mopts)
+    held = D.tokenize(session.tokenizer, texts, dopts.max_len, pack=session.task == "causal-lm")
+    if dopts.max_eval_sequences:
+        held = held[:dopts.max_eval_sequences]
+    if not held:
+        raise BadInputError("no sequences of at least 2 tokens in the data", dopts.data)
+    return evaluate(session, held, batch_size)
+
+
+# ------------------------------------------------------------------ train from scratch
+
+def train(output: str, dopts: DataOptions, mopts: ModelOptions, topts: TrainOptions, *,
+          target_modules: list[str] | None = None, rank: int = 8, alpha: float | None = None,
+          outer_dim=None, outer_seed: int = 0, dtype: str = "fp32", log=print) -> RunResult:
+    """Train a LoRA-Mini adapter from scratch (random outers from `outer_seed`) with the causal-LM loss."""
+    from .nn.scratch import scratch_adapter
+
+    topts.checkpoint_dir = topts.checkpoint_dir or default_checkpoint_dir(output)
+    topts.validate()
+    texts = read_data(dopts)
+    device = pick_device(mopts.device)
+    src = ModelSource.parse(mopts.base, mopts.gguf_file, mopts.revision, mopts.offline)
+    model, tokenizer, task = load_model(src, mopts.task, model_dtype(device, mopts.dtype))
+    if task != "causal-lm":
+        raise BadInputError("train needs a causal LM (the loss is next-token prediction)", mopts.base)
+    mini = scratch_adapter(model, mopts.base, target_modules, rank, alpha, outer_dim, outer_seed, dtype)
+    accelerator = make_accelerator(device, topts.grad_accum)
+    layers = inject(model, mini)
+    session = Session(accelerator, accelerator.prepare(model), tokenizer, task, layers, mopts.base)
+    seqs, held = load_sequences(session, dopts, texts)
+    before = {"loss_base": heldout_loss(session, held, "base", topts.batch_size)}
+    _log(session, log, f"held-out loss of the base model: {before['loss_base']:.4f}")
+    run = {"data": file_digest(dopts.data), "base": mopts.base, "max_len": dopts.max_len, "rank": rank,
+           "alpha": alpha, "outer_dim": outer_dim, "outer_seed": outer_seed, "targets": list(mini.module_names)}
+
+    def step_loss(batch: dict) -> torch.Tensor:
+        return lm_loss(session.model(**batch).logits, batch)
+
+    training = train_inner(accelerator, session.model, layers, seqs, session.pad_id, step_loss, topts, run)
+    after = {"loss_student": heldout_loss(session, held, "student", topts.batch_size)}
+    _log(session, log, f"held-out loss after training: {after['loss_student']:.4f} "
+                       f"(base {before['loss_base']:.4f})")
+    report = _export(session, mini, output, None, {"train_steps": topts.steps})
+    return RunResult(before, after, training, output, report)

