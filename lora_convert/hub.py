@@ -40,6 +40,7 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
                                     LocalEntryNotFoundError, LocalTokenNotFoundError, OfflineModeIsEnabled,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import tqdm as hf_tqdm
 from huggingface_hub.utils import validate_repo_id
 
 from . import __version__, container, modelcard
@@ -215,6 +216,8 @@ def _http(exc, t: Target, what, attempts) -> HubError:
     if status == 403:
         return HubAuthError(f"permission denied while trying to {what}{detail}: this token cannot write to the "
                             f"repo; use a token with write access ({LOGIN_HINT})", t.uri)
+    if status == 404:
+        return HubNotFoundError(f"not found (HTTP 404) while trying to {what}{detail}", t.uri)
     if status == 412:
         return HubError(f"the branch moved while trying to {what} (someone pushed meanwhile); run the push again",
                         t.uri)
@@ -297,6 +300,14 @@ def evict(cached: Path) -> None:
         blob.unlink(missing_ok=True)
 
 
+class _TerminalOnly(hf_tqdm):
+    """The client's progress bars, shown only on a terminal like lora_convert's own (not in logs)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("disable", None)  # tqdm: None means "only when the output is a TTY"
+        super().__init__(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Files of one commit in the HF cache, with what the repo tree says about them."""
@@ -331,7 +342,8 @@ def fetch(t: Target, select: Callable[[list[str]], list[str]], cache_dir: str | 
     cache = cache_dir or constants.HF_HUB_CACHE
     path = _call(t, "download the files", lambda: snapshot_download(
         t.repo_id, revision=info.sha, allow_patterns=[glob.escape(n) for n in names], cache_dir=cache,
-        token=t.token, endpoint=t.endpoint, library_name="lora_convert", library_version=__version__))
+        token=t.token, endpoint=t.endpoint, library_name="lora_convert", library_version=__version__,
+        tqdm_class=_TerminalOnly))
     return Snapshot(Path(path), info.sha, entries)
 
 
