@@ -155,9 +155,14 @@ def _status(exc: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
+def _short_download(exc: BaseException) -> bool:
+    """The client's "Consistency check failed" (fewer bytes than announced, after its own retries)."""
+    return type(exc) is OSError and str(exc).startswith("Consistency check failed")
+
+
 def _transient(exc: BaseException) -> bool:
-    """Worth another try: dropped/refused connections, timeouts, 5xx, 429, 408."""
-    return isinstance(exc, httpx2.TransportError) or _status(exc) in TRANSIENT_STATUS
+    """Worth another try: dropped/refused connections, timeouts, short downloads, 5xx, 429, 408."""
+    return isinstance(exc, httpx2.TransportError) or _status(exc) in TRANSIENT_STATUS or _short_download(exc)
 
 
 def _delay(exc: BaseException, base: float, attempt: int) -> float:
@@ -193,6 +198,9 @@ def _call(t: Target, what: str, fn: Callable[[], T]) -> T:
 
 def translate(exc: BaseException, t: Target, what: str, attempts: int = 1) -> LoraConvertError | None:
     """The one-line lora_convert error for a client error, or None when it is not a Hub error."""
+    if _short_download(exc):
+        return HubNetworkError(f"the download kept ending early while trying to {what}, {attempts} attempt(s); "
+                               "check the network and run the command again (it resumes)", t.uri)
     for kinds, make in _TRANSLATIONS:
         if isinstance(exc, kinds):
             return make(exc, t, what, attempts)
