@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,11 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = torch.Generator().manual_seed(1234)
+
+
+def reseed(name: str) -> None:
+    """Each fixture draws from its own seed, so adding one leaves the others' values unchanged."""
+    GEN.manual_seed(zlib.crc32(name.encode()))
 
 
 def rand(*shape, scale=0.1):
@@ -144,6 +150,9 @@ def lokr():
     t |= {f"{s}.lokr_w1": rand(2, 2), f"{s}.lokr_w2": rand(16, 16, 3, 3), f"{s}.alpha": torch.tensor(7.0)}
     s = "lora_te_text_model_encoder_layers_0_mlp_fc1"  # both full, linear
     t |= {f"{s}.lokr_w1": rand(2, 4), f"{s}.lokr_w2": rand(48, 12)}
+    s = "lora_te_text_model_encoder_layers_0_self_attn_k_proj"  # both low-rank: scale uses w2's rank
+    t |= {f"{s}.lokr_w1_a": rand(4, 2), f"{s}.lokr_w1_b": rand(2, 4), f"{s}.lokr_w2_a": rand(12, 4),
+          f"{s}.lokr_w2_b": rand(4, 12), f"{s}.alpha": torch.tensor(3.0)}
     meta = kohya_meta(4, 2, "sd_v1", ss_network_args={"algo": "lokr", "factor": -1})
     meta["ss_network_module"] = "lycoris.kohya"
     return t, meta
@@ -257,6 +266,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, build in (("kohya-sd15", kohya_sd15), ("kohya-sdxl", kohya_sdxl), ("kohya-locon", kohya_locon),
                         ("kohya-flux", kohya_flux), ("lycoris-loha", loha), ("lycoris-lokr", lokr)):
+        reseed(name)
         tensors, meta = build()
         save_file(tensors, str(out / f"{name}.safetensors"), metadata=meta)
     for src, sdxl, dest in (("kohya-sd15", False, out / "diffusers-sd15" / "pytorch_lora_weights.safetensors"),
@@ -268,8 +278,11 @@ def main() -> None:
         else:  # a community conversion: the kohya alphas kept as <module>.alpha keys
             state |= {f"{k}.alpha": torch.tensor(v, dtype=torch.float16) for k, v in alphas.items()}
             save_file(state, str(dest), metadata={"format": "pt"})
+    reseed("peft-conv-emb")
     peft_conv_embedding(out / "peft-conv-emb")
+    reseed("mlx-tiny-llama")
     mlx_tiny_llama(out / "mlx-tiny-llama")
+    reseed("bad")
     bad = {"model.decoder.weight": rand(4, 4), "model.decoder.bias": rand(4), "unrelated.scale": rand(1)}
     save_file(bad, str(out / "bad-unknown.safetensors"))
     both = lora("lora_unet_down_blocks_0_resnets_0_conv1", 8, 8, 2, 2)

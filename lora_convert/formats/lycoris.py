@@ -68,6 +68,9 @@ def read(path: Path, lycoris_tol: float = DEFAULT_TOL, **_) -> Adapter:
             unknown.append(key)
     if unknown:
         raise unknown_keys_error(unknown, "LyCORIS LoHa/LoKr/LoCon factors", path)
+    both = sorted(set(entries) & set(lora_entries))
+    if both:
+        raise BadInputError(f"module {both[0]!r} has both LoRA (lora_down/lora_up) and LoHa/LoKr factors", path)
     for stem in entries:
         names[stem] = kohya.to_name(stem, path)
     kohya.check_unique(names, path)
