@@ -423,3 +423,28 @@ def test_cli_compress_any_format_and_reconstruct_to_any(tmp_path):
     assert_same_updates(lc.load_adapter(src), lc.load_adapter(tmp_path / "diff"))
     res = run("convert", src, "-o", tmp_path / "peft", "--to", "peft")
     assert res.exit_code == 0 and formats.detect(tmp_path / "peft") == "peft"
+
+
+def test_peft_drops_a_single_component_prefix_and_gets_it_back(tmp_path):
+    src = lc.load_adapter(FX / "kohya-sdxl.safetensors")
+    unet = from_modules("kohya", [m for m in src.modules() if m.name.startswith("unet.")],
+                        config=src.config)
+    lc.save_adapter(unet, tmp_path / "peft", "peft")
+    keys = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert "base_model.model.down_blocks.1.attentions.0.proj_in.lora_A.weight" in keys  # loads onto a UNet
+    lc.save_adapter(lc.load_adapter(tmp_path / "peft"), tmp_path / "k.safetensors", "kohya")
+    assert set(load_file(tmp_path / "k.safetensors")) == {k for k in load_file(FX / "kohya-sdxl.safetensors")
+                                                          if k.startswith("lora_unet_")}
+
+
+def test_peft_writes_mixed_rslora_as_plain_alphas(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    src = from_modules("diffusers", [
+        LoraModule("unet.down_blocks.0.attentions.0.proj_in", torch.randn(4, 8, generator=g),
+                   torch.randn(8, 4, generator=g), 4.0, use_rslora=True),
+        LoraModule("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", torch.randn(2, 8, generator=g),
+                   torch.randn(8, 2, generator=g), 4.0)])
+    lc.save_adapter(src, tmp_path / "peft", "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is False
+    assert_same_updates(src, lc.load_adapter(tmp_path / "peft"), tol=1e-7)

@@ -248,7 +248,7 @@ def module_to_kohya(name: str, variant: str) -> str:
 
 def variant_of(names, metadata: dict | None = None) -> str:
     """Which model family a diffusion adapter's (in-memory) module names belong to."""
-    names = list(names)
+    names = [n if split_component(n)[0] else f"{infer_component(n)}.{n}" for n in names]
     if any(n.startswith("transformer.") and is_bfl_flux(split_component(n)[1]) for n in names):
         return "Flux"
     base = (metadata or {}).get("ss_base_model_version", "")

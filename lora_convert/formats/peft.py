@@ -323,8 +323,8 @@ def _int_if_whole(x):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _write_factors(writer: StreamingWriter, m: LoraModule) -> None:
-    key = PREFIX + m.name
+def _write_factors(writer: StreamingWriter, m: LoraModule, path: str) -> None:
+    key = PREFIX + path
     if m.kind == "embedding":
         writer.add(f"{key}.lora_embedding_A", m.down.contiguous())
         writer.add(f"{key}.lora_embedding_B", m.up.contiguous())
@@ -337,19 +337,36 @@ def _write_factors(writer: StreamingWriter, m: LoraModule) -> None:
     writer.add(f"{key}.lora_B.weight", up.contiguous())
 
 
+def module_paths(names) -> dict[str, str]:
+    """PEFT module paths for in-memory names. A diffusion adapter of one component (all ``unet.``)
+    drops the prefix so the directory loads onto that model, but only where the path's root names
+    the component again on the way back (text_encoder_2 keeps it); nothing is lost."""
+    from .naming import infer_component, split_component
+
+    split = {n: split_component(n) for n in names}
+    comps = {c for c, _ in split.values()}
+    if len(comps) == 1 and None not in comps and all(infer_component(p) == c for c, p in split.values()):
+        return {n: p for n, (_, p) in split.items()}
+    return {n: n for n in names}
+
+
 def write(adapter: Adapter, dest: Path) -> None:
-    """Write a PEFT directory into `dest` (a fresh temporary directory)."""
-    ranks, alphas, rslora = {}, {}, None
+    """Write a PEFT directory into `dest` (a fresh temporary directory).
+
+    Modules that mix rsLoRA and plain scaling (possible from diffusers files with several
+    components) are all written plain, rsLoRA ones with alpha = scale·r: same scale exactly."""
+    paths = module_paths(adapter.module_names)
+    ranks, alphas, rslora, scales = {}, {}, {}, {}
     with StreamingWriter(dest / WEIGHTS_FILE) as writer:
         for m in adapter.modules():
-            if rslora is None:
-                rslora = m.use_rslora
-            elif m.use_rslora != rslora:
-                raise UnsupportedError("modules mix rsLoRA and plain scaling; PEFT cannot express that")
-            _write_factors(writer, m)
-            ranks[m.name], alphas[m.name] = m.rank, m.alpha
+            path = paths[m.name]
+            _write_factors(writer, m, path)
+            ranks[path], alphas[path], rslora[path], scales[path] = m.rank, m.alpha, m.use_rslora, m.scale
         for name, tensor in adapter.passthrough():
             writer.add(name, tensor)
         writer.finish({"format": "pt"})
-    cfg = build_config(adapter, ranks, alphas, bool(rslora))
+    mixed = len(set(rslora.values())) > 1
+    if mixed:
+        alphas = {p: scales[p] * ranks[p] if rslora[p] else a for p, a in alphas.items()}
+    cfg = build_config(adapter, ranks, alphas, not mixed and any(rslora.values()))
     (dest / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
