@@ -92,7 +92,8 @@ def kohya_sdxl():
 def kohya_locon():
     """LoCon with Tucker cores (sd-scripts + LyCORIS 'locon', use_tucker): lora_mid between down and up."""
     t = {}
-    for stem, ch, r in (("lora_unet_down_blocks_0_resnets_0_conv1", 32, 4), ("lora_unet_up_blocks_1_resnets_0_conv2", 48, 6)):
+    for stem, ch, r in (("lora_unet_down_blocks_0_resnets_0_conv1", 32, 4),
+                        ("lora_unet_up_blocks_1_resnets_0_conv2", 48, 6)):
         t[f"{stem}.lora_down.weight"] = rand(r, ch, 1, 1)
         t[f"{stem}.lora_mid.weight"] = rand(r, r, 3, 3)
         t[f"{stem}.lora_up.weight"] = rand(ch, r, 1, 1)

@@ -22,8 +22,8 @@ from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite
 from . import naming
-from ._util import (check_no_passthrough, fold_scale, int_if_whole, is_safetensors_file, most_common,
-                    safetensors_keys, unknown_keys_error)
+from ._util import (check_no_passthrough, fold_scale, is_safetensors_file, most_common, safetensors_keys,
+                    unknown_keys_error)
 from .peft import module_rank_alpha
 
 NAME = "diffusers"
@@ -209,6 +209,3 @@ def _metadata(adapter: Adapter, ranks: dict, folded: int) -> dict:
                                              "note": "each module's alpha/r scale is multiplied into lora_A "
                                                      "and lora_B (sqrt on each); alpha = r"}, sort_keys=True)})
     return meta
-
-
-__all__ = ["NAME", "LABEL", "OUTPUT_IS_DIR", "detect", "read", "write", "output_is_dir", "int_if_whole"]
