@@ -5,13 +5,17 @@ Built on the real ``huggingface_hub`` client and its conventions: the token come
 the endpoint from ``endpoint=``, else ``HF_ENDPOINT``; downloads land in the HF cache
 (``HF_HOME`` / ``HF_HUB_CACHE``); a revision is a branch, a tag or a commit sha.
 
-    >>> from lora_convert import hub                                       # doctest: +SKIP
-    >>> hub.push("./mini", "me/llama-lora-mini", private=True).commit       # one commit: file, config, card
+    >>> from lora_convert import hub                                        # doctest: +SKIP
+    >>> hub.push("./mini", "me/llama-lora-mini", private=True).commit        # doctest: +SKIP
     '3f2a…'
-    >>> hub.pull("me/llama-lora-mini", "./mini-copy", revision="v1").path   # pinned, verified, atomic
+    >>> hub.pull("me/llama-lora-mini", "./mini-copy", revision="v1").path    # doctest: +SKIP
     PosixPath('mini-copy')
-    >>> hub.download_uri("hf://me/llama-lora-mini@v1")                    # a verified cache snapshot
+    >>> hub.download_uri("hf://me/llama-lora-mini@v1")                       # doctest: +SKIP
     PosixPath('~/.cache/huggingface/hub/models--me--llama-lora-mini/snapshots/3f2a…')
+
+push uploads the file, its config and a model card in one commit; pull pins the revision, checks
+every file and module, and publishes the output directory atomically; download_uri returns a
+checked cache snapshot.
 
 Every failure a user can meet is one line: HubNotFoundError (repo, revision or file),
 HubAuthError (missing/bad token, no permission), HubNetworkError (unreachable, dropped,
@@ -496,6 +500,19 @@ def files_to_push(local: Path, repo_id: str) -> dict[str, bytes]:
     }
 
 
+def _ensure_repo(api: HfApi, t: Target, private: bool) -> str:
+    """The repo's full id, creating the repo when it does not exist.
+
+    Looked up first rather than relying on create_repo(exist_ok=True): with a token that may not
+    create repos, the client's fallback for an existing repo fails on any endpoint other than
+    HF_ENDPOINT's. A bare "name" resolves to the token's namespace.
+    """
+    try:
+        return api.repo_info(t.repo_id).id
+    except RepositoryNotFoundError:
+        return api.create_repo(t.repo_id, private=private, exist_ok=True).repo_id
+
+
 def _ensure_branch(api: HfApi, t: Target) -> bool:
     """Create `t.revision` from the default branch when it does not exist; True when created."""
     refs = _call(t, "list the repo's branches", lambda: api.list_repo_refs(t.repo_id))
@@ -563,8 +580,8 @@ def push(local_dir: str | os.PathLike, repo_id: str, *, private: bool = False, r
     t = dataclasses.replace(t, revision=t.revision or constants.DEFAULT_REVISION)
     files = files_to_push(local, t.repo_id)
     api = t.api()
-    url = _call(t, "create the repository", lambda: api.create_repo(t.repo_id, private=private, exist_ok=True))
-    t = dataclasses.replace(t, repo_id=url.repo_id or t.repo_id)  # "name" alone lands in the token's namespace
+    t = dataclasses.replace(t, repo_id=_call(t, "create the repository", lambda: _ensure_repo(api, t, private)))
     created = _ensure_branch(api, t)
     commit, changed = _commit(api, t, files, commit_message or DEFAULT_MESSAGE)
-    return PushResult(t.repo_id, t.revision, commit, f"{url.rstrip('/')}/tree/{t.revision}", not changed, created)
+    return PushResult(t.repo_id, t.revision, commit, f"{t.endpoint}/{t.repo_id}/tree/{t.revision}", not changed,
+                      created)

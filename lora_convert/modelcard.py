@@ -4,7 +4,7 @@ Everything here is a pure function of the verified adapter (no dates, no version
 pushing the same adapter twice produces byte-identical files and therefore no new commit.
 
     >>> text = render_card("me/llama-lora-mini", mini, report, outers)   # doctest: +SKIP
-    >>> print(text.splitlines()[1])
+    >>> print(text.splitlines()[1])                                    # doctest: +SKIP
     base_model: meta-llama/Llama-2-7b-hf
 
 ``library_name`` is ``lora_convert``, not ``peft``: the Hub derives its "Use this model"

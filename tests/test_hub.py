@@ -156,9 +156,10 @@ def test_identical_push_makes_no_second_commit(srv, minis, tmp_path):
     assert second.up_to_date and second.commit == first.commit
     assert "already up to date" in second.describe()
     assert len(_commits(srv)) == 1
-    # A pulled copy (with its generated card) pushes back as the same content too.
+    # A pulled copy (with its generated card) and the bare file (config regenerated) are the same content too.
     _pull(srv, tmp_path / "copy")
     assert _push(srv, tmp_path / "copy").up_to_date
+    assert _push(srv, minis["seed7"] / MINI).up_to_date
 
 
 # --------------------------------------------------------------------------- revisions
@@ -218,6 +219,10 @@ def test_private_repo_tokens_and_permissions(srv, minis, tmp_path, monkeypatch):
     assert _pull(srv, tmp_path / "read", token=READ).modules == 14
     with pytest.raises(HubAuthError, match="permission denied.*write access"):
         _push(srv, minis["seed8"], token=READ)
+    with monkeypatch.context() as m:  # --endpoint other than HF_ENDPOINT's: same answer
+        m.setattr(constants, "ENDPOINT", "https://huggingface.co")
+        with pytest.raises(HubAuthError, match="permission denied"):
+            _push(srv, minis["seed8"], token=READ)
     with pytest.raises(HubAuthError, match="token is missing or invalid.*huggingface-cli login"):
         _pull(srv, tmp_path / "x", token="hf_bogus")
     with pytest.raises(HubAuthError):
