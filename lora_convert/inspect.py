@@ -14,17 +14,22 @@ def describe(path, fmt=None, allow_pickle=False) -> dict:
 
 def _describe_adapter(path, fmt, allow_pickle) -> dict:
     adapter = formats.read(path, fmt, allow_pickle=allow_pickle)
-    label = getattr(formats.REGISTRY[adapter.format], "LABEL", adapter.format)
+    label = formats.label(adapter)
     rows = []
     for m in adapter.modules():
-        rows.append({"name": m.name, "kind": m.kind, "shape": [m.out_features, m.in_features], "rank": m.rank,
-                     "alpha": m.alpha, "scale": m.scale, "dtype": str(m.dtype).replace("torch.", "")})
+        row = {"name": m.name, "kind": m.kind, "shape": [m.out_features, m.in_features], "rank": m.rank,
+               "alpha": m.alpha, "scale": m.scale, "dtype": str(m.dtype).replace("torch.", "")}
+        if getattr(m, "conversion_error", None) is not None:  # LyCORIS -> LoRA by factored SVD
+            row["conversion_error"] = m.conversion_error
+        rows.append(row)
     params = sum(r["rank"] * sum(r["shape"]) for r in rows)
     doc = {"path": str(path), "format": adapter.format, "label": label, "modules": rows,
            "passthrough": adapter.passthrough_names, "lora_parameters": params}
     lines = [f"{path}: {label} adapter, {len(rows)} LoRA modules, {params:,} LoRA parameters"]
     lines += [f"  {r['name']:<60} {r['kind']:<9} {r['shape'][0]}x{r['shape'][1]}  r={r['rank']} "
-              f"alpha={r['alpha']:g} scale={r['scale']:g} {r['dtype']}" for r in rows]
+              f"alpha={r['alpha']:g} scale={r['scale']:g} {r['dtype']}"
+              + (f" conversion rel.err={r['conversion_error']:.2e}" if "conversion_error" in r else "")
+              for r in rows]
     if adapter.passthrough_names:
         lines.append(f"  passthrough tensors (modules_to_save): {len(adapter.passthrough_names)}")
     doc["_text"] = "\n".join(lines)
