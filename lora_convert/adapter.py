@@ -56,8 +56,30 @@ class LoraModule:
         return self.down.dtype
 
 
+class LazyModules:
+    """Iteration over `module_names` through `load_module`, one module in memory at a time.
+
+    Shared by Adapter and container.MiniAdapter; subclasses provide the attributes
+    module_names, load_module, passthrough_names and load_passthrough.
+    """
+
+    def __len__(self) -> int:
+        return len(self.module_names)
+
+    def module(self, name: str):
+        return self.load_module(name)
+
+    def modules(self) -> Iterator:
+        for name in self.module_names:
+            yield self.load_module(name)
+
+    def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.passthrough_names:
+            yield name, self.load_passthrough(name)
+
+
 @dataclass
-class Adapter:
+class Adapter(LazyModules):
     """A LoRA adapter, read lazily.
 
     `config` is the source format's own configuration (for PEFT the
@@ -74,20 +96,6 @@ class Adapter:
     passthrough_names: list[str] = field(default_factory=list)
     load_passthrough: Callable[[str], torch.Tensor] | None = None
     source: str = ""
-
-    def __len__(self) -> int:
-        return len(self.module_names)
-
-    def module(self, name: str) -> LoraModule:
-        return self.load_module(name)
-
-    def modules(self) -> Iterator[LoraModule]:
-        for name in self.module_names:
-            yield self.load_module(name)
-
-    def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.passthrough_names:
-            yield name, self.load_passthrough(name)
 
 
 def from_modules(fmt: str, modules: list[LoraModule], **kw) -> Adapter:

@@ -14,12 +14,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from . import __version__, outer
-from .adapter import lora_scale
+from .adapter import LazyModules, lora_scale
 from .atomic import atomic_output
 from .errors import BadInputError, IntegrityError, UnsupportedError
 from .report import FidelityReport, ModuleFidelity
@@ -93,7 +93,7 @@ class MiniModule:
 
 
 @dataclass
-class MiniAdapter:
+class MiniAdapter(LazyModules):
     """A LoRA-Mini adapter, lazy: modules are computed (compress) or loaded (file) on demand."""
 
     source_format: str
@@ -105,20 +105,6 @@ class MiniAdapter:
     load_passthrough: Callable[[str], torch.Tensor] | None = None
     original_bytes: int | None = None
     source: str = ""
-
-    def __len__(self) -> int:
-        return len(self.module_names)
-
-    def module(self, name: str) -> MiniModule:
-        return self.load_module(name)
-
-    def modules(self) -> Iterator[MiniModule]:
-        for name in self.module_names:
-            yield self.load_module(name)
-
-    def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.passthrough_names:
-            yield name, self.load_passthrough(name)
 
 
 def sha256_tensor(t: torch.Tensor) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from collections import Counter
@@ -32,6 +33,22 @@ def is_safetensors_file(path: Path) -> bool:
 def unknown_keys_error(keys: list[str], what: str, path) -> BadInputError:
     shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
     return BadInputError(f"unknown keys, not {what}: {shown}", path)
+
+
+def read_json_config(directory: Path, name: str) -> tuple[dict, Path]:
+    """A format's JSON config file as a dict, or one BadInputError naming the file."""
+    cfg_path = directory / name
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"missing {name}", directory) from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadInputError(f"invalid JSON ({type(exc).__name__}: {exc})", cfg_path) from None
+    except OSError as exc:
+        raise BadInputError(f"cannot read file ({exc.strerror})", cfg_path) from None
+    if not isinstance(cfg, dict):
+        raise BadInputError("config is not a JSON object", cfg_path)
+    return cfg, cfg_path
 
 
 def most_common(values):

@@ -23,7 +23,8 @@ from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite
 from . import naming
-from ._util import check_no_passthrough, fold_scale, int_if_whole, most_common, unknown_keys_error
+from ._util import (check_no_passthrough, fold_scale, int_if_whole, most_common, read_json_config,
+                    unknown_keys_error)
 
 NAME = "mlx"
 LABEL = "MLX-LM LoRA"
@@ -45,15 +46,7 @@ def detect(path: Path) -> bool:
 
 
 def load_config(d: Path) -> dict:
-    cfg_path = d / CONFIG_FILE
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInputError(f"missing {CONFIG_FILE}", d) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"invalid JSON ({exc})", cfg_path) from None
-    if not isinstance(cfg, dict):
-        raise BadInputError("config is not a JSON object", cfg_path)
+    cfg, cfg_path = read_json_config(d, CONFIG_FILE)
     kind = cfg.get("fine_tune_type", "lora")
     if kind != "lora":
         raise UnsupportedError(f"fine_tune_type {kind!r} is not supported (only 'lora')", cfg_path)

@@ -22,6 +22,7 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite
+from ._util import read_json_config
 
 NAME = "peft"
 LABEL = "PEFT LoRA"
@@ -49,17 +50,7 @@ def pattern_key(patterns, module: str) -> str | None:
 
 
 def load_config(path: Path) -> dict:
-    cfg_path = path / CONFIG_FILE
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInputError(f"missing {CONFIG_FILE}", path) from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadInputError(f"invalid JSON ({type(exc).__name__}: {exc})", cfg_path) from None
-    except OSError as exc:
-        raise BadInputError(f"cannot read file ({exc.strerror})", cfg_path) from None
-    if not isinstance(cfg, dict):
-        raise BadInputError("config is not a JSON object", cfg_path)
+    cfg, cfg_path = read_json_config(path, CONFIG_FILE)
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise UnsupportedError(f"peft_type {peft_type} is not supported yet (only LORA)", cfg_path)
