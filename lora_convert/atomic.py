@@ -7,8 +7,11 @@ each rename a complete file/directory, so the survivor is one of them, whole.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -72,18 +75,71 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+    False where that is unavailable (other OS, old kernel or libc, a filesystem without it);
+    the caller then falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def _publish_dir(tmp: Path, dest: Path) -> None:
-    if dest.is_symlink() or dest.is_file():
-        dest.unlink()
-    if dest.exists():
-        # rename() cannot replace a non-empty directory: move the old one aside first.
+    """Put the finished directory `tmp` at `dest` so that `dest` is never missing or mixed.
+
+    A new `dest` is one rename. An existing one is swapped with `tmp` atomically where the
+    kernel can (the old content then sits at `tmp` and is removed), else moved aside first,
+    which leaves a moment without `dest` (the old content is then in a `.old` sibling).
+    Concurrent publishers each retry until their rename lands: the survivor is one of them, whole.
+    """
+    for _ in range(100):
+        if not os.path.lexists(dest):
+            try:
+                os.replace(tmp, dest)
+                break
+            except OSError as exc:  # someone published in between: go round and swap instead
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+                    raise
+                continue
+        if _exchange(tmp, dest):
+            _remove(tmp)  # now the previous content
+            break
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
         old.rmdir()
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(dest, old)
+        except FileNotFoundError:
+            continue
+        try:
+            os.replace(tmp, dest)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+                raise
+            continue
+        finally:
+            _remove(old)
+        break
     else:
-        os.replace(tmp, dest)
+        raise OSError(errno.EBUSY, f"could not publish {dest}: other writers kept replacing it")
     _fsync_dir(dest.parent)
 
 

@@ -1,0 +1,217 @@
+"""Atomic output (issue 6): a SIGKILL in the middle of a large compress leaves the output path
+either absent or complete and verifiable; concurrent writers never leave a mixed output."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from lora_convert.atomic import atomic_dir, atomic_file
+from lora_convert.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # several run at once on few cores
+
+
+def write_big_adapter(dest: Path, modules: int = 10, dim: int = 65536, r: int = 8) -> Path:
+    """A PEFT adapter of modules × 4 MB (fp32 factors): wide and low-rank, so it is large on disk
+    but cheap to compress (the cost grows with dim·r², the size with dim·r)."""
+    dest.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(modules):
+        key = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(r, dim, generator=g) * 0.01
+        tensors[f"{key}.lora_B.weight"] = torch.randn(dim, r, generator=g) * 0.01
+    save_file(tensors, dest / "adapter_model.safetensors", metadata={"format": "pt"})
+    (dest / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": %d, "lora_alpha": %d, "target_modules": ["q_proj"]}' % (r, r))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def big_adapter(tmp_path_factory) -> Path:
+    return write_big_adapter(tmp_path_factory.mktemp("big") / "adapter")
+
+
+def compress_cmd(src: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lora_convert.cli", "compress", str(src), "-o", str(out), *extra]
+
+
+def verify(path: Path):
+    return CliRunner().invoke(main, ["verify", str(path)], catch_exceptions=False)
+
+
+def partials(parent: Path, name: str) -> list[Path]:
+    return sorted(parent.glob(f".{name}.*"))
+
+
+def spool_bytes(parent: Path, name: str) -> int:
+    """Bytes written so far by a compress into `parent/name` (its temp dir's or file's spool)."""
+    total = 0
+    for p in partials(parent, name):
+        for f in ([p] if p.is_file() else p.rglob("*")):
+            try:
+                total += f.stat().st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def test_sigkill_mid_compress_leaves_nothing_or_a_complete_file(big_adapter, tmp_path):
+    """Compresses of a 40 MB adapter (svd outers: a 40 MB output), killed with SIGKILL at
+    different moments: as soon as the temporary output appears, half-way through writing, and
+    half-way through replacing an existing complete output (which must survive intact)."""
+    src = big_adapter
+    total = sum(f.stat().st_size for f in src.iterdir())
+    existing = tmp_path / "existing.safetensors"
+    res = CliRunner().invoke(main, ["compress", str(src), "-o", str(existing), "--outer-dim", "4"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    before = existing.read_bytes()
+    # (output, kill when this many bytes of temporary output exist)
+    scenarios = [(tmp_path / "a", 0), (tmp_path / "b.safetensors", total // 2), (existing, total // 2)]
+    procs = [[subprocess.Popen(compress_cmd(src, out, "--outer", "svd"), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL), out, threshold, False] for out, threshold in scenarios]
+    deadline = time.monotonic() + 300
+    while any(p[0].poll() is None for p in procs) and time.monotonic() < deadline:
+        for entry in procs:
+            proc, out, threshold, killed = entry
+            if not killed and proc.poll() is None and partials(out.parent, out.name) \
+                    and spool_bytes(out.parent, out.name) >= threshold:
+                proc.send_signal(signal.SIGKILL)
+                entry[3] = True
+        time.sleep(0.002)
+    outcomes = []
+    for proc, out, threshold, killed in procs:
+        proc.wait(timeout=60)
+        outcomes.append((out.name, threshold, proc.returncode))
+        if out.exists():
+            res = verify(out)
+            assert res.exit_code == 0, f"{out} is not a complete LoRA-Mini file: {res.output}"
+        if out == existing:
+            assert out.exists(), "a killed rewrite lost the previous output"
+            if proc.returncode == -signal.SIGKILL:
+                assert out.read_bytes() == before, "a killed rewrite changed the previous output"
+        elif proc.returncode == -signal.SIGKILL:
+            assert not out.exists() or verify(out).exit_code == 0
+    assert any(o[2] == -signal.SIGKILL for o in outcomes), f"nothing was killed mid-way: {outcomes}"
+    # a later run into the same output works despite the dead writer's leftovers
+    out = scenarios[0][0]
+    res = CliRunner().invoke(main, ["compress", str(src), "-o", str(out), "--outer-dim", "4"], catch_exceptions=False)
+    assert res.exit_code == 0 and verify(out).exit_code == 0
+
+
+def test_concurrent_writers_never_mix(tmp_path, fixtures):
+    """Two processes compress the same adapter with different seeds into the same output at the
+    same time (a directory and a single file, four processes in all): all succeed, and each
+    result verifies and equals one of the two runs' outputs, with no temporary files left."""
+    src = fixtures / "peft-tiny-llama"
+    targets = ["mini", "mini.safetensors"]
+    refs = {}
+    for target in targets:
+        for seed in (1, 2):
+            ref = tmp_path / f"ref{seed}" / target
+            res = CliRunner().invoke(main, ["compress", str(src), "-o", str(ref), "--seed", str(seed)],
+                                     catch_exceptions=False)
+            assert res.exit_code == 0, res.output
+            refs[target, seed] = snapshot(ref)
+    procs = [subprocess.Popen(compress_cmd(src, tmp_path / "shared" / target, "--seed", str(seed)), env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for target in targets for seed in (1, 2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+    for target in targets:
+        out = tmp_path / "shared" / target
+        assert verify(out).exit_code == 0
+        assert snapshot(out) in (refs[target, 1], refs[target, 2])
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == sorted(targets), "temporary files left"
+
+
+def snapshot(path: Path) -> dict:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_racing_publishers_in_threads(tmp_path, kind):
+    """Many threads publish complete versions of the same destination at once, repeatedly:
+    every publish succeeds and the destination is always exactly one version, never mixed."""
+    dest = tmp_path / ("out" if kind == "dir" else "out.bin")
+    writers, rounds = 6, 15
+    errors, seen = [], []
+    stop = threading.Event()
+
+    def write(i: int, barrier: threading.Barrier) -> None:
+        try:
+            barrier.wait()
+            if kind == "dir":
+                with atomic_dir(dest) as tmp:
+                    for part in ("a", "b", "c"):
+                        (tmp / part).write_text(f"{i}" * 1000)
+            else:
+                with atomic_file(dest) as tmp:
+                    tmp.write_text(f"{i}" * 3000)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def read_at(dir_fd: int, name: str) -> str:
+        fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        with os.fdopen(fd) as fh:
+            return fh.read()
+
+    def watch() -> None:
+        """Read the destination as one snapshot: its files through one directory handle."""
+        while not stop.is_set():
+            try:
+                if kind == "dir":
+                    dir_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        parts = {read_at(dir_fd, p) for p in ("a", "b", "c")}
+                    finally:
+                        os.close(dir_fd)
+                else:
+                    parts = {dest.read_text()}
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # before the first publish, or an old version removed while reading it
+            seen.append(len(parts) == 1 and len(next(iter(parts))) in (1000, 3000))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(rounds):
+            barrier = threading.Barrier(writers)
+            threads = [threading.Thread(target=write, args=(i, barrier)) for i in range(writers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        stop.set()
+        watcher.join()
+    assert not errors, errors
+    assert all(seen), "a reader saw a mixed or partial destination"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
+
+
+def test_failed_write_leaves_previous_output(tmp_path):
+    dest = tmp_path / "out"
+    with atomic_dir(dest) as tmp:
+        (tmp / "f").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as tmp:
+            (tmp / "f").write_text("new, half")
+            raise RuntimeError("boom")
+    assert (dest / "f").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
