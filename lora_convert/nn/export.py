@@ -47,7 +47,7 @@ def export_inner(layers: nn.Module | Mapping[str, MiniLayer], mini: MiniAdapter,
 
 def trained_module(m: MiniModule, layer: MiniLayer, dtype: str | None = None) -> MiniModule:
     store = DTYPES[dtype] if dtype else m.X.dtype
-    X, Y = (p.detach().to("cpu", torch.float32).to(store).contiguous() for p in (layer.X, layer.Y))
+    X, Y = (t.to(store).contiguous() for t in layer.inner_matrices())
     if tuple(X.shape) != tuple(m.X.shape) or tuple(Y.shape) != tuple(m.Y.shape):
         raise BadInputError(f"module {m.name!r}: trained inner shapes {tuple(X.shape)}, {tuple(Y.shape)} "
                             f"differ from the file's {tuple(m.X.shape)}, {tuple(m.Y.shape)}")

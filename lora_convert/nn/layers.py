@@ -5,6 +5,13 @@ loaded from the file, never trained); the inners X (a×k) and Y (k×b) are the o
 parameters. The update is applied to the input one factor at a time, so the out×in
 ΔW is never formed: cost and memory stay at O(tokens · (a + b + k)).
 
+The inners train in normalised coordinates: with c_U, c_V the RMS column / row norms of
+the outers, the layer holds U/c_U, c_U·X, Y·c_V, V/c_V (the same product). Random outers
+have entries in (-1, 1), so c_U ≈ √(out/3) ≈ 14-23 for a 576-1536 wide layer; without
+this, an optimizer step on X moves the output c_U·c_V (~300x) more than the same step on a
+LoRA factor, and one learning rate could not suit layers of different widths. SVD outers
+are orthonormal (c = 1). `inner_matrices()` converts back to the file's coordinates.
+
 A layer can also hold the original LoRA pair (the teacher) as frozen buffers and
 switch between three modes on the same base weights, so recovery needs one copy of
 the base model, not three:
@@ -72,12 +79,20 @@ class MiniLayer(nn.Module):
         """Load outers (frozen) and inners (trainable, float32 master copies) from `module`."""
         self._check(module.out_features, module.in_features, f"LoRA-Mini module {module.name!r}")
         dev = self.device
+        U, V, X, Y = (t.to(dev, torch.float64) for t in (module.U, module.V, module.X, module.Y))
+        self.c_u, self.c_v = rms_norm(U, dim=0), rms_norm(V, dim=1)
         # Outers are derived data (seed or file): non-persistent, so model.state_dict() stays the base's.
-        self.register_buffer("U", module.U.to(dev, torch.float32), persistent=False)
-        self.register_buffer("V", module.V.to(dev, torch.float32), persistent=False)
-        self.X = nn.Parameter(module.X.to(dev, torch.float32).clone())
-        self.Y = nn.Parameter(module.Y.to(dev, torch.float32).clone())
+        self.register_buffer("U", (U / self.c_u).float(), persistent=False)
+        self.register_buffer("V", (V / self.c_v).float(), persistent=False)
+        self.X = nn.Parameter((X * self.c_u).float())
+        self.Y = nn.Parameter((Y * self.c_v).float())
         self.scale = float(module.scale)
+
+    def inner_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, Y) in the file's coordinates (for the original outers), float64 on the CPU."""
+        X = self.X.detach().to("cpu", torch.float64) / self.c_u
+        Y = self.Y.detach().to("cpu", torch.float64) / self.c_v
+        return X, Y
 
     def attach_teacher(self, teacher: LoraModule) -> None:
         """Keep the original LoRA pair as frozen buffers for the "teacher" mode."""
@@ -135,6 +150,12 @@ class MiniLayer(nn.Module):
     def extra_repr(self) -> str:
         a, k, b = self.X.shape[0], self.X.shape[1], self.Y.shape[1]
         return f"name={self.name!r}, kind={self.kind}, a={a}, k={k}, b={b}, scale={self.scale:g}, mode={self.mode}"
+
+
+def rms_norm(M: torch.Tensor, dim: int) -> float:
+    """Root-mean-square norm of M's columns (dim=0) or rows (dim=1); 1.0 for an all-zero matrix."""
+    n = float(M.pow(2).sum(dim).mean().sqrt())
+    return n if n > 0 else 1.0
 
 
 def inner_parameters(layers: Iterable[MiniLayer]) -> list[nn.Parameter]:

@@ -10,7 +10,7 @@ from torch import nn
 from ..container import MiniAdapter, MiniModule
 from ..errors import BadInputError, UnsupportedError
 from ..outer import random as random_outer
-from .layers import base_shape, layer_kind
+from .layers import base_shape, layer_kind, rms_norm
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -51,12 +51,14 @@ def _output_head(model: nn.Module) -> str | None:
     return next((p for p, m in model.named_modules() if m is emb), None) if emb is not None else None
 
 
-def init_inner(name: str, seed: int, a: int, k: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """X = 0 and Y uniform(±1/√b), as PEFT initialises B = 0 and A: the adapter starts as a no-op."""
+def init_inner(name: str, seed: int, a: int, k: int, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """X = 0 and Y uniform(±1/√b) in the layer's normalised coordinates (V rows of unit RMS norm),
+    as PEFT initialises B = 0 and A: the adapter starts as a no-op."""
     key = int.from_bytes(hashlib.sha256(f"lora-mini-init\0{seed}\0{name}".encode()).digest()[:8], "little")
     g = torch.Generator().manual_seed(key)
+    b = V.shape[0]
     Y = (torch.rand(k, b, generator=g, dtype=torch.float64) * 2 - 1) / b**0.5
-    return torch.zeros(a, k, dtype=torch.float64), Y
+    return torch.zeros(a, k, dtype=torch.float64), Y / rms_norm(V.double(), dim=1)
 
 
 def scratch_module(name: str, base: nn.Module, rank: int, alpha: float, outer_dim, seed: int,
@@ -69,7 +71,7 @@ def scratch_module(name: str, base: nn.Module, rank: int, alpha: float, outer_di
                                    {"seed": seed, "outer_dim": outer_dim})
     a, b = U.shape[1], V.shape[0]
     k = min(rank, a, b)
-    X, Y = init_inner(name, seed, a, k, b)
+    X, Y = init_inner(name, seed, a, k, V)
     kernel = {}
     if kind == "conv":
         kernel = {"down_shape": [rank, *base.weight.shape[1:]], "up_shape": [out_f, rank, 1, 1]}
