@@ -37,7 +37,14 @@ KINDS = ("linear", "conv", "embedding")
 # No single matrix a reader materialises from metadata alone (regenerated outers, factors
 # zero-padded back to the original rank) may exceed this many elements: a hostile file
 # must not be able to make a tiny file allocate terabytes.
-MAX_MATRIX_ELEMENTS = 1 << 30
+MAX_MATRIX_ELEMENTS = 1 << 28  # 268M: 1 GiB as float32; raise with LORA_CONVERT_MAX_ELEMENTS
+
+
+def max_matrix_elements() -> int:
+    try:
+        return int(os.environ.get("LORA_CONVERT_MAX_ELEMENTS", MAX_MATRIX_ELEMENTS))
+    except ValueError:
+        return MAX_MATRIX_ELEMENTS
 
 
 @dataclass
@@ -148,6 +155,7 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
             for m in mini.modules():
                 _add_module(writer, m, hashes)
                 specs[m.name] = m.spec()
+                _check_own_spec(m, specs[m.name], writer.layout(), path)
                 report.add(m.fidelity_row())
                 if progress:
                     progress(m)
@@ -304,6 +312,8 @@ def _validate_spec(name: str, spec: dict, shapes: dict) -> None:
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     if type(spec.get("use_rslora")) is not bool:
         raise ValueError(f"use_rslora must be true or false, got {spec.get('use_rslora')!r}")
+    if isinstance(spec.get("dtype"), str):  # convert.py names dtypes outside its table "torch.<name>"
+        spec["dtype"] = spec["dtype"].removeprefix("torch.")
     if not isinstance(getattr(torch, str(spec.get("dtype")), None), torch.dtype) or \
             not getattr(torch, spec["dtype"]).is_floating_point:
         raise ValueError(f"dtype must name a torch floating-point dtype, got {spec.get('dtype')!r}")
@@ -325,8 +335,9 @@ def _validate_spec(name: str, spec: dict, shapes: dict) -> None:
     if got != want or k > rank:
         raise ValueError(f"shapes {got} do not match the spec (expected {want}, inner rank {k} <= rank {rank})")
     for what, rows, cols in (("U", out_f, a), ("V", b, in_f), ("B", out_f, rank), ("A", rank, in_f)):
-        if rows * cols > MAX_MATRIX_ELEMENTS:
-            raise ValueError(f"{what} would be {rows}x{cols}, over the limit of {MAX_MATRIX_ELEMENTS} elements")
+        if rows * cols > max_matrix_elements():
+            raise ValueError(f"{what} would be {rows}x{cols}, over the limit of {max_matrix_elements()} elements "
+                             "(LORA_CONVERT_MAX_ELEMENTS)")
     kernel = spec.get("kernel") or {}
     if not isinstance(kernel, dict):
         raise ValueError("kernel must be an object")
@@ -339,6 +350,14 @@ def _validate_spec(name: str, spec: dict, shapes: dict) -> None:
         raise ValueError("conv kernel needs down_shape and up_shape lists of positive integers")
     if down[0] != rank or math.prod(down[1:]) != in_f or up[:2] != [out_f, rank] or math.prod(up[2:]) != 1:
         raise ValueError(f"conv kernel {kernel} does not match out={out_f} in={in_f} rank={rank}")
+
+
+def _check_own_spec(m: MiniModule, spec: dict, layout: dict, path: Path) -> None:
+    """What save writes, load must accept: refuse (before publishing) a module the reader would."""
+    try:
+        _validate_spec(m.name, json.loads(json.dumps(spec)), {k: shape for k, (_, shape) in layout.items()})
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise BadInputError(f"module {m.name!r} cannot be stored: {exc}", path) from None
 
 
 def _module_from_spec(name: str, spec: dict, checked, file: Path, shapes: dict) -> MiniModule:

@@ -25,6 +25,11 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
 TORCH_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
                torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                     ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):  # every dtype read_header accepts can be written back
+        TORCH_DTYPE[getattr(torch, _name)] = _code
+_ISFINITE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ def _tensor_info(path: Path, name: str, info) -> TensorInfo:
     if not isinstance(info, dict):
         raise BadInputError(f"tensor {name!r}: header entry is not an object", path)
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise BadInputError(f"tensor {name!r}: unknown dtype {dtype!r}", path)
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise BadInputError(f"tensor {name!r}: invalid shape {shape!r}", path)
@@ -147,7 +152,10 @@ class LazyTensors:
 
 def require_finite(tensor: torch.Tensor, what: str, path) -> torch.Tensor:
     """Reject NaN/Inf in a factor: they would silently poison every fit."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point():
+        return tensor
+    probe = tensor if tensor.dtype in _ISFINITE_DTYPES else tensor.to(torch.float32)  # float8: no isfinite
+    if not bool(torch.isfinite(probe).all()):
         raise BadInputError(f"{what} contains NaN or Inf values", path)
     return tensor
 
