@@ -53,15 +53,17 @@ CASES: dict[str, dict] = {}
 
 
 def case(name: str, command: str, expect: list[str], *, file: str | None = None, args: list[str] = (),
-         fmt: str = "peft", path: str | None = None, note: str = ""):
+         fmt: str = "peft", path: str | None = None, note: str = "", known_bug: str | None = None):
     """Register a case builder: fn(dest: Path) writes the case into fixtures/bad/<name>.
 
     `file`: the file (relative to the case) the error line must name; default: the case path.
     `path`: what the command is run on, relative to fixtures/bad (default: the case directory).
+    `known_bug`: the case still fails for this (open) reason; the test marks it xfail.
     """
     def register(fn):
         CASES[name] = {"build": fn, "command": command, "expect": list(expect), "args": list(args),
-                       "file": file, "format": fmt, "path": path, "note": note or (fn.__doc__ or "").strip()}
+                       "file": file, "format": fmt, "path": path, "note": note or (fn.__doc__ or "").strip(),
+                       "known_bug": known_bug}
         return fn
     return register
 
@@ -978,6 +980,7 @@ def register_generic_cases(fmts: list[str]) -> list[str]:
             continue
         GENERIC[fmt] = base
         covered.append(fmt)
+        register_specific_cases(fmt)
         CONTROLS[fmt] = {"path": f"_valid/{fmt}/{base['target']}", "command": "inspect", "args": ["--from", fmt]}
         for suffix, expect, mutate, doc in GENERIC_VARIANTS:
             name = f"{fmt}_{suffix}"
@@ -993,10 +996,133 @@ def register_generic_cases(fmts: list[str]) -> list[str]:
     return covered
 
 
-# TODO(format owners): format-specific cases go here, e.g. kohya: an .alpha scalar that is NaN or
-# 0, ss_network_dim metadata disagreeing with the factors; lycoris: LoHa/LoKr factor sets with a
-# missing hada_w2_b / lokr_w1; diffusers: mixed unet/transformer prefixes; mlx: lora_parameters
-# rank != factor rank, num_layers mismatch. Register them with @case(..., fmt="<name>").
+# ---------------------------------------------------------------- format-specific cases
+# Built from the real per-format fixtures in fixtures/formats/ (made by each format's owner).
+# Register more with specific("<fmt>", ...); they are added when the format is covered.
+
+SPECIFIC: dict[str, list] = {}
+FORMAT_FIXTURES = ROOT / "fixtures" / "formats"
+BASE = "<base>"  # source: the tiny generic base adapter written by the format's own writer
+
+
+def specific(fmt: str, name: str, command: str, expect: list[str], source: str, known_bug: str | None = None):
+    """A case made by editing fixtures/formats/<source> (a file or a directory) or, with
+    source=BASE, the format's generic base adapter; edit(path) gets the copy's path."""
+    def register(edit):
+        SPECIFIC.setdefault(fmt, []).append((name, command, expect, source, edit, known_bug))
+        return edit
+    return register
+
+
+def _st_edit(p: Path, fn) -> None:
+    """Load a safetensors file, let fn(tensors) edit the dict, write it back (metadata kept)."""
+    from safetensors.torch import load_file
+    meta = st_split(p.read_bytes())[0].get("__metadata__")
+    tensors = load_file(p)
+    fn(tensors)
+    p.write_bytes(tensors_file(tensors, meta))
+
+
+def _first(tensors, suffix):
+    return sorted(k for k in tensors if k.endswith(suffix))[0]
+
+
+@specific("kohya", "kohya_alpha_nan", "compress", ["NaN or Inf"], BASE)
+def _(p):
+    """a module's .alpha is NaN"""
+    _st_edit(p, lambda t: t.__setitem__(_first(t, ".alpha"), torch.tensor(float("nan"))))
+
+
+@specific("kohya", "kohya_alpha_vector", "inspect", ["alpha"], BASE,
+          known_bug="kohya reader takes the first element of a non-scalar .alpha silently")
+def _(p):
+    """a module's .alpha is a 2-vector: which one is the scale?"""
+    _st_edit(p, lambda t: t.__setitem__(_first(t, ".alpha"), torch.tensor([1.0, 2.0])))
+
+
+@specific("lycoris", "lycoris_loha_missing_factor", "compress", ["incomplete"], "lycoris-loha.safetensors")
+def _(p):
+    """a LoHa module without hada_w2_b"""
+    _st_edit(p, lambda t: t.pop(_first(t, "hada_w2_b")))
+
+
+@specific("lycoris", "lycoris_loha_bad_shape", "inspect", ["do not fit"], "lycoris-loha.safetensors")
+def _(p):
+    """a LoHa hada_w2_b whose shape cannot pair with w1"""
+    _st_edit(p, lambda t: t.__setitem__(_first(t, "hada_w2_b"), torch.ones(5, 5)))
+
+
+@specific("lycoris", "lycoris_lokr_missing_w1", "inspect", ["incomplete"], "lycoris-lokr.safetensors")
+def _(p):
+    """a LoKr module without lokr_w1"""
+    _st_edit(p, lambda t: t.pop(_first(t, ".lokr_w1")))
+
+
+@specific("lycoris", "lycoris_loha_overflow", "compress", [], "lycoris-loha.safetensors",
+          known_bug="found by fuzzing: finite LoHa factors (1e30) overflow in the Hadamard product; the SVD "
+                    "then fails with torch._LinAlgError (exit 1) instead of a clear exit-2 error")
+def _(p):
+    """every factor of one LoHa module is 1e30: finite, but the product overflows"""
+    def edit(t):
+        stem = _first(t, "hada_w1_b")[:-len("hada_w1_b")]
+        for f in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+            t[stem + f] = torch.full_like(t[stem + f], 1e30)
+    _st_edit(p, edit)
+
+
+@specific("mlx", "mlx_no_lora_parameters", "inspect", ["lora_parameters"], BASE)
+def _(d):
+    """adapter_config.json without lora_parameters"""
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    del cfg["lora_parameters"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+@specific("mlx", "mlx_scale_nan", "inspect", ["scale"], BASE,
+          known_bug="mlx reader accepts lora_parameters.scale NaN (every module's alpha becomes NaN)")
+def _(d):
+    """lora_parameters.scale is NaN"""
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["lora_parameters"]["scale"] = float("nan")
+    (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+@specific("mlx", "mlx_nan_factor", "compress", ["NaN or Inf"], BASE)
+def _(d):
+    """a NaN in a lora_a"""
+    def edit(t):
+        t[_first(t, "lora_a")].view(-1)[0] = float("nan")
+    _st_edit(d / "adapters.safetensors", edit)
+
+
+@specific("diffusers", "diffusers_only_down", "inspect", [], BASE)
+def _(d):
+    """a module with its down factor but no up factor"""
+    def edit(t):
+        up = sorted(k for k in t if "lora_B" in k or "lora.up" in k or "lora_up" in k)[0]
+        del t[up]
+    _st_edit(d, edit)
+
+
+def register_specific_cases(fmt: str) -> None:
+    for name, command, expect, source, edit, known_bug in SPECIFIC.get(fmt, []):
+        src = FORMAT_FIXTURES / source
+        if source != BASE and not src.exists():
+            print(f"warning: {src} missing; case {name} skipped", file=sys.stderr)
+            continue
+
+        def build(d, src=src, edit=edit, name=name, source=source, fmt=fmt):
+            d.mkdir(parents=True, exist_ok=True)
+            if source == BASE:
+                dest, _ = _write_format_base(d, fmt)
+            else:
+                dest = d / src.name
+                (shutil.copytree if src.is_dir() else shutil.copy)(src, dest)
+            edit(dest)
+            CASES[name]["path"] = f"{name}/{dest.name}"
+
+        build.__doc__ = edit.__doc__
+        case(name, command, expect, fmt=fmt, known_bug=known_bug)(build)
 
 
 # ---------------------------------------------------------------- controls (must succeed)
@@ -1035,6 +1161,8 @@ def generate(out: Path, fmts: list[str] | None = None) -> dict:
         manifest["cases"][name] = {"path": path, "command": spec["command"], "args": spec["args"],
                                    "expect": spec["expect"], "file": spec["file"], "format": spec["format"],
                                    "note": " ".join(spec["note"].split())}
+        if spec.get("known_bug"):
+            manifest["cases"][name]["known_bug"] = spec["known_bug"]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -74,8 +74,10 @@ def test_corpus_is_large_and_covers_every_layer():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_in_process(name, workdir, monkeypatch):
+def test_bad_input_in_process(name, workdir, monkeypatch, request):
     spec = CASES[name]
+    if spec.get("known_bug"):  # XPASS once fixed: then drop known_bug in scripts/make_bad_fixtures.py
+        request.node.add_marker(pytest.mark.xfail(reason=f"open bug: {spec['known_bug']}", strict=False))
     monkeypatch.setattr(peft_format, "PATTERN_TIME_LIMIT_S", 0.5, raising=False)  # the ReDoS case, quickly
     before = tree(BAD / spec["path"])
     res = CliRunner().invoke(main, argv(spec, workdir / "out"), catch_exceptions=False)
