@@ -5,6 +5,7 @@ report iterates the modules, and then one module is held at a time.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -21,6 +22,24 @@ _DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
                torch.float64: "float64"}
 
 
+def one_thread(fn):
+    """Run `fn` with torch limited to one intra-op thread (the setting is restored after).
+
+    Per-module math is many small LAPACK/BLAS calls on rank-wide factors: extra threads gain
+    little there, and on a busy machine every OpenMP region waits for a descheduled thread
+    (benchmarks/README.md: compress 10-30x slower with 2 threads on a loaded 2-core machine).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return wrapper
+
+
 def _storage_dtype(dtype: str, source: torch.dtype) -> torch.dtype:
     if dtype == "auto":
         return source if source in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
@@ -30,6 +49,7 @@ def _storage_dtype(dtype: str, source: torch.dtype) -> torch.dtype:
         raise BadInputError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(DTYPES)})") from None
 
 
+@one_thread
 def compress_module(m: LoraModule, source: str = "random", *, seed: int = 0, outer_dim=None,
                     rank: int | None = None, keep_energy: float | None = None,
                     dtype: str = "auto") -> MiniModule:
@@ -68,6 +88,7 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
     kwargs = dict(seed=seed, outer_dim=outer_dim, rank=rank, keep_energy=keep_energy, dtype=dtype)
     _storage_dtype(dtype, torch.float32)  # fail early on a bad name
 
+    @one_thread  # reading the factors too
     def load(name: str) -> MiniModule:
         return compress_module(adapter.module(name), outer, **kwargs)
 
@@ -97,6 +118,7 @@ def source_bytes(source: str) -> int | None:
     return sum(f.stat().st_size for f in files) or None
 
 
+@one_thread
 def reconstruct_module(m: MiniModule, trim_rank: bool = False) -> LoraModule:
     """A standard LoRA pair for `m`: B' = U X, A' = Y V, same scale as the original.
 
@@ -119,8 +141,11 @@ def reconstruct_module(m: MiniModule, trim_rank: bool = False) -> LoraModule:
 
 def reconstruct(mini: MiniAdapter, trim_rank: bool = False) -> Adapter:
     """The standard adapter a LoRA-Mini adapter stands for (lazy), in its source format."""
-    return Adapter(format=mini.source_format, module_names=list(mini.module_names),
-                   load_module=lambda n: reconstruct_module(mini.module(n), trim_rank),
+    @one_thread  # loading and checking the LoRA-Mini module too
+    def load(name: str) -> LoraModule:
+        return reconstruct_module(mini.module(name), trim_rank)
+
+    return Adapter(format=mini.source_format, module_names=list(mini.module_names), load_module=load,
                    config=mini.source_config, metadata=mini.source_metadata,
                    passthrough_names=list(mini.passthrough_names), load_passthrough=mini.load_passthrough,
                    source=mini.source)
@@ -134,16 +159,21 @@ def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityRepo
                             original.source)
     report = FidelityReport()
     for m in mini.modules():
-        o = original.module(m.name)
-        B2, A2 = m.factors()
-        ref = o.scale * frobenius(o.up, o.down)
-        err = difference_norm(o.up.double() * o.scale, o.down, B2 * m.scale, A2)
-        rel = err / ref if ref else (0.0 if err == 0 else float("inf"))
+        rel, ref = _module_error(m, original.module(m.name))
         report.add(ModuleFidelity(m.name, (m.out_features, m.in_features), m.rank, m.inner_rank,
                                   m.outer["source"], int(m.outer["a"]), int(m.outer["b"]), rel, ref**2))
         if progress:
             progress(m)
     return report
+
+
+@one_thread
+def _module_error(m: MiniModule, o: LoraModule) -> tuple[float, float]:
+    """(relative error of m against o, ||s·B·A||_F of o), from the factors."""
+    B2, A2 = m.factors()
+    ref = o.scale * frobenius(o.up, o.down)
+    err = difference_norm(o.up.double() * o.scale, o.down, B2 * m.scale, A2)
+    return (err / ref if ref else (0.0 if err == 0 else float("inf"))), ref
 
 
 def stored_report(mini: MiniAdapter, progress=None) -> FidelityReport:
