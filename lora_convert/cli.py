@@ -82,6 +82,21 @@ def _emit(report, as_json: bool, extra: dict | None = None) -> None:
         click.echo(report.table())
 
 
+def _refuse_to_replace_input(path: str, output: str) -> None:
+    """An output is published by replacing whatever is at its path: never let that be the input
+    (or a directory holding it), which would be deleted once the output is complete."""
+    from pathlib import Path
+
+    from .errors import BadInputError
+    from .paths import is_hub_uri
+
+    if is_hub_uri(path):
+        return
+    src, out = Path(path).resolve(), Path(output).resolve()
+    if out == src or out in src.parents:
+        raise BadInputError(f"output would replace the input {path}; choose another output path", output)
+
+
 def _outer_dim(value: str | None):
     if value is None:
         return None
@@ -136,6 +151,7 @@ def compress(path, output, outer, seed, outer_dim, rank, keep_energy, dtype, fmt
     """Compress an adapter into LoRA-Mini form and report its fidelity."""
     from . import api
 
+    _refuse_to_replace_input(path, output)
     adapter = api.load_adapter(path, fmt, allow_pickle=allow_pickle)
     mini = api.compress(adapter, outer, seed=seed, outer_dim=_outer_dim(outer_dim), rank=rank,
                         keep_energy=keep_energy, dtype=dtype)
@@ -175,6 +191,7 @@ def reconstruct(path, output, to, trim_rank):
     """Turn a LoRA-Mini file back into a standard adapter with the original scale."""
     from . import api
 
+    _refuse_to_replace_input(path, output)
     mini = api.load(path)
     adapter = api.reconstruct(mini, trim_rank=trim_rank)
     api.save_adapter(adapter, output, to)
@@ -234,6 +251,7 @@ def convert(path, output, to, fmt, allow_pickle):
     """Convert an adapter between layouts, keeping every module's scale."""
     from . import api
 
+    _refuse_to_replace_input(path, output)
     adapter = api.load_adapter(path, fmt, allow_pickle=allow_pickle)
     api.save_adapter(adapter, output, to)
     click.echo(f"wrote {to} adapter with {len(adapter)} modules to {output}")

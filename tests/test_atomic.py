@@ -215,3 +215,24 @@ def test_failed_write_leaves_previous_output(tmp_path):
             raise RuntimeError("boom")
     assert (dest / "f").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("verb", ["compress", "convert", "reconstruct"])
+def test_output_never_replaces_its_input(tmp_path, fixtures, verb):
+    """Publishing replaces whatever is at the output path: the input (or a directory holding
+    it) as output would be deleted once the output is complete. Refused, input untouched."""
+    import shutil
+
+    src = tmp_path / "adapter"
+    shutil.copytree(fixtures / "peft-tiny-llama", src)
+    if verb == "reconstruct":
+        assert CliRunner().invoke(main, ["compress", str(fixtures / "peft-tiny-llama"), "-o", str(src / "mini")],
+                                  catch_exceptions=False).exit_code == 0
+        src = src / "mini"
+    before = snapshot(tmp_path)
+    extra = ["--to", "peft"] if verb == "convert" else []
+    for out in (src, src.parent, src / "."):
+        res = CliRunner().invoke(main, [verb, str(src), "-o", str(out), *extra], catch_exceptions=False)
+        assert res.exit_code == 2 and "would replace the input" in res.stderr, res.output
+        assert res.stderr.count("\n") == 1
+    assert snapshot(tmp_path) == before
