@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import BadInputError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -42,37 +44,77 @@ def fsync_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _output_errors(dest: Path) -> Iterator[None]:
+    """OS errors while creating or publishing an output are the user's path problem: one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise BadInputError(f"cannot write output ({exc.strerror or exc})", dest) from None
+
+
+def _target(dest: str | os.PathLike) -> Path:
+    dest = Path(dest).absolute()
+    if dest.name in ("", ".", ".."):
+        raise BadInputError("output must name a new or previous output, not the current or a parent "
+                            "directory", dest)
+    return dest
+
+
+@contextlib.contextmanager
 def atomic_file(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success it is fsynced and renamed to `dest`."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would leak into the published file
+    dest = _target(dest)
+    if dest.is_dir() and not dest.is_symlink():
+        raise BadInputError("output is an existing directory; a single file was to be written here", dest)
+    with _output_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would leak into the published file
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        with _output_errors(dest):
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `dest`; on success it replaces `dest` whole."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    """Yield a temporary directory beside `dest`; on success it replaces `dest` whole.
+
+    An existing `dest` is replaced only when it looks like a previous output of the same kind
+    (plain files, all of which the new output rewrites): nothing else is ever deleted.
+    """
+    dest = _target(dest)
+    with _output_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        fsync_tree(tmp)
-        _publish_dir(tmp, dest)
+        _check_replaceable(tmp, dest)
+        with _output_errors(dest):
+            fsync_tree(tmp)
+            _publish_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_replaceable(new: Path, dest: Path) -> None:
+    if not os.path.lexists(dest):
+        return
+    if not dest.is_dir() or dest.is_symlink():
+        raise BadInputError("output exists and is not a directory; remove it or choose another path", dest)
+    old = set(os.listdir(dest))
+    foreign = sorted(n for n in old if (dest / n).is_dir() or n not in set(os.listdir(new)))
+    if foreign:
+        raise BadInputError(f"output directory exists and holds {', '.join(foreign[:3])}, which this output "
+                            "would delete; remove it or choose another path", dest)
 
 
 _AT_FDCWD = -100

@@ -27,6 +27,20 @@ def _fail(message: str, code: int) -> None:
 class _Group(click.Group):
     """Turns lora_convert errors into one line and an exit code, never a traceback."""
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:  # click would print usage + hint + error on 4 lines
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            _fail(f"{exc.format_message()}{where}", exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.exceptions.Abort:
+            _fail("aborted", 1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -75,7 +89,7 @@ def _emit(report, as_json: bool, extra: dict | None = None) -> None:
     if as_json:
         doc = report.as_dict()
         doc.update(extra or {})
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(doc, indent=2, allow_nan=False))
         if report.warning():
             click.echo(report.warning(), err=True)
     else:

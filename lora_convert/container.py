@@ -95,8 +95,7 @@ class MiniModule:
     def fidelity_row(self) -> ModuleFidelity:
         return ModuleFidelity(self.name, (self.out_features, self.in_features), self.rank, self.inner_rank,
                               self.outer["source"], int(self.outer["a"]), int(self.outer["b"]),
-                              float(self.fidelity.get("rel_error", float("nan"))),
-                              float(self.fidelity.get("energy", 0.0)))
+                              _number(self.fidelity.get("rel_error")), _number(self.fidelity.get("energy")) or 0.0)
 
 
 @dataclass
@@ -112,6 +111,11 @@ class MiniAdapter(LazyModules):
     load_passthrough: Callable[[str], torch.Tensor] | None = None
     original_bytes: int | None = None
     source: str = ""
+
+
+def _number(x) -> float | None:
+    """A recorded fidelity figure, or None when absent or not a number (it is informational)."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
 def sha256_tensor(t: torch.Tensor) -> str:

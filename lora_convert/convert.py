@@ -84,7 +84,7 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
     >>> mini = lc.compress(lc.load_adapter("fixtures/peft-tiny-llama"), outer="random", seed=7)
     >>> report = lc.save(mini, "mini")
     """
-    _validate_options(outer, rank, keep_energy, outer_dim)
+    _validate_options(outer, rank, keep_energy, outer_dim, seed)
     kwargs = dict(seed=seed, outer_dim=outer_dim, rank=rank, keep_energy=keep_energy, dtype=dtype)
     _storage_dtype(dtype, torch.float32)  # fail early on a bad name
 
@@ -98,8 +98,16 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
                        original_bytes=source_bytes(adapter.source), source=adapter.source)
 
 
-def _validate_options(source, rank, keep_energy, outer_dim) -> None:
-    outer.get(source)
+MAX_SEED = 2**63  # seeds are stored in JSON; keep them exact for 64-bit readers
+
+
+def _validate_options(source, rank, keep_energy, outer_dim, seed) -> None:
+    src = outer.get(source)
+    if src.STORED and outer_dim is not None:
+        raise BadInputError(f"--outer-dim applies to random outers; {source} outers are sized by "
+                            "--rank / --keep-energy")
+    if not 0 <= seed < MAX_SEED:
+        raise BadInputError(f"--seed must be in [0, 2**63), got {seed}")
     if rank is not None and rank <= 0:
         raise BadInputError(f"--rank must be positive, got {rank}")
     if keep_energy is not None and not 0.0 < keep_energy <= 1.0:

@@ -88,8 +88,13 @@ def _table(mini: MiniAdapter, report: FidelityReport, outers: list[dict]) -> lis
             f"| compressed size | {_bytes(report.compressed_bytes)} |",
             f"| ratio | {ratio} |",
             f"| outer source | {outer_description(outers)} |",
-            f"| fidelity | retained energy {100 * s['retained_energy']:.2f}% "
-            f"(relative error {s['rel_error']:.3e}) |"]
+            f"| fidelity | {_fidelity(s)} |"]
+
+
+def _fidelity(summary: dict) -> str:
+    if summary["rel_error"] is None:
+        return "not recorded in the file"
+    return f"retained energy {100 * summary['retained_energy']:.2f}% (relative error {summary['rel_error']:.3e})"
 
 
 def _low_energy_note(report: FidelityReport) -> list[str]:

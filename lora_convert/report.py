@@ -17,17 +17,21 @@ class ModuleFidelity:
     outer: str
     a: int
     b: int
-    rel_error: float
+    rel_error: float | None  # None: not recorded (fidelity is informational in the format)
     energy: float  # ||s·B·A||_F² of the original module
 
     @property
-    def retained_energy(self) -> float:
-        return max(0.0, 1.0 - self.rel_error**2)
+    def known(self) -> bool:
+        return self.rel_error is not None and math.isfinite(self.rel_error)
+
+    @property
+    def retained_energy(self) -> float | None:
+        return max(0.0, 1.0 - self.rel_error**2) if self.known else None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "rank": self.rank,
                 "inner_rank": self.inner_rank, "outer": self.outer, "a": self.a, "b": self.b,
-                "rel_error": self.rel_error, "retained_energy": self.retained_energy}
+                "rel_error": _finite(self.rel_error), "retained_energy": self.retained_energy}
 
 
 @dataclass
@@ -44,27 +48,39 @@ class FidelityReport:
         return sum(m.energy for m in self.modules)
 
     @property
-    def rel_error(self) -> float:
-        """Whole-adapter relative error: sqrt(Σ residual² / Σ ||ΔW||²) across modules."""
+    def unknown(self) -> int:
+        """Modules whose error is not known (not recorded, or relative to an all-zero update)."""
+        return sum(not m.known for m in self.modules)
+
+    @property
+    def rel_error(self) -> float | None:
+        """Whole-adapter relative error: sqrt(Σ residual² / Σ ||ΔW||²) across modules (None if
+        any module's error is unknown: a partial figure would overstate the fidelity)."""
+        if self.unknown:
+            return None
         total = self.total_energy
         if total == 0.0:
             return 0.0
         return math.sqrt(sum(m.energy * m.rel_error**2 for m in self.modules) / total)
 
     @property
-    def retained_energy(self) -> float:
-        return max(0.0, 1.0 - self.rel_error**2)
+    def retained_energy(self) -> float | None:
+        err = self.rel_error
+        return None if err is None else max(0.0, 1.0 - err**2)
 
     @property
     def low_energy(self) -> bool:
-        return bool(self.modules) and self.retained_energy < LOW_ENERGY
+        kept = self.retained_energy
+        return bool(self.modules) and kept is not None and kept < LOW_ENERGY
 
     def summary(self) -> dict:
-        worst = max(self.modules, key=lambda m: m.rel_error, default=None)
+        known = [m for m in self.modules if m.known]
+        worst = max(known, key=lambda m: m.rel_error, default=None)
         out = {"modules": len(self.modules), "rel_error": self.rel_error,
                "retained_energy": self.retained_energy,
                "worst_module": worst.name if worst else None,
                "worst_rel_error": worst.rel_error if worst else None,
+               "modules_without_fidelity": self.unknown,
                "low_energy": self.low_energy}
         if self.original_bytes and self.compressed_bytes:
             out.update(original_bytes=self.original_bytes, compressed_bytes=self.compressed_bytes,
@@ -88,19 +104,32 @@ class FidelityReport:
     def table(self, max_rows: int = 40) -> str:
         lines = [f"{'module':<56} {'shape':>13} {'r':>4} {'k':>4} {'a×b':>9} {'rel.err':>9} {'energy':>8}"]
         rows = self.modules if len(self.modules) <= max_rows else sorted(
-            self.modules, key=lambda m: -m.rel_error)[:max_rows]
+            self.modules, key=lambda m: -(m.rel_error if m.known else math.inf))[:max_rows]
         for m in rows:
             name = m.name if len(m.name) <= 56 else "…" + m.name[-55:]
             lines.append(f"{name:<56} {m.shape[0]:>6}×{m.shape[1]:<6} {m.rank:>4} {m.inner_rank:>4} "
-                         f"{f'{m.a}×{m.b}':>9} {m.rel_error:>9.2e} {100 * m.retained_energy:>7.2f}%")
+                         f"{f'{m.a}×{m.b}':>9} {_fmt(m.rel_error, '.2e'):>9} "
+                         f"{_fmt(m.retained_energy, '.2%'):>8}")
         if len(rows) < len(self.modules):
             lines.append(f"… {len(self.modules) - len(rows)} more modules (worst {max_rows} shown; --json for all)")
         s = self.summary()
-        lines.append(f"whole adapter: {s['modules']} modules, relative error {s['rel_error']:.3e}, "
-                     f"retained energy {100 * s['retained_energy']:.2f}%")
+        if s["rel_error"] is None:
+            lines.append(f"whole adapter: {s['modules']} modules; fidelity unknown for {self.unknown} of them "
+                         "(not recorded in the file: run verify --against the original adapter)")
+        else:
+            lines.append(f"whole adapter: {s['modules']} modules, relative error {s['rel_error']:.3e}, "
+                         f"retained energy {100 * s['retained_energy']:.2f}%")
         if "ratio" in s:
             lines.append(f"size: {s['original_bytes']:,} B -> {s['compressed_bytes']:,} B "
                          f"({s['ratio']:.1f}x smaller)")
         if self.warning():
             lines.append(self.warning())
         return "\n".join(lines)
+
+
+def _finite(x):
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _fmt(x, spec: str) -> str:
+    return format(x, spec) if _finite(x) is not None else "unknown"

@@ -140,7 +140,8 @@ def peft_with_st(dest: Path, blob: bytes) -> None:
 # ---------------------------------------------------------------- LoRA-Mini helpers
 
 def mini_bytes(outer: str = "random", **opts) -> bytes:
-    mini = lc.compress(base_adapter(), outer, seed=7, outer_dim=opts.pop("outer_dim", 4), rank=2, **opts)
+    outer_dim = opts.pop("outer_dim", 4) if outer == "random" else None
+    mini = lc.compress(base_adapter(), outer, seed=7, outer_dim=outer_dim, rank=2, **opts)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "m.safetensors"
         lc.save(mini, out)
@@ -1038,6 +1039,18 @@ def _(p):
 def _(p):
     """a module's .alpha is a 2-vector: which one is the scale?"""
     _st_edit(p, lambda t: t.__setitem__(_first(t, ".alpha"), torch.tensor([1.0, 2.0])))
+
+
+@specific("kohya", "kohya_locon_tucker_overflow", "compress", [], "kohya-locon.safetensors",
+          known_bug="found by fuzzing: finite LoCon lora_mid/lora_down (1e30) fold into an Inf factor that the "
+                    "kohya reader does not check; compress then fails in the SVD (torch._LinAlgError, exit 1)")
+def _(p):
+    """a LoCon (Tucker) module whose lora_mid and lora_down are 1e30: finite, but the fold overflows"""
+    def edit(t):
+        stem = _first(t, "lora_mid.weight")[:-len("lora_mid.weight")]
+        for f in ("lora_mid.weight", "lora_down.weight"):
+            t[stem + f] = torch.full_like(t[stem + f], 1e30)
+    _st_edit(p, edit)
 
 
 @specific("lycoris", "lycoris_loha_missing_factor", "compress", ["incomplete"], "lycoris-loha.safetensors")

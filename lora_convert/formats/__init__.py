@@ -69,8 +69,13 @@ def write(adapter: Adapter, dest: str | os.PathLike, fmt: str) -> None:
     """Write `adapter` in `fmt` to `dest` atomically."""
     mod = _module(fmt)
     is_dir = mod.output_is_dir(dest) if hasattr(mod, "output_is_dir") else mod.OUTPUT_IS_DIR
-    with atomic_output(dest, is_dir) as tmp:
-        mod.write(adapter, tmp)
+    try:
+        with atomic_output(dest, is_dir) as tmp:
+            mod.write(adapter, tmp)
+    except BadInputError as exc:
+        if exc.path is None:  # a writer's refusal: name the output it refused to write
+            raise type(exc)(f"cannot write {fmt}: {exc.problem}", dest) from None
+        raise
 
 
 def label(adapter: Adapter) -> str:

@@ -38,6 +38,8 @@ _DORA = re.compile(r"\.lora_magnitude_vector(\.weight)?$")
 
 def detect(path: Path) -> bool:
     # The weights file name alone is PEFT's; a missing config is then reported by read().
+    if path.is_file() and path.name in (WEIGHTS_FILE, PICKLE_FILE, CONFIG_FILE):
+        path = path.parent
     return path.is_dir() and ((path / WEIGHTS_FILE).is_file() or (path / PICKLE_FILE).is_file())
 
 
