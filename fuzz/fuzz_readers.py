@@ -17,8 +17,10 @@ fuzz/run.sh SECONDS runs them all. Targets (the input is one file's bytes):
              checksum passes and the spec validation and outer generation are what is fuzzed
 
 The contract: only lora_convert.errors.BadInputError (and subclasses) may escape; anything
-else is a crash. A hang or runaway memory is caught by the watchdog (-rss_limit_mb, and a
-per-input time limit that kills the process after writing the input to ARTIFACT_DIR/hang-*).
+else is a crash. A hang or runaway memory is caught by the watchdogs (-rss_limit_mb, atheris'
+-timeout, and a faulthandler per-input limit, FUZZ_PER_INPUT_S, that kills the process; the
+input is then in ARTIFACT_DIR/last-input-*). Under atheris its SIGALRM timer is running, so
+PEFT's own regex time limit stands aside and a catastrophic pattern shows up as a timeout.
 """
 from __future__ import annotations
 

@@ -17,15 +17,16 @@ per=$(( total / 4 )); [ "$per" -lt 5 ] && per=5
 mkdir -p fuzz/corpus fuzz/artifacts
 rm -rf fuzz/seeds && python fuzz/fuzz_readers.py --seeds fuzz/seeds || exit 2
 export OMP_NUM_THREADS=1 FUZZ_ARTIFACTS=fuzz/artifacts
-# open bugs of other modules, reported (fixtures/bad known_bug cases): step over them
-export FUZZ_KNOWN=${FUZZ_KNOWN-"_LinAlgError@lycoris.py"}
+# open bugs of other modules, reported (fixtures/bad known_bug cases: lycoris_loha_overflow,
+# kohya_locon_tucker_overflow): finite but huge factors reach the SVD as Inf. Step over them.
+export FUZZ_KNOWN=${FUZZ_KNOWN-"_LinAlgError@mathcore.py"}
 status=0
 for t in $targets; do
   echo "=== $t: ${per}s"
   log="fuzz/artifacts/$t.log"
   if python -c "import atheris" 2>/dev/null; then
     mkdir -p "fuzz/corpus/$t"
-    python fuzz/fuzz_readers.py "$t" -max_total_time="$per" -timeout=0 -rss_limit_mb=4096 -max_len=131072 \
+    python fuzz/fuzz_readers.py "$t" -max_total_time="$per" -timeout=120 -rss_limit_mb=4096 -max_len=131072 \
       -artifact_prefix="fuzz/artifacts/$t-" -print_final_stats=1 "fuzz/corpus/$t" "fuzz/seeds/$t" >"$log" 2>&1
     rc=$?
   else

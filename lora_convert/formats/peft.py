@@ -96,10 +96,12 @@ class _PatternTimeout(Exception):
 @contextlib.contextmanager
 def _time_limit(seconds: float):
     """Raise _PatternTimeout in the block after `seconds` (CPython's regex engine checks signals,
-    so this interrupts catastrophic backtracking). Only in the main thread and when no other
-    interval timer is running; elsewhere the block runs unlimited."""
+    so this interrupts catastrophic backtracking). Only in the main thread, when no other
+    interval timer is running and SIGALRM's handler is Python's to restore; elsewhere the block
+    runs unlimited."""
     usable = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-              and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+              and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+              and signal.getsignal(signal.SIGALRM) is not None)  # None: a C handler we could not restore
     if not usable:
         yield
         return
