@@ -604,6 +604,31 @@ for _name, _make in _PICKLES.items():
          note=f"same payload with --allow-pickle: torch.load(weights_only=True) must refuse it")(lambda d: None)
 
 
+def _zip_bomb() -> bytes:
+    """A torch.save archive whose 16 MiB tensor is deflate-compressed to a few KiB."""
+    n = 1 << 22
+    src = zipfile.ZipFile(io.BytesIO(_torch_zip_pickle({"x": torch.zeros(4)})))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"cpuq\x06K\x04t", b"cpuq\x06J" + struct.pack("<i", n) + b"t")
+                data = data.replace(b"K\x00K\x04\x85", b"K\x00J" + struct.pack("<i", n) + b"\x85")
+            elif info.filename.endswith("/data/0"):
+                data = bytes(4 * n)
+            z.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), data,
+                       compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    return out.getvalue()
+
+
+@case("peft_pickle_zip_bomb", "compress", ["zip bomb"], file="adapter_model.bin", args=["--allow-pickle"])
+def _(d):
+    """with --allow-pickle: a torch.save archive whose entries are deflate-compressed (16 MiB from
+    a few KiB; the same trick makes gigabytes from megabytes)"""
+    _pickle_dir(d, _zip_bomb())
+
+
 # ================================================================ mini_*: the LoRA-Mini container
 
 _MINI = {}

@@ -153,3 +153,11 @@ def test_every_registered_format_has_cases():
     missing = sorted(set(REGISTRY) - {"peft"} - set(MANIFEST["formats"]))
     if missing:
         pytest.skip(f"no bad-input cases yet for {', '.join(missing)}: run python scripts/make_bad_fixtures.py")
+
+
+def test_zip_bomb_is_live():
+    """Sanity: without the archive check torch.load would inflate the 17 KB file to 16 MiB."""
+    import torch
+
+    state = torch.load(BAD / "peft_pickle_zip_bomb" / "adapter_model.bin", weights_only=True)
+    assert state["x"].numel() * 4 >= 1000 * (BAD / "peft_pickle_zip_bomb" / "adapter_model.bin").stat().st_size

@@ -14,6 +14,7 @@ import re
 import signal
 import threading
 import warnings
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -150,6 +151,7 @@ class _Tensors:
             raise BadInputError(f"{PICKLE_FILE} is a pickle; pass --allow-pickle to load it with "
                                 "torch.load(weights_only=True)", self.path)
         self.lazy = None
+        _check_pickle_archive(self.path)
         try:
             with warnings.catch_warnings():  # torch warns on stderr about odd protocols: one line only
                 warnings.simplefilter("ignore")
@@ -166,6 +168,22 @@ class _Tensors:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.lazy.shape(key) if self.lazy is not None else tuple(self.state[key].shape)
+
+
+def _check_pickle_archive(path: Path) -> None:
+    """torch.save's zip archives store their entries uncompressed; a compressed one can inflate a
+    small file into gigabytes (a zip bomb) before torch checks anything. Refuse those."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # the legacy format: tensor bytes are in the file itself
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise BadInputError(f"refused to load pickle: unreadable zip archive ({exc})", path) from None
+    if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or sum(e.file_size for e in entries) > size:
+        raise BadInputError("refused to load pickle: its zip archive has compressed or oversized entries "
+                            "(a zip bomb?); torch.save writes them uncompressed", path)
 
 
 def _pickle_reason(exc: Exception) -> str:
