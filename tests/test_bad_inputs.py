@@ -160,4 +160,4 @@ def test_zip_bomb_is_live():
     import torch
 
     state = torch.load(BAD / "peft_pickle_zip_bomb" / "adapter_model.bin", weights_only=True)
-    assert state["x"].numel() * 4 >= 1000 * (BAD / "peft_pickle_zip_bomb" / "adapter_model.bin").stat().st_size
+    assert state["x"].numel() * 4 >= 500 * (BAD / "peft_pickle_zip_bomb" / "adapter_model.bin").stat().st_size
