@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,8 +206,8 @@ class StreamingWriter:
             with open(self.path, "wb") as out, open(self._spool_path, "rb") as spool:
                 out.write(struct.pack("<Q", len(raw)))
                 out.write(raw)
-                while chunk := spool.read(1 << 24):
-                    out.write(chunk)
+                # 1 MiB at a time: 16 MiB chunks added ~30 MB to the peak RSS of every save
+                shutil.copyfileobj(spool, out, 1 << 20)
         finally:
             self._spool_path.unlink(missing_ok=True)
 
