@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+# Oversubscribed CPUs (other jobs on the machine) make OpenMP threads spin-wait for each other: 5-10x
+# slower steps. Passive waiting costs little when the cores are free.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,7 +43,9 @@ from lora_convert.nn import export_inner, inject  # noqa: E402
 from lora_convert.nn.loop import TrainOptions, make_accelerator, train_inner  # noqa: E402
 from lora_convert.nn.models import ModelSource, load_model  # noqa: E402
 from lora_convert.nn.objectives import lm_loss  # noqa: E402
-from lora_convert.recover import Session, distill_step, evaluate  # noqa: E402
+from lora_convert.nn.layers import use_mode  # noqa: E402
+from lora_convert.nn.objectives import FidelityStats  # noqa: E402
+from lora_convert.recover import Session, distill_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -106,6 +113,32 @@ def train_teacher(model, seqs, pad_id, out_dir: Path, steps: int, rank: int, lr:
     return pm.unload().eval(), seconds
 
 
+class HeldOut:
+    """Held-out scoring with the teacher's logits computed once (each variant then costs one forward)."""
+
+    def __init__(self, session, seqs, batch_size: int):
+        self.session = session
+        self.batches = D.eval_batches(seqs, batch_size, session.pad_id)
+        stats = FidelityStats("causal-lm")
+        self.teacher = []
+        for b in self.batches:
+            t = self._logits(b, "teacher")
+            stats.add_causal(b, self._logits(b, "base"), t, t)
+            self.teacher.append(t.to(torch.bfloat16))  # halves the cache; KL error ~1e-3 relative
+        self.reference = stats.summary()
+
+    @torch.no_grad()
+    def _logits(self, batch, mode: str) -> torch.Tensor:
+        with use_mode(self.session.layers.values(), mode):
+            return self.session.model(**batch).logits.float()
+
+    def score(self) -> dict:
+        stats = FidelityStats("causal-lm")
+        for b, t in zip(self.batches, self.teacher):
+            stats.add_causal(b, None, t.float(), self._logits(b, "student"))
+        return stats.summary(self.reference)
+
+
 def file_bytes(path: Path) -> int:
     p = Path(path)
     return sum(f.stat().st_size for f in p.glob("*.safetensors")) if p.is_dir() else p.stat().st_size
@@ -116,19 +149,19 @@ def set_modules(layers, mini) -> None:
         layer.set_module(mini.module(name))
 
 
-def svd_rows(session, adapter, held, ranks, workdir: Path, batch: int, reference: dict) -> list[Row]:
+def svd_rows(session, adapter, held: HeldOut, ranks, workdir: Path) -> list[Row]:
     rows = []
     for r in ranks:
         mini = lc.compress(adapter, "svd", rank=r)
         set_modules(session.layers, mini)
         out = workdir / f"svd-r{r}"
         lc.save_adapter(lc.reconstruct(mini, trim_rank=True), out)  # the truncated PEFT adapter
-        rows.append(Row("svd", f"SVD rank {r}", file_bytes(out), evaluate(session, held, batch, reference)))
+        rows.append(Row("svd", f"SVD rank {r}", file_bytes(out), held.score()))
         print(f"  {rows[-1].label}: retained {100 * rows[-1].eval['retained']:.1f}%", flush=True)
     return rows
 
 
-def mini_rows(session, adapter, teacher, seqs, held, configs, args, workdir: Path, reference: dict) -> list[Row]:
+def mini_rows(session, adapter, seqs, held: HeldOut, configs, args, workdir: Path) -> list[Row]:
     """Closed form and recovered rows for each (outer_dim, inner rank) configuration."""
     rows = []
     for a, k in configs:
@@ -138,15 +171,15 @@ def mini_rows(session, adapter, teacher, seqs, held, configs, args, workdir: Pat
         mini = lc.load(path)
         set_modules(session.layers, mini)
         label = f"LoRA-Mini a=b={a}, k={k}"
-        rows.append(Row("closed-form", label, file_bytes(path), evaluate(session, held, args.batch_size, reference)))
+        rows.append(Row("closed-form", label, file_bytes(path), held.score()))
         print(f"  {label} closed form: retained {100 * rows[-1].eval['retained']:.1f}%", flush=True)
         opts = TrainOptions(steps=args.recover_steps, batch_size=args.batch_size, lr=args.recover_lr,
                             seed=args.seed, progress=not args.no_progress)
         training = train_inner(session.accelerator, session.model, session.layers, seqs, session.pad_id,
                                distill_step(session), opts, {"bench": label})
         out = workdir / f"recovered-a{a}-k{k}"
-        export_inner(session.layers, mini, out, teacher, extra_fidelity={"recovery_steps": args.recover_steps})
-        rows.append(Row("recovered", label, file_bytes(out), evaluate(session, held, args.batch_size, reference),
+        export_inner(session.layers, mini, out, adapter, extra_fidelity={"recovery_steps": args.recover_steps})
+        rows.append(Row("recovered", label, file_bytes(out), held.score(),
                         training.seconds, {"tokens_per_second": training.tokens_per_second,
                                            "first_loss": training.losses[0], "last_loss": training.losses[-1]}))
         print(f"  {label} recovered in {training.seconds:.0f} s: retained {100 * rows[-1].eval['retained']:.1f}%",
@@ -210,6 +243,7 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--workdir", default=None, help="Where adapters are written (default: a temp dir).")
     p.add_argument("--out", default=str(RESULTS), help="Results directory.")
+    p.add_argument("--reuse-teacher", action="store_true", help="Reuse the teacher already in --workdir.")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -234,24 +268,29 @@ def run(args) -> dict:
     print(f"model loaded in {time.perf_counter() - t_start:.0f} s; sequences: "
           f"{ {k: len(v) for k, v in seqs.items()} } of {args.max_len} tokens", flush=True)
 
-    base, teacher_s = train_teacher(model, seqs["teacher"], tok.pad_token_id, workdir / "teacher",
-                                    args.teacher_steps, args.teacher_rank, args.teacher_lr, args.batch_size, args.seed)
+    if args.reuse_teacher and (workdir / "teacher" / "adapter_config.json").is_file():
+        base, teacher_s = model, float(json.loads((workdir / "teacher_seconds.json").read_text()))
+    else:
+        base, teacher_s = train_teacher(model, seqs["teacher"], tok.pad_token_id, workdir / "teacher",
+                                        args.teacher_steps, args.teacher_rank, args.teacher_lr, args.batch_size,
+                                        args.seed)
+        (workdir / "teacher_seconds.json").write_text(json.dumps(teacher_s))
     teacher = lc.load_adapter(workdir / "teacher")
     original_bytes = file_bytes(workdir / "teacher")
     accelerator = make_accelerator("cuda" if torch.cuda.is_available() else "cpu", 1)
     first = lc.compress(teacher, "svd", rank=1)
     layers = inject(base, first, teacher)
     session = Session(accelerator, accelerator.prepare(base), tok, task, layers, str(src.path))
-    reference = evaluate(session, held, args.batch_size)  # base and teacher numbers, computed once
+    held = HeldOut(session, held, args.batch_size)
+    reference = held.reference
     rows = [Row("original", f"PEFT LoRA r={args.teacher_rank}", original_bytes,
                 {**reference, "loss_student": reference["loss_teacher"], "kl_student": 0.0, "agree_student": 1.0,
                  "retained": 1.0}, teacher_s)]
     print(f"teacher trained in {teacher_s:.0f} s: held-out loss {reference['loss_base']:.4f} -> "
           f"{reference['loss_teacher']:.4f}", flush=True)
-    rows += svd_rows(session, teacher, held, [int(r) for r in args.svd_ranks.split(",")], workdir,
-                     args.batch_size, reference)
+    rows += svd_rows(session, teacher, held, [int(r) for r in args.svd_ranks.split(",")], workdir)
     configs = [tuple(int(x) for x in c.split(":")) for c in args.mini.split(",")]
-    rows += mini_rows(session, teacher, teacher, seqs["calib"], held, configs, args, workdir, reference)
+    rows += mini_rows(session, teacher, seqs["calib"], held, configs, args, workdir)
     return {"rows": rows, "original_bytes": original_bytes, "reference": reference, "args": vars(args),
             "wall_seconds": time.perf_counter() - t_start, "threads": torch.get_num_threads(),
             "device": str(accelerator.device), "sequences": {k: len(v) for k, v in seqs.items()}}

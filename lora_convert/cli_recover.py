@@ -97,6 +97,8 @@ def _training_summary(result) -> dict:
 
 
 def _echo_result(result, as_json: bool) -> None:
+    if not result.main_process:
+        return
     doc = {"output": result.output, "before": result.before, "after": result.after,
            "training": _training_summary(result)}
     if as_json:
@@ -140,6 +142,10 @@ def eval_(mini, teacher, data, **kw):
     from .recover import evaluate_files, format_eval
 
     summary = evaluate_files(mini, teacher, _data_opts(kw, data), _model_opts(kw), kw["batch_size"])
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under torchrun / accelerate launch every rank gets here
+        return
     click.echo(json.dumps(summary, indent=2) if kw["as_json"] else format_eval(summary, f"{mini} vs {teacher}"))
 
 

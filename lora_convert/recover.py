@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,7 +80,7 @@ class RunResult:
     training: TrainResult
     output: str
     report: object = None
-    extra: dict = field(default_factory=dict)
+    main_process: bool = True  # False on the other ranks of a multi-process run (they print nothing)
 
 
 # ------------------------------------------------------------------ setup
@@ -218,7 +218,7 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
     after = evaluate(session, held, topts.batch_size, reference=before)
     _log(session, log, format_eval(after, "after recovery"))
     report = _export(session, mini, output, teacher, {"recovery_steps": topts.steps})
-    return RunResult(before, after, training, output, report)
+    return RunResult(before, after, training, output, report, session.accelerator.is_main_process)
 
 
 def distill_step(session: Session, layer_weight: float = 0.0):
@@ -313,4 +313,4 @@ def train(output: str, dopts: DataOptions, mopts: ModelOptions, topts: TrainOpti
     _log(session, log, f"held-out loss after training: {after['loss_student']:.4f} "
                        f"(base {before['loss_base']:.4f})")
     report = _export(session, mini, output, None, {"train_steps": topts.steps})
-    return RunResult(before, after, training, output, report)
+    return RunResult(before, after, training, output, report, accelerator.is_main_process)

