@@ -8,9 +8,9 @@
 fuzz/run.sh SECONDS runs them all. Targets (the input is one file's bytes):
 
   st         a safetensors file: read_header, then every tensor through LazyTensors
-  adapter    byte 0 picks a slot (a fixture of some format and one file in it: tensors or config),
-             the rest replaces that file; the adapter is read with format detection, every
-             module loaded, compressed, and written back as PEFT
+  adapter    byte 0 picks a slot (a fixture of some format and one file in it: tensors, config,
+             or a torch pickle), the rest replaces that file; the adapter is read with format
+             detection (and --allow-pickle), every module loaded, compressed, written as PEFT
   container  a LoRA-Mini file: load, every module (outers regenerated, checksums), reconstruct,
              write as PEFT
   spec       the `lora_mini` metadata document of a valid LoRA-Mini file, re-signed so that the
@@ -81,6 +81,7 @@ _SLOT_SOURCES = [
     (FIX / "formats" / "mlx-tiny-llama", "adapter_config.json"),
     (FIX / "bad" / "_valid" / "kohya", "adapter.safetensors"),
     (FIX / "bad" / "_valid" / "diffusers", "adapter.safetensors"),
+    (FIX / "bad" / "_valid" / "peft-pickle", "adapter_model.bin"),  # read with --allow-pickle
 ]
 SLOTS = [(src, rel) for src, rel in _SLOT_SOURCES if (src / rel if rel else src).exists()]
 
@@ -125,7 +126,7 @@ def target_adapter(data: bytes) -> None:
         return
     path, target = _slot_path(data[0] % len(SLOTS))
     target.write_bytes(data[1:])
-    adapter = formats.read(path)
+    adapter = formats.read(path, allow_pickle=True)
     for m in adapter.modules():
         compress_module(m, "random", seed=1, outer_dim=4, rank=min(2, m.rank))
     out = WORK / "out-adapter"

@@ -179,8 +179,9 @@ def _check_pickle_archive(path: Path) -> None:
         size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise BadInputError(f"refused to load pickle: unreadable zip archive ({exc})", path) from None
+    except Exception as exc:  # zipfile raises BadZipFile, NotImplementedError, struct.error, ...
+        raise BadInputError(f"refused to load pickle: unreadable zip archive ({type(exc).__name__}: {exc})",
+                            path) from None
     if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or sum(e.file_size for e in entries) > size:
         raise BadInputError("refused to load pickle: its zip archive has compressed or oversized entries "
                             "(a zip bomb?); torch.save writes them uncompressed", path)
