@@ -1097,8 +1097,9 @@ def _(p):
 
 
 @specific("lycoris", "lycoris_loha_overflow", "compress", [], "lycoris-loha.safetensors",
-          known_bug="found by fuzzing: finite LoHa factors (1e30) overflow in the Hadamard product; the SVD "
-                    "then fails with torch._LinAlgError (exit 1) instead of a clear exit-2 error")
+          known_bug="found by fuzzing: finite LoHa (and LoKr) factors (1e30) overflow in the Hadamard "
+                    "(Kronecker) product; the SVD then fails with torch._LinAlgError (exit 1) instead of a "
+                    "clear exit-2 error")
 def _(p):
     """every factor of one LoHa module is 1e30: finite, but the product overflows"""
     def edit(t):
