@@ -1059,16 +1059,13 @@ def _(p):
     _st_edit(p, lambda t: t.__setitem__(_first(t, ".alpha"), torch.tensor(float("nan"))))
 
 
-@specific("kohya", "kohya_alpha_vector", "inspect", ["alpha"], BASE,
-          known_bug="kohya reader takes the first element of a non-scalar .alpha silently")
+@specific("kohya", "kohya_alpha_vector", "inspect", ["alpha"], BASE)
 def _(p):
     """a module's .alpha is a 2-vector: which one is the scale?"""
     _st_edit(p, lambda t: t.__setitem__(_first(t, ".alpha"), torch.tensor([1.0, 2.0])))
 
 
-@specific("kohya", "kohya_locon_tucker_overflow", "compress", [], "kohya-locon.safetensors",
-          known_bug="found by fuzzing: finite LoCon lora_mid/lora_down (1e30) fold into an Inf factor that the "
-                    "kohya reader does not check; compress then fails in the SVD (torch._LinAlgError, exit 1)")
+@specific("kohya", "kohya_locon_tucker_overflow", "compress", ["NaN or Inf"], "kohya-locon.safetensors")
 def _(p):
     """a LoCon (Tucker) module whose lora_mid and lora_down are 1e30: finite, but the fold overflows"""
     def edit(t):
@@ -1096,10 +1093,7 @@ def _(p):
     _st_edit(p, lambda t: t.pop(_first(t, ".lokr_w1")))
 
 
-@specific("lycoris", "lycoris_loha_overflow", "compress", [], "lycoris-loha.safetensors",
-          known_bug="found by fuzzing: finite LoHa (and LoKr) factors (1e30) overflow in the Hadamard "
-                    "(Kronecker) product; the SVD then fails with torch._LinAlgError (exit 1) instead of a "
-                    "clear exit-2 error")
+@specific("lycoris", "lycoris_loha_overflow", "compress", [], "lycoris-loha.safetensors")
 def _(p):
     """every factor of one LoHa module is 1e30: finite, but the product overflows"""
     def edit(t):
@@ -1117,8 +1111,7 @@ def _(d):
     (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-@specific("mlx", "mlx_scale_nan", "inspect", ["scale"], BASE,
-          known_bug="mlx reader accepts lora_parameters.scale NaN (every module's alpha becomes NaN)")
+@specific("mlx", "mlx_scale_nan", "inspect", ["scale"], BASE)
 def _(d):
     """lora_parameters.scale is NaN"""
     cfg = json.loads((d / "adapter_config.json").read_text())

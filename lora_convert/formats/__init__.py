@@ -13,12 +13,16 @@ Optional:
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+
+import torch
 
 from ..adapter import Adapter
 from ..atomic import atomic_output
 from ..errors import BadInputError, FormatDetectionError
+from ..st import require_finite
 from . import diffusers, kohya, lycoris, mlx, peft
 
 REGISTRY: dict[str, object] = {m.NAME: m for m in (peft, kohya, lycoris, diffusers, mlx)}
@@ -62,7 +66,26 @@ def detect(path: str | os.PathLike) -> str:
 def read(path: str | os.PathLike, fmt: str | None = None, **options) -> Adapter:
     """Read an adapter in `fmt` (detected when None)."""
     fmt = fmt or detect(path)
-    return _module(fmt).read(Path(path), **options)
+    adapter = _module(fmt).read(Path(path), **options)
+    adapter.load_module = _checked(adapter.load_module, adapter.source or str(path))
+    return adapter
+
+
+def _checked(load, path: str):
+    """Every format's modules, checked after the reader's own arithmetic (Tucker folds,
+    LoHa/LoKr conversion) too: finite factors and scale, or one BadInputError."""
+    def load_module(name: str):
+        try:
+            m = load(name)
+        except torch.linalg.LinAlgError as exc:
+            raise BadInputError(f"module {name!r}: factors cannot be decomposed "
+                                f"({str(exc).splitlines()[0][:120]})", path) from None
+        require_finite(m.down, f"module {name!r} down factor (as converted)", path)
+        require_finite(m.up, f"module {name!r} up factor (as converted)", path)
+        if not math.isfinite(m.alpha) or not math.isfinite(m.scale):
+            raise BadInputError(f"module {name!r}: alpha/scale is not a finite number", path)
+        return m
+    return load_module
 
 
 def write(adapter: Adapter, dest: str | os.PathLike, fmt: str) -> None:

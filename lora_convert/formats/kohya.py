@@ -115,7 +115,7 @@ def load_module(lazy: LazyTensors, name: str, entry: dict) -> LoraModule:
     if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != r or r == 0:
         raise BadInputError(f"module {name!r}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
                             "do not form a low-rank pair", lazy.path)
-    alpha = float(get("alpha").reshape(-1)[0]) if "alpha" in entry else float(r)
+    alpha = _scalar_alpha(get("alpha"), name, lazy.path) if "alpha" in entry else float(r)
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
         raise UnsupportedError(f"module {name!r}: lora_up with a {tuple(up.shape[2:])} kernel is not supported "
                                "(expected 1x1)", lazy.path)
@@ -225,3 +225,9 @@ def _network_args(meta: dict) -> dict:
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _scalar_alpha(t, name: str, path) -> float:
+    if t.numel() != 1:
+        raise BadInputError(f"module {name!r}: .alpha must be a scalar, got shape {tuple(t.shape)}", path)
+    return float(t.reshape(()))

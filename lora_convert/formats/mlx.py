@@ -14,6 +14,7 @@ modules are zero-padded to the common rank (the update is unchanged); both are r
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -54,8 +55,8 @@ def load_config(d: Path) -> dict:
     if not isinstance(params, dict):
         raise BadInputError("lora_parameters missing or not an object", cfg_path)
     scale = params.get("scale")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise BadInputError(f"lora_parameters.scale must be a number, got {scale!r}", cfg_path)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise BadInputError(f"lora_parameters.scale must be a finite number, got {scale!r}", cfg_path)
     return cfg
 
 
