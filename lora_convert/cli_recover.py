@@ -41,7 +41,8 @@ def _train_options(f):
         click.option("--eval-fraction", type=float, default=0.1, show_default=True),
         click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps."),
         click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per step."),
-        click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW)."),
+        click.option("--lr", type=float, default=None,
+                     help="Peak learning rate (AdamW; default 1e-2 for recover, 2e-3 for train)."),
         click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine",
                      show_default=True),
         click.option("--warmup-steps", type=int, default=None, help="Default: 5% of --steps."),
@@ -127,7 +128,7 @@ def recover(mini, teacher, output, layer_weight, **kw):
     from .recover import recover as run
 
     log = None if kw["as_json"] else click.echo
-    result = run(mini, teacher, output, _data_opts(kw), _model_opts(kw), _train_opts(kw, 2e-3), layer_weight, log=log)
+    result = run(mini, teacher, output, _data_opts(kw), _model_opts(kw), _train_opts(kw, 1e-2), layer_weight, log=log)
     _echo_result(result, kw["as_json"])
 
 
