@@ -325,6 +325,36 @@ def test_cli_train_writes_a_loadable_file(llama_setup, tmp_path):
     torch.testing.assert_close(student, peft_forward(root / "base", tmp_path / "peft", IDS), atol=1e-5, rtol=1e-4)
 
 
+# ------------------------------------------------------------------ data and model sources
+
+def test_text_data_lines_paragraphs_and_jsonl(tmp_path):
+    from lora_convert.nn.data import BatchPlan, read_texts
+
+    (tmp_path / "lines.txt").write_text("one\ntwo\n\n")
+    (tmp_path / "paras.txt").write_text("a b\nc d\n\ne f\n")
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n\n{"text": "y"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{"prompt": "y"}\n')
+    assert read_texts(tmp_path / "lines.txt") == ["one", "two"]
+    assert read_texts(tmp_path / "paras.txt") == ["a b\nc d", "e f"]
+    assert read_texts(tmp_path / "d.jsonl") == ["x", "y"]
+    with pytest.raises(lc.BadInputError, match="line 2"):
+        read_texts(tmp_path / "bad.jsonl")
+    plan, ranks = BatchPlan(10, 2, seed=3), [BatchPlan(10, 2, seed=3, world=2, rank=r) for r in (0, 1)]
+    assert plan.indices(7) == BatchPlan(10, 2, seed=3).indices(7)  # a pure function of (seed, j)
+    assert set(ranks[0].indices(0)).isdisjoint(ranks[1].indices(0))
+
+
+def test_model_sources(tmp_path, monkeypatch):
+    from lora_convert.nn.models import ModelSource
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    src = ModelSource.parse(str(tmp_path / "m.gguf"))
+    assert (src.path, src.gguf_file) == (str(tmp_path), "m.gguf")
+    assert ModelSource.parse(str(tmp_path)).gguf_file == "m.gguf"  # a directory holding one GGUF file
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert ModelSource.parse("org/model").kwargs()["local_files_only"] is True
+
+
 # ------------------------------------------------------------------ encoders: hidden-state matching
 
 def test_bert_recovery_lowers_hidden_state_error(tmp_path):

@@ -25,13 +25,14 @@ class ModelSource:
     def parse(cls, path: str, gguf_file: str | None = None, revision: str | None = None,
               local_files_only: bool = False) -> "ModelSource":
         p = Path(path)
+        offline = local_files_only or _offline()
         if p.is_file() and p.suffix == ".gguf":  # a GGUF file: transformers wants (directory, file name)
-            return cls(str(p.parent), p.name, revision, local_files_only)
+            return cls(str(p.parent), p.name, revision, offline)
         if gguf_file is None and p.is_dir():
             found = sorted(p.glob("*.gguf"))
             if len(found) == 1 and not (p / "config.json").is_file():
                 gguf_file = found[0].name
-        return cls(str(path), gguf_file, revision, local_files_only or _offline())
+        return cls(str(path), gguf_file, revision, offline)
 
     def kwargs(self) -> dict:
         kw = {"local_files_only": self.local_files_only}
