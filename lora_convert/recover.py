@@ -120,6 +120,9 @@ def load_sequences(session: Session, dopts: DataOptions, texts) -> tuple[list, l
 
 
 def file_digest(path: str | os.PathLike) -> str:
+    """Identity of an input for the resume check: SHA-256 of a file; names and sizes of a directory's
+    files (an adapter directory can be large, and a changed adapter changes its file sizes or names
+    in practice; the LoRA-Mini file and the data are always hashed in full)."""
     p = Path(path)
     if p.is_dir():
         return ";".join(f"{f.name}:{f.stat().st_size}" for f in sorted(p.iterdir()) if f.is_file())
