@@ -7,8 +7,10 @@ stays bounded by the largest module rather than the whole adapter.
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -34,6 +36,7 @@ class LoraModule:
     use_rslora: bool = False
     kind: str = "linear"  # "linear" | "conv" | "embedding"
     kernel: dict = field(default_factory=dict)
+    checked_finite: bool = False  # the reader already refused NaN/Inf in exactly these factors
 
     @property
     def rank(self) -> int:
@@ -70,12 +73,43 @@ class LazyModules:
         return self.load_module(name)
 
     def modules(self) -> Iterator:
-        for name in self.module_names:
-            yield self.load_module(name)
+        """Every module in order; with `workers` > 1, the next few are computed on threads
+        while the caller uses the current one (torch and hashlib release the GIL)."""
+        yield from ordered_map(self.load_module, self.module_names, getattr(self, "workers", 1))
 
     def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.passthrough_names:
             yield name, self.load_passthrough(name)
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int = 1) -> Iterator:
+    """fn(item) for each item, in order, computed on up to `workers` threads.
+
+    At most workers + 1 results exist at once, so memory stays bounded by a few modules.
+    An exception surfaces at its item's turn; work not yet started is cancelled.
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    it = iter(items)
+    # torch's OpenMP thread count is per thread and starts at the core count in new threads:
+    # left there, every BLAS call of every worker would fan out and they would fight (7x slower)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="lora_convert", initializer=torch.set_num_threads,
+                              initargs=(1,))
+    pending: deque = deque()
+    try:
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in it:
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -96,6 +130,7 @@ class Adapter(LazyModules):
     passthrough_names: list[str] = field(default_factory=list)
     load_passthrough: Callable[[str], torch.Tensor] | None = None
     source: str = ""
+    workers: int = 1  # modules computed concurrently while iterating (LazyModules.modules)
 
 
 def from_modules(fmt: str, modules: list[LoraModule], **kw) -> Adapter:

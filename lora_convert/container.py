@@ -23,7 +23,7 @@ from .adapter import LazyModules, lora_scale
 from .atomic import atomic_output
 from .errors import BadInputError, IntegrityError, UnsupportedError
 from .report import FidelityReport, ModuleFidelity
-from .st import LazyTensors, StreamingWriter, tensor_bytes
+from .st import LazyTensors, StreamingWriter, tensor_buffer
 
 FORMAT_NAME = "lora-mini"
 FORMAT_VERSION = 1
@@ -111,6 +111,7 @@ class MiniAdapter(LazyModules):
     load_passthrough: Callable[[str], torch.Tensor] | None = None
     original_bytes: int | None = None
     source: str = ""
+    workers: int = 1  # modules computed or loaded concurrently while iterating
 
 
 def _number(x) -> float | None:
@@ -119,7 +120,7 @@ def _number(x) -> float | None:
 
 
 def sha256_tensor(t: torch.Tensor) -> str:
-    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+    return hashlib.sha256(tensor_buffer(t)).hexdigest()
 
 
 METADATA_SHA256 = "lora_mini_sha256"
@@ -157,16 +158,15 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
         specs, hashes = {}, {}
         with StreamingWriter(file) as writer:
             for m in mini.modules():
-                _add_module(writer, m, hashes)
+                keys = _add_module(writer, m, hashes)
                 specs[m.name] = m.spec()
-                _check_own_spec(m, specs[m.name], writer.layout(), path)
+                _check_own_spec(m, specs[m.name], {k: writer.shape(k) for k in keys}, path)
                 report.add(m.fidelity_row())
                 if progress:
                     progress(m)
             for name, tensor in mini.passthrough():
                 key = PASSTHROUGH + name
-                writer.add(key, tensor)
-                hashes[key] = sha256_tensor(tensor)
+                hashes[key] = writer.add(key, tensor, digest=True)
             doc = {"source_format": mini.source_format, "source_config": mini.source_config,
                    "source_metadata": mini.source_metadata, "modules": specs,
                    "passthrough": list(mini.passthrough_names), "tensor_sha256": hashes,
@@ -186,14 +186,13 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
     return report
 
 
-def _add_module(writer: StreamingWriter, m: MiniModule, hashes: dict) -> None:
+def _add_module(writer: StreamingWriter, m: MiniModule, hashes: dict) -> list[str]:
     tensors = {"X": m.X, "Y": m.Y}
     if outer.get(m.outer["source"]).STORED:
         tensors.update(U=m.U, V=m.V)
     for role, t in tensors.items():
-        key = f"{m.name}.{role}"
-        writer.add(key, t.contiguous())
-        hashes[key] = sha256_tensor(t)
+        hashes[f"{m.name}.{role}"] = writer.add(f"{m.name}.{role}", t, digest=True)
+    return [f"{m.name}.{role}" for role in tensors]
 
 
 def resolve_file(path: str | os.PathLike) -> Path:
@@ -356,10 +355,10 @@ def _validate_spec(name: str, spec: dict, shapes: dict) -> None:
         raise ValueError(f"conv kernel {kernel} does not match out={out_f} in={in_f} rank={rank}")
 
 
-def _check_own_spec(m: MiniModule, spec: dict, layout: dict, path: Path) -> None:
+def _check_own_spec(m: MiniModule, spec: dict, shapes: dict, path: Path) -> None:
     """What save writes, load must accept: refuse (before publishing) a module the reader would."""
     try:
-        _validate_spec(m.name, json.loads(json.dumps(spec)), {k: shape for k, (_, shape) in layout.items()})
+        _validate_spec(m.name, json.loads(json.dumps(spec)), shapes)
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise BadInputError(f"module {m.name!r} cannot be stored: {exc}", path) from None
 

@@ -15,7 +15,8 @@ from . import outer
 from .adapter import Adapter, LoraModule
 from .container import DTYPES, MiniAdapter, MiniModule
 from .errors import BadInputError
-from .mathcore import difference_norm, fit_inner, frobenius
+from .lru import BytesLRU
+from .mathcore import OuterBasis, Update, difference_norm, fit_projected, frobenius, mini_difference_norm
 from .report import FidelityReport, ModuleFidelity
 
 _DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -23,11 +24,13 @@ _DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 
 
 def one_thread(fn):
-    """Run `fn` with torch limited to one intra-op thread (the setting is restored after).
+    """Run `fn` with torch limited to one intra-op thread in the calling thread (restored after).
 
     Per-module math is many small LAPACK/BLAS calls on rank-wide factors: extra threads gain
     little there, and on a busy machine every OpenMP region waits for a descheduled thread
     (benchmarks/README.md: compress 10-30x slower with 2 threads on a loaded 2-core machine).
+    Parallelism comes from working on several modules at once instead (`workers`). The
+    OpenMP thread count is per thread, so concurrent callers do not disturb each other.
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -40,6 +43,15 @@ def one_thread(fn):
     return wrapper
 
 
+def workers() -> int:
+    """Modules processed concurrently: LORA_CONVERT_WORKERS, else min(4, CPUs)."""
+    try:
+        n = int(os.environ.get("LORA_CONVERT_WORKERS", "0"))
+    except ValueError:
+        n = 0
+    return n if n > 0 else min(4, os.cpu_count() or 1)
+
+
 def _storage_dtype(dtype: str, source: torch.dtype) -> torch.dtype:
     if dtype == "auto":
         return source if source in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
@@ -49,31 +61,52 @@ def _storage_dtype(dtype: str, source: torch.dtype) -> torch.dtype:
         raise BadInputError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(DTYPES)})") from None
 
 
+# Bases of shared (random) outers, keyed by fingerprint: one per distinct outer, not per module.
+_BASES = BytesLRU(96 << 20, size=lambda b: b.nbytes)
+
+
+def _shared_basis(role: str, digest: str, M: torch.Tensor) -> OuterBasis:
+    return _BASES.get((role, digest), lambda: OuterBasis(M))
+
+
 @one_thread
 def compress_module(m: LoraModule, source: str = "random", *, seed: int = 0, outer_dim=None,
                     rank: int | None = None, keep_energy: float | None = None,
                     dtype: str = "auto") -> MiniModule:
-    """Fit one module's inner matrices for the chosen outers and record its fidelity."""
+    """Fit one module's inner matrices for the chosen outers and record its fidelity.
+
+    Everything is float64 from the factors and reuses one set of products: BᵀB and AAᵀ
+    (energy, SVD outers), UᵀB and AVᵀ (fit and error), UᵀU and VVᵀ (cached for shared
+    outers). The error reported is that of the values written: U, V, X, Y as stored.
+    """
     src = outer.get(source)
     options = {"seed": seed, "outer_dim": outer_dim, "rank": rank, "keep_energy": keep_energy}
-    U, V, spec = src.make(m, options)
-    fit = fit_inner(m.up, m.down, U, V, rank=rank, keep_energy=keep_energy)
     store = _storage_dtype(dtype, m.dtype)
-    if fit.rank == 0:  # an all-zero update: keep one zero direction so shapes stay valid
-        fit.X, fit.Y = torch.zeros(U.shape[1], 1, dtype=torch.float64), torch.zeros(1, V.shape[0], dtype=torch.float64)
-    X, Y = fit.X.to(store), fit.Y.to(store)
+    upd = Update(m.up, m.down)
+    U, V, spec = src.make(m, options, update=upd)
     if src.STORED:
         U, V = U.to(store), V.to(store)
-    mini = MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
-                      use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=spec,
-                      U=U, V=V, X=X, Y=Y)
-    B2, A2 = mini.factors()
-    # ||B A||_F² is already in the fit; recomputing it costs two QRs of the factors per module.
-    ref = fit.total_energy ** 0.5
-    diff = difference_norm(m.up, m.down, B2, A2)
+        ub, vb = OuterBasis(U), OuterBasis(V.T)
+    else:
+        ub, vb = _shared_basis("U", spec["u_sha256"], U), _shared_basis("V", spec["v_sha256"], V.T)
+    UtB, AVt = ub.m.T @ upd.B, upd.A @ vb.m
+    if hasattr(src, "inner"):  # closed-form inners (svd): nothing to fit
+        X, Y = src.inner(upd, U.shape[1])
+    else:
+        fit = fit_projected(upd, ub, vb, UtB, AVt, rank=rank, keep_energy=keep_energy)
+        X, Y = fit.X, fit.Y
+    if X.shape[1] == 0:  # an all-zero update: keep one zero direction so shapes stay valid
+        X, Y = torch.zeros(U.shape[1], 1, dtype=torch.float64), torch.zeros(1, V.shape[0], dtype=torch.float64)
+    X, Y = X.to(store), Y.to(store)
+    Xd, Yd = X.double(), Y.double()
+    diff = mini_difference_norm(upd, UtB, AVt, ub.gram, vb.gram, Xd, Yd)
+    if diff is None:  # too close to exact for the Gram formula: QR of the stacked factors
+        diff = difference_norm(upd.B, upd.A, ub.m @ Xd, Yd @ vb.m.T)
+    ref = upd.energy ** 0.5
     rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
-    mini.fidelity = {"rel_error": rel, "energy": m.scale**2 * fit.total_energy}
-    return mini
+    return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
+                      use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=spec,
+                      U=U, V=V, X=X, Y=Y, fidelity={"rel_error": rel, "energy": m.scale**2 * upd.energy})
 
 
 def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_dim=None,
@@ -95,7 +128,7 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
     return MiniAdapter(source_format=adapter.format, module_names=list(adapter.module_names), load_module=load,
                        source_config=adapter.config, source_metadata=adapter.metadata,
                        passthrough_names=list(adapter.passthrough_names), load_passthrough=adapter.load_passthrough,
-                       original_bytes=source_bytes(adapter.source), source=adapter.source)
+                       original_bytes=source_bytes(adapter.source), source=adapter.source, workers=workers())
 
 
 MAX_SEED = 2**63  # seeds are stored in JSON; keep them exact for 64-bit readers
@@ -156,7 +189,7 @@ def reconstruct(mini: MiniAdapter, trim_rank: bool = False) -> Adapter:
     return Adapter(format=mini.source_format, module_names=list(mini.module_names), load_module=load,
                    config=mini.source_config, metadata=mini.source_metadata,
                    passthrough_names=list(mini.passthrough_names), load_passthrough=mini.load_passthrough,
-                   source=mini.source)
+                   source=mini.source, workers=workers())
 
 
 def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityReport:

@@ -2,68 +2,223 @@
 
 No I/O here. Every function takes the low-rank factors of an update
 ΔW = B @ A (B: out×r, A: r×in) and works in float64 without forming the
-out×in matrix: all heavy operations are QR/SVD of tall-skinny factors and
-dense algebra on matrices whose sides are ranks or outer sizes.
+out×in matrix: the only operations on tall matrices are products with them
+(and, for ill-conditioned factors, a Householder QR); everything else is dense
+algebra on matrices whose sides are ranks or outer sizes.
+
+Tall products run in torch, which releases the GIL, so modules can be processed on
+several threads. The small r×r / a×b algebra runs in numpy and LAPACK: a torch call
+costs ~5 µs of dispatch and releases the GIL for microseconds of work, and two threads
+doing that hand the GIL back and forth so often that they run 3x slower than one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
+from scipy.linalg import lapack
 
 F64 = torch.float64
+# A factor M is "well conditioned" when cond₁(R) <= this for its Cholesky factor R (MᵀM = RᵀR):
+# the Gram route then loses at most ~cond²·eps ≈ 2e-8 of orthogonality (storage rounding is
+# >= 6e-8), else the factor takes Householder QR.
+GRAM_MAX_COND = 1e4
+# Outers use the eigendecomposition of their Gram matrix (it also reveals rank loss):
+# eigenvalue ratio 1e-8 is the same cond(M) < 1e4.
+GRAM_MIN_EIG_RATIO = 1e-8
+# A norm computed from Gram matrices carries absolute error ~ r·eps·||B||²||A||² in its square;
+# below this share of that scale the result is recomputed through QR (difference_norm).
+GRAM_TRUST = 1e-9
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=F64)
 
 
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _chol_root(G: np.ndarray):
+    """(R, R⁻¹) with G = RᵀR, R upper triangular (Cholesky), or None when G is singular or
+    too ill-conditioned for R to stand in for the R of a QR factorisation."""
+    if not G.size:
+        return None
+    R, info = lapack.dpotrf(G, lower=0, clean=1)
+    if info != 0:
+        return None
+    R_inv, info = lapack.dtrtri(R, lower=0)
+    if info != 0:
+        return None
+    cond = float(np.abs(R).sum(0).max() * np.abs(R_inv).sum(0).max())
+    return (R, R_inv) if cond <= GRAM_MAX_COND else None  # also refuses NaN
+
+
+class Update:
+    """ΔW = B @ A held as float64 factors, with what every later step reuses computed once:
+    the Gram matrices BᵀB and AAᵀ, ||ΔW||²_F and (on demand) the thin SVD.
+
+    >>> import torch; upd = Update(torch.ones(4, 1), torch.ones(1, 3))
+    >>> upd.energy
+    12.0
+    """
+
+    def __init__(self, B: torch.Tensor, A: torch.Tensor):
+        self.B, self.A = _f64(B), _f64(A)
+
+    @cached_property
+    def gram_b(self) -> np.ndarray:
+        return (self.B.T @ self.B).numpy()
+
+    @cached_property
+    def gram_a(self) -> np.ndarray:
+        return (self.A @ self.A.T).numpy()
+
+    @cached_property
+    def factor_scale(self) -> float:
+        """||B||²_F · ||A||²_F: the size of the rounding error in Gram-based squared norms."""
+        return float(np.trace(self.gram_b)) * float(np.trace(self.gram_a))
+
+    @cached_property
+    def energy(self) -> float:
+        """||B @ A||²_F = tr(BᵀB · AAᵀ); through the SVD when B and A cancel each other."""
+        e = float((self.gram_b * self.gram_a).sum())
+        if e < GRAM_TRUST * self.factor_scale:
+            e = float((self.spectrum ** 2).sum())
+        return max(e, 0.0)
+
+    @cached_property
+    def _core(self):
+        """SVD of the r×r core R_B R_Aᵀ (B = Q_B R_B, Aᵀ = Q_A R_A) and the maps back to out/in."""
+        rb, ra = _chol_root(self.gram_b), _chol_root(self.gram_a)
+        if rb is not None and ra is not None:
+            core = rb[0] @ ra[0].T
+            lift_b = lambda Z: self.B @ _t(rb[1] @ Z)  # noqa: E731  (Q_B = B R_B⁻¹)
+            lift_a = lambda Z: _t((ra[1] @ Z).T) @ self.A  # noqa: E731  (Zᵀ Q_Aᵀ, k×in)
+        else:
+            qb, Rb = torch.linalg.qr(self.B)
+            qa, Ra = torch.linalg.qr(self.A.T)
+            core = Rb.numpy() @ Ra.numpy().T
+            lift_b = lambda Z: qb @ _t(Z)  # noqa: E731
+            lift_a = lambda Z: _t(Z.T) @ qa.T  # noqa: E731
+        uc, s, vch = np.linalg.svd(core, full_matrices=False)
+        return uc, s, vch, lift_b, lift_a
+
+    @property
+    def spectrum(self) -> np.ndarray:
+        """Singular values of B @ A, descending."""
+        return self._core[1]
+
+    def singular_vectors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_k out×k, V_k k×in), the top-k singular vectors; B@A ≈ U_k diag(S_k) V_k."""
+        uc, _, vch, lift_b, lift_a = self._core
+        return lift_b(uc[:, :k]), lift_a(vch[:k].T)
+
+
 def factored_svd(P: torch.Tensor, Q: torch.Tensor):
     """Thin SVD of P @ Q (P: m×r, Q: r×n) from the factors.
 
     Returns (Uk, S, Vk) with P @ Q = Uk @ diag(S) @ Vk.T, S descending.
-    Cost O((m + n) r²): QR of P and Q.T, then an SVD of the small core.
+    Cost O((m + n) r²): a Cholesky (or, when ill-conditioned, QR) factor of P and Q.T, then
+    an SVD of the small core.
     """
-    P, Q = _f64(P), _f64(Q)
-    qp, rp = torch.linalg.qr(P)
-    qq, rq = torch.linalg.qr(Q.T)
-    uc, s, vch = torch.linalg.svd(rp @ rq.T, full_matrices=False)
-    return qp @ uc, s, qq @ vch.T
+    upd = Update(P, Q)
+    u, v = upd.singular_vectors(len(upd.spectrum))
+    return u, _t(upd.spectrum), v.T
 
 
 def frobenius(B: torch.Tensor, A: torch.Tensor) -> float:
     """||B @ A||_F from the factors (via the r×r core)."""
-    _, s, _ = factored_svd(B, A)
-    return float(torch.linalg.vector_norm(s))
+    return float(np.linalg.norm(Update(B, A).spectrum))
 
 
 def difference_norm(B1, A1, B2, A2) -> float:
-    """||B1 @ A1 - B2 @ A2||_F, accurate even when the difference is tiny."""
+    """||B1 @ A1 - B2 @ A2||_F, accurate even when the difference is tiny.
+
+    Always through Householder QR: [B1, -B2] is nearly rank-deficient exactly when the
+    difference is small, which is where Gram matrices would lose it.
+    """
     C = torch.cat([_f64(B1), -_f64(B2)], dim=1)
     D = torch.cat([_f64(A1), _f64(A2)], dim=0)
-    return frobenius(C, D)
+    _, rc = torch.linalg.qr(C)
+    _, rd = torch.linalg.qr(D.T)
+    return float(torch.linalg.matrix_norm(rc @ rd.T))
 
 
-GRAM_MIN_EIG_RATIO = 1e-6  # cond(M) < 1e3: the Gram route loses < cond²·eps ≈ 1e-10
+def mini_difference_norm(upd: Update, UtB, AVt, GU, GV, X, Y) -> float | None:
+    """||B A − U X Y V||_F from small products only, or None when it is too small to trust.
+
+    UtB = UᵀB (a×r), AVt = A Vᵀ (r×b), GU = UᵀU, GV = V Vᵀ, X, Y: float64 (tensors or
+    arrays). Uses ||BA − UXYV||² = ||BA||² − 2 Σ (UtBᵀX)∘(AVt Yᵀ) + Σ (Xᵀ GU X)∘(Y GV Yᵀ);
+    the result is returned only when its square is well above that formula's rounding error.
+    """
+    UtB, AVt, GU, GV, X, Y = (np.asarray(m) for m in (UtB, AVt, GU, GV, X, Y))
+    cross = float(((UtB.T @ X) * (AVt @ Y.T)).sum())
+    gc, gd = X.T @ GU @ X, Y @ GV @ Y.T  # Gram matrices of C = UX and D = YV
+    e2 = upd.energy - 2.0 * cross + float((gc * gd).sum())
+    if e2 < GRAM_TRUST * (upd.factor_scale + float(np.trace(gc)) * float(np.trace(gd))):
+        return None
+    return e2 ** 0.5
 
 
-def _range_basis(M: torch.Tensor):
-    """Thin SVD M = Q diag(S) W.T restricted to numerically non-zero S (handles rank loss).
+def _range_basis(M: torch.Tensor, gram: np.ndarray):
+    """(S, W) of the thin SVD M = Q diag(S) Wᵀ restricted to numerically non-zero S.
 
-    Outers are tall (out×a) and, when random or orthonormal, well conditioned: then the a×a
-    Gram matrix's eigendecomposition gives the same factors about 10x faster than an SVD of
-    the tall matrix, with orthogonality error below 1e-10. Anything else takes the SVD.
+    Q itself is never formed: Qᵀ Z = diag(1/S) Wᵀ (Mᵀ Z), so a caller that already has
+    Mᵀ Z (cached outers) pays only small products. Outers are tall (out×a) and, when random
+    or orthonormal, well conditioned: the a×a Gram eigendecomposition then gives S and W
+    about 10x faster than an SVD of the tall matrix. Anything else takes the SVD.
     """
     if M.shape[0] >= M.shape[1] > 0:
-        evals, w = torch.linalg.eigh(M.T @ M)
+        evals, w = np.linalg.eigh(gram)
         if evals[0] > GRAM_MIN_EIG_RATIO * evals[-1] > 0:
-            s = evals.flip(0).sqrt()
-            w = w.flip(1)
-            return (M @ w) / s, s, w
-    q, s, wh = torch.linalg.svd(M, full_matrices=False)
-    tol = (s[0] if s.numel() else 0.0) * max(M.shape) * torch.finfo(F64).eps
+            return np.sqrt(evals[::-1]), w[:, ::-1]
+    _, s, wh = torch.linalg.svd(M, full_matrices=False)
+    s, wh = s.numpy(), wh.numpy()
+    tol = (s[0] if s.size else 0.0) * max(M.shape) * np.finfo(np.float64).eps
     keep = s > tol
-    return q[:, keep], s[keep], wh[keep].T
+    return s[keep], wh[keep].T
+
+
+class OuterBasis:
+    """An outer matrix in float64 with its Gram matrix and (on demand) range basis: all that
+    fitting and error estimation need of it.
+
+    U (out×a) is described by UᵀU and its thin SVD (S, W); for V (b×in) pass Vᵀ. Depends
+    only on the outer, so one basis serves every module that shares that outer.
+    """
+
+    def __init__(self, M: torch.Tensor):
+        self.m = _f64(M)
+        self.gram = (self.m.T @ self.m).numpy()
+
+    @cached_property
+    def _range(self):
+        return _range_basis(self.m, self.gram)
+
+    @property
+    def s(self) -> np.ndarray:
+        """Non-zero singular values, descending."""
+        return self._range[0]
+
+    @property
+    def w(self) -> np.ndarray:
+        """Right singular vectors of the non-zero singular values."""
+        return self._range[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.m.numel() * 8 + self.gram.nbytes + self.s.nbytes + self.w.nbytes
+
+    def project(self, MtZ: np.ndarray) -> np.ndarray:
+        """Qᵀ Z from Mᵀ Z."""
+        return (self.w.T @ MtZ) / self.s[:, None]
+
+    def lift(self, Z: np.ndarray) -> np.ndarray:
+        """The inner matrix P with M P = Q Z (the pseudo-inverse map back through the outer)."""
+        return self.w @ (Z / self.s[:, None])
 
 
 @dataclass
@@ -87,13 +242,22 @@ class InnerFit:
         return float((self.spectrum[:k] ** 2).sum()) / self.total_energy
 
 
-def project(B, A, U, V):
-    """Project ΔW = B@A onto span(U) ⊗ span(V.T); returns the pieces fit_inner needs."""
-    B, A, U, V = _f64(B), _f64(A), _f64(U), _f64(V)
-    qu, su, wu = _range_basis(U)
-    qv, sv, wv = _range_basis(V.T)
-    ug, s, vg = factored_svd(qu.T @ B, A @ qv)
-    return (qu, su, wu), (qv, sv, wv), (ug, s, vg)
+def _small_svd(P: np.ndarray, Q: np.ndarray):
+    """Thin SVD of P @ Q for small dense P (m×r), Q (r×n): QR of both, SVD of the core."""
+    qp, rp = np.linalg.qr(P)
+    qq, rq = np.linalg.qr(Q.T)
+    uc, s, vch = np.linalg.svd(rp @ rq.T, full_matrices=False)
+    return qp @ uc, s, qq @ vch.T
+
+
+def fit_projected(upd: Update, ub: OuterBasis, vb: OuterBasis, UtB, AVt, rank: int | None = None,
+                  keep_energy: float | None = None) -> InnerFit:
+    """fit_inner from an Update, the outers' bases and the products UᵀB, AVᵀ (float64)."""
+    ug, s, vg = _small_svd(ub.project(np.asarray(UtB)), vb.project(np.asarray(AVt).T).T)
+    k = choose_rank(s, upd.energy, rank, keep_energy)
+    root = np.sqrt(s[:k])
+    return InnerFit(X=_t(ub.lift(ug[:, :k] * root)), Y=_t(vb.lift(vg[:, :k] * root).T), spectrum=_t(s),
+                    total_energy=upd.energy)
 
 
 def fit_inner(B, A, U, V, rank: int | None = None, keep_energy: float | None = None) -> InnerFit:
@@ -109,34 +273,28 @@ def fit_inner(B, A, U, V, rank: int | None = None, keep_energy: float | None = N
     >>> round(fit.retained_energy(), 12)
     1.0
     """
-    (_, su, wu), (_, sv, wv), (ug, s, vg) = project(B, A, U, V)
-    total = frobenius(B, A) ** 2
-    k = choose_rank(s, total, rank, keep_energy)
-    root = s[:k].sqrt()
-    X = wu @ ((ug[:, :k] * root) / su[:, None])
-    Y = (wv @ ((vg[:, :k] * root) / sv[:, None])).T
-    return InnerFit(X=X, Y=Y, spectrum=s, total_energy=total)
+    upd, ub, vb = Update(B, A), OuterBasis(U), OuterBasis(_f64(V).T)
+    return fit_projected(upd, ub, vb, ub.m.T @ upd.B, upd.A @ vb.m, rank, keep_energy)
 
 
-def choose_rank(spectrum: torch.Tensor, total_energy: float, rank: int | None,
-                keep_energy: float | None) -> int:
+def choose_rank(spectrum, total_energy: float, rank: int | None, keep_energy: float | None) -> int:
     """Inner rank: `rank` capped by the numerical rank, or the smallest k keeping `keep_energy`."""
-    tol = (float(spectrum[0]) if spectrum.numel() else 0.0) * 1e-12
+    spectrum = np.asarray(spectrum)
+    tol = (float(spectrum[0]) if spectrum.size else 0.0) * 1e-12
     available = int((spectrum > tol).sum())
     if keep_energy is not None:
         if total_energy == 0.0:
             return available
-        captured = torch.cumsum(spectrum**2, 0) / total_energy
-        hit = (captured >= keep_energy - 1e-12).nonzero()
-        k = int(hit[0]) + 1 if hit.numel() else available
+        captured = np.cumsum(spectrum**2) / total_energy
+        hit = np.flatnonzero(captured >= keep_energy - 1e-12)
+        k = int(hit[0]) + 1 if hit.size else available
         return min(k, available) if rank is None else min(k, available, rank)
     return available if rank is None else min(rank, available)
 
 
 def svd_outers(B, A, k: int):
     """Top-k singular vectors of B@A as outers: U (out×k), V (k×in), orthonormal."""
-    u, _, v = factored_svd(B, A)
-    return u[:, :k].contiguous(), v[:, :k].T.contiguous()
+    return Update(B, A).singular_vectors(k)
 
 
 def relative_error(B, A, B2, A2) -> float:

@@ -80,8 +80,9 @@ def _checked(load, path: str):
         except torch.linalg.LinAlgError as exc:
             raise BadInputError(f"module {name!r}: factors cannot be decomposed "
                                 f"({str(exc).splitlines()[0][:120]})", path) from None
-        require_finite(m.down, f"module {name!r} down factor (as converted)", path)
-        require_finite(m.up, f"module {name!r} up factor (as converted)", path)
+        if not m.checked_finite:
+            require_finite(m.down, f"module {name!r} down factor (as converted)", path)
+            require_finite(m.up, f"module {name!r} up factor (as converted)", path)
         if not math.isfinite(m.alpha) or not math.isfinite(m.scale):
             raise BadInputError(f"module {name!r}: alpha/scale is not a finite number", path)
         return m

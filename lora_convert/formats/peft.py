@@ -295,7 +295,7 @@ def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict, rank_alph
         raise BadInputError(f"module {name!r}: tensors have rank {down.shape[0]} but the config "
                             f"(r / rank_pattern) says {r}", tensors.path)
     return LoraModule(name=name, down=down, up=up, alpha=alpha, use_rslora=bool(cfg.get("use_rslora")),
-                      kind=kind, kernel=kernel)
+                      kind=kind, kernel=kernel, checked_finite=True)
 
 
 def _kind(A: torch.Tensor, B: torch.Tensor, path=None):

@@ -1,14 +1,25 @@
-"""Random outers regenerated bit-exactly from a seed: the file stores only the seed."""
+"""Random outers regenerated bit-exactly from a seed: the file stores only the seed.
+
+Files written by this version use one generator stream per seed (``"stream": ""``): every
+module whose U has the same shape gets the same U, and likewise for V, as VeRA shares its
+random matrices across layers. The fit is per module, so sharing costs no accuracy, and a
+7B-shaped adapter needs four distinct outers instead of 448. Files without a ``stream``
+key were written per module (keyed on the module name) and are read as such.
+"""
 from __future__ import annotations
 
 import torch
 
 from ..errors import IntegrityError, UnsupportedError
+from ..lru import BytesLRU
 from .rng import GENERATOR_NAME, GENERATOR_VERSION, fingerprint, random_matrix
 
 NAME = "random"
 STORED = False
 DEFAULT_OUTER_DIM = 64
+SHARED_STREAM = ""
+# float32 outers kept for reuse; a Llama-2-7B-shaped adapter at a=b=64 needs 7.7 MB of them.
+_CACHE = BytesLRU(64 << 20, size=lambda v: v[0].numel() * 4)
 
 
 def outer_dims(out_features: int, in_features: int, outer_dim) -> tuple[int, int]:
@@ -22,19 +33,27 @@ def outer_dims(out_features: int, in_features: int, outer_dim) -> tuple[int, int
     return min(a, out_features), min(b, in_features)
 
 
-def generate(name: str, seed: int, out_features: int, in_features: int, a: int, b: int):
-    U = random_matrix(seed, name, "U", out_features, a)
-    V = random_matrix(seed, name, "V", b, in_features)
-    return U, V
+def outer_matrix(seed: int, stream: str, role: str, rows: int, cols: int) -> tuple[torch.Tensor, str]:
+    """(matrix as float32, its SHA-256 fingerprint); cached, so callers must not modify it."""
+    def make():
+        m = random_matrix(seed, stream, role, rows, cols)
+        return torch.from_numpy(m), fingerprint(m)
+    return _CACHE.get((seed, stream, role, rows, cols), make)
 
 
-def make(module, options: dict):
+def stream_of(name: str, spec: dict) -> str:
+    """The generator stream a spec names: its ``stream``, or the module name in older files."""
+    return spec.get("stream", name)
+
+
+def make(module, options: dict, update=None):
     a, b = outer_dims(module.out_features, module.in_features, options.get("outer_dim"))
     seed = int(options.get("seed", 0))
-    U, V = generate(module.name, seed, module.out_features, module.in_features, a, b)
+    U, u_sha = outer_matrix(seed, SHARED_STREAM, "U", module.out_features, a)
+    V, v_sha = outer_matrix(seed, SHARED_STREAM, "V", b, module.in_features)
     spec = {"source": NAME, "generator": GENERATOR_NAME, "generator_version": GENERATOR_VERSION,
-            "seed": seed, "a": a, "b": b, "u_sha256": fingerprint(U), "v_sha256": fingerprint(V)}
-    return torch.from_numpy(U), torch.from_numpy(V), spec
+            "seed": seed, "stream": SHARED_STREAM, "a": a, "b": b, "u_sha256": u_sha, "v_sha256": v_sha}
+    return U, V, spec
 
 
 def restore(name: str, spec: dict, out_features: int, in_features: int, tensors, path=None):
@@ -43,9 +62,11 @@ def restore(name: str, spec: dict, out_features: int, in_features: int, tensors,
         raise UnsupportedError(f"module {name!r}: random outer generator "
                                f"{spec.get('generator')!r} version {version!r} is not supported "
                                f"(this build has {GENERATOR_NAME} v{GENERATOR_VERSION})", path)
-    U, V = generate(name, int(spec["seed"]), out_features, in_features, int(spec["a"]), int(spec["b"]))
-    for role, mat in (("u", U), ("v", V)):
-        if fingerprint(mat) != spec.get(f"{role}_sha256"):
+    stream, seed = stream_of(name, spec), int(spec["seed"])
+    U, u_sha = outer_matrix(seed, stream, "U", out_features, int(spec["a"]))
+    V, v_sha = outer_matrix(seed, stream, "V", int(spec["b"]), in_features)
+    for role, digest in (("u", u_sha), ("v", v_sha)):
+        if digest != spec.get(f"{role}_sha256"):
             raise IntegrityError(f"module {name!r}: regenerated outer {role.upper()} does not match its "
                                  "SHA-256 fingerprint (wrong seed, generator or tampered metadata)", path)
-    return torch.from_numpy(U), torch.from_numpy(V)
+    return U, V
