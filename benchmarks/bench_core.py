@@ -5,6 +5,8 @@ down 4096x11008 in every layer; about 80 MB for 32 layers) in a temporary direct
 run, measures
 
   io floor     safetensors load_file + save_file of the same adapter file (and + fsync)
+  f64 floor    read every factor, widen to float64, form BᵀB and AAᵀ (+ UᵀB, AVᵀ for random
+               outers) on compress's threads: the arithmetic no float64 method can skip
   compress     lora_convert.compress + lora_convert.save, outer svd and outer random
   reconstruct  lora_convert.load + reconstruct + save_adapter, from each compressed file
   cli          `lora-convert compress ... --outer random` once (wall clock, start-up included)
@@ -56,6 +58,8 @@ TARGET_VS_FLOOR, TARGET_SPEEDUP = 3.0, 100.0
 OPERATIONS = [  # (result key, label)
     ("io_floor", "io floor: load_file + save_file"),
     ("io_floor_fsync", "io floor + fsync"),
+    ("f64_floor", "float64 floor (c)"),
+    ("f64_floor_random", "float64 floor + UᵀB, AVᵀ (c)"),
     ("compress_svd", "compress --outer svd"),
     ("compress_random", "compress --outer random"),
     ("reconstruct_svd", "reconstruct (svd file)"),
@@ -132,10 +136,14 @@ def run_operation(job: dict) -> dict:
     op, src, dst = job["op"], Path(job.get("src", ".")), Path(job.get("dst", "."))
     if op == "build":
         return {"bytes": build_adapter(dst, job["layers"])}
+    if op.startswith("f64_floor"):
+        floor_job = _f64_floor_job(src, random_outers=op.endswith("random"))
     base = _reset_peak()
     wall, cpu = time.perf_counter(), time.process_time()
     if op == "noop":
         pass
+    elif op.startswith("f64_floor"):
+        floor_job()
     elif op.startswith("io_floor"):
         save_file(load_file(src / WEIGHTS), dst / WEIGHTS)
         if op == "io_floor_fsync":
@@ -157,6 +165,35 @@ def run_operation(job: dict) -> dict:
     return {"seconds": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
             "base_rss": base, "peak_above": _peak() - base,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def _f64_floor_job(src: Path, random_outers: bool):
+    """The float64 work any method that works from the factors must do, on compress's threads:
+    read every factor, widen it to float64 and form BᵀB and AAᵀ; with `random_outers` also the
+    projections UᵀB, AVᵀ onto a-column outers (generated before the clock starts)."""
+    import torch
+
+    from lora_convert.adapter import ordered_map
+    from lora_convert.convert import workers
+    from lora_convert.st import LazyTensors
+
+    lazy = LazyTensors(src / WEIGHTS)
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in lazy.keys()})
+    dims = {d for shape in SHAPES.values() for d in shape}
+    outers = {d: torch.randn(d, RANDOM_OUTER_DIM, dtype=torch.float64) for d in dims} if random_outers else {}
+
+    def one(name: str):
+        B = lazy.get(f"{name}.lora_B.weight").double()
+        A = lazy.get(f"{name}.lora_A.weight").double()
+        products = [B.T @ B, A @ A.T]
+        if outers:
+            products += [outers[B.shape[0]].T @ B, A @ outers[A.shape[1]]]
+        return products
+
+    def run():
+        for _ in ordered_map(one, names, workers()):
+            pass
+    return run
 
 
 # ----------------------------------------------------------------------------- driver
@@ -219,7 +256,9 @@ def suite(src: Path, work: Path, repeats: int) -> dict:
     """The streamed operations (OPERATIONS) on one adapter."""
     jobs = {"noop": {"op": "noop"},
             "io_floor": {"op": "io_floor", "src": str(src), "dst": str(work / "io")},
-            "io_floor_fsync": {"op": "io_floor_fsync", "src": str(src), "dst": str(work / "io")}}
+            "io_floor_fsync": {"op": "io_floor_fsync", "src": str(src), "dst": str(work / "io")},
+            "f64_floor": {"op": "f64_floor", "src": str(src)},
+            "f64_floor_random": {"op": "f64_floor_random", "src": str(src)}}
     for outer in ("svd", "random"):
         mini = str(work / f"mini-{outer}")
         jobs[f"compress_{outer}"] = {"op": f"compress_{outer}", "src": str(src), "dst": mini}
@@ -314,6 +353,9 @@ def render(args, env: dict, sizes: dict, results: dict, base: dict, cli: dict) -
         count = sum(1 for s in SHAPES.values() if s == (o, i))
         lines.append(f"    {m:<18} {o:>5}x{i:<5} {x['seconds']:8.2f}s  (x{count} per layer)  "
                      f"peak {x['peak_above'] / MB:.0f} MB")
+    lines += ["(c) the float64 work any method working from the factors must do, on compress's worker",
+              "    threads: read each factor, widen it to float64, form BᵀB and AAᵀ; the random row adds the",
+              f"    projections UᵀB, AVᵀ onto {RANDOM_OUTER_DIM}-column outers. No fit, no output, no checksums."]
 
     floor, floor_fsync = r["io_floor"]["seconds"], r["io_floor_fsync"]["seconds"]
     lines += ["", f"ratios ({big} layers)                                    measured      target"]
@@ -322,6 +364,9 @@ def render(args, env: dict, sizes: dict, results: dict, base: dict, cli: dict) -
         lines.append(f"  compress {outer:<6} / io floor                    {ratio:9.1f}x      <= {TARGET_VS_FLOOR:.0f}x  "
                      f"{_verdict(ratio <= TARGET_VS_FLOOR)}   (/ floor+fsync: "
                      f"{r[f'compress_{outer}']['seconds'] / floor_fsync:.1f}x)")
+    for outer, floor_op in (("svd", "f64_floor"), ("random", "f64_floor_random")):
+        ratio = r[f"compress_{outer}"]["seconds"] / r[floor_op]["seconds"]
+        lines.append(f"  compress {outer:<6} / its float64 floor (c)         {ratio:9.1f}x      (not a target)")
     for outer in ("svd", "random"):
         speedup = base["seconds"] / r[f"compress_{outer}"]["seconds"]
         lines.append(f"  baseline / compress {outer:<6} (speedup)         {speedup:9.0f}x      >= "

@@ -331,6 +331,8 @@ def _validate_spec(name: str, spec: dict, shapes: dict) -> None:
     if src.NAME == "random" and (type(o.get("seed")) is not int or not isinstance(o.get("u_sha256"), str)
                                  or not isinstance(o.get("v_sha256"), str)):
         raise ValueError("random outer needs an integer seed and u_sha256/v_sha256 fingerprints")
+    if "stream" in o and not isinstance(o["stream"], str):
+        raise ValueError(f"random outer stream must be a string, got {o['stream']!r}")
     want = {"X": (a, k), "Y": (k, b)}
     if src.STORED:
         want.update(U=(out_f, a), V=(b, in_f))

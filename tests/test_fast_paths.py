@@ -1,0 +1,176 @@
+"""The fast paths of compress: Gram/Cholesky math with QR fallbacks, the error of the stored
+values, shared random outers, worker threads and the I/O shortcuts. Each is checked
+against a slow dense reference or the path it replaces."""
+import errno
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+import lora_convert as lc
+from lora_convert import mathcore
+from lora_convert.adapter import LoraModule, from_modules, ordered_map
+from lora_convert.container import MiniAdapter, MiniModule
+from lora_convert.convert import compress_module
+from lora_convert.errors import BadInputError
+from lora_convert.outer import random as random_outer
+from lora_convert.st import LazyTensors, StreamingWriter
+
+D = torch.float64
+
+
+def factors(out, inp, r, cond=1.0, seed=0):
+    """B (out×r) with condition number `cond`, A (r×in) well conditioned, both float64."""
+    g = torch.Generator().manual_seed(seed)
+    qb, _ = torch.linalg.qr(torch.randn(out, r, generator=g, dtype=D))
+    sv = torch.logspace(0, -torch.log10(torch.tensor(cond, dtype=D)).item(), r, dtype=D)
+    B = qb * sv * 0.02
+    A = torch.randn(r, inp, generator=g, dtype=D) / inp**0.5
+    return B, A
+
+
+def dense_rel_error(m: LoraModule, mini: MiniModule) -> float:
+    target = m.up.double() @ m.down.double()
+    approx = mini.U.double() @ mini.X.double() @ mini.Y.double() @ mini.V.double()
+    return float(torch.linalg.matrix_norm(approx - target) / torch.linalg.matrix_norm(target))
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e7])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("source", ["svd", "random"])
+def test_reported_error_is_the_error_of_the_stored_values(source, dtype, cond):
+    B, A = factors(96, 80, 8, cond=cond)
+    m = LoraModule("layers.0.q_proj", down=A.to(dtype), up=B.to(dtype), alpha=16.0)
+    mini = compress_module(m, source, seed=1, outer_dim=24)
+    truth = dense_rel_error(m, mini)
+    assert mini.fidelity["rel_error"] == pytest.approx(truth, rel=1e-6, abs=1e-12)
+    if source == "svd":  # full rank: only the rounding of U, V, X, Y to the storage dtype is lost
+        assert truth < {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-6}[dtype]
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e6, float("inf")])
+def test_cholesky_and_qr_routes_give_the_dense_svd(cond):
+    B, A = factors(60, 50, 6, cond=1e3 if cond == float("inf") else cond)
+    if cond == float("inf"):
+        B[:, -1] = B[:, 0]  # rank-deficient: Cholesky fails, QR takes over
+    upd = mathcore.Update(B, A)
+    expect_gram = cond == 1.0
+    assert (mathcore._chol_root(upd.gram_b) is not None) == expect_gram
+    dense = torch.linalg.svdvals(B @ A).numpy()
+    assert upd.spectrum[:5] == pytest.approx(dense[:5], rel=1e-9)
+    assert upd.energy == pytest.approx(float((dense**2).sum()), rel=1e-12)
+    u, v = upd.singular_vectors(3)
+    torch.testing.assert_close(u @ torch.diag(torch.from_numpy(upd.spectrum[:3])) @ v,
+                               torch.linalg.svd(B @ A)[0][:, :3] @ torch.diag(torch.from_numpy(dense[:3]))
+                               @ torch.linalg.svd(B @ A)[2][:3], atol=1e-12, rtol=1e-9)
+
+
+def test_gram_error_formula_refuses_what_it_cannot_resolve():
+    B, A = factors(40, 30, 4)
+    upd = mathcore.Update(B, A)
+    U, V = upd.singular_vectors(4)
+    ub, vb = mathcore.OuterBasis(U), mathcore.OuterBasis(V.T)
+    X = Y = torch.diag(torch.from_numpy(upd.spectrum[:4]).sqrt())
+    args = (upd, ub.m.T @ upd.B, upd.A @ vb.m, ub.gram, vb.gram)
+    assert mathcore.mini_difference_norm(*args, X, Y) is None  # exact: rounding noise only
+    Xp = X * (1 + 1e-3)
+    expect = float(torch.linalg.matrix_norm(B @ A - U @ Xp @ Y @ V))
+    assert mathcore.mini_difference_norm(*args, Xp, Y) == pytest.approx(expect, rel=1e-6)
+
+
+def test_random_outers_are_shared_by_shape_and_files_without_a_stream_still_load(tmp_path):
+    shapes = {"a.q_proj": (64, 48), "b.q_proj": (64, 48), "c.up_proj": (80, 48)}
+    mods = [LoraModule(n, down=factors(o, i, 4, seed=k)[1], up=factors(o, i, 4, seed=k)[0], alpha=8.0)
+            for k, (n, (o, i)) in enumerate(shapes.items())]
+    mini = lc.compress(from_modules("peft", mods), "random", seed=5, outer_dim=16)
+    a, b, c = (mini.module(n) for n in shapes)
+    assert a.outer["stream"] == "" and torch.equal(a.U, b.U) and a.outer["u_sha256"] == b.outer["u_sha256"]
+    assert a.outer["u_sha256"] != c.outer["u_sha256"] and torch.equal(a.V, c.V)  # V: same b×in
+
+    # a file written per module (no "stream"): outers keyed on the module name
+    legacy = []
+    for m in (a, b):
+        U, u_sha = random_outer.outer_matrix(5, m.name, "U", m.out_features, 16)
+        V, v_sha = random_outer.outer_matrix(5, m.name, "V", 16, m.in_features)
+        spec = {k: v for k, v in m.outer.items() if k != "stream"} | {"u_sha256": u_sha, "v_sha256": v_sha}
+        legacy.append(MiniModule(name=m.name, kind="linear", kernel={}, rank=4, alpha=8.0, use_rslora=False,
+                                 dtype="float64", outer=spec, U=U, V=V, X=m.X, Y=m.Y))
+    table = {m.name: m for m in legacy}
+    lc.save(MiniAdapter(source_format="peft", module_names=list(table), load_module=table.__getitem__), tmp_path / "old")
+    loaded = lc.load(tmp_path / "old")
+    la, lb = loaded.module("a.q_proj"), loaded.module("b.q_proj")
+    assert "stream" not in la.outer and not torch.equal(la.U, lb.U) and not torch.equal(la.U, a.U)
+    assert lc.verify(tmp_path / "old").modules  # fingerprints of the per-module streams check out
+
+
+def test_output_does_not_depend_on_the_number_of_workers(tmp_path, monkeypatch):
+    mods = [LoraModule(f"layers.{i}.{p}", down=A.half(), up=B.half(), alpha=16.0)
+            for i in range(6) for p, (B, A) in {"q_proj": factors(64, 48, 8, seed=i),
+                                                "down_proj": factors(48, 64, 8, seed=i + 9)}.items()]
+    threads = torch.get_num_threads()
+    outputs = []
+    for n in ("1", "3"):
+        monkeypatch.setenv("LORA_CONVERT_WORKERS", n)
+        for source in ("svd", "random"):
+            lc.save(lc.compress(from_modules("peft", mods), source, seed=3), tmp_path / f"{source}-{n}")
+            outputs.append((tmp_path / f"{source}-{n}" / "lora_mini.safetensors").read_bytes())
+    assert outputs[0] == outputs[2] and outputs[1] == outputs[3]
+    assert torch.get_num_threads() == threads  # workers pin their own OpenMP threads, not the caller's
+
+
+def test_ordered_map_keeps_order_bounds_work_in_flight_and_raises_in_turn():
+    live, peak, lock = [0], [0], threading.Lock()
+
+    class Result:
+        def __init__(self, i):
+            with lock:
+                live[0] += 1
+                peak[0] = max(peak[0], live[0])
+            self.i = i
+
+        def release(self):
+            with lock:
+                live[0] -= 1
+
+    def work(i):
+        time.sleep(0.002 * (i % 3))
+        if i == 7:
+            raise ValueError("item 7")
+        return Result(i)
+
+    seen = []
+    with pytest.raises(ValueError, match="item 7"):
+        for r in ordered_map(work, range(20), workers=3):
+            seen.append(r.i)
+            r.release()
+    assert seen == list(range(7))
+    assert peak[0] <= 3 + 1 + 1  # workers + 1 queued, and the one the caller holds
+
+
+def test_spool_copy_falls_back_when_the_kernel_copy_is_refused(tmp_path, monkeypatch):
+    def refuse(*_):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    t = {"a": torch.arange(10_000, dtype=torch.float32), "b": torch.ones(3, 5, dtype=torch.float16)}
+    for attr in ("copy_file_range", "sendfile"):
+        monkeypatch.setattr(os, attr, refuse, raising=False)
+        with StreamingWriter(tmp_path / f"{attr}.safetensors") as w:
+            for k, v in t.items():
+                w.add(k, v)
+            w.finish({"x": "y"})
+        lazy = LazyTensors(tmp_path / f"{attr}.safetensors")
+        assert all(torch.equal(lazy.get(k), v) for k, v in t.items()) and lazy.metadata == {"x": "y"}
+
+
+def test_a_file_that_shrinks_after_its_header_was_read_is_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    with StreamingWriter(path) as w:
+        w.add("a", torch.ones(1000))
+        w.finish()
+    lazy = LazyTensors(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 100)
+    with pytest.raises(BadInputError, match="file ends inside"):
+        lazy.get("a")
