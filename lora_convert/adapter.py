@@ -100,14 +100,15 @@ def ordered_map(fn: Callable, items: Iterable, workers: int = 1) -> Iterator:
     try:
         for item in it:
             pending.append(pool.submit(fn, item))
-            if len(pending) > workers:
+            if len(pending) >= workers:
                 break
         while pending:
             result = pending.popleft().result()
-            for item in it:
+            for item in it:  # keep every worker busy while the caller has this one
                 pending.append(pool.submit(fn, item))
                 break
             yield result
+            result = None  # the caller's turn is over: do not hold it while the next is computed
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

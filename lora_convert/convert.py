@@ -97,8 +97,12 @@ def compress_module(m: LoraModule, source: str = "random", *, seed: int = 0, out
         X, Y = fit.X, fit.Y
     if X.shape[1] == 0:  # an all-zero update: keep one zero direction so shapes stay valid
         X, Y = torch.zeros(U.shape[1], 1, dtype=torch.float64), torch.zeros(1, V.shape[0], dtype=torch.float64)
-    X, Y = X.to(store), Y.to(store)
+    X64, Y64, X, Y = X, Y, X.to(store), Y.to(store)
     Xd, Yd = X.double(), Y.double()
+    if not (torch.isfinite(Xd).all() and torch.isfinite(Yd).all()):
+        raise BadInputError(f"module {m.name!r}: the inner matrices overflow {_DTYPE_NAME[store]} (largest |X|, |Y|: "
+                            f"{_abs_max(X64, Y64):.3g}); the outers are ill-conditioned for this module: "
+                            "store them as fp32 (--dtype fp32) or choose another --seed / --outer-dim")
     diff = mini_difference_norm(upd, UtB, AVt, ub.gram, vb.gram, Xd, Yd)
     if diff is None:  # too close to exact for the Gram formula: QR of the stacked factors
         diff = difference_norm(upd.B, upd.A, ub.m @ Xd, Yd @ vb.m.T)
@@ -107,6 +111,10 @@ def compress_module(m: LoraModule, source: str = "random", *, seed: int = 0, out
     return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
                       use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=spec,
                       U=U, V=V, X=X, Y=Y, fidelity={"rel_error": rel, "energy": m.scale**2 * upd.energy})
+
+
+def _abs_max(*tensors: torch.Tensor) -> float:
+    return max(float(t.abs().max()) for t in tensors)
 
 
 def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_dim=None,
@@ -123,7 +131,12 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
 
     @one_thread  # reading the factors too
     def load(name: str) -> MiniModule:
-        return compress_module(adapter.module(name), outer, **kwargs)
+        try:
+            return compress_module(adapter.module(name), outer, **kwargs)
+        except BadInputError as exc:
+            if exc.path is None:  # compress_module's own refusals: name the adapter
+                raise BadInputError(exc.problem, adapter.source or None) from None
+            raise
 
     return MiniAdapter(source_format=adapter.format, module_names=list(adapter.module_names), load_module=load,
                        source_config=adapter.config, source_metadata=adapter.metadata,

@@ -158,7 +158,11 @@ def mini_difference_norm(upd: Update, UtB, AVt, GU, GV, X, Y) -> float | None:
     cross = float(((UtB.T @ X) * (AVt @ Y.T)).sum())
     gc, gd = X.T @ GU @ X, Y @ GV @ Y.T  # Gram matrices of C = UX and D = YV
     e2 = upd.energy - 2.0 * cross + float((gc * gd).sum())
-    if e2 < GRAM_TRUST * (upd.factor_scale + float(np.trace(gc)) * float(np.trace(gd))):
+    # Rounding in XᵀGU X grows with ||GU||·||X||², not with ||UX||²: ill-conditioned outers
+    # with large inners (cancelling through U) must not pass for a trustworthy result.
+    inner_scale = (np.abs(GU).sum(1).max() * float((X * X).sum())) * (np.abs(GV).sum(1).max() * float((Y * Y).sum()))
+    scale = upd.factor_scale + float(np.trace(gc)) * float(np.trace(gd)) + float(inner_scale)
+    if not e2 >= GRAM_TRUST * scale:  # also NaN
         return None
     return e2 ** 0.5
 
