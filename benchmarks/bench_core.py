@@ -392,11 +392,18 @@ def main(argv=None) -> None:
     p.add_argument("--baseline-dtype", choices=["float32", "float64"], default="float32",
                    help="dtype of the dense baseline (default float32: the faster, so the conservative one)")
     p.add_argument("--out", type=Path, help="also write the report to this file")
+    p.add_argument("--write-adapter", type=Path, metavar="DIR",
+                   help="only write the --layers adapter to DIR (a new directory) and exit, e.g. to time "
+                        "`lora-convert compress DIR ...` yourself")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         print(json.dumps(run_operation(json.loads(args.worker))))
+        return
+    if args.write_adapter:
+        size = build_adapter(args.write_adapter, args.layers)
+        print(f"wrote {args.write_adapter / WEIGHTS} ({size / MB:.1f} MB, {args.layers} layers)")
         return
 
     def say(msg: str) -> None:
