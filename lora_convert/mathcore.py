@@ -91,20 +91,19 @@ class Update:
 
     @cached_property
     def _core(self):
-        """SVD of the r×r core R_B R_Aᵀ (B = Q_B R_B, Aᵀ = Q_A R_A) and the maps back to out/in."""
+        """SVD of the r×r core R_B R_Aᵀ (B = Q_B R_B, Aᵀ = Q_A R_A), and how to reach Q_B, Q_A:
+        ("gram", R_B⁻¹, R_A⁻¹) when Q = factor·R⁻¹, else ("qr", Q_B, Q_A). Plain data, no
+        closures over self: a reference cycle would keep every module's factors alive until
+        the cyclic garbage collector happened to run."""
         rb, ra = _chol_root(self.gram_b), _chol_root(self.gram_a)
         if rb is not None and ra is not None:
-            core = rb[0] @ ra[0].T
-            lift_b = lambda Z: self.B @ _t(rb[1] @ Z)  # noqa: E731  (Q_B = B R_B⁻¹)
-            lift_a = lambda Z: _t((ra[1] @ Z).T) @ self.A  # noqa: E731  (Zᵀ Q_Aᵀ, k×in)
+            core, route = rb[0] @ ra[0].T, ("gram", rb[1], ra[1])
         else:
             qb, Rb = torch.linalg.qr(self.B)
             qa, Ra = torch.linalg.qr(self.A.T)
-            core = Rb.numpy() @ Ra.numpy().T
-            lift_b = lambda Z: qb @ _t(Z)  # noqa: E731
-            lift_a = lambda Z: _t(Z.T) @ qa.T  # noqa: E731
+            core, route = Rb.numpy() @ Ra.numpy().T, ("qr", qb, qa)
         uc, s, vch = np.linalg.svd(core, full_matrices=False)
-        return uc, s, vch, lift_b, lift_a
+        return uc, s, vch, route
 
     @property
     def spectrum(self) -> np.ndarray:
@@ -113,8 +112,10 @@ class Update:
 
     def singular_vectors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_k out×k, V_k k×in), the top-k singular vectors; B@A ≈ U_k diag(S_k) V_k."""
-        uc, _, vch, lift_b, lift_a = self._core
-        return lift_b(uc[:, :k]), lift_a(vch[:k].T)
+        uc, _, vch, (kind, qb, qa) = self._core
+        if kind == "gram":  # Q_B = B R_B⁻¹, Q_Aᵀ = R_A⁻ᵀ A
+            return self.B @ _t(qb @ uc[:, :k]), _t((qa @ vch[:k].T).T) @ self.A
+        return qb @ _t(uc[:, :k]), _t(vch[:k]) @ qa.T
 
 
 def factored_svd(P: torch.Tensor, Q: torch.Tensor):
