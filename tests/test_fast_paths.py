@@ -194,3 +194,23 @@ def test_inner_matrices_that_overflow_the_storage_dtype_are_refused_naming_the_a
         list(lc.compress(adapter, "random", seed=1579).modules())  # seed 1579: a 16×16 outer with cond ~1e5
     assert str(info.value.path) == "/adapters/small"
     assert lc.compress(adapter, "random", seed=1579, dtype="fp32").module("m").fidelity["rel_error"] < 1.0
+
+
+@pytest.mark.parametrize("source", ["svd", "random"])
+def test_compress_leaves_no_reference_cycles(source):
+    """Cycles are freed only by the cyclic GC: any in the per-module path would keep modules'
+    float64 factors alive between GC passes, and peak memory would grow with the adapter."""
+    import gc
+
+    B, A = factors(64, 48, 8, cond=1e6)  # ill-conditioned: takes the QR route too
+    m = LoraModule("layers.0.q_proj", down=A.half(), up=B.half(), alpha=16.0)
+    compress_module(m, source, seed=2)  # warm caches
+    gc.collect()
+    gc.disable()
+    try:
+        for cond in (1.0, 1e6):
+            B, A = factors(64, 48, 8, cond=cond)
+            compress_module(LoraModule("layers.0.q_proj", down=A.half(), up=B.half(), alpha=16.0), source, seed=2)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
