@@ -102,7 +102,7 @@ class Update:
             qb, Rb = torch.linalg.qr(self.B)
             qa, Ra = torch.linalg.qr(self.A.T)
             core, route = Rb.numpy() @ Ra.numpy().T, ("qr", qb, qa)
-        uc, s, vch = np.linalg.svd(core, full_matrices=False)
+        uc, s, vch = _svd(core)
         return uc, s, vch, route
 
     @property
@@ -247,11 +247,25 @@ class InnerFit:
         return float((self.spectrum[:k] ** 2).sum()) / self.total_energy
 
 
+def _svd(M: np.ndarray):
+    """Thin SVD through LAPACK's dgesdd directly (np.linalg.svd's wrapper costs as much as
+    the work on 16×16 matrices); np.linalg.svd where dgesdd does not converge."""
+    if not M.size:
+        return np.linalg.svd(M, full_matrices=False)
+    u, s, vt, info = lapack.dgesdd(M, full_matrices=0)
+    return (u, s, vt) if info == 0 else np.linalg.svd(M, full_matrices=False)
+
+
 def _small_svd(P: np.ndarray, Q: np.ndarray):
-    """Thin SVD of P @ Q for small dense P (m×r), Q (r×n): QR of both, SVD of the core."""
+    """Thin SVD of P @ Q for small dense P (m×r), Q (r×n): Cholesky (or QR) factors of both,
+    SVD of the r×r core."""
+    rp, rq = _chol_root(P.T @ P), _chol_root(Q @ Q.T)
+    if rp is not None and rq is not None:
+        uc, s, vch = _svd(rp[0] @ rq[0].T)
+        return P @ (rp[1] @ uc), s, Q.T @ (rq[1] @ vch.T)
     qp, rp = np.linalg.qr(P)
     qq, rq = np.linalg.qr(Q.T)
-    uc, s, vch = np.linalg.svd(rp @ rq.T, full_matrices=False)
+    uc, s, vch = _svd(rp @ rq.T)
     return qp @ uc, s, qq @ vch.T
 
 
