@@ -226,10 +226,6 @@ def tensor_buffer(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor_buffer(tensor).tobytes()
-
-
 class StreamingWriter:
     """Write a safetensors file tensor by tensor without holding them all in memory.
 

@@ -649,6 +649,17 @@ def write_mini(d: Path, blob: bytes, as_dir: bool = False) -> None:
         d.write_bytes(blob)
 
 
+def write_spec_edit(f, value, *keys, resign=True):
+    """Write the valid LoRA-Mini file with the first module's spec[keys...] set to `value`, its
+    metadata checksum re-signed unless `resign` is False."""
+    def edit(doc, header, meta):
+        target = doc["modules"][MOD0]
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    write_mini(f, edit_mini(mini(), edit, resign=resign))
+
+
 def mini_case(name, command, expect, **kw):
     """A LoRA-Mini case stored as a single file fixtures/bad/<name>.safetensors."""
     def register(fn):
@@ -662,17 +673,13 @@ def mini_case(name, command, expect, **kw):
 @mini_case("mini_wrong_generator_version", "verify", ["generator", "version 2", "not supported"])
 def _(f):
     """random outer generator_version 2 (re-signed)"""
-    def edit(doc, header, meta):
-        doc["modules"][MOD0]["outer"]["generator_version"] = 2
-    write_mini(f, edit_mini(mini(), edit))
+    write_spec_edit(f, 2, "outer", "generator_version")
 
 
 @mini_case("mini_wrong_generator_name", "reconstruct", ["generator", "not supported"])
 def _(f):
     """unknown random outer generator (re-signed)"""
-    def edit(doc, header, meta):
-        doc["modules"][MOD0]["outer"]["generator"] = "mt19937"
-    write_mini(f, edit_mini(mini(), edit))
+    write_spec_edit(f, "mt19937", "outer", "generator")
 
 
 @mini_case("mini_wrong_seed", "verify", ["fingerprint"])
@@ -687,17 +694,13 @@ def _(f):
 @mini_case("mini_wrong_seed_unsigned", "verify", ["lora_mini_sha256", "checksum"])
 def _(f):
     """seed changed, metadata checksum left as it was"""
-    def edit(doc, header, meta):
-        doc["modules"][MOD0]["outer"]["seed"] = 8
-    write_mini(f, edit_mini(mini(), edit, resign=False))
+    write_spec_edit(f, 8, "outer", "seed", resign=False)
 
 
 @mini_case("mini_changed_alpha_unsigned", "reconstruct", ["lora_mini_sha256", "checksum"])
 def _(f):
     """alpha 4 -> 40 in a module spec (a silently 10x stronger adapter without the checksum)"""
-    def edit(doc, header, meta):
-        doc["modules"][MOD0]["alpha"] = 40.0
-    write_mini(f, edit_mini(mini(), edit, resign=False))
+    write_spec_edit(f, 40.0, "alpha", resign=False)
 
 
 @mini_case("mini_missing_checksum", "verify", ["no lora_mini_sha256"])
@@ -805,57 +808,43 @@ def _(f):
 @mini_case("mini_malformed_spec", "verify", ["malformed spec", "rank"])
 def _(f):
     """module rank is a string (re-signed)"""
-    def edit(doc, header, meta):
-        doc["modules"][MOD0]["rank"] = "two"
-    write_mini(f, edit_mini(mini(), edit))
+    write_spec_edit(f, "two", "rank")
 
 
 @mini_case("mini_inner_rank_exceeds_rank", "verify", ["malformed spec", "inner rank"])
 def _(f):
     """inner rank k larger than the original rank (re-signed)"""
-    def edit(doc, header, meta):
-        doc["modules"][MOD0]["rank"] = 1
-    write_mini(f, edit_mini(mini(), edit))
+    write_spec_edit(f, 1, "rank")
 
 
 @mini_case("mini_absurd_outer_size", "verify", ["over the limit"])
 def _(f):
     """out_features 2**40: regenerating U would need 2**42 floats (re-signed)"""
-    def edit(doc, header, meta):
-        doc["modules"][MOD0]["out_features"] = 2**40
-    write_mini(f, edit_mini(mini(), edit))
+    write_spec_edit(f, 2**40, "out_features")
 
 
 @mini_case("mini_absurd_rank", "reconstruct", ["over the limit"])
 def _(f):
     """rank 2**40: padding the factors back to it would need terabytes (re-signed)"""
-    def edit(doc, header, meta):
-        doc["modules"][MOD0]["rank"] = 2**40
-    write_mini(f, edit_mini(mini(), edit))
+    write_spec_edit(f, 2**40, "rank")
 
 
 @mini_case("mini_unknown_kind", "reconstruct", ["malformed spec", "kind"])
 def _(f):
     """module kind "attention" (re-signed)"""
-    def edit(doc, header, meta):
-        doc["modules"][MOD0]["kind"] = "attention"
-    write_mini(f, edit_mini(mini(), edit))
+    write_spec_edit(f, "attention", "kind")
 
 
 @mini_case("mini_conv_without_kernel", "reconstruct", ["malformed spec", "kernel"])
 def _(f):
     """kind conv with no kernel shapes: the PEFT writer could not reshape (re-signed)"""
-    def edit(doc, header, meta):
-        doc["modules"][MOD0]["kind"] = "conv"
-    write_mini(f, edit_mini(mini(), edit))
+    write_spec_edit(f, "conv", "kind")
 
 
 @mini_case("mini_bad_dtype_name", "reconstruct", ["malformed spec", "dtype"])
 def _(f):
     """original dtype "manual_seed" (a torch attribute that is not a dtype; re-signed)"""
-    def edit(doc, header, meta):
-        doc["modules"][MOD0]["dtype"] = "manual_seed"
-    write_mini(f, edit_mini(mini(), edit))
+    write_spec_edit(f, "manual_seed", "dtype")
 
 
 @case("mini_dir_truncated", "inspect", ["past the end"], file=container.FILE_NAME, fmt="lora-mini")

@@ -18,7 +18,7 @@ import torch
 
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
-from ..st import LazyTensors, StreamingWriter, require_finite, tensor_bytes
+from ..st import LazyTensors, StreamingWriter, require_finite, tensor_buffer
 from . import naming
 from ._util import (check_no_passthrough, is_safetensors_file, most_common, safetensors_keys, scalar_tensor,
                     unknown_keys_error)
@@ -163,7 +163,7 @@ class HashingWriter(StreamingWriter):
 
     def add(self, name, tensor):
         super().add(name, tensor)
-        self.sha256.update(tensor_bytes(tensor))
+        self.sha256.update(tensor_buffer(tensor))
 
 
 def write(adapter: Adapter, dest: Path, note=None) -> None:

@@ -5,10 +5,10 @@ Each outer module provides:
     STORED: bool                       whether U and V are written into the file
     make(module, options, update=None) -> (U, V, spec)   for compression; spec is JSON-able;
         update is the module's mathcore.Update when the caller has one
-Optional:
-    inner(update, k) -> (X, Y)         closed-form least-squares inners for these outers
     restore(name, spec, out_features, in_features, tensors) -> (U, V)   when loading;
         raises IntegrityError when a regenerated matrix does not match its fingerprint
+Optional:
+    inner(update, k) -> (X, Y)         closed-form least-squares inners for these outers
 """
 from __future__ import annotations
 

@@ -655,10 +655,7 @@ class HubApp:
         return json_response({})
 
     def delete_branch(self, req: Request, repo_type: str, repo_id: str, args: list[str]) -> Response:
-        repo = self._writable(req, repo_type, repo_id)
-        if repo.branches.pop(self._revision_arg(args), None) is None:
-            raise HubError(404, f"Invalid rev id: {args[0]}", "RevisionNotFound")
-        return json_response({})
+        return self._delete_ref(self._writable(req, repo_type, repo_id).branches, args)
 
     def create_tag(self, req: Request, repo_type: str, repo_id: str, args: list[str]) -> Response:
         repo = self._writable(req, repo_type, repo_id)
@@ -670,8 +667,10 @@ class HubApp:
         return json_response({})
 
     def delete_tag(self, req: Request, repo_type: str, repo_id: str, args: list[str]) -> Response:
-        repo = self._writable(req, repo_type, repo_id)
-        if repo.tags.pop(self._revision_arg(args), None) is None:
+        return self._delete_ref(self._writable(req, repo_type, repo_id).tags, args)
+
+    def _delete_ref(self, refs: dict, args: list[str]) -> Response:
+        if refs.pop(self._revision_arg(args), None) is None:
             raise HubError(404, f"Invalid rev id: {args[0]}", "RevisionNotFound")
         return json_response({})
 
