@@ -73,9 +73,17 @@ class LazyModules:
         return self.load_module(name)
 
     def modules(self) -> Iterator:
-        """Every module in order; with `workers` > 1, the next few are computed on threads
-        while the caller uses the current one (torch and hashlib release the GIL)."""
-        yield from ordered_map(self.load_module, self.module_names, getattr(self, "workers", 1))
+        """Every module in order; with `workers` > 1, the next few (or, with `load_window`, the
+        next windows of `window` modules) are computed on threads while the caller uses the
+        current one (torch and hashlib release the GIL)."""
+        workers = getattr(self, "workers", 1)
+        load_window = getattr(self, "load_window", None)
+        if load_window is None:
+            yield from ordered_map(self.load_module, self.module_names, workers)
+            return
+        names, size = self.module_names, max(1, self.window)
+        for window in ordered_map(load_window, [names[i:i + size] for i in range(0, len(names), size)], workers):
+            yield from window
 
     def passthrough(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.passthrough_names:

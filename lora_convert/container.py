@@ -111,7 +111,9 @@ class MiniAdapter(LazyModules):
     load_passthrough: Callable[[str], torch.Tensor] | None = None
     original_bytes: int | None = None
     source: str = ""
-    workers: int = 1  # modules computed or loaded concurrently while iterating
+    workers: int = 1  # windows of modules computed or loaded concurrently while iterating
+    load_window: Callable[[list[str]], list[MiniModule]] | None = None  # several modules at once (compress)
+    window: int = 1  # modules per load_window call
 
 
 def _number(x) -> float | None:

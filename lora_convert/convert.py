@@ -6,9 +6,12 @@ report iterates the modules, and then one module is held at a time.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import outer
@@ -16,7 +19,7 @@ from .adapter import Adapter, LoraModule
 from .container import DTYPES, MiniAdapter, MiniModule
 from .errors import BadInputError
 from .lru import BytesLRU
-from .mathcore import OuterBasis, Update, difference_norm, fit_projected, frobenius, mini_difference_norm
+from .mathcore import OuterBasis, Updates, difference_norm, fit_projected_stack, frobenius, mini_difference_norms
 from .report import FidelityReport, ModuleFidelity
 
 _DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -64,57 +67,120 @@ def _storage_dtype(dtype: str, source: torch.dtype) -> torch.dtype:
 # Bases of shared (random) outers, keyed by fingerprint: one per distinct outer, not per module.
 _BASES = BytesLRU(96 << 20, size=lambda b: b.nbytes)
 
+# Modules fitted together: same-shaped modules among this many consecutive ones are stacked, so
+# their tall products are a few large BLAS calls and their small algebra one numpy call each.
+WINDOW = 16
+_SCRATCH = threading.local()  # per thread: float64 stacks reused from window to window
+_SCRATCH_MAX = 48 << 20  # bytes kept between windows per thread; larger stacks are freed
+
 
 def _shared_basis(role: str, digest: str, M: torch.Tensor) -> OuterBasis:
     return _BASES.get((role, digest), lambda: OuterBasis(M))
 
 
+def _widen(role: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors stacked as float64, in this thread's reusable buffer for `role` (a fresh
+    buffer per window would page-fault in every time: as slow as the widening itself)."""
+    shape = (len(tensors), *tensors[0].shape)
+    numel = math.prod(shape)
+    buf = getattr(_SCRATCH, role, None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float64)
+        if numel * 8 <= _SCRATCH_MAX:
+            setattr(_SCRATCH, role, buf)
+    out = buf[:numel].view(shape)
+    for dst, t in zip(out, tensors):
+        dst.copy_(t)
+    return out
+
+
+def compress_module(m: LoraModule, source: str = "random", **options) -> MiniModule:
+    """Fit one module's inner matrices for the chosen outers and record its fidelity
+    (compress_window for one module; options as for compress)."""
+    return compress_window([m], source, **options)[0]
+
+
 @one_thread
-def compress_module(m: LoraModule, source: str = "random", *, seed: int = 0, outer_dim=None,
+def compress_window(modules: list[LoraModule], source: str = "random", *, seed: int = 0, outer_dim=None,
                     rank: int | None = None, keep_energy: float | None = None,
-                    dtype: str = "auto") -> MiniModule:
-    """Fit one module's inner matrices for the chosen outers and record its fidelity.
-
-    Everything is float64 from the factors and reuses one set of products: BᵀB and AAᵀ
-    (energy, SVD outers), UᵀB and AVᵀ (fit and error), UᵀU and VVᵀ (cached for shared
-    outers). The error reported is that of the values written: U, V, X, Y as stored.
-    """
-    src = outer.get(source)
+                    dtype: str = "auto") -> list[MiniModule]:
+    """compress_module for each of `modules`, in order; same-shaped ones are fitted as a stack."""
     options = {"seed": seed, "outer_dim": outer_dim, "rank": rank, "keep_energy": keep_energy}
-    store = _storage_dtype(dtype, m.dtype)
-    upd = Update(m.up, m.down)
-    U, V, spec = src.make(m, options, update=upd)
-    if src.STORED:
+    stacks: dict[tuple, list[int]] = {}
+    for i, m in enumerate(modules):
+        stacks.setdefault((tuple(m.up.shape), tuple(m.down.shape), m.dtype), []).append(i)
+    done: dict[int, MiniModule] = {}
+    for idx in stacks.values():
+        done.update(zip(idx, _compress_stack([modules[i] for i in idx], outer.get(source), options, dtype)))
+    return [done[i] for i in range(len(modules))]
+
+
+def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> list[MiniModule]:
+    """Same-shaped modules, fitted together. Everything is float64 from the factors and reuses
+    one set of products: BᵀB and AAᵀ (energy, SVD outers), UᵀB and AVᵀ (fit and error), UᵀU
+    and VVᵀ (cached for shared outers). The error reported is that of the values written: U,
+    V, X, Y as stored."""
+    store = _storage_dtype(dtype, ms[0].dtype)
+    # B is held transposed (n×r×out, contiguous): UᵀB of the whole stack is then one product
+    Bt = _widen("B", [m.up.T for m in ms])
+    upd = Updates(Bt.transpose(1, 2), _widen("A", [m.down for m in ms]))
+    U, V, specs = src.make_stack(ms, options, upd)
+    if src.STORED:  # per module: round, then work with the values as stored
         U, V = U.to(store), V.to(store)
-        ub, vb = OuterBasis(U), OuterBasis(V.T)
-    else:
-        ub, vb = _shared_basis("U", spec["u_sha256"], U), _shared_basis("V", spec["v_sha256"], V.T)
-    UtB, AVt = ub.m.T @ upd.B, upd.A @ vb.m
-    if hasattr(src, "inner"):  # closed-form inners (svd): nothing to fit
-        X, Y = src.inner(upd, U.shape[1])
-    else:
-        fit = fit_projected(upd, ub, vb, UtB, AVt, rank=rank, keep_energy=keep_energy)
-        X, Y = fit.X, fit.Y
-    if X.shape[1] == 0:  # an all-zero update: keep one zero direction so shapes stay valid
-        X, Y = torch.zeros(U.shape[1], 1, dtype=torch.float64), torch.zeros(1, V.shape[0], dtype=torch.float64)
-    X64, Y64, X, Y = X, Y, X.to(store), Y.to(store)
-    Xd, Yd = X.double(), Y.double()
-    if not (torch.isfinite(Xd).all() and torch.isfinite(Yd).all()):
-        raise BadInputError(f"module {m.name!r}: the inner matrices overflow {_DTYPE_NAME[store]} (largest |X|, |Y|: "
-                            f"{_abs_max(X64, Y64):.3g}); the outers are ill-conditioned for this module: "
-                            "store them as fp32 (--dtype fp32) or choose another --seed / --outer-dim")
-    diff = mini_difference_norm(upd, UtB, AVt, ub.gram, vb.gram, Xd, Yd)
-    if diff is None:  # too close to exact for the Gram formula: QR of the stacked factors
-        diff = difference_norm(upd.B, upd.A, ub.m @ Xd, Yd @ vb.m.T)
-    ref = upd.energy ** 0.5
-    rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
-    return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
-                      use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=spec,
-                      U=U, V=V, X=X, Y=Y, fidelity={"rel_error": rel, "energy": m.scale**2 * upd.energy})
+        U64, V64 = U.double(), V.double()
+        GU, GV = torch.bmm(U64.transpose(1, 2), U64).numpy(), torch.bmm(V64, V64.transpose(1, 2)).numpy()
+        UtB, AVt = torch.bmm(U64.transpose(1, 2), upd.B).numpy(), torch.bmm(upd.A, V64.transpose(1, 2)).numpy()
+        ks = [s["a"] for s in specs]
+        X, Y = src.inner_stack(upd, ks)
+        outer_of = lambda i: (U64[i], V64[i].T)  # noqa: E731
+    else:  # one shared pair of outers: one large product each for the whole stack
+        ub, vb = _shared_basis("U", specs[0]["u_sha256"], U), _shared_basis("V", specs[0]["v_sha256"], V.T)
+        n, r = len(ms), ms[0].rank
+        UtB = (Bt.reshape(n * r, -1) @ ub.m).reshape(n, r, -1).numpy().swapaxes(1, 2)
+        AVt = (upd.A.reshape(n * r, -1) @ vb.m).reshape(n, r, -1).numpy()
+        fits = fit_projected_stack(upd, ub, vb, UtB, AVt, rank=options["rank"], keep_energy=options["keep_energy"])
+        ks = [max(f.rank, 1) for f in fits]  # an all-zero update keeps one zero direction: shapes stay valid
+        X, Y = _padded([f.X for f in fits], max(ks), 1), _padded([f.Y for f in fits], max(ks), 0)
+        GU, GV = ub.gram, vb.gram
+        outer_of = lambda i: (ub.m, vb.m)  # noqa: E731
+    Xs, Ys = torch.from_numpy(X).to(store), torch.from_numpy(Y).to(store)
+    Xd, Yd = Xs.double().numpy(), Ys.double().numpy()
+    _check_finite(ms, store, X, Y, Xd, Yd)
+    diffs = mini_difference_norms(upd, UtB, AVt, GU, GV, Xd, Yd)
+    out = []
+    for i, (m, k) in enumerate(zip(ms, ks)):
+        diff = float(diffs[i])
+        if diff != diff:  # too close to exact for the Gram formula: QR of the stacked factors
+            Um, Vmt = outer_of(i)
+            diff = difference_norm(upd.B[i], upd.A[i], Um @ torch.from_numpy(Xd[i]), torch.from_numpy(Yd[i]) @ Vmt.T)
+        ref = float(upd.energy[i]) ** 0.5
+        rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
+        Ui, Vi = (U[i, :, :k].contiguous(), V[i, :k].contiguous()) if src.STORED else (U, V)
+        out.append(MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
+                              use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=specs[i],
+                              U=Ui, V=Vi, X=Xs[i, :, :k].contiguous(), Y=Ys[i, :k].contiguous(),
+                              fidelity={"rel_error": rel, "energy": m.scale**2 * float(upd.energy[i])}))
+    return out
 
 
-def _abs_max(*tensors: torch.Tensor) -> float:
-    return max(float(t.abs().max()) for t in tensors)
+def _padded(mats: list[torch.Tensor], k: int, dim: int) -> np.ndarray:
+    """Stack of inner matrices zero-padded to k along `dim` (zero columns of X / rows of Y add
+    nothing to U X Y V)."""
+    shape = list(mats[0].shape)
+    shape[dim] = k
+    out = np.zeros((len(mats), *shape))
+    for dst, t in zip(out, mats):
+        dst[tuple(slice(0, s) for s in t.shape)] = t.numpy()
+    return out
+
+
+def _check_finite(ms, store, X, Y, Xd, Yd) -> None:
+    ok = np.isfinite(Xd).all((1, 2)) & np.isfinite(Yd).all((1, 2))
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise BadInputError(f"module {ms[i].name!r}: the inner matrices overflow {_DTYPE_NAME[store]} (largest |X|, |Y|: "
+                            f"{max(np.abs(X[i]).max(), np.abs(Y[i]).max()):.3g}); the outers are ill-conditioned for "
+                            "this module: store them as fp32 (--dtype fp32) or choose another --seed / --outer-dim")
 
 
 def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_dim=None,
@@ -130,16 +196,17 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
     _storage_dtype(dtype, torch.float32)  # fail early on a bad name
 
     @one_thread  # reading the factors too
-    def load(name: str) -> MiniModule:
+    def load_window(names: list[str]) -> list[MiniModule]:
         try:
-            return compress_module(adapter.module(name), outer, **kwargs)
+            return compress_window([adapter.module(n) for n in names], outer, **kwargs)
         except BadInputError as exc:
-            if exc.path is None:  # compress_module's own refusals: name the adapter
+            if exc.path is None:  # compress_window's own refusals: name the adapter
                 raise BadInputError(exc.problem, adapter.source or None) from None
             raise
 
-    return MiniAdapter(source_format=adapter.format, module_names=list(adapter.module_names), load_module=load,
-                       source_config=adapter.config, source_metadata=adapter.metadata,
+    return MiniAdapter(source_format=adapter.format, module_names=list(adapter.module_names),
+                       load_module=lambda name: load_window([name])[0], load_window=load_window,
+                       window=WINDOW, source_config=adapter.config, source_metadata=adapter.metadata,
                        passthrough_names=list(adapter.passthrough_names), load_passthrough=adapter.load_passthrough,
                        original_bytes=source_bytes(adapter.source), source=adapter.source, workers=workers())
 

@@ -56,9 +56,115 @@ def _chol_root(G: np.ndarray):
     return (R, R_inv) if cond <= GRAM_MAX_COND else None  # also refuses NaN
 
 
+def _chol_roots(G: np.ndarray):
+    """_chol_root over a stack G (n×r×r): (R, R⁻¹, ok) with ok[i] False where G[i] is singular
+    or too ill-conditioned (R[i] and R⁻¹[i] are then placeholders)."""
+    n, r = G.shape[0], G.shape[-1]
+    if not r:
+        return G.copy(), G.copy(), np.zeros(n, dtype=bool)
+    try:
+        with np.errstate(all="ignore"):
+            R = np.linalg.cholesky(G).swapaxes(1, 2)
+            R_inv = np.linalg.inv(R)
+            cond = np.abs(R).sum(1).max(1) * np.abs(R_inv).sum(1).max(1)
+        return R, R_inv, cond <= GRAM_MAX_COND  # also refuses NaN
+    except np.linalg.LinAlgError:  # one of them is not positive definite: each on its own
+        roots = [_chol_root(g) for g in G]
+        R = np.stack([z[0] if z else np.eye(r) for z in roots])
+        R_inv = np.stack([z[1] if z else np.eye(r) for z in roots])
+        return R, R_inv, np.array([z is not None for z in roots], dtype=bool)
+
+
+def _stack_svd(M: np.ndarray):
+    """Thin SVDs of a stack of small matrices (one LAPACK call per matrix, no Python loop)."""
+    try:
+        return np.linalg.svd(M, full_matrices=False)
+    except np.linalg.LinAlgError:  # gesdd did not converge for one of them
+        parts = [_svd(m) for m in M]
+        return tuple(np.stack(p) for p in zip(*parts))
+
+
+class Updates:
+    """n updates ΔW_i = B_i @ A_i of one shape, stacked as float64 tensors B (n×out×r) and
+    A (n×r×in), with what every later step reuses computed once for all of them: the Gram
+    matrices BᵀB and AAᵀ, ||ΔW||²_F and (on demand) the thin SVDs.
+
+    Stacking same-shaped modules turns hundreds of small products into a few large ones;
+    every result is still per module (batch i only ever mixes with batch i).
+    """
+
+    def __init__(self, B: torch.Tensor, A: torch.Tensor):
+        self.B, self.A = B, A
+
+    def __len__(self) -> int:
+        return self.B.shape[0]
+
+    @cached_property
+    def gram_b(self) -> np.ndarray:
+        return torch.bmm(self.B.transpose(1, 2), self.B).numpy()
+
+    @cached_property
+    def gram_a(self) -> np.ndarray:
+        return torch.bmm(self.A, self.A.transpose(1, 2)).numpy()
+
+    @cached_property
+    def factor_scale(self) -> np.ndarray:
+        """||B||²_F · ||A||²_F: the size of the rounding error in Gram-based squared norms."""
+        return np.trace(self.gram_b, axis1=1, axis2=2) * np.trace(self.gram_a, axis1=1, axis2=2)
+
+    @cached_property
+    def energy(self) -> np.ndarray:
+        """||B @ A||²_F = tr(BᵀB · AAᵀ); through the SVD when B and A cancel each other."""
+        e = (self.gram_b * self.gram_a).sum((1, 2))
+        low = ~(e >= GRAM_TRUST * self.factor_scale)
+        if low.any():
+            e = np.where(low, (self.spectrum ** 2).sum(1), e)
+        return np.maximum(e, 0.0)
+
+    @cached_property
+    def _core(self):
+        """SVDs of the r×r cores R_B R_Aᵀ (B = Q_B R_B, Aᵀ = Q_A R_A) and how to reach Q_B, Q_A:
+        R_B⁻¹, R_A⁻¹ (Q = factor·R⁻¹) where the Gram route holds, else Householder QR, kept
+        per module in `qr`. Plain data, no closures over self: a reference cycle would keep
+        every module's factors alive until the cyclic garbage collector happened to run."""
+        rb, rb_inv, ok_b = _chol_roots(self.gram_b)
+        ra, ra_inv, ok_a = _chol_roots(self.gram_a)
+        bad = np.flatnonzero(~(ok_b & ok_a))
+        qr = {int(i): self._qr_core(i) for i in bad}
+        if len(bad) == len(self):  # shapes can differ from the Cholesky route's (out < r): all by QR
+            core = np.stack([c for _, _, c in qr.values()])
+        else:
+            core = rb @ ra.swapaxes(1, 2)
+            for i, (_, _, c) in qr.items():
+                core[i] = c
+        uc, s, vch = _stack_svd(core)
+        return uc, s, vch, rb_inv, ra_inv, {i: (qb, qa) for i, (qb, qa, _) in qr.items()}
+
+    def _qr_core(self, i: int):
+        qb, Rb = torch.linalg.qr(self.B[i])
+        qa, Ra = torch.linalg.qr(self.A[i].T)
+        return qb, qa, Rb.numpy() @ Ra.numpy().T
+
+    @property
+    def spectrum(self) -> np.ndarray:
+        """Singular values of each B @ A (n×r), descending."""
+        return self._core[1]
+
+    def singular_vectors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U n×out×k, V n×k×in), the top-k singular vectors: B_i@A_i ≈ U_i diag(S_i[:k]) V_i."""
+        uc, _, vch, rb_inv, ra_inv, qr = self._core
+        if len(qr) == len(self):
+            return (torch.stack([qb @ _t(uc[i, :, :k]) for i, (qb, _) in qr.items()]),
+                    torch.stack([_t(vch[i, :k]) @ qa.T for i, (_, qa) in qr.items()]))
+        U = torch.bmm(self.B, _t(rb_inv @ uc[:, :, :k]))  # Q_B = B R_B⁻¹
+        V = torch.bmm(_t((ra_inv @ vch[:, :k].swapaxes(1, 2)).swapaxes(1, 2)), self.A)  # Q_Aᵀ = R_A⁻ᵀ A
+        for i, (qb, qa) in qr.items():
+            U[i], V[i] = qb @ _t(uc[i, :, :k]), _t(vch[i, :k]) @ qa.T
+        return U, V
+
+
 class Update:
-    """ΔW = B @ A held as float64 factors, with what every later step reuses computed once:
-    the Gram matrices BᵀB and AAᵀ, ||ΔW||²_F and (on demand) the thin SVD.
+    """One update ΔW = B @ A: an Updates stack of one (see there).
 
     >>> import torch; upd = Update(torch.ones(4, 1), torch.ones(1, 3))
     >>> upd.energy
@@ -67,55 +173,33 @@ class Update:
 
     def __init__(self, B: torch.Tensor, A: torch.Tensor):
         self.B, self.A = _f64(B), _f64(A)
+        self.stack = Updates(self.B[None], self.A[None])
 
-    @cached_property
+    @property
     def gram_b(self) -> np.ndarray:
-        return (self.B.T @ self.B).numpy()
+        return self.stack.gram_b[0]
 
-    @cached_property
+    @property
     def gram_a(self) -> np.ndarray:
-        return (self.A @ self.A.T).numpy()
+        return self.stack.gram_a[0]
 
-    @cached_property
+    @property
     def factor_scale(self) -> float:
-        """||B||²_F · ||A||²_F: the size of the rounding error in Gram-based squared norms."""
-        return float(np.trace(self.gram_b)) * float(np.trace(self.gram_a))
+        return float(self.stack.factor_scale[0])
 
-    @cached_property
+    @property
     def energy(self) -> float:
-        """||B @ A||²_F = tr(BᵀB · AAᵀ); through the SVD when B and A cancel each other."""
-        e = float((self.gram_b * self.gram_a).sum())
-        if e < GRAM_TRUST * self.factor_scale:
-            e = float((self.spectrum ** 2).sum())
-        return max(e, 0.0)
-
-    @cached_property
-    def _core(self):
-        """SVD of the r×r core R_B R_Aᵀ (B = Q_B R_B, Aᵀ = Q_A R_A), and how to reach Q_B, Q_A:
-        ("gram", R_B⁻¹, R_A⁻¹) when Q = factor·R⁻¹, else ("qr", Q_B, Q_A). Plain data, no
-        closures over self: a reference cycle would keep every module's factors alive until
-        the cyclic garbage collector happened to run."""
-        rb, ra = _chol_root(self.gram_b), _chol_root(self.gram_a)
-        if rb is not None and ra is not None:
-            core, route = rb[0] @ ra[0].T, ("gram", rb[1], ra[1])
-        else:
-            qb, Rb = torch.linalg.qr(self.B)
-            qa, Ra = torch.linalg.qr(self.A.T)
-            core, route = Rb.numpy() @ Ra.numpy().T, ("qr", qb, qa)
-        uc, s, vch = _svd(core)
-        return uc, s, vch, route
+        return float(self.stack.energy[0])
 
     @property
     def spectrum(self) -> np.ndarray:
         """Singular values of B @ A, descending."""
-        return self._core[1]
+        return self.stack.spectrum[0]
 
     def singular_vectors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_k out×k, V_k k×in), the top-k singular vectors; B@A ≈ U_k diag(S_k) V_k."""
-        uc, _, vch, (kind, qb, qa) = self._core
-        if kind == "gram":  # Q_B = B R_B⁻¹, Q_Aᵀ = R_A⁻ᵀ A
-            return self.B @ _t(qb @ uc[:, :k]), _t((qa @ vch[:k].T).T) @ self.A
-        return qb @ _t(uc[:, :k]), _t(vch[:k]) @ qa.T
+        U, V = self.stack.singular_vectors(k)
+        return U[0], V[0]
 
 
 def factored_svd(P: torch.Tensor, Q: torch.Tensor):
@@ -148,24 +232,33 @@ def difference_norm(B1, A1, B2, A2) -> float:
     return float(torch.linalg.matrix_norm(rc @ rd.T))
 
 
-def mini_difference_norm(upd: Update, UtB, AVt, GU, GV, X, Y) -> float | None:
-    """||B A − U X Y V||_F from small products only, or None when it is too small to trust.
+def mini_difference_norms(upd: Updates, UtB, AVt, GU, GV, X, Y) -> np.ndarray:
+    """||B_i A_i − U_i X_i Y_i V_i||_F for a stack, from small products only; NaN where the
+    result is too small to trust (the caller recomputes those with difference_norm).
 
-    UtB = UᵀB (a×r), AVt = A Vᵀ (r×b), GU = UᵀU, GV = V Vᵀ, X, Y: float64 (tensors or
-    arrays). Uses ||BA − UXYV||² = ||BA||² − 2 Σ (UtBᵀX)∘(AVt Yᵀ) + Σ (Xᵀ GU X)∘(Y GV Yᵀ);
-    the result is returned only when its square is well above that formula's rounding error.
+    UtB = UᵀB (n×a×r), AVt = A Vᵀ (n×r×b), GU = UᵀU, GV = V Vᵀ (a×a, b×b for outers shared by
+    the stack, else stacked), X (n×a×k), Y (n×k×b), all float64 arrays. Uses
+    ||BA − UXYV||² = ||BA||² − 2 Σ (UtBᵀX)∘(AVt Yᵀ) + Σ (Xᵀ GU X)∘(Y GV Yᵀ), kept only where
+    it is well above that formula's rounding error.
     """
-    UtB, AVt, GU, GV, X, Y = (np.asarray(m) for m in (UtB, AVt, GU, GV, X, Y))
-    cross = float(((UtB.T @ X) * (AVt @ Y.T)).sum())
-    gc, gd = X.T @ GU @ X, Y @ GV @ Y.T  # Gram matrices of C = UX and D = YV
-    e2 = upd.energy - 2.0 * cross + float((gc * gd).sum())
+    Xt, Yt = X.swapaxes(-1, -2), Y.swapaxes(-1, -2)
+    cross = ((UtB.swapaxes(-1, -2) @ X) * (AVt @ Yt)).sum((-2, -1))
+    gc, gd = Xt @ GU @ X, Y @ GV @ Yt  # Gram matrices of C = UX and D = YV
+    e2 = upd.energy - 2.0 * cross + (gc * gd).sum((-2, -1))
     # Rounding in XᵀGU X grows with ||GU||·||X||², not with ||UX||²: ill-conditioned outers
     # with large inners (cancelling through U) must not pass for a trustworthy result.
-    inner_scale = (np.abs(GU).sum(1).max() * float((X * X).sum())) * (np.abs(GV).sum(1).max() * float((Y * Y).sum()))
-    scale = upd.factor_scale + float(np.trace(gc)) * float(np.trace(gd)) + float(inner_scale)
-    if not e2 >= GRAM_TRUST * scale:  # also NaN
-        return None
-    return e2 ** 0.5
+    row_norm = lambda G: np.abs(G).sum(-1).max(-1)  # noqa: E731
+    inner_scale = row_norm(GU) * (X * X).sum((-2, -1)) * row_norm(GV) * (Y * Y).sum((-2, -1))
+    scale = upd.factor_scale + np.trace(gc, axis1=-2, axis2=-1) * np.trace(gd, axis1=-2, axis2=-1) + inner_scale
+    with np.errstate(invalid="ignore"):
+        return np.where(e2 >= GRAM_TRUST * scale, np.sqrt(np.maximum(e2, 0.0)), np.nan)  # NaN stays NaN
+
+
+def mini_difference_norm(upd: Update, UtB, AVt, GU, GV, X, Y) -> float | None:
+    """mini_difference_norms for one module; None when the result is too small to trust."""
+    stacked = (np.asarray(m)[None] for m in (UtB, AVt, GU, GV, X, Y))
+    d = float(mini_difference_norms(upd.stack, *stacked)[0])
+    return None if d != d else d
 
 
 def _range_basis(M: torch.Tensor, gram: np.ndarray):
@@ -257,26 +350,45 @@ def _svd(M: np.ndarray):
 
 
 def _small_svd(P: np.ndarray, Q: np.ndarray):
-    """Thin SVD of P @ Q for small dense P (m×r), Q (r×n): Cholesky (or QR) factors of both,
-    SVD of the r×r core."""
-    rp, rq = _chol_root(P.T @ P), _chol_root(Q @ Q.T)
-    if rp is not None and rq is not None:
-        uc, s, vch = _svd(rp[0] @ rq[0].T)
-        return P @ (rp[1] @ uc), s, Q.T @ (rq[1] @ vch.T)
+    """Thin SVD of P @ Q for small dense P (m×r), Q (r×n) through QR factors of both."""
     qp, rp = np.linalg.qr(P)
     qq, rq = np.linalg.qr(Q.T)
     uc, s, vch = _svd(rp @ rq.T)
     return qp @ uc, s, qq @ vch.T
 
 
+def _small_svds(P: np.ndarray, Q: np.ndarray):
+    """Thin SVDs of the stack P_i @ Q_i (P: n×m×r, Q: n×r×p): Cholesky factors of both, SVD of
+    the r×r cores; the QR route (_small_svd) for the ones too ill-conditioned for that."""
+    rp, rp_inv, ok_p = _chol_roots(P.swapaxes(1, 2) @ P)
+    rq, rq_inv, ok_q = _chol_roots(Q @ Q.swapaxes(1, 2))
+    bad = np.flatnonzero(~(ok_p & ok_q))
+    if len(bad) == len(P):  # shapes can differ from the Cholesky route's (m < r): all by QR
+        return tuple(np.stack(part) for part in zip(*(_small_svd(p, q) for p, q in zip(P, Q))))
+    uc, s, vch = _stack_svd(rp @ rq.swapaxes(1, 2))
+    U, V = P @ (rp_inv @ uc), Q.swapaxes(1, 2) @ (rq_inv @ vch.swapaxes(1, 2))
+    for i in bad:
+        U[i], s[i], V[i] = _small_svd(P[i], Q[i])
+    return U, s, V
+
+
+def fit_projected_stack(upd: Updates, ub: OuterBasis, vb: OuterBasis, UtB: np.ndarray, AVt: np.ndarray,
+                        rank: int | None = None, keep_energy: float | None = None) -> list[InnerFit]:
+    """fit_inner for a stack of updates sharing the outers, from the outers' bases and the
+    products UᵀB (n×a×r) and AVᵀ (n×r×b), float64."""
+    ug, s, vg = _small_svds(ub.project(UtB), vb.project(AVt.swapaxes(1, 2)).swapaxes(1, 2))
+    ks = [choose_rank(s[i], upd.energy[i], rank, keep_energy) for i in range(len(s))]
+    root = np.sqrt(s[:, None, :max(ks, default=0)])
+    X, Y = ub.lift(ug[:, :, :root.shape[-1]] * root), vb.lift(vg[:, :, :root.shape[-1]] * root)
+    return [InnerFit(X=_t(X[i, :, :k]), Y=_t(Y[i, :, :k].T), spectrum=_t(s[i]), total_energy=float(upd.energy[i]))
+            for i, k in enumerate(ks)]
+
+
 def fit_projected(upd: Update, ub: OuterBasis, vb: OuterBasis, UtB, AVt, rank: int | None = None,
                   keep_energy: float | None = None) -> InnerFit:
-    """fit_inner from an Update, the outers' bases and the products UᵀB, AVᵀ (float64)."""
-    ug, s, vg = _small_svd(ub.project(np.asarray(UtB)), vb.project(np.asarray(AVt).T).T)
-    k = choose_rank(s, upd.energy, rank, keep_energy)
-    root = np.sqrt(s[:k])
-    return InnerFit(X=_t(ub.lift(ug[:, :k] * root)), Y=_t(vb.lift(vg[:, :k] * root).T), spectrum=_t(s),
-                    total_energy=upd.energy)
+    """fit_projected_stack for one module."""
+    return fit_projected_stack(upd.stack, ub, vb, np.asarray(UtB)[None], np.asarray(AVt)[None], rank,
+                               keep_energy)[0]
 
 
 def fit_inner(B, A, U, V, rank: int | None = None, keep_energy: float | None = None) -> InnerFit:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -158,19 +159,23 @@ class LazyTensors:
             raise BadInputError(f"cannot load tensor {key!r} ({exc})", self.path) from None
 
     def _read(self, key: str, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
-        """One positioned read into a fresh buffer: no mmap left mapped (file pages would count in
-        RSS as the adapter is streamed) and no per-tensor safe_open (~0.5 ms each)."""
-        buf = bytearray(info.end - info.start)
+        """One positioned read into an uninitialised tensor: no mmap left mapped (file pages
+        would count in RSS as the adapter is streamed), no per-tensor safe_open (~0.5 ms each)
+        and no zero-filled bytearray (calloc'd buffers page-fault on every read, and threads
+        reading at once then contend for the process's page tables: 3x slower on 2 threads)."""
+        size = info.end - info.start
+        out = torch.empty(size // dtype.itemsize, dtype=dtype)
         try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self.header.data_start + info.start)
-                got = fh.readinto(buf)
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [out.view(torch.uint8).numpy()], self.header.data_start + info.start) if size else 0
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise BadInputError(f"cannot read tensor {key!r} ({exc.strerror})", self.path) from None
-        if got != len(buf):
+        if got != size:
             raise BadInputError(f"tensor {key!r}: file ends inside its data (changed while reading?)", self.path)
-        flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-        return flat.reshape(info.shape)
+        return out.reshape(info.shape)
 
 
 def _append(src, dst, count: int) -> None:
@@ -210,10 +215,10 @@ def require_finite(tensor: torch.Tensor, what: str, path) -> torch.Tensor:
     if not tensor.is_floating_point():
         return tensor
     probe = tensor if tensor.dtype in _ISFINITE_DTYPES else tensor.to(torch.float32)  # float8: no isfinite
-    # A NaN or Inf anywhere makes the sum non-finite; the sum is ~10x cheaper than isfinite().all().
-    # A finite tensor whose sum overflows gets the exact elementwise check.
-    total = probe.sum(dtype=torch.float64 if probe.dtype == torch.float64 else torch.float32)
-    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(probe).all()):
+    # A NaN or Inf anywhere makes the sum non-finite; the sum is ~30x cheaper than isfinite().all()
+    # (in the tensor's own dtype: torch accumulates in float32 either way, and widening the result
+    # costs 3x the sum). A finite tensor whose sum overflows gets the exact elementwise check.
+    if not math.isfinite(float(probe.sum())) and not bool(torch.isfinite(probe).all()):
         raise BadInputError(f"{what} contains NaN or Inf values", path)
     return tensor
 

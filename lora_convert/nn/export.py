@@ -41,7 +41,7 @@ def export_inner(layers: nn.Module | Mapping[str, MiniLayer], mini: MiniAdapter,
         m.fidelity = fidelity(m, teacher.module(name) if teacher else None) | (extra_fidelity or {})
         return m
 
-    trained = dataclasses.replace(mini, load_module=load)
+    trained = dataclasses.replace(mini, load_module=load, load_window=None)
     return container.save(trained, path)
 
 

@@ -3,12 +3,13 @@
 Each outer module provides:
     NAME: str
     STORED: bool                       whether U and V are written into the file
-    make(module, options, update=None) -> (U, V, spec)   for compression; spec is JSON-able;
-        update is the module's mathcore.Update when the caller has one
+    make_stack(modules, options, updates) -> (U, V, specs)   for compression of same-shaped
+        modules (updates: their mathcore.Updates); U, V are 2-D when every module shares them
+        (out×a, b×in), else stacked per module (n×out×a, n×b×in); specs are JSON-able
     restore(name, spec, out_features, in_features, tensors) -> (U, V)   when loading;
         raises IntegrityError when a regenerated matrix does not match its fingerprint
 Optional:
-    inner(update, k) -> (X, Y)         closed-form least-squares inners for these outers
+    inner_stack(updates, ks) -> (X, Y)  closed-form least-squares inners for these outers
 """
 from __future__ import annotations
 

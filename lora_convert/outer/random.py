@@ -56,6 +56,12 @@ def make(module, options: dict, update=None):
     return U, V, spec
 
 
+def make_stack(modules, options: dict, updates=None):
+    """make for a stack of same-shaped modules: they share U (out×a) and V (b×in)."""
+    U, V, spec = make(modules[0], options)
+    return U, V, [dict(spec) for _ in modules]
+
+
 def restore(name: str, spec: dict, out_features: int, in_features: int, tensors, path=None):
     version = spec.get("generator_version")
     if version != GENERATOR_VERSION or spec.get("generator") != GENERATOR_NAME:

@@ -1,31 +1,37 @@
 """SVD outers: the update's own top singular vectors, stored in the file (near-lossless).
 
-Besides the common interface (see outer/__init__.py) this source provides `inner`: the
+Besides the common interface (see outer/__init__.py) this source provides `inner_stack`: the
 optimal inner matrices are known in closed form, so compress need not fit them.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ..mathcore import Update, choose_rank
+from ..mathcore import Updates, choose_rank
 
 NAME = "svd"
 STORED = True
 
 
-def make(module, options: dict, update: Update | None = None):
-    update = update or Update(module.up, module.down)
-    k = max(choose_rank(update.spectrum, update.energy, options.get("rank"), options.get("keep_energy")), 1)
-    U, V = update.singular_vectors(k)
-    return U, V, {"source": NAME, "a": k, "b": k}
+def make_stack(modules, options: dict, updates: Updates):
+    """Top-k singular vectors of each update as its outers: U (n×out×kmax), V (n×kmax×in),
+    float64, orthonormal in their first k_i columns (rows) and zero beyond."""
+    ks = [max(choose_rank(s, e, options.get("rank"), options.get("keep_energy")), 1)
+          for s, e in zip(updates.spectrum, updates.energy)]
+    U, V = updates.singular_vectors(max(ks))
+    for i, k in enumerate(ks):
+        U[i, :, k:], V[i, k:] = 0.0, 0.0
+    return U, V, [{"source": NAME, "a": k, "b": k} for k in ks]
 
 
-def inner(update: Update, k: int):
+def inner_stack(updates: Updates, ks: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """The least-squares X, Y for these outers, in closed form: U·diag(S_k)·V is the truncated
-    SVD, so X = Y = diag(√S_k) (split evenly, as PEFT's own SVD initialisations do)."""
-    root = torch.from_numpy(np.sqrt(update.spectrum[:k]))
-    return torch.diag(root), torch.diag(root)
+    SVD, so X = Y = diag(√S_k) (split evenly, as PEFT's own SVD initialisations do); zero-padded
+    to the stack's largest k."""
+    X = np.zeros((len(ks), max(ks), max(ks)))
+    for i, k in enumerate(ks):
+        X[i, :k, :k] = np.diag(np.sqrt(updates.spectrum[i, :k]))
+    return X, X.copy()
 
 
 def restore(name: str, spec: dict, out_features: int, in_features: int, tensors, path=None):
