@@ -71,24 +71,28 @@ _BASES = BytesLRU(96 << 20, size=lambda b: b.nbytes)
 # their tall products are a few large BLAS calls and their small algebra one numpy call each.
 WINDOW = 16
 _SCRATCH = threading.local()  # per thread: float64 stacks reused from window to window
-_SCRATCH_MAX = 48 << 20  # bytes kept between windows per thread; larger stacks are freed
+_SCRATCH_MAX = 48 << 20  # bytes kept between windows per thread and role; larger stacks are freed
 
 
 def _shared_basis(role: str, digest: str, M: torch.Tensor) -> OuterBasis:
     return _BASES.get((role, digest), lambda: OuterBasis(M))
 
 
-def _widen(role: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors stacked as float64, in this thread's reusable buffer for `role` (a fresh
-    buffer per window would page-fault in every time: as slow as the widening itself)."""
-    shape = (len(tensors), *tensors[0].shape)
+def _scratch(role: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float64 tensor from this thread's reusable buffer for `role`: fresh
+    buffers of this size page-fault in on every window, which costs as much as the work."""
     numel = math.prod(shape)
     buf = getattr(_SCRATCH, role, None)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(numel, dtype=torch.float64)
         if numel * 8 <= _SCRATCH_MAX:
             setattr(_SCRATCH, role, buf)
-    out = buf[:numel].view(shape)
+    return buf[:numel].view(shape)
+
+
+def _widen(role: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors stacked as float64 in this thread's scratch buffer for `role`."""
+    out = _scratch(role, (len(tensors), *tensors[0].shape))
     for dst, t in zip(out, tensors):
         dst.copy_(t)
     return out
@@ -124,10 +128,11 @@ def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> lis
     # B is held transposed (n×r×out, contiguous): UᵀB of the whole stack is then one product
     Bt = _widen("B", [m.up.T for m in ms])
     upd = Updates(Bt.transpose(1, 2), _widen("A", [m.down for m in ms]))
-    U, V, specs = src.make_stack(ms, options, upd)
+    U, V, specs = src.make_stack(ms, options, upd, scratch=_scratch)
     if src.STORED:  # per module: round, then work with the values as stored
+        U64, V64 = U, V
         U, V = U.to(store), V.to(store)
-        U64, V64 = U.double(), V.double()
+        U64.copy_(U), V64.copy_(V)
         GU, GV = torch.bmm(U64.transpose(1, 2), U64).numpy(), torch.bmm(V64, V64.transpose(1, 2)).numpy()
         UtB, AVt = torch.bmm(U64.transpose(1, 2), upd.B).numpy(), torch.bmm(upd.A, V64.transpose(1, 2)).numpy()
         ks = [s["a"] for s in specs]
@@ -155,10 +160,11 @@ def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> lis
             diff = difference_norm(upd.B[i], upd.A[i], Um @ torch.from_numpy(Xd[i]), torch.from_numpy(Yd[i]) @ Vmt.T)
         ref = float(upd.energy[i]) ** 0.5
         rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
-        Ui, Vi = (U[i, :, :k].contiguous(), V[i, :k].contiguous()) if src.STORED else (U, V)
+        a, b = specs[i]["a"], specs[i]["b"]  # stored outers are as wide as their module's own rank
+        Ui, Vi = (U[i, :, :a].contiguous(), V[i, :b].contiguous()) if src.STORED else (U, V)
         out.append(MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
                               use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=specs[i],
-                              U=Ui, V=Vi, X=Xs[i, :, :k].contiguous(), Y=Ys[i, :k].contiguous(),
+                              U=Ui, V=Vi, X=Xs[i, :a, :k].contiguous(), Y=Ys[i, :k, :b].contiguous(),
                               fidelity={"rel_error": rel, "energy": m.scale**2 * float(upd.energy[i])}))
     return out
 

@@ -150,14 +150,15 @@ class Updates:
         """Singular values of each B @ A (n×r), descending."""
         return self._core[1]
 
-    def singular_vectors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U n×out×k, V n×k×in), the top-k singular vectors: B_i@A_i ≈ U_i diag(S_i[:k]) V_i."""
+    def singular_vectors(self, k: int, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U n×out×k, V n×k×in), the top-k singular vectors: B_i@A_i ≈ U_i diag(S_i[:k]) V_i.
+        `out`: optional (U, V) float64 tensors of those shapes to write into."""
         uc, _, vch, rb_inv, ra_inv, qr = self._core
         if len(qr) == len(self):
             return (torch.stack([qb @ _t(uc[i, :, :k]) for i, (qb, _) in qr.items()]),
                     torch.stack([_t(vch[i, :k]) @ qa.T for i, (_, qa) in qr.items()]))
-        U = torch.bmm(self.B, _t(rb_inv @ uc[:, :, :k]))  # Q_B = B R_B⁻¹
-        V = torch.bmm(_t((ra_inv @ vch[:, :k].swapaxes(1, 2)).swapaxes(1, 2)), self.A)  # Q_Aᵀ = R_A⁻ᵀ A
+        U = torch.bmm(self.B, _t(rb_inv @ uc[:, :, :k]), out=out and out[0])  # Q_B = B R_B⁻¹
+        V = torch.bmm(_t((ra_inv @ vch[:, :k].swapaxes(1, 2)).swapaxes(1, 2)), self.A, out=out and out[1])  # Q_Aᵀ = R_A⁻ᵀ A
         for i, (qb, qa) in qr.items():
             U[i], V[i] = qb @ _t(uc[i, :, :k]), _t(vch[i, :k]) @ qa.T
         return U, V

@@ -3,9 +3,10 @@
 Each outer module provides:
     NAME: str
     STORED: bool                       whether U and V are written into the file
-    make_stack(modules, options, updates) -> (U, V, specs)   for compression of same-shaped
-        modules (updates: their mathcore.Updates); U, V are 2-D when every module shares them
-        (out×a, b×in), else stacked per module (n×out×a, n×b×in); specs are JSON-able
+    make_stack(modules, options, updates, scratch=None) -> (U, V, specs)   for compression of
+        same-shaped modules (updates: their mathcore.Updates); U, V are 2-D when every module
+        shares them (out×a, b×in), else stacked per module (n×out×a, n×b×in), float64 and
+        written into scratch(role, shape) tensors when given; specs are JSON-able
     restore(name, spec, out_features, in_features, tensors) -> (U, V)   when loading;
         raises IntegrityError when a regenerated matrix does not match its fingerprint
 Optional:

@@ -56,7 +56,7 @@ def make(module, options: dict, update=None):
     return U, V, spec
 
 
-def make_stack(modules, options: dict, updates=None):
+def make_stack(modules, options: dict, updates=None, scratch=None):
     """make for a stack of same-shaped modules: they share U (out×a) and V (b×in)."""
     U, V, spec = make(modules[0], options)
     return U, V, [dict(spec) for _ in modules]

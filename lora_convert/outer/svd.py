@@ -13,12 +13,16 @@ NAME = "svd"
 STORED = True
 
 
-def make_stack(modules, options: dict, updates: Updates):
+def make_stack(modules, options: dict, updates: Updates, scratch=None):
     """Top-k singular vectors of each update as its outers: U (n×out×kmax), V (n×kmax×in),
-    float64, orthonormal in their first k_i columns (rows) and zero beyond."""
+    float64, orthonormal in their first k_i columns (rows) and zero beyond. `scratch(role,
+    shape)`, when given, supplies the float64 tensors to write them into."""
     ks = [max(choose_rank(s, e, options.get("rank"), options.get("keep_energy")), 1)
           for s, e in zip(updates.spectrum, updates.energy)]
-    U, V = updates.singular_vectors(max(ks))
+    n, out_f, r = updates.B.shape
+    k = max(ks)
+    out = (scratch("U", (n, out_f, k)), scratch("V", (n, k, updates.A.shape[2]))) if scratch else None
+    U, V = updates.singular_vectors(k, out=out)
     for i, k in enumerate(ks):
         U[i, :, k:], V[i, k:] = 0.0, 0.0
     return U, V, [{"source": NAME, "a": k, "b": k} for k in ks]

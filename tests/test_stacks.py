@@ -1,0 +1,118 @@
+"""Modules fitted as stacks (convert.compress_window) give what each module gives on its own.
+
+Stacking changes how the products are batched, never what is computed for a module: every
+test compares a stack with the same modules compressed one at a time (compress_module), and
+with a dense reference where the stack takes a different route (QR, padding, all-zero).
+"""
+import pytest
+import torch
+
+import lora_convert as lc
+from lora_convert.adapter import LoraModule, from_modules
+from lora_convert.convert import compress_module, compress_window
+
+D = torch.float64
+
+
+def module(name, out, inp, r, seed, cond=1.0, dtype=torch.float32, zero=False, repeat_col=False):
+    g = torch.Generator().manual_seed(seed)
+    qb = torch.linalg.qr(torch.randn(out, r, generator=g, dtype=D))[0] if out >= r else torch.randn(out, r, generator=g, dtype=D)
+    B = qb * torch.logspace(0, -torch.log10(torch.tensor(cond, dtype=D)).item(), r, dtype=D) * 0.02
+    A = torch.randn(r, inp, generator=g, dtype=D) / inp**0.5
+    if repeat_col:  # rank-deficient B: its Gram matrix is singular
+        B[:, -1] = B[:, 0]
+    if zero:
+        B = torch.zeros_like(B)
+    return LoraModule(name, down=A.to(dtype), up=B.to(dtype), alpha=2.0 * r)
+
+
+def dense_rel_error(m, mini) -> float:
+    target = m.up.double() @ m.down.double()
+    approx = mini.U.double() @ mini.X.double() @ mini.Y.double() @ mini.V.double()
+    norm = torch.linalg.matrix_norm(target)
+    return float(torch.linalg.matrix_norm(approx - target) / norm) if norm else float(torch.linalg.matrix_norm(approx))
+
+
+def assert_same(stacked, alone):
+    assert stacked.name == alone.name and stacked.outer == alone.outer
+    for role in "UVXY":
+        a, b = getattr(stacked, role), getattr(alone, role)
+        assert a.shape == b.shape and a.dtype == b.dtype, role
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-9, atol=1e-12 * float(b.double().abs().max() + 1))
+    assert stacked.fidelity["rel_error"] == pytest.approx(alone.fidelity["rel_error"], rel=1e-7, abs=1e-14)
+    assert stacked.fidelity["energy"] == pytest.approx(alone.fidelity["energy"], rel=1e-12)
+
+
+MIXED = [  # three shapes, interleaved; two dtypes of one shape form separate stacks
+    module("l0.q", 48, 40, 8, 0), module("l0.up", 64, 40, 8, 1), module("l1.q", 48, 40, 8, 2),
+    module("l0.down", 40, 64, 4, 3), module("l1.up", 64, 40, 8, 4), module("l2.q", 48, 40, 8, 5, dtype=torch.float16),
+    module("l3.q", 48, 40, 8, 6),
+]
+
+
+@pytest.mark.parametrize("source", ["random", "svd"])
+def test_a_window_of_mixed_shapes_equals_its_modules_one_by_one_in_order(source):
+    stacked = compress_window(MIXED, source, seed=3, outer_dim=16 if source == "random" else None)
+    assert [m.name for m in stacked] == [m.name for m in MIXED]
+    for m, s in zip(MIXED, stacked):
+        assert_same(s, compress_module(m, source, seed=3, outer_dim=16 if source == "random" else None))
+        assert s.fidelity["rel_error"] == pytest.approx(dense_rel_error(m, s), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("source", ["random", "svd"])
+def test_ill_conditioned_and_rank_deficient_members_take_the_qr_route_inside_a_stack(source):
+    ms = [module("a", 60, 50, 6, 0), module("b", 60, 50, 6, 1, cond=1e7), module("c", 60, 50, 6, 2, repeat_col=True),
+          module("d", 60, 50, 6, 3)]
+    stacked = compress_window(ms, source, seed=1, outer_dim=20)  if source == "random" else compress_window(ms, source)
+    for m, s in zip(ms, stacked):
+        alone = compress_module(m, source, seed=1, outer_dim=20) if source == "random" else compress_module(m, source)
+        assert_same(s, alone)
+        assert s.fidelity["rel_error"] == pytest.approx(dense_rel_error(m, s), rel=1e-6, abs=1e-12)
+    if source == "svd":  # rank 5 of 6: the svd outers find it and lose nothing but rounding
+        assert stacked[2].fidelity["rel_error"] < 1e-6
+
+
+@pytest.mark.parametrize("source", ["random", "svd"])
+def test_modules_narrower_than_their_rank_stack_through_qr(source):
+    ms = [module(f"m{i}", 4, 6, 8, i) for i in range(3)]  # out < r: every Gram matrix is singular
+    stacked = compress_window(ms, source, seed=2, outer_dim=3) if source == "random" else compress_window(ms, source)
+    for m, s in zip(ms, stacked):
+        assert s.fidelity["rel_error"] == pytest.approx(dense_rel_error(m, s), rel=1e-6, abs=1e-12)
+    if source == "svd":
+        assert max(s.fidelity["rel_error"] for s in stacked) < 1e-6
+
+
+@pytest.mark.parametrize("source", ["random", "svd"])
+def test_per_module_ranks_differ_inside_one_stack(source):
+    """keep_energy picks each module's rank; the stack pads to the largest and trims back."""
+    ms = [module(f"m{i}", 50, 40, 8, i, cond=c) for i, c in enumerate([1.0, 1e2, 1e4, 3.0])]
+    kw = dict(seed=4, keep_energy=0.9, outer_dim=64) if source == "random" else dict(keep_energy=0.9)
+    stacked = compress_window(ms, source, **kw)
+    ranks = [s.inner_rank for s in stacked]
+    assert len(set(ranks)) > 1, ranks
+    for m, s in zip(ms, stacked):
+        assert_same(s, compress_module(m, source, **kw))
+        assert s.fidelity["rel_error"] == pytest.approx(dense_rel_error(m, s), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("source", ["random", "svd"])
+def test_an_all_zero_update_inside_a_stack_keeps_one_zero_direction(source):
+    ms = [module("live", 30, 20, 4, 0), module("dead", 30, 20, 4, 1, zero=True)]
+    stacked = compress_window(ms, source, seed=5, outer_dim=8) if source == "random" else compress_window(ms, source)
+    dead = stacked[1]
+    assert dead.inner_rank == 1 and not dead.X.abs().sum() * dead.Y.abs().sum()
+    assert dead.fidelity["rel_error"] == 0.0 and dead.fidelity["energy"] == 0.0
+    assert stacked[0].fidelity["rel_error"] == pytest.approx(dense_rel_error(ms[0], stacked[0]), rel=1e-6)
+
+
+def test_windows_cover_every_module_once_in_order(monkeypatch, tmp_path):
+    import lora_convert.convert as convert
+    monkeypatch.setattr(convert, "WINDOW", 3)  # 7 modules: windows of 3, 3, 1
+    adapter = from_modules("peft", list(MIXED), config={"r": 8, "lora_alpha": 16, "peft_type": "LORA"})
+    mini = lc.compress(adapter, "random", seed=3, outer_dim=16)
+    assert mini.window == 3
+    got = list(mini.modules())
+    assert [m.name for m in got] == [m.name for m in MIXED]
+    for m, s in zip(MIXED, got):
+        assert_same(s, compress_module(m, "random", seed=3, outer_dim=16))
+    assert mini.module("l1.up").fidelity == got[4].fidelity  # single-module access goes through a window of one
