@@ -9,7 +9,9 @@ import functools
 import math
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -70,6 +72,9 @@ _BASES = BytesLRU(96 << 20, size=lambda b: b.nbytes)
 # Modules fitted together: same-shaped modules among this many consecutive ones are stacked, so
 # their tall products are a few large BLAS calls and their small algebra one numpy call each.
 WINDOW = 16
+# ... and at most this many bytes of float64 factors per stack: larger stacks gain little and
+# every byte of them is held per worker thread (peak RSS) and falls out of the cache.
+STACK_BYTES = 8 << 20
 _SCRATCH = threading.local()  # per thread: float64 stacks reused from window to window
 _SCRATCH_MAX = 48 << 20  # bytes kept between windows per thread and role; larger stacks are freed
 
@@ -110,12 +115,16 @@ def compress_window(modules: list[LoraModule], source: str = "random", *, seed: 
                     dtype: str = "auto") -> list[MiniModule]:
     """compress_module for each of `modules`, in order; same-shaped ones are fitted as a stack."""
     options = {"seed": seed, "outer_dim": outer_dim, "rank": rank, "keep_energy": keep_energy}
-    stacks: dict[tuple, list[int]] = {}
+    shapes: dict[tuple, list[int]] = {}
     for i, m in enumerate(modules):
-        stacks.setdefault((tuple(m.up.shape), tuple(m.down.shape), m.dtype), []).append(i)
+        shapes.setdefault((tuple(m.up.shape), tuple(m.down.shape), m.dtype), []).append(i)
     done: dict[int, MiniModule] = {}
-    for idx in stacks.values():
-        done.update(zip(idx, _compress_stack([modules[i] for i in idx], outer.get(source), options, dtype)))
+    for idx in shapes.values():
+        m = modules[idx[0]]
+        per_stack = max(1, STACK_BYTES // (8 * m.rank * (m.out_features + m.in_features)))
+        for start in range(0, len(idx), per_stack):
+            part = idx[start:start + per_stack]
+            done.update(zip(part, _compress_stack([modules[i] for i in part], outer.get(source), options, dtype)))
     return [done[i] for i in range(len(modules))]
 
 
@@ -129,44 +138,68 @@ def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> lis
     Bt = _widen("B", [m.up.T for m in ms])
     upd = Updates(Bt.transpose(1, 2), _widen("A", [m.down for m in ms]))
     U, V, specs = src.make_stack(ms, options, upd, scratch=_scratch)
-    if src.STORED:  # per module: round, then work with the values as stored
-        U64, V64 = U, V
-        U, V = U.to(store), V.to(store)
-        U64.copy_(U), V64.copy_(V)
-        GU, GV = torch.bmm(U64.transpose(1, 2), U64).numpy(), torch.bmm(V64, V64.transpose(1, 2)).numpy()
-        UtB, AVt = torch.bmm(U64.transpose(1, 2), upd.B).numpy(), torch.bmm(upd.A, V64.transpose(1, 2)).numpy()
-        ks = [s["a"] for s in specs]
-        X, Y = src.inner_stack(upd, ks)
-        outer_of = lambda i: (U64[i], V64[i].T)  # noqa: E731
-    else:  # one shared pair of outers: one large product each for the whole stack
-        ub, vb = _shared_basis("U", specs[0]["u_sha256"], U), _shared_basis("V", specs[0]["v_sha256"], V.T)
-        n, r = len(ms), ms[0].rank
-        UtB = (Bt.reshape(n * r, -1) @ ub.m).reshape(n, r, -1).numpy().swapaxes(1, 2)
-        AVt = (upd.A.reshape(n * r, -1) @ vb.m).reshape(n, r, -1).numpy()
-        fits = fit_projected_stack(upd, ub, vb, UtB, AVt, rank=options["rank"], keep_energy=options["keep_energy"])
-        ks = [max(f.rank, 1) for f in fits]  # an all-zero update keeps one zero direction: shapes stay valid
-        X, Y = _padded([f.X for f in fits], max(ks), 1), _padded([f.Y for f in fits], max(ks), 0)
-        GU, GV = ub.gram, vb.gram
-        outer_of = lambda i: (ub.m, vb.m)  # noqa: E731
-    Xs, Ys = torch.from_numpy(X).to(store), torch.from_numpy(Y).to(store)
+    fit = _fit_stored(src, upd, U, V, specs, store) if src.STORED else _fit_shared(upd, U, V, specs, options)
+    Xs, Ys = torch.from_numpy(fit.X).to(store), torch.from_numpy(fit.Y).to(store)
     Xd, Yd = Xs.double().numpy(), Ys.double().numpy()
-    _check_finite(ms, store, X, Y, Xd, Yd)
-    diffs = mini_difference_norms(upd, UtB, AVt, GU, GV, Xd, Yd)
+    _check_finite(ms, store, fit.X, fit.Y, Xd, Yd)
+    diffs = mini_difference_norms(upd, fit.UtB, fit.AVt, fit.GU, fit.GV, Xd, Yd)
     out = []
-    for i, (m, k) in enumerate(zip(ms, ks)):
+    for i, (m, k, spec) in enumerate(zip(ms, fit.ks, specs)):
         diff = float(diffs[i])
         if diff != diff:  # too close to exact for the Gram formula: QR of the stacked factors
-            Um, Vmt = outer_of(i)
-            diff = difference_norm(upd.B[i], upd.A[i], Um @ torch.from_numpy(Xd[i]), torch.from_numpy(Yd[i]) @ Vmt.T)
+            U64, V64 = fit.outers64(i)
+            diff = difference_norm(upd.B[i], upd.A[i], U64 @ torch.from_numpy(Xd[i]), torch.from_numpy(Yd[i]) @ V64)
         ref = float(upd.energy[i]) ** 0.5
         rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
-        a, b = specs[i]["a"], specs[i]["b"]  # stored outers are as wide as their module's own rank
-        Ui, Vi = (U[i, :, :a].contiguous(), V[i, :b].contiguous()) if src.STORED else (U, V)
+        a, b = spec["a"], spec["b"]  # stored outers are only as wide as their own module's rank
+        Ui, Vi = (fit.U[i, :, :a].contiguous(), fit.V[i, :b].contiguous()) if src.STORED else (fit.U, fit.V)
         out.append(MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
-                              use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=specs[i],
+                              use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=spec,
                               U=Ui, V=Vi, X=Xs[i, :a, :k].contiguous(), Y=Ys[i, :k, :b].contiguous(),
                               fidelity={"rel_error": rel, "energy": m.scale**2 * float(upd.energy[i])}))
     return out
+
+
+@dataclass
+class _StackFit:
+    """Inner matrices of a stack for its outers as written, and the products the error needs."""
+
+    U: torch.Tensor  # outers as written: shared (2-D) or per module (3-D, storage dtype)
+    V: torch.Tensor
+    X: np.ndarray  # n×a×kmax float64, zero-padded beyond each module's rank ks[i]
+    Y: np.ndarray  # n×kmax×b
+    ks: list[int]
+    UtB: np.ndarray  # Uᵀ B (n×a×r) and A Vᵀ (n×r×b) of the outers as written, float64
+    AVt: np.ndarray
+    GU: np.ndarray  # UᵀU and VVᵀ: a×a, b×b when shared, else stacked
+    GV: np.ndarray
+    outers64: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # module i's (U, V) as float64
+
+
+def _fit_stored(src, upd: Updates, U: torch.Tensor, V: torch.Tensor, specs: list[dict], store) -> _StackFit:
+    """Outers stored per module: rounded to the storage dtype first, then everything is computed
+    with the rounded values (widened back into the same float64 buffers)."""
+    U64, V64 = U, V
+    U, V = U.to(store), V.to(store)
+    U64.copy_(U), V64.copy_(V)
+    ks = [s["a"] for s in specs]
+    X, Y = src.inner_stack(upd, ks)
+    return _StackFit(U, V, X, Y, ks, UtB=torch.bmm(U64.transpose(1, 2), upd.B).numpy(),
+                     AVt=torch.bmm(upd.A, V64.transpose(1, 2)).numpy(),
+                     GU=torch.bmm(U64.transpose(1, 2), U64).numpy(), GV=torch.bmm(V64, V64.transpose(1, 2)).numpy(),
+                     outers64=lambda i: (U64[i], V64[i]))
+
+
+def _fit_shared(upd: Updates, U: torch.Tensor, V: torch.Tensor, specs: list[dict], options: dict) -> _StackFit:
+    """One pair of outers for the whole stack: UᵀB and AVᵀ are one large product each."""
+    ub, vb = _shared_basis("U", specs[0]["u_sha256"], U), _shared_basis("V", specs[0]["v_sha256"], V.T)
+    n, r = upd.A.shape[:2]
+    UtB = (upd.B.transpose(1, 2).reshape(n * r, -1) @ ub.m).reshape(n, r, -1).numpy().swapaxes(1, 2)
+    AVt = (upd.A.reshape(n * r, -1) @ vb.m).reshape(n, r, -1).numpy()
+    fits = fit_projected_stack(upd, ub, vb, UtB, AVt, rank=options["rank"], keep_energy=options["keep_energy"])
+    ks = [max(f.rank, 1) for f in fits]  # an all-zero update keeps one zero direction: shapes stay valid
+    X, Y = _padded([f.X for f in fits], max(ks), 1), _padded([f.Y for f in fits], max(ks), 0)
+    return _StackFit(U, V, X, Y, ks, UtB, AVt, ub.gram, vb.gram, outers64=lambda i: (ub.m, vb.m.T))
 
 
 def _padded(mats: list[torch.Tensor], k: int, dim: int) -> np.ndarray:

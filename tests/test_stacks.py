@@ -116,3 +116,17 @@ def test_windows_cover_every_module_once_in_order(monkeypatch, tmp_path):
     for m, s in zip(MIXED, got):
         assert_same(s, compress_module(m, "random", seed=3, outer_dim=16))
     assert mini.module("l1.up").fidelity == got[4].fidelity  # single-module access goes through a window of one
+
+
+def test_a_stack_over_the_byte_cap_is_split_without_changing_results(monkeypatch):
+    import lora_convert.convert as convert
+    ms = [module(f"m{i}", 48, 40, 8, i) for i in range(5)]
+    whole = compress_window(ms, "random", seed=6, outer_dim=16)
+    monkeypatch.setattr(convert, "STACK_BYTES", 2 * 8 * 8 * (48 + 40))  # two modules per stack: 2 + 2 + 1
+    calls = []
+    real = convert._compress_stack
+    monkeypatch.setattr(convert, "_compress_stack", lambda ms, *a: calls.append(len(ms)) or real(ms, *a))
+    split = compress_window(ms, "random", seed=6, outer_dim=16)
+    assert calls == [2, 2, 1]
+    for s, w in zip(split, whole):
+        assert_same(s, w)
