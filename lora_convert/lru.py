@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Callable, Hashable
 
 
@@ -16,26 +17,49 @@ class BytesLRU:
     def __init__(self, max_bytes: int, size: Callable[[object], int]):
         self.max_bytes, self._size = max_bytes, size
         self._items: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()
+        self._pending: dict[Hashable, Future] = {}
         self._used = 0
         self._lock = threading.Lock()
 
     def get(self, key: Hashable, make: Callable[[], object]):
+        """The cached value for `key`, else make() once: threads asking for a key that another
+        thread is making wait for that result instead of making it again (compress's workers
+        all start by asking for the same few outers)."""
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit[0]
-        value = make()  # outside the lock: two threads may compute the same value once each
-        n = self._size(value)
-        if n <= self.max_bytes:
+            pending = self._pending.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._pending[key] = Future()
+        if not owner:
+            return pending.result()
+        try:
+            value = make()
+        except BaseException as exc:
             with self._lock:
-                if key not in self._items:
-                    self._items[key] = (value, n)
-                    self._used += n
-                while self._used > self.max_bytes:
-                    _, (_, dropped) = self._items.popitem(last=False)
-                    self._used -= dropped
+                del self._pending[key]
+            pending.set_exception(exc)
+            raise
+        self._store(key, value)
+        with self._lock:
+            del self._pending[key]
+        pending.set_result(value)
         return value
+
+    def _store(self, key: Hashable, value: object) -> None:
+        n = self._size(value)
+        if n > self.max_bytes:
+            return
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = (value, n)
+                self._used += n
+            while self._used > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._used -= dropped
 
     def clear(self) -> None:
         with self._lock:

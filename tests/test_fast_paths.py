@@ -214,3 +214,28 @@ def test_compress_leaves_no_reference_cycles(source):
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_shared_cache_makes_a_value_once_for_concurrent_askers_and_passes_errors_on():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lora_convert.lru import BytesLRU
+    cache, made, gate = BytesLRU(1 << 20, size=lambda v: 8), [], threading.Event()
+
+    def make():
+        made.append(1)
+        gate.wait(5)
+        return object()
+
+    with ThreadPoolExecutor(4) as ex:
+        futures = [ex.submit(cache.get, "k", make) for _ in range(4)]
+        time.sleep(0.05)
+        gate.set()
+        values = [f.result(5) for f in futures]
+    assert len(made) == 1 and all(v is values[0] for v in values)
+
+    def fail():
+        raise ValueError("boom")
+    with pytest.raises(ValueError):
+        cache.get("bad", fail)
+    assert cache.get("bad", lambda: "ok") == "ok"  # a failure is not cached
