@@ -24,7 +24,9 @@ class BytesLRU:
     def get(self, key: Hashable, make: Callable[[], object]):
         """The cached value for `key`, else make() once: threads asking for a key that another
         thread is making wait for that result instead of making it again (compress's workers
-        all start by asking for the same few outers)."""
+        all start by asking for the same few outers). A failed make() is not cached; waiting
+        threads get its exception."""
+        me = threading.get_ident()
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
@@ -34,19 +36,22 @@ class BytesLRU:
             owner = pending is None
             if owner:
                 pending = self._pending[key] = Future()
+                pending.maker = me
         if not owner:
+            if pending.maker == me:  # make() asked for its own key: waiting would never end
+                return make()
             return pending.result()
         try:
             value = make()
+            self._store(key, value)
         except BaseException as exc:
-            with self._lock:
-                del self._pending[key]
             pending.set_exception(exc)
             raise
-        self._store(key, value)
-        with self._lock:
-            del self._pending[key]
-        pending.set_result(value)
+        else:
+            pending.set_result(value)
+        finally:
+            with self._lock:
+                del self._pending[key]
         return value
 
     def _store(self, key: Hashable, value: object) -> None:

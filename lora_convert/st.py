@@ -166,16 +166,31 @@ class LazyTensors:
         size = info.end - info.start
         out = torch.empty(size // dtype.itemsize, dtype=dtype)
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                got = os.preadv(fd, [out.view(torch.uint8).numpy()], self.header.data_start + info.start) if size else 0
-            finally:
-                os.close(fd)
+            got = _read_into(self.path, memoryview(out.view(torch.uint8).numpy()), self.header.data_start + info.start)
         except OSError as exc:
             raise BadInputError(f"cannot read tensor {key!r} ({exc.strerror})", self.path) from None
         if got != size:
             raise BadInputError(f"tensor {key!r}: file ends inside its data (changed while reading?)", self.path)
         return out.reshape(info.shape)
+
+
+def _read_into(path: Path, buf: memoryview, offset: int) -> int:
+    """Fill `buf` from `path` at `offset`; the number of bytes read (short only at end of file).
+    One read call returns at most ~2 GiB on Linux, so larger tensors take several."""
+    done = 0
+    if not hasattr(os, "preadv"):  # not on every platform
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            while done < len(buf) and (n := fh.readinto(buf[done:])):
+                done += n
+        return done
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while done < len(buf) and (n := os.preadv(fd, [buf[done:]], offset + done)):
+            done += n
+    finally:
+        os.close(fd)
+    return done
 
 
 def _append(src, dst, count: int) -> None:

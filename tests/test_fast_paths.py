@@ -239,3 +239,40 @@ def test_shared_cache_makes_a_value_once_for_concurrent_askers_and_passes_errors
     with pytest.raises(ValueError):
         cache.get("bad", fail)
     assert cache.get("bad", lambda: "ok") == "ok"  # a failure is not cached
+
+
+def test_reads_larger_than_one_read_call_and_without_preadv(tmp_path, monkeypatch):
+    """Linux returns at most ~2 GiB per read call: a tensor is read in as many calls as it takes."""
+    from lora_convert import st
+    from safetensors.torch import save_file
+    t = torch.arange(10_000, dtype=torch.float32).reshape(100, 100)
+    save_file({"w": t}, tmp_path / "a.safetensors")
+    real, calls = os.preadv, []
+
+    def short_preadv(fd, buffers, offset):
+        calls.append(offset)
+        return real(fd, [buffers[0][:4096]], offset)  # at most 4 KiB per call
+    monkeypatch.setattr(st.os, "preadv", short_preadv)
+    assert torch.equal(LazyTensors(tmp_path / "a.safetensors").get("w"), t)
+    assert len(calls) == 10
+    monkeypatch.delattr(st.os, "preadv")  # platforms without it read through a file object
+    assert torch.equal(LazyTensors(tmp_path / "a.safetensors").get("w"), t)
+
+
+def test_shared_cache_recovers_from_a_failed_store_and_allows_reentrant_makes():
+    from lora_convert.lru import BytesLRU
+    fail = [True]
+
+    def size(v):
+        if fail.pop() if fail else False:
+            raise MemoryError("while measuring")
+        return 8
+    cache = BytesLRU(1 << 20, size=size)
+    with pytest.raises(MemoryError):
+        cache.get("k", lambda: 1)
+    done = []
+    t = threading.Thread(target=lambda: done.append(cache.get("k", lambda: 2)))
+    t.start()
+    t.join(5)
+    assert done == [2]  # not left waiting for the failed attempt
+    assert cache.get("outer", lambda: cache.get("outer", lambda: "inner") + "+outer") == "inner+outer"
