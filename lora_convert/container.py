@@ -23,7 +23,7 @@ from .adapter import LazyModules, lora_scale
 from .atomic import atomic_output
 from .errors import BadInputError, IntegrityError, UnsupportedError
 from .report import FidelityReport, ModuleFidelity
-from .st import LazyTensors, StreamingWriter, tensor_buffer
+from .st import LazyTensors, StreamingWriter, peek, tensor_buffer
 
 FORMAT_NAME = "lora-mini"
 FORMAT_VERSION = 1
@@ -158,8 +158,9 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
     with atomic_output(path, _is_dir_target(path)) as tmp:
         file = tmp / FILE_NAME if _is_dir_target(path) else tmp
         specs, hashes = {}, {}
-        with StreamingWriter(file) as writer:
-            for m in mini.modules():
+        first, modules = peek(mini.modules())
+        with StreamingWriter(file, reserve=_header_room(mini, first)) as writer:
+            for m in modules:
                 keys = _add_module(writer, m, hashes)
                 specs[m.name] = m.spec()
                 _check_own_spec(m, specs[m.name], {k: writer.shape(k) for k in keys}, path)
@@ -188,10 +189,27 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
     return report
 
 
-def _add_module(writer: StreamingWriter, m: MiniModule, hashes: dict) -> list[str]:
+def _header_room(mini: MiniAdapter, first: MiniModule | None) -> int:
+    """Bytes to keep for the header ahead of the data (StreamingWriter's `reserve`): a generous
+    guess from the first module's spec, when the data will be large enough (stored outers)
+    that the spaces left over stay under ~3% of the file; else 0 (the data is spooled)."""
+    if first is None:
+        return 0
+    per_module = 2 * len(json.dumps(first.spec())) + 1024  # doubled: the document is escaped into a string
+    room = len(mini) * per_module + 4 * len(json.dumps(mini.source_config)) + (16 << 10)
+    data = sum(t.numel() * t.element_size() for t in _stored_tensors(first).values())
+    return room if data * len(mini) >= 32 * room else 0
+
+
+def _stored_tensors(m: MiniModule) -> dict[str, torch.Tensor]:
     tensors = {"X": m.X, "Y": m.Y}
     if outer.get(m.outer["source"]).STORED:
         tensors.update(U=m.U, V=m.V)
+    return tensors
+
+
+def _add_module(writer: StreamingWriter, m: MiniModule, hashes: dict) -> list[str]:
+    tensors = _stored_tensors(m)
     for role, t in tensors.items():
         hashes[f"{m.name}.{role}"] = writer.add(f"{m.name}.{role}", t, digest=True)
     return [f"{m.name}.{role}" for role in tensors]

@@ -8,6 +8,7 @@ malformed file gets the same one-line BadInputError naming the file.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -193,18 +195,18 @@ def _read_into(path: Path, buf: memoryview, offset: int) -> int:
     return done
 
 
-def _append(src, dst, count: int) -> None:
-    """Copy `count` bytes from the start of file `src` to the position of file `dst`, inside
-    the kernel where it can (copy_file_range, then sendfile), else 1 MiB at a time (larger
-    chunks added ~30 MB to the peak RSS of every save)."""
+def _append(src, dst, count: int, start: int = 0) -> None:
+    """Copy `count` bytes from offset `start` of file `src` (to its end) to the position of file
+    `dst`, inside the kernel where it can (copy_file_range, then sendfile), else 1 MiB at a
+    time (larger chunks added ~30 MB to the peak RSS of every save)."""
     for call in (getattr(os, "copy_file_range", None), getattr(os, "sendfile", None)):
         if call is None:
             continue
         done = 0
         try:
             while done < count:
-                n = (call(src.fileno(), dst.fileno(), count - done, done) if call is not os.sendfile
-                     else os.sendfile(dst.fileno(), src.fileno(), done, count - done))
+                n = (call(src.fileno(), dst.fileno(), count - done, start + done) if call is not os.sendfile
+                     else os.sendfile(dst.fileno(), src.fileno(), start + done, count - done))
                 if n == 0:
                     break
                 done += n
@@ -216,7 +218,7 @@ def _append(src, dst, count: int) -> None:
             dst.seek(0, os.SEEK_END)
             return
         raise OSError(f"short copy: {done} of {count} bytes")
-    src.seek(0)
+    src.seek(start)
     shutil.copyfileobj(src, dst, 1 << 20)
 
 
@@ -238,6 +240,13 @@ def require_finite(tensor: torch.Tensor, what: str, path) -> torch.Tensor:
     return tensor
 
 
+def peek(items: Iterator) -> tuple[object | None, Iterator]:
+    """(the first item or None, an iterator over all the items again): writers size the room
+    for their header from the first module before anything is written."""
+    first = next(items, None)
+    return first, itertools.chain([] if first is None else [first], items)
+
+
 def tensor_buffer(tensor: torch.Tensor) -> memoryview:
     """The tensor's raw little-endian bytes, row-major, without a copy when already contiguous."""
     t = tensor.detach().to("cpu").contiguous()
@@ -249,14 +258,21 @@ def tensor_buffer(tensor: torch.Tensor) -> memoryview:
 class StreamingWriter:
     """Write a safetensors file tensor by tensor without holding them all in memory.
 
-    Data goes to a spool file beside the target; `finish` writes the header and
-    appends the spool. Use inside atomic_file() so a failure leaves nothing.
+    Data goes to a spool file beside the target; `finish` writes the header and appends the
+    spool. With `reserve` bytes of room for the header, data goes straight into the target
+    after that room instead, and `finish` pads the header into it (the format allows trailing
+    spaces in the header): large files are then written once, not written and copied. Only a
+    header that outgrew its room still costs the copy. Use inside atomic_file() so a failure
+    leaves nothing.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, reserve: int = 0):
         self.path = Path(path)
-        self._spool_path = self.path.with_name(self.path.name + ".spool")
+        self._reserve = -(-max(reserve, 0) // 8) * 8  # the data buffer starts 8-byte aligned
+        self._spool_path = self.path if self._reserve else self.path.with_name(self.path.name + ".spool")
         self._spool = open(self._spool_path, "wb")
+        if self._reserve:
+            self._spool.seek(8 + self._reserve)
         self._entries: dict[str, dict] = {}
         self._layout: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._offset = 0
@@ -288,13 +304,22 @@ class StreamingWriter:
             header = {"__metadata__": metadata, **header}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-(8 + len(raw)) % 8)  # align the data buffer to 8 bytes
+        if self._reserve and len(raw) <= self._reserve:
+            self._spool.seek(0)
+            self._spool.write(struct.pack("<Q", self._reserve) + raw + b" " * (self._reserve - len(raw)))
+            self._spool.close()
+            return
         self._spool.close()
+        start = 0
+        if self._reserve:  # the header outgrew its room: the data moves behind the real one
+            self._spool_path, start = self.path.with_name(self.path.name + ".spool"), 8 + self._reserve
+            os.replace(self.path, self._spool_path)
         try:
             with open(self.path, "wb") as out, open(self._spool_path, "rb") as spool:
                 out.write(struct.pack("<Q", len(raw)))
                 out.write(raw)
                 out.flush()
-                _append(spool, out, self._offset)
+                _append(spool, out, self._offset, start)
         finally:
             self._spool_path.unlink(missing_ok=True)
 

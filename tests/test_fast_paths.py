@@ -276,3 +276,68 @@ def test_shared_cache_recovers_from_a_failed_store_and_allows_reentrant_makes():
     t.join(5)
     assert done == [2]  # not left waiting for the failed attempt
     assert cache.get("outer", lambda: cache.get("outer", lambda: "inner") + "+outer") == "inner+outer"
+
+
+@pytest.mark.parametrize("reserve", [0, 8, 4096])
+@pytest.mark.parametrize("refuse_kernel_copy", [False, True])
+def test_header_room_writes_data_once_and_falls_back_when_the_header_outgrows_it(tmp_path, monkeypatch, reserve,
+                                                                                 refuse_kernel_copy):
+    """reserve=8 is too small for this header (the data must move), 4096 holds it (padded)."""
+    from safetensors import safe_open
+    if refuse_kernel_copy:
+        for attr in ("copy_file_range", "sendfile"):
+            monkeypatch.setattr(os, attr, lambda *_: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")), raising=False)
+    t = {"a": torch.arange(10_000, dtype=torch.float32), "b": torch.ones(3, 5, dtype=torch.float16)}
+    path = tmp_path / "t.safetensors"
+    with StreamingWriter(path, reserve=reserve) as w:
+        for k, v in t.items():
+            w.add(k, v)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors" if reserve else "t.safetensors.spool"]
+        w.finish({"x": "y"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_len == (4096 if reserve == 4096 else header_len) and header_len % 8 == 0
+    lazy = LazyTensors(path)
+    assert all(torch.equal(lazy.get(k), v) for k, v in t.items()) and lazy.metadata == {"x": "y"}
+    with safe_open(path, framework="pt") as fh:  # the reference reader accepts the padded header
+        assert torch.equal(fh.get_tensor("a"), t["a"]) and fh.metadata() == {"x": "y"}
+
+
+def test_header_room_is_removed_on_abort(tmp_path):
+    with pytest.raises(RuntimeError):
+        with StreamingWriter(tmp_path / "t.safetensors", reserve=1024) as w:
+            w.add("a", torch.ones(4))
+            raise RuntimeError("interrupted")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("source", ["svd", "random"])
+def test_stored_outers_are_written_behind_header_room_and_tiny_files_are_not_padded(tmp_path, source):
+    from lora_convert.container import FILE_NAME
+    ms = [LoraModule(f"layers.{i}.q_proj", *factors(4096, 4096, 16, seed=i)[::-1], alpha=32.0) for i in range(6)]
+    for m in ms:
+        m.down, m.up = m.down.half(), m.up.half()
+    lc.save(lc.compress(from_modules("peft", ms, config={"r": 16, "lora_alpha": 32}), source, seed=1), tmp_path / "m")
+    raw = (tmp_path / "m" / FILE_NAME).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    padding = len(raw[8:8 + n]) - len(raw[8:8 + n].rstrip(b" "))
+    assert (padding > 1000) == (source == "svd") and padding < 0.03 * len(raw)
+    lc.verify(tmp_path / "m")  # checks every checksum and fingerprint
+    assert lc.load(tmp_path / "m").module("layers.3.q_proj").U.shape[0] == 4096
+
+
+def test_large_peft_adapters_are_written_behind_header_room_and_load_in_safetensors(tmp_path):
+    from safetensors import safe_open
+    ms = [LoraModule(f"model.layers.{i}.self_attn.q_proj", *[t.half() for t in factors(4096, 4096, 16, seed=i)[::-1]],
+                     alpha=32.0) for i in range(6)]
+    cfg = {"r": 16, "lora_alpha": 32, "peft_type": "LORA", "target_modules": ["q_proj"]}
+    lc.save_adapter(from_modules("peft", ms, config=cfg), tmp_path / "a", "peft")
+    raw = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert len(raw[8:8 + n]) - len(raw[8:8 + n].rstrip(b" ")) > 500  # written once, behind padded room
+    with safe_open(tmp_path / "a" / "adapter_model.safetensors", framework="pt") as fh:
+        for m in ms:
+            key = f"base_model.model.{m.name}.lora_B.weight"
+            assert torch.equal(fh.get_tensor(key), m.up)
+    back = lc.load_adapter(tmp_path / "a")
+    assert torch.equal(back.module(ms[2].name).down, ms[2].down)
