@@ -160,6 +160,7 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
         specs, hashes = {}, {}
         first, modules = peek(mini.modules())
         with StreamingWriter(file, reserve=_header_room(mini, first)) as writer:
+            del first  # the loop holds each module only while it is written
             for m in modules:
                 keys = _add_module(writer, m, hashes)
                 specs[m.name] = m.spec()

@@ -383,6 +383,7 @@ def write(adapter: Adapter, dest: Path) -> None:
     ranks, alphas, rslora, scales = {}, {}, {}, {}
     first, modules = peek(adapter.modules())
     with StreamingWriter(dest / WEIGHTS_FILE, reserve=_header_room(adapter, first, paths)) as writer:
+        del first  # the loop holds each module only while it is written
         for m in modules:
             path = paths[m.name]
             _write_factors(writer, m, path)
