@@ -130,3 +130,19 @@ def test_a_stack_over_the_byte_cap_is_split_without_changing_results(monkeypatch
     assert calls == [2, 2, 1]
     for s, w in zip(split, whole):
         assert_same(s, w)
+
+
+def test_ill_conditioned_members_leave_the_gram_route_and_keep_orthonormal_singular_vectors():
+    """Gram matrices square the condition number: past cond 1e4 a member must take QR, or its
+    singular vectors lose orthogonality (here by ~1e-2) and its small singular values."""
+    from lora_convert import mathcore
+    ms = [module(f"m{i}", 300, 200, 8, i, cond=c) for i, c in enumerate([1.0, 1e7, 10.0, 1e9])]
+    upd = mathcore.Updates(torch.stack([m.up.double() for m in ms]), torch.stack([m.down.double() for m in ms]))
+    _, _, ok = mathcore._chol_roots(upd.gram_b)
+    assert ok.tolist() == [True, False, True, False]
+    U, V = upd.singular_vectors(8)
+    for i, m in enumerate(ms):
+        eye = torch.eye(8, dtype=D)
+        assert float((U[i].T @ U[i] - eye).abs().max()) < 1e-10 and float((V[i] @ V[i].T - eye).abs().max()) < 1e-10
+        dense = torch.linalg.svdvals(m.up.double() @ m.down.double())[:8].numpy()
+        assert abs(upd.spectrum[i] - dense).max() < 1e-12 * dense[0]
