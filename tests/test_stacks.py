@@ -146,3 +146,13 @@ def test_ill_conditioned_members_leave_the_gram_route_and_keep_orthonormal_singu
         assert float((U[i].T @ U[i] - eye).abs().max()) < 1e-10 and float((V[i] @ V[i].T - eye).abs().max()) < 1e-10
         dense = torch.linalg.svdvals(m.up.double() @ m.down.double())[:8].numpy()
         assert abs(upd.spectrum[i] - dense).max() < 1e-12 * dense[0]
+
+
+@pytest.mark.parametrize("source", ["random", "svd"])
+def test_results_do_not_share_memory_with_the_reused_float64_buffers(source):
+    kw = dict(seed=1, outer_dim=16) if source == "random" else {}
+    first = compress_window([module(f"a{i}", 48, 40, 8, i) for i in range(3)], source, **kw)
+    kept = [{r: getattr(m, r).clone() for r in "UVXY"} for m in first]
+    compress_window([module(f"b{i}", 48, 40, 8, 10 + i) for i in range(3)], source, **kw)
+    for m, k in zip(first, kept):
+        assert all(torch.equal(getattr(m, r), k[r]) for r in "UVXY")
