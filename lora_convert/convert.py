@@ -1,7 +1,8 @@
 """compress / reconstruct / compare: the operations between Adapter and MiniAdapter.
 
-All of them are lazy and per-module: nothing is computed until a writer or a
-report iterates the modules, and then one module is held at a time.
+All of them are lazy: nothing is computed until a writer or a report iterates the
+modules, and then one module (compress: one window of WINDOW modules, same-shaped ones
+fitted as a stack) is held at a time per worker.
 """
 from __future__ import annotations
 

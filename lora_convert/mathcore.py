@@ -4,7 +4,9 @@ No I/O here. Every function takes the low-rank factors of an update
 ΔW = B @ A (B: out×r, A: r×in) and works in float64 without forming the
 out×in matrix: the only operations on tall matrices are products with them
 (and, for ill-conditioned factors, a Householder QR); everything else is dense
-algebra on matrices whose sides are ranks or outer sizes.
+algebra on matrices whose sides are ranks or outer sizes. The core works on stacks of
+same-shaped updates (`Updates`, n×out×r and n×r×in) so that a few large calls serve many
+modules; `Update` and the single-module functions are stacks of one.
 
 Tall products run in torch, which releases the GIL, so modules can be processed on
 several threads. The small r×r / a×b algebra runs in numpy and LAPACK: a torch call
