@@ -8,7 +8,6 @@ malformed file gets the same one-line BadInputError naming the file.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -242,9 +241,16 @@ def require_finite(tensor: torch.Tensor, what: str, path) -> torch.Tensor:
 
 def peek(items: Iterator) -> tuple[object | None, Iterator]:
     """(the first item or None, an iterator over all the items again): writers size the room
-    for their header from the first module before anything is written."""
+    for their header from the first module before anything is written. The iterator drops its
+    reference to the first item once it has handed it out."""
     first = next(items, None)
-    return first, itertools.chain([] if first is None else [first], items)
+    box = [] if first is None else [first]
+
+    def again():
+        while box:
+            yield box.pop()
+        yield from items
+    return first, again()
 
 
 def tensor_buffer(tensor: torch.Tensor) -> memoryview:
@@ -253,6 +259,11 @@ def tensor_buffer(tensor: torch.Tensor) -> memoryview:
     if not t.numel():
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+# Header room left unused may take at most this share of a file; past it (the room was sized
+# for larger data than came), the data moves behind a compact header instead.
+MAX_PADDING = 0.03
 
 
 class StreamingWriter:
@@ -304,14 +315,15 @@ class StreamingWriter:
             header = {"__metadata__": metadata, **header}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-(8 + len(raw)) % 8)  # align the data buffer to 8 bytes
-        if self._reserve and len(raw) <= self._reserve:
+        spare = self._reserve - len(raw)
+        if self._reserve and 0 <= spare <= MAX_PADDING * (8 + self._reserve + self._offset):
             self._spool.seek(0)
             self._spool.write(struct.pack("<Q", self._reserve) + raw + b" " * (self._reserve - len(raw)))
             self._spool.close()
             return
         self._spool.close()
         start = 0
-        if self._reserve:  # the header outgrew its room: the data moves behind the real one
+        if self._reserve:  # the header outgrew its room (or would leave too much of it): the data moves
             self._spool_path, start = self.path.with_name(self.path.name + ".spool"), 8 + self._reserve
             os.replace(self.path, self._spool_path)
         try:

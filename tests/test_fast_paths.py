@@ -278,16 +278,17 @@ def test_shared_cache_recovers_from_a_failed_store_and_allows_reentrant_makes():
     assert cache.get("outer", lambda: cache.get("outer", lambda: "inner") + "+outer") == "inner+outer"
 
 
-@pytest.mark.parametrize("reserve", [0, 8, 4096])
+@pytest.mark.parametrize("reserve", [0, 8, 4096, 1 << 20])
 @pytest.mark.parametrize("refuse_kernel_copy", [False, True])
 def test_header_room_writes_data_once_and_falls_back_when_the_header_outgrows_it(tmp_path, monkeypatch, reserve,
                                                                                  refuse_kernel_copy):
-    """reserve=8 is too small for this header (the data must move), 4096 holds it (padded)."""
+    """8 bytes are too few for this header and 1 MiB would pad ~55% of the file (the data
+    moves behind a compact header in both cases); 4096 holds it with padding under 3%."""
     from safetensors import safe_open
     if refuse_kernel_copy:
         for attr in ("copy_file_range", "sendfile"):
             monkeypatch.setattr(os, attr, lambda *_: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")), raising=False)
-    t = {"a": torch.arange(10_000, dtype=torch.float32), "b": torch.ones(3, 5, dtype=torch.float16)}
+    t = {"a": torch.arange(200_000, dtype=torch.float32), "b": torch.ones(3, 5, dtype=torch.float16)}
     path = tmp_path / "t.safetensors"
     with StreamingWriter(path, reserve=reserve) as w:
         for k, v in t.items():
@@ -295,12 +296,35 @@ def test_header_room_writes_data_once_and_falls_back_when_the_header_outgrows_it
         assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors" if reserve else "t.safetensors.spool"]
         w.finish({"x": "y"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
-    header_len = int.from_bytes(path.read_bytes()[:8], "little")
-    assert header_len == (4096 if reserve == 4096 else header_len) and header_len % 8 == 0
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert header_len % 8 == 0 and (header_len == 4096) == (reserve == 4096)
+    assert len(raw[8:8 + header_len]) - len(raw[8:8 + header_len].rstrip(b" ")) <= 0.03 * len(raw)
     lazy = LazyTensors(path)
     assert all(torch.equal(lazy.get(k), v) for k, v in t.items()) and lazy.metadata == {"x": "y"}
     with safe_open(path, framework="pt") as fh:  # the reference reader accepts the padded header
         assert torch.equal(fh.get_tensor("a"), t["a"]) and fh.metadata() == {"x": "y"}
+
+
+def test_peek_does_not_keep_the_first_item_alive():
+    import weakref
+
+    from lora_convert.st import peek
+
+    class Item:
+        pass
+    refs = []
+
+    def items():
+        for _ in range(3):
+            item = Item()
+            refs.append(weakref.ref(item))
+            yield item
+    first, again = peek(items())
+    del first
+    alive = [[r() is not None for r in refs] for _ in again]
+    assert alive[1][0] is False and alive[2][:2] == [False, False]
+    assert peek(iter([]))[0] is None and list(peek(iter([]))[1]) == []
 
 
 def test_header_room_is_removed_on_abort(tmp_path):
