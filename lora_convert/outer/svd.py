@@ -19,10 +19,10 @@ def make_stack(modules, options: dict, updates: Updates, scratch=None):
     shape)`, when given, supplies the float64 tensors to write them into."""
     ks = [max(choose_rank(s, e, options.get("rank"), options.get("keep_energy")), 1)
           for s, e in zip(updates.spectrum, updates.energy)]
-    n, out_f, r = updates.B.shape
-    k = max(ks)
-    out = (scratch("U", (n, out_f, k)), scratch("V", (n, k, updates.A.shape[2]))) if scratch else None
-    U, V = updates.singular_vectors(k, out=out)
+    n, out_f, _ = updates.B.shape
+    kmax = max(ks)
+    out = (scratch("U", (n, out_f, kmax)), scratch("V", (n, kmax, updates.A.shape[2]))) if scratch else None
+    U, V = updates.singular_vectors(kmax, out=out)
     for i, k in enumerate(ks):
         U[i, :, k:], V[i, k:] = 0.0, 0.0
     return U, V, [{"source": NAME, "a": k, "b": k} for k in ks]
