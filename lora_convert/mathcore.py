@@ -352,27 +352,12 @@ def _svd(M: np.ndarray):
     return (u, s, vt) if info == 0 else np.linalg.svd(M, full_matrices=False)
 
 
-def _small_svd(P: np.ndarray, Q: np.ndarray):
-    """Thin SVD of P @ Q for small dense P (m×r), Q (r×n) through QR factors of both."""
-    qp, rp = np.linalg.qr(P)
-    qq, rq = np.linalg.qr(Q.T)
-    uc, s, vch = _svd(rp @ rq.T)
-    return qp @ uc, s, qq @ vch.T
-
-
 def _small_svds(P: np.ndarray, Q: np.ndarray):
-    """Thin SVDs of the stack P_i @ Q_i (P: n×m×r, Q: n×r×p): Cholesky factors of both, SVD of
-    the r×r cores; the QR route (_small_svd) for the ones too ill-conditioned for that."""
-    rp, rp_inv, ok_p = _chol_roots(P.swapaxes(1, 2) @ P)
-    rq, rq_inv, ok_q = _chol_roots(Q @ Q.swapaxes(1, 2))
-    bad = np.flatnonzero(~(ok_p & ok_q))
-    if len(bad) == len(P):  # shapes can differ from the Cholesky route's (m < r): all by QR
-        return tuple(np.stack(part) for part in zip(*(_small_svd(p, q) for p, q in zip(P, Q))))
-    uc, s, vch = _stack_svd(rp @ rq.swapaxes(1, 2))
-    U, V = P @ (rp_inv @ uc), Q.swapaxes(1, 2) @ (rq_inv @ vch.swapaxes(1, 2))
-    for i in bad:
-        U[i], s[i], V[i] = _small_svd(P[i], Q[i])
-    return U, s, V
+    """Thin SVDs of the stack P_i @ Q_i (P: n×m×r, Q: n×r×p) as (U n×m×r, S n×r, V n×p×r):
+    the factored SVD of `Updates`, on small dense factors."""
+    stack = Updates(torch.from_numpy(np.ascontiguousarray(P)), torch.from_numpy(np.ascontiguousarray(Q)))
+    U, V = stack.singular_vectors(stack.spectrum.shape[1])
+    return U.numpy(), stack.spectrum, V.transpose(1, 2).numpy()
 
 
 def fit_projected_stack(upd: Updates, ub: OuterBasis, vb: OuterBasis, UtB: np.ndarray, AVt: np.ndarray,
