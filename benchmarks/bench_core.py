@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -175,30 +174,16 @@ def _f64_floor_job(src: Path, random_outers: bool):
     BᵀB and AAᵀ; with `random_outers` also the projections UᵀB, AVᵀ onto a-column outers
     (generated before the clock starts). Same-shaped modules of a window are stacked, so each
     product is one large BLAS call, into buffers reused from window to window."""
-    import threading
-
     import torch
 
     from lora_convert.adapter import ordered_map
-    from lora_convert.convert import WINDOW, workers
+    from lora_convert.convert import WINDOW, _widen as widen, workers  # compress's own reused buffers
     from lora_convert.st import LazyTensors
 
     lazy = LazyTensors(src / WEIGHTS)
     names = sorted({k.rsplit(".lora_", 1)[0] for k in lazy.keys()})
     dims = {d for shape in SHAPES.values() for d in shape}
     outers = {d: torch.randn(d, RANDOM_OUTER_DIM, dtype=torch.float64) for d in dims} if random_outers else {}
-    local = threading.local()
-
-    def widen(role: str, tensors):
-        shape = (len(tensors), *tensors[0].shape)
-        buf = getattr(local, role, None)
-        if buf is None or buf.numel() < math.prod(shape):
-            buf = torch.empty(math.prod(shape), dtype=torch.float64)
-            setattr(local, role, buf)
-        out = buf[:math.prod(shape)].view(shape)
-        for dst, t in zip(out, tensors):
-            dst.copy_(t)
-        return out
 
     def stack(window: list[str]):
         B = [lazy.get(f"{n}.lora_B.weight") for n in window]
