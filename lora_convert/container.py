@@ -192,14 +192,12 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
 
 def _header_room(mini: MiniAdapter, first: MiniModule | None) -> int:
     """Bytes to keep for the header ahead of the data (StreamingWriter's `reserve`): a generous
-    guess from the first module's spec, when the data will be large enough (stored outers)
-    that the spaces left over stay under ~3% of the file; else 0 (the data is spooled)."""
+    guess from the first module's spec (the writer gives the room up where the data turns out
+    too small for the padding to be worth it)."""
     if first is None:
         return 0
     per_module = 2 * len(json.dumps(first.spec())) + 1024  # doubled: the document is escaped into a string
-    room = len(mini) * per_module + 4 * len(json.dumps(mini.source_config)) + (16 << 10)
-    data = sum(t.numel() * t.element_size() for t in _stored_tensors(first).values())
-    return room if data * len(mini) >= 32 * room else 0
+    return len(mini) * per_module + 4 * len(json.dumps(mini.source_config)) + (16 << 10)
 
 
 def _stored_tensors(m: MiniModule) -> dict[str, torch.Tensor]:

@@ -272,9 +272,9 @@ class StreamingWriter:
     Data goes to a spool file beside the target; `finish` writes the header and appends the
     spool. With `reserve` bytes of room for the header, data goes straight into the target
     after that room instead, and `finish` pads the header into it (the format allows trailing
-    spaces in the header): large files are then written once, not written and copied. Only a
-    header that outgrew its room still costs the copy. Use inside atomic_file() so a failure
-    leaves nothing.
+    spaces in the header): large files are then written once, not written and copied. A header
+    that outgrew its room, or room that would pad more than MAX_PADDING of the file (the data
+    was small), still costs the copy. Use inside atomic_file() so a failure leaves nothing.
     """
 
     def __init__(self, path: str | os.PathLike, reserve: int = 0):

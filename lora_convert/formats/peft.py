@@ -22,7 +22,7 @@ import torch
 
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
-from ..st import LazyTensors, StreamingWriter, peek, require_finite
+from ..st import LazyTensors, StreamingWriter, require_finite
 from ._util import read_json_config
 
 NAME = "peft"
@@ -364,14 +364,12 @@ def module_paths(names) -> dict[str, str]:
     return {n: n for n in names}
 
 
-def _header_room(adapter: Adapter, first: LoraModule | None, paths: dict[str, str]) -> int:
-    """StreamingWriter's `reserve`: room for every tensor's header entry, when the factors are
-    large enough that the spaces left over stay under ~3% of the file; else 0."""
-    if first is None:
+def _header_room(adapter: Adapter, paths: dict[str, str]) -> int:
+    """StreamingWriter's `reserve`: room for every tensor's header entry (the writer gives it up
+    where the factors turn out too small for the padding to be worth it)."""
+    if not paths:
         return 0
-    room = (2 * len(adapter) + len(adapter.passthrough_names)) * (max(map(len, paths.values())) + 160) + 1024
-    data = len(adapter) * sum(t.numel() * t.element_size() for t in (first.down, first.up))
-    return room if data >= 32 * room else 0
+    return (2 * len(adapter) + len(adapter.passthrough_names)) * (max(map(len, paths.values())) + 160) + 1024
 
 
 def write(adapter: Adapter, dest: Path) -> None:
@@ -381,10 +379,8 @@ def write(adapter: Adapter, dest: Path) -> None:
     components) are all written plain, rsLoRA ones with alpha = scale·r: same scale exactly."""
     paths = module_paths(adapter.module_names)
     ranks, alphas, rslora, scales = {}, {}, {}, {}
-    first, modules = peek(adapter.modules())
-    with StreamingWriter(dest / WEIGHTS_FILE, reserve=_header_room(adapter, first, paths)) as writer:
-        del first  # the loop holds each module only while it is written
-        for m in modules:
+    with StreamingWriter(dest / WEIGHTS_FILE, reserve=_header_room(adapter, paths)) as writer:
+        for m in adapter.modules():
             path = paths[m.name]
             _write_factors(writer, m, path)
             ranks[path], alphas[path], rslora[path], scales[path] = m.rank, m.alpha, m.use_rslora, m.scale
