@@ -285,7 +285,6 @@ class StreamingWriter:
         if self._reserve:
             self._spool.seek(8 + self._reserve)
         self._entries: dict[str, dict] = {}
-        self._layout: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._offset = 0
 
     def add(self, name: str, tensor: torch.Tensor, digest: bool = False) -> str | None:
@@ -298,16 +297,15 @@ class StreamingWriter:
         self._spool.write(data)
         self._entries[name] = {"dtype": TORCH_DTYPE[tensor.dtype], "shape": list(tensor.shape),
                                "data_offsets": [self._offset, self._offset + data.nbytes]}
-        self._layout[name] = (TORCH_DTYPE[tensor.dtype], tuple(tensor.shape))
         self._offset += data.nbytes
         return hashlib.sha256(data).hexdigest() if digest else None
 
     def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """name -> (dtype, shape) of every tensor added so far."""
-        return dict(self._layout)
+        return {name: (e["dtype"], tuple(e["shape"])) for name, e in self._entries.items()}
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._layout[name][1]
+        return tuple(self._entries[name]["shape"])
 
     def finish(self, metadata: dict[str, str] | None = None) -> None:
         header = dict(self._entries)

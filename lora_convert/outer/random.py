@@ -46,7 +46,7 @@ def stream_of(name: str, spec: dict) -> str:
     return spec.get("stream", name)
 
 
-def make(module, options: dict, update=None):
+def make(module, options: dict):
     a, b = outer_dims(module.out_features, module.in_features, options.get("outer_dim"))
     seed = int(options.get("seed", 0))
     U, u_sha = outer_matrix(seed, SHARED_STREAM, "U", module.out_features, a)
