@@ -200,15 +200,10 @@ def _header_room(mini: MiniAdapter, first: MiniModule | None) -> int:
     return len(mini) * per_module + 4 * len(json.dumps(mini.source_config)) + (16 << 10)
 
 
-def _stored_tensors(m: MiniModule) -> dict[str, torch.Tensor]:
+def _add_module(writer: StreamingWriter, m: MiniModule, hashes: dict) -> list[str]:
     tensors = {"X": m.X, "Y": m.Y}
     if outer.get(m.outer["source"]).STORED:
         tensors.update(U=m.U, V=m.V)
-    return tensors
-
-
-def _add_module(writer: StreamingWriter, m: MiniModule, hashes: dict) -> list[str]:
-    tensors = _stored_tensors(m)
     for role, t in tensors.items():
         hashes[f"{m.name}.{role}"] = writer.add(f"{m.name}.{role}", t, digest=True)
     return [f"{m.name}.{role}" for role in tensors]
