@@ -163,7 +163,7 @@ class LazyTensors:
         """One positioned read into an uninitialised tensor: no mmap left mapped (file pages
         would count in RSS as the adapter is streamed), no per-tensor safe_open (~0.5 ms each)
         and no zero-filled bytearray (calloc'd buffers page-fault on every read, and threads
-        reading at once then contend for the process's page tables: 3x slower on 2 threads)."""
+        reading at once then contend for the process's page tables)."""
         size = info.end - info.start
         out = torch.empty(size // dtype.itemsize, dtype=dtype)
         try:
