@@ -95,7 +95,13 @@ class MiniModule:
     def fidelity_row(self) -> ModuleFidelity:
         return ModuleFidelity(self.name, (self.out_features, self.in_features), self.rank, self.inner_rank,
                               self.outer["source"], int(self.outer["a"]), int(self.outer["b"]),
-                              _number(self.fidelity.get("rel_error")), _number(self.fidelity.get("energy")) or 0.0)
+                              _number(self.fidelity.get("rel_error")), _number(self.fidelity.get("energy")) or 0.0,
+                              recovered=self.recovered)
+
+    @property
+    def recovered(self) -> bool:
+        """Whether `lora-convert recover` re-fitted X, Y (it records its step count in the fidelity)."""
+        return "recovery_steps" in self.fidelity
 
 
 @dataclass

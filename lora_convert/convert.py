@@ -322,7 +322,8 @@ def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityRepo
     for m in mini.modules():
         rel, ref = _module_error(m, original.module(m.name))
         report.add(ModuleFidelity(m.name, (m.out_features, m.in_features), m.rank, m.inner_rank,
-                                  m.outer["source"], int(m.outer["a"]), int(m.outer["b"]), rel, ref**2))
+                                  m.outer["source"], int(m.outer["a"]), int(m.outer["b"]), rel, ref**2,
+                                  recovered=m.recovered))
         if progress:
             progress(m)
     return report

@@ -100,6 +100,10 @@ def _fidelity(summary: dict) -> str:
 def _low_energy_note(report: FidelityReport) -> list[str]:
     if not report.low_energy:
         return []
+    if report.recovered:
+        return [f"> **Note:** the inner matrices were re-fitted to match the original adapter's outputs "
+                f"(`lora-convert recover`); in weight space it keeps {100 * report.retained_energy:.1f}% of the "
+                "original update's energy, a figure that does not measure how closely the outputs match.", ""]
     return [f"> **Note:** this compressed adapter keeps only {100 * report.retained_energy:.1f}% of the original "
             "update's energy, so it behaves noticeably differently from the original.", ""]
 

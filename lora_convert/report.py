@@ -19,6 +19,7 @@ class ModuleFidelity:
     b: int
     rel_error: float | None  # None: not recorded (fidelity is informational in the format)
     energy: float  # ||s·B·A||_F² of the original module
+    recovered: bool = False  # inner matrices re-fitted in function space (`lora-convert recover`)
 
     @property
     def known(self) -> bool:
@@ -31,7 +32,8 @@ class ModuleFidelity:
     def as_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "rank": self.rank,
                 "inner_rank": self.inner_rank, "outer": self.outer, "a": self.a, "b": self.b,
-                "rel_error": _finite(self.rel_error), "retained_energy": self.retained_energy}
+                "rel_error": _finite(self.rel_error), "retained_energy": self.retained_energy,
+                "recovered": self.recovered}
 
 
 @dataclass
@@ -69,6 +71,12 @@ class FidelityReport:
         return None if err is None else max(0.0, 1.0 - err**2)
 
     @property
+    def recovered(self) -> bool:
+        """Whether the inner matrices were re-fitted to the original's outputs (recover), so that
+        weight-space energy no longer measures how well the adapter stands in for the original."""
+        return any(m.recovered for m in self.modules)
+
+    @property
     def low_energy(self) -> bool:
         kept = self.retained_energy
         return bool(self.modules) and kept is not None and kept < LOW_ENERGY
@@ -81,7 +89,7 @@ class FidelityReport:
                "worst_module": worst.name if worst else None,
                "worst_rel_error": worst.rel_error if worst else None,
                "modules_without_fidelity": self.unknown,
-               "low_energy": self.low_energy}
+               "low_energy": self.low_energy, "recovered": self.recovered}
         if self.original_bytes and self.compressed_bytes:
             out.update(original_bytes=self.original_bytes, compressed_bytes=self.compressed_bytes,
                        ratio=self.original_bytes / self.compressed_bytes)
@@ -96,6 +104,11 @@ class FidelityReport:
     def warning(self) -> str | None:
         if not self.low_energy:
             return None
+        if self.recovered:
+            return (f"NOTE: the adapter keeps {100 * self.retained_energy:.1f}% of the original update's energy "
+                    "in weight space. Its inner matrices were re-fitted by `lora-convert recover` to match the "
+                    "original's outputs, which this figure does not measure: compare outputs with "
+                    "`lora-convert eval` instead.")
         return (f"WARNING: the compressed adapter keeps only {100 * self.retained_energy:.1f}% of the "
                 "update's energy. Random outers much smaller than the layer keep a few percent of a "
                 "trained adapter; run `lora-convert recover` to re-fit the inner matrices against the "

@@ -128,3 +128,19 @@ def test_fit_properties(out, inp, r, a, b, k, dtype, seed):
     U2, V2 = svd_outers(B, A, min(r, out, inp))
     exact = fit_inner(B, A, U2, V2)
     assert relative_error(B, A, U2 @ exact.X, exact.Y @ V2) < 1e-9
+
+
+def test_low_energy_message_says_whether_the_adapter_was_recovered():
+    from lora_convert.modelcard import _low_energy_note
+    from lora_convert.report import FidelityReport, ModuleFidelity
+
+    def report(recovered: bool) -> FidelityReport:
+        rows = [ModuleFidelity("m", (8, 8), 4, 4, "random", 2, 2, 0.9, 1.0, recovered=recovered)]
+        return FidelityReport(rows)
+
+    closed_form, refitted = report(False), report(True)
+    assert closed_form.low_energy and refitted.low_energy  # 19% kept in weight space either way
+    assert closed_form.warning().startswith("WARNING") and "run `lora-convert recover`" in closed_form.warning()
+    assert refitted.warning().startswith("NOTE") and "lora-convert eval" in refitted.warning()
+    assert "recover`)" in _low_energy_note(refitted)[0] and "recover`)" not in _low_energy_note(closed_form)[0]
+    assert "19.0%" in refitted.table() and refitted.as_dict()["modules"][0]["recovered"] is True

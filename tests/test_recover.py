@@ -249,6 +249,7 @@ def test_export_round_trips_through_load_and_reconstruct(llama_setup, recovered,
     original, trained = lc.load(root / "mini"), lc.load(root / "recovered")
     report = lc.verify(root / "recovered")  # regenerates every outer and checks every fingerprint and checksum
     assert len(report.modules) == len(original)
+    assert report.recovered and report.summary()["recovered"] and not lc.verify(root / "mini").recovered
     for name in original.module_names:
         a, b = original.module(name), trained.module(name)
         assert a.outer == b.outer  # same seed, same fingerprints
