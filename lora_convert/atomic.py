@@ -3,6 +3,10 @@
 A crash, a kill or an exception at any point leaves the destination either as it
 was or complete; never half-written. Two writers racing on the same destination
 each rename a complete file/directory, so the survivor is one of them, whole.
+
+Temporaries are named `.NAME.HOST.PIDNS.PID.XXXXXXXX.partial` after their writer, so that the
+next write to NAME can remove those a killed writer left (SIGKILL, power loss): see
+_clean_stale_partials.
 """
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -60,6 +66,92 @@ def _target(dest: str | os.PathLike) -> Path:
     return dest
 
 
+def _host() -> str:
+    # dots go too: the owner fields of a partial's name are then split on dots without ambiguity
+    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "_"
+
+
+def _pid_ns() -> str:
+    """This process's pid namespace: containers sharing a host name and a volume have their own pids."""
+    with contextlib.suppress(OSError):
+        ns = os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+        if ns.isdigit():
+            return ns
+    return "0"
+
+
+_NAME_MAX = 255  # bytes in one path component on common filesystems
+
+
+def _partial_prefix(dest: Path) -> str:
+    """The temporary's name up to mkstemp's 8 random characters and the suffix. A name too long
+    for its owner fields falls back to the owner-less form (never cleaned up, as before)."""
+    owned = f".{dest.name}.{_host()}.{_pid_ns()}.{os.getpid()}."
+    fits = len(os.fsencode(owned)) + 8 + len(".partial") <= _NAME_MAX
+    return owned if fits else f".{dest.name}."
+
+
+# Margin for the rounding of /proc's boot time (whole seconds) and small wall-clock steps.
+_CLOCK_SLACK = 10.0
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise OSError(errno.ENOENT, "no btime in /proc/stat")
+
+
+def _may_be_writing(pid: int, changed: float) -> bool:
+    """Whether process `pid` of this host may still own a partial last changed at `changed`.
+
+    A live pid can be a new process that reused a dead writer's pid: it is not the owner when it
+    started after the partial last changed (ctime, which unlike mtime cannot be set back)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: alive, another user's
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True  # no /proc (macOS) or hidden: a reused pid cannot be told apart, keep it
+    if fields[0] == "Z":
+        return False  # a zombie never writes again
+    started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return changed >= started - _CLOCK_SLACK
+
+
+def _is_stale_partial(entry: os.DirEntry, dest: Path) -> bool:
+    """An exact partial of `dest`, written by a process of this host and pid namespace now gone.
+
+    Other hosts' partials (a shared filesystem) and old owner-less names are never judged."""
+    m = re.fullmatch(re.escape(f".{dest.name}.") + r"([A-Za-z0-9_-]+)\.([0-9]+)\.([0-9]+)\.[a-z0-9_]{8}\.partial",
+                     entry.name)
+    if not m or (m[1], m[2]) != (_host(), _pid_ns()) or int(m[3]) <= 0:  # kill(0) is the process group
+        return False
+    return not _may_be_writing(int(m[3]), entry.stat(follow_symlinks=False).st_ctime)
+
+
+def _clean_stale_partials(dest: Path) -> None:
+    """Remove the partials of `dest` that killed writers left, as huggingface_hub does `.incomplete`s.
+
+    Best effort: whatever goes wrong leaves the entry, never fails the write. Symlinks are not
+    ours (we never make them) and are neither followed nor removed."""
+    if os.name != "posix":
+        return  # os.kill(pid, 0) would terminate the process on Windows
+    with contextlib.suppress(OSError), os.scandir(dest.parent) as entries:
+        for entry in entries:
+            with contextlib.suppress(Exception):
+                if not _is_stale_partial(entry, dest):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)  # refuses a symlink swapped in meanwhile
+                elif entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+
+
 @contextlib.contextmanager
 def atomic_file(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success it is fsynced and renamed to `dest`."""
@@ -68,7 +160,8 @@ def atomic_file(dest: str | os.PathLike) -> Iterator[Path]:
         raise BadInputError("output is an existing directory; a single file was to be written here", dest)
     with _output_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+        _clean_stale_partials(dest)
+        fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(dest), suffix=".partial", dir=dest.parent)
         os.close(fd)
         tmp = Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would leak into the published file
@@ -93,7 +186,8 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     dest = _target(dest)
     with _output_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        _clean_stale_partials(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(dest), suffix=".partial", dir=dest.parent))
         os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

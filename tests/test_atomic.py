@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from lora_convert import atomic
 from lora_convert.atomic import atomic_dir, atomic_file
 from lora_convert.cli import main
 
@@ -236,3 +238,129 @@ def test_output_never_replaces_its_input(tmp_path, fixtures, verb):
         assert res.exit_code == 2 and "would replace the input" in res.stderr, res.output
         assert res.stderr.count("\n") == 1
     assert snapshot(tmp_path) == before
+
+
+# A writer that stops half-way through its atomic write and prints its temporary path.
+HALF_WRITER = """
+import sys, time
+from pathlib import Path
+from lora_convert.atomic import atomic_dir, atomic_file
+kind, dest = sys.argv[1:]
+with (atomic_dir if kind == "dir" else atomic_file)(dest) as tmp:
+    (tmp / "half" if kind == "dir" else tmp).write_bytes(b"x" * 4096)
+    print(tmp, flush=True)
+    time.sleep(60)
+"""
+
+
+def start_half_writer(kind: str, dest: Path) -> tuple[subprocess.Popen, Path]:
+    proc = subprocess.Popen([sys.executable, "-c", HALF_WRITER, kind, str(dest)], env=ENV,
+                            stdout=subprocess.PIPE, text=True)
+    partial = Path(proc.stdout.readline().strip())
+    assert partial.exists() and str(proc.pid) in partial.name.split("."), partial
+    return proc, partial
+
+
+def write(kind: str, dest: Path, text: str = "done") -> None:
+    if kind == "dir":
+        with atomic_dir(dest) as tmp:
+            (tmp / "f").write_text(text)
+    else:
+        with atomic_file(dest) as tmp:
+            tmp.write_text(text)
+
+
+def partial_path(dest: Path, pid: int, host: str | None = None, ns: str | None = None,
+                 rand: str = "abcd_123") -> Path:
+    """Where process `pid` of `host` would put its partial of `dest`."""
+    owner = f"{host or atomic._host()}.{ns or atomic._pid_ns()}.{pid}"
+    return dest.parent / f".{dest.name}.{owner}.{rand}.partial"
+
+
+def fake_partial(dest: Path, pid: int, **owner) -> Path:
+    partial = partial_path(dest, pid, **owner)
+    partial.mkdir()
+    (partial / "half").write_text("x")
+    return partial
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_killed_writers_partial_is_removed_by_the_next_write(tmp_path, kind):
+    dest = tmp_path / "out"
+    proc, partial = start_half_writer(kind, dest)
+    proc.kill()
+    proc.wait()
+    assert partial.exists(), "SIGKILL left nothing to clean up"
+    write(kind, dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (dest / "f" if kind == "dir" else dest).read_text() == "done"
+
+
+def test_live_writers_partial_survives(tmp_path):
+    dest = tmp_path / "out"
+    proc, partial = start_half_writer("dir", dest)
+    try:
+        write("dir", dest)
+        assert (partial / "half").exists(), "a live writer's partial was removed"
+        assert (dest / "f").read_text() == "done"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_partial_older_than_its_live_pid_is_removed(tmp_path, monkeypatch):
+    """A live pid that started after the partial last changed reused a dead writer's pid (after a
+    reboot, say): here the test's own pid, with the boot moved an hour into the future."""
+    dest = tmp_path / "out"
+    partial = fake_partial(dest, os.getpid())
+    write("dir", dest)
+    assert partial.exists(), "the live owner's partial was removed"
+    monkeypatch.setattr(atomic, "_boot_time", lambda: time.time() + 3600)
+    write("dir", dest)
+    assert not partial.exists(), "a partial older than the process now holding its pid survived"
+
+
+def test_only_this_hosts_dead_writers_partials_of_this_dest_are_removed(tmp_path):
+    dest = tmp_path / "out"
+    pid = dead_pid()
+    mine = fake_partial(dest, pid)
+    kept = [fake_partial(dest, pid, host="otherhost"),  # a shared filesystem: its pids mean nothing here
+            fake_partial(dest, pid, ns="1"),  # another container on this host
+            fake_partial(tmp_path / "out.bin", pid),  # another destination
+            Path(tempfile.mkdtemp(prefix=".out.", suffix=".partial", dir=tmp_path))]  # old name, no owner
+    write("dir", dest)
+    assert not mine.exists(), "a dead writer's partial survived"
+    assert all(p.exists() for p in kept), [p.name for p in kept if not p.exists()]
+
+
+def test_symlink_named_like_a_stale_partial_is_neither_followed_nor_removed(tmp_path):
+    dest = tmp_path / "out"
+    pid = dead_pid()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("keep")
+    (tmp_path / "victim.txt").write_text("keep")
+    links = [partial_path(dest, pid, rand="link0000"), partial_path(dest, pid, rand="link0001")]
+    links[0].symlink_to(victim)
+    links[1].symlink_to(tmp_path / "victim.txt")
+    real = fake_partial(dest, pid)
+    write("dir", dest)
+    assert not real.exists(), "cleanup did not run"
+    assert all(link.is_symlink() for link in links)
+    assert (victim / "keep").read_text() == "keep" and (tmp_path / "victim.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_long_output_names_still_write(tmp_path, kind):
+    """Owner fields must not push a temporary past the 255-byte name limit: such names keep the
+    owner-less form."""
+    dest = tmp_path / ("n" * (254 - len(".") - 8 - len(".partial") - len(".")))  # fits owner-less only
+    write(kind, dest)
+    assert (dest / "f" if kind == "dir" else dest).read_text() == "done"
+    assert [p.name for p in tmp_path.iterdir()] == [dest.name]
