@@ -12,10 +12,17 @@ the endpoint from ``endpoint=``, else ``HF_ENDPOINT``; downloads land in the HF 
     PosixPath('mini-copy')
     >>> hub.download_uri("hf://me/llama-lora-mini@v1")                       # doctest: +SKIP
     PosixPath('~/.cache/huggingface/hub/models--me--llama-lora-mini/snapshots/3f2a…')
+    >>> hub.download_uri("hf://me/sd-loras@v1/styles/ink")                   # doctest: +SKIP
+    PosixPath('~/.cache/huggingface/hub/models--me--sd-loras/snapshots/9c1d…/styles/ink')
 
 push uploads the file, its config and a model card in one commit; pull pins the revision, checks
 every file and module, and publishes the output directory atomically; download_uri returns a
-checked cache snapshot.
+checked cache snapshot. URIs follow huggingface_hub's HfFileSystem: ``hf://owner/repo[@rev][/path]``.
+
+With HF_HUB_OFFLINE=1 no request is made: the revision (a branch or tag the cache recorded, or a
+full commit sha) and its files come from the HF cache. When the endpoint cannot be reached at all
+(connection refused, dropped, timed out, after the retries), the cache is used the same way and one
+warning line says so; any answer from the Hub (404, 401, 5xx) is reported as it is.
 
 Every failure a user can meet is one line: HubNotFoundError (repo, revision or file),
 HubAuthError (missing/bad token, no permission), HubNetworkError (unreachable, dropped,
@@ -27,9 +34,11 @@ LORA_CONVERT_HUB_BACKOFF (default 1.0) seconds before the first, doubling, at mo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -39,22 +48,25 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, snapshot_download
-from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
-                                    LocalEntryNotFoundError, LocalTokenNotFoundError, OfflineModeIsEnabled,
-                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub import (CommitOperationAdd, HfApi, constants, get_cached_repo_tree, get_token, parse_hf_uri,
+                             snapshot_download)
+from huggingface_hub.errors import (CachedRepoTreeNotFoundError, EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                    HfUriError, HFValidationError, LocalEntryNotFoundError, LocalTokenNotFoundError,
+                                    OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import tqdm as hf_tqdm
 from huggingface_hub.utils import validate_repo_id
 
 from . import __version__, container, modelcard
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_file
 from .convert import stored_report
 from .errors import (BadInputError, HubAuthError, HubError, HubNetworkError, HubNotFoundError, IntegrityError,
                      LoraConvertError)
-from .paths import HF_SCHEME
+from .paths import HF_SCHEME, is_hub_uri
 
-__all__ = ["push", "pull", "download_uri", "parse_uri", "PushResult", "PullResult"]
+__all__ = ["push", "pull", "download_uri", "parse_uri", "format_uri", "PushResult", "PullResult"]
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RETRIES_ENV, BACKOFF_ENV = "LORA_CONVERT_HUB_RETRIES", "LORA_CONVERT_HUB_BACKOFF"
@@ -65,6 +77,10 @@ MINI_FILES = (container.FILE_NAME, container.CONFIG_NAME, README)
 DEFAULT_MESSAGE = "Upload LoRA-Mini adapter with lora_convert"
 LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`), set HF_TOKEN, or pass --token"
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+URI_FORM = f"{HF_SCHEME}owner/repo[@revision][/path/in/repo]"
+# Revisions with a '/' that huggingface_hub's URI parser takes verbatim; other ones are written with %2F.
+_SPECIAL_REF = re.compile(r"refs/(?:convert/[\w.-]+|pr/\d+)")
+_OTHER_REPO_TYPES = frozenset({"datasets", "spaces", "kernels", "buckets"})
 
 
 # --------------------------------------------------------------------------- where, and as whom
@@ -72,16 +88,24 @@ _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 
 @dataclass(frozen=True)
 class Target:
-    """One repo at one revision on one endpoint, as one identity (token as the client takes it)."""
+    """One repo at one revision on one endpoint, as one identity (token as the client takes it).
+
+    `subfolder` is a folder inside the repo ("" for its top): the adapter files are those directly in it.
+    """
 
     repo_id: str
     revision: str | None
     endpoint: str
     token: str | bool | None
+    subfolder: str = ""
 
     @property
     def uri(self) -> str:
-        return f"{HF_SCHEME}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+        return format_uri(self.repo_id, self.revision, self.subfolder)
+
+    def at(self, commit: str) -> str:
+        """The URI of this target pinned to `commit` (for messages about that commit's files)."""
+        return format_uri(self.repo_id, commit, self.subfolder)
 
     def api(self) -> HfApi:
         return HfApi(endpoint=self.endpoint, token=self.token, library_name="lora_convert",
@@ -95,15 +119,16 @@ class Target:
 
 
 def _target(repo_id: str, revision: str | None, token: str | bool | None, endpoint: str | None) -> Target:
-    if repo_id.startswith(HF_SCHEME):
+    subfolder = ""
+    if is_hub_uri(repo_id):
         uri = parse_uri(repo_id)
         if revision and uri.revision and revision != uri.revision:
             raise BadInputError(f"two revisions given: {uri.revision!r} in the URI and {revision!r}", repo_id)
-        repo_id, revision = uri.repo_id, revision or uri.revision
+        repo_id, revision, subfolder = uri.repo_id, revision or uri.revision, uri.subfolder
     _check_repo_id(repo_id)
     # The client reads HF_ENDPOINT once, at import, into constants.ENDPOINT: read it here at call
     # time and pass it explicitly everywhere, so every call agrees on one endpoint.
-    return Target(repo_id, revision or None, (endpoint or constants.ENDPOINT).rstrip("/"), token)
+    return Target(repo_id, revision or None, (endpoint or constants.ENDPOINT).rstrip("/"), token, subfolder)
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -113,25 +138,54 @@ def _check_repo_id(repo_id: str) -> None:
         raise BadInputError(f"invalid repo id: {str(exc).splitlines()[0]}", repo_id) from None
 
 
+def format_uri(repo_id: str, revision: str | None = None, subfolder: str = "") -> str:
+    """The ``hf://`` URI that parse_uri reads back as (repo_id, revision, subfolder).
+
+    A '/' (or '%') in a revision is percent-encoded, as huggingface_hub writes it, so that it is
+    not taken for the start of the path; ``refs/pr/N`` stays as it is.
+
+    >>> format_uri("me/loras", "v1", "styles/ink")
+    'hf://me/loras@v1/styles/ink'
+    >>> format_uri("me/loras", "feature/x")
+    'hf://me/loras@feature%2Fx'
+    """
+    if revision and not _SPECIAL_REF.fullmatch(revision):
+        revision = revision.replace("%", "%25").replace("/", "%2F")
+    return HF_SCHEME + repo_id + (f"@{revision}" if revision else "") + (f"/{subfolder}" if subfolder else "")
+
+
 def parse_uri(uri: str) -> Target:
-    """``hf://owner/repo[@revision]`` -> Target (endpoint and token from the environment).
+    """``hf://owner/repo[@revision][/path/in/repo]`` -> Target (endpoint and token from the environment).
+
+    The grammar is huggingface_hub's (HfFileSystem's): the revision comes right after the repo id,
+    a revision holding '/' is written with %2F (``refs/pr/N`` as is). An '@' after the path
+    (``hf://owner/repo/sub@v1``) is refused rather than read as part of a folder name.
 
     >>> parse_uri("hf://me/adapter@v1").revision
     'v1'
     >>> parse_uri("hf://me/adapter").revision is None
     True
+    >>> parse_uri("hf://me/sd-loras@v1/styles/ink").subfolder
+    'styles/ink'
     """
-    if not uri.startswith(HF_SCHEME):
-        raise BadInputError(f"not a Hub URI (expected {HF_SCHEME}owner/repo[@revision])", uri)
-    repo_id, _, revision = uri[len(HF_SCHEME):].partition("@")
-    if repo_id.split("/")[0] in ("datasets", "spaces"):
-        raise BadInputError("only model repos hold adapters (no datasets/ or spaces/ prefix)", uri)
-    if repo_id.count("/") > 1:
-        raise BadInputError("expected hf://owner/repo[@revision]; subfolders are not supported", uri)
-    if "@" in uri and not revision:
-        raise BadInputError("empty revision after '@'", uri)
-    _check_repo_id(repo_id)
-    return Target(repo_id, revision or None, constants.ENDPOINT.rstrip("/"), None)
+    if not is_hub_uri(uri):
+        raise BadInputError(f"not a Hub URI (expected {URI_FORM})", uri)
+    if uri[len(HF_SCHEME):].split("/")[0] in _OTHER_REPO_TYPES:
+        raise BadInputError("only model repos hold adapters (no datasets/, spaces/, kernels/ or buckets/ prefix)", uri)
+    try:
+        parsed = parse_hf_uri(uri)
+    except HfUriError as exc:
+        raise BadInputError(f"{exc.msg.splitlines()[0]} (expected {URI_FORM})", uri) from None
+    _check_subfolder(parsed.path_in_repo, uri)
+    return Target(parsed.id, parsed.revision, constants.ENDPOINT.rstrip("/"), None, parsed.path_in_repo)
+
+
+def _check_subfolder(path: str, uri: str) -> None:
+    if "@" in path:
+        raise BadInputError(f"'@' after the path: the revision goes right after the repo id ({URI_FORM}, "
+                            "e.g. hf://me/loras@v1/styles/ink)", uri)
+    if {".", ".."} & set(path.split("/")):
+        raise BadInputError("'.' and '..' are not allowed in the path inside the repo", uri)
 
 
 # --------------------------------------------------------------------------- retries and errors
@@ -288,16 +342,27 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def _lfs_pointer(sha256: str, size: int) -> bytes:
+    """The git-lfs pointer git stores for an LFS file: its git oid is the one the repo tree lists."""
+    return b"version https://git-lfs.github.com/spec/v1\noid sha256:%s\nsize %d\n" % (sha256.encode(), size)
+
+
 def matches(entry: RepoFile, path: Path) -> bool:
     """Does the local file have the size and hash the repo tree lists for it?
 
     LFS files are checked against their sha256; others against their git blob sha1. The client
-    itself checks only the size, so a corrupted transfer would otherwise go unnoticed.
+    itself checks only the size, so a corrupted transfer would otherwise go unnoticed. A listing
+    without LFS details (the tree the client caches) gives an LFS file's git oid only: that is the
+    oid of its LFS pointer, which the content's sha256 and size determine.
     """
     size = path.stat().st_size
     if entry.lfs is not None:
         return size == entry.lfs.size and _digest(path, "sha256") == entry.lfs.sha256
-    return size == entry.size and _digest(path, "sha1", b"blob %d\0" % size) == entry.blob_id
+    if size != entry.size:
+        return False
+    if _digest(path, "sha1", b"blob %d\0" % size) == entry.blob_id:
+        return True
+    return git_blob_sha1(_lfs_pointer(_digest(path, "sha256"), size)) == entry.blob_id
 
 
 def evict(cached: Path) -> None:
@@ -320,12 +385,21 @@ class _TerminalOnly(hf_tqdm):
         super().__init__(*args, **kwargs)
 
 
+Selector = Callable[[list[str]], list[str]]
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """Files of one commit in the HF cache, with what the repo tree says about them."""
+    """The selected files of one commit in the HF cache, with what the repo tree says about them.
+
+    `path` is the folder holding them (the snapshot, or the subfolder inside it); `names` are
+    relative to it. `entries` lacks the names that no listing describes (offline, when the client
+    cached no tree for the commit): those cannot be checked here.
+    """
 
     path: Path
     commit: str
+    names: tuple[str, ...]
     entries: dict[str, RepoFile]
 
     def check(self, folder: Path, t: Target) -> None:
@@ -335,47 +409,169 @@ class Snapshot:
                 evict(self.path / name)
                 raise IntegrityError(f"downloaded {name} does not match the repo's checksum (corrupted in transit "
                                      "or in the cache); the cached copy was removed, run the command again",
-                                     f"{HF_SCHEME}{t.repo_id}@{self.commit}")
+                                     t.at(self.commit))
 
 
-def fetch(t: Target, select: Callable[[list[str]], list[str]], cache_dir: str | os.PathLike | None = None) -> Snapshot:
-    """Resolve `t.revision` to a commit, then download `select(repo files)` of that commit into the cache.
+def offline_mode() -> bool:
+    """Is HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set, now or when the client was imported?
 
-    The commit is pinned first so that the files, the tree they are checked against and the
-    result all belong to the same commit even if the branch moves meanwhile.
+    The client reads the variable once, at import; a program that sets it later means it too.
     """
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.is_offline_mode() or value.upper() in constants.ENV_VARS_TRUE_VALUES
+
+
+def fetch(t: Target, select: Selector, cache_dir: str | os.PathLike | None = None) -> Snapshot:
+    """`select(files directly in t.subfolder)` of the commit `t.revision` names, in the HF cache.
+
+    Online, the commit is pinned first so that the files, the tree they are checked against and
+    the result all belong to the same commit even if the branch moves meanwhile. With
+    HF_HUB_OFFLINE set no request is made, and when the endpoint cannot be reached at all (not
+    when it answers with an error), the cache alone answers (see cached), with a warning.
+    """
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    if offline_mode():
+        return cached(t, select, cache, "HF_HUB_OFFLINE is set")
+    try:
+        return _download(t, select, cache)
+    except HubNetworkError as exc:
+        cause = _root(exc.__cause__) if exc.__cause__ else exc
+        if not isinstance(cause, httpx2.TransportError) or isinstance(cause, httpx2.ProxyError):
+            raise  # the Hub answered (5xx...), or a proxy is misconfigured: not a reason to go offline
+        snap = cached(t, select, cache, exc.problem)
+        log.warning(f"warning: {t.uri}: cannot reach {t.endpoint} ({type(cause).__name__}); using commit "
+                    f"{snap.commit[:12]} from the HF cache")
+        return snap
+
+
+def _download(t: Target, select: Selector, cache: Path) -> Snapshot:
     api = t.api()
     info = _call(t, "look up the revision", lambda: api.repo_info(t.repo_id, revision=t.revision))
-    names = select(sorted(s.rfilename for s in info.siblings or []))
-    listed = _call(t, "list the repo's files", lambda: api.get_paths_info(t.repo_id, names, revision=info.sha))
+    _record_ref(cache, t, info.sha)
+    names = _pick(t, select, sorted(s.rfilename for s in info.siblings or []))
+    paths = [_in_repo(t, n) for n in names]
+    listed = _call(t, "list the repo's files", lambda: api.get_paths_info(t.repo_id, paths, revision=info.sha))
     entries = {e.path: e for e in listed if isinstance(e, RepoFile)}
-    if sorted(entries) != sorted(names):  # every file we hand out must have a checksum to verify
-        raise HubError(f"the repo tree does not describe {sorted(set(names) - set(entries))}", t.uri)
-    cache = cache_dir or constants.HF_HUB_CACHE
+    if sorted(entries) != sorted(paths):  # every file we hand out must have a checksum to verify
+        raise HubError(f"the repo tree does not describe {sorted(set(paths) - set(entries))}", t.uri)
     path = _call(t, "download the files", lambda: snapshot_download(
-        t.repo_id, revision=info.sha, allow_patterns=[glob.escape(n) for n in names], cache_dir=cache,
+        t.repo_id, revision=info.sha, allow_patterns=[glob.escape(p) for p in paths], cache_dir=cache,
         token=t.token, endpoint=t.endpoint, library_name="lora_convert", library_version=__version__,
         tqdm_class=_TerminalOnly))
-    return Snapshot(Path(path), info.sha, entries)
+    return Snapshot(Path(path) / t.subfolder, info.sha, tuple(names), {n: entries[p] for n, p in zip(names, paths)})
 
 
-def _mini_files(t: Target) -> Callable[[list[str]], list[str]]:
+def cached(t: Target, select: Selector, cache: Path, why: str) -> Snapshot:
+    """`t` as the HF cache holds it, with no request: for HF_HUB_OFFLINE and an unreachable endpoint.
+
+    The revision is a full commit sha, or a branch or tag whose commit the cache recorded. The
+    tree the client cached for that commit lists the repo and gives each file's checksum; without
+    it, only the snapshot's own files are known, and they are used unchecked (LoRA-Mini files
+    still check every tensor when loaded). `why` starts the error when something is not cached.
+    """
+    commit, snapshot = _cached_snapshot(t, cache, why)
+    tree = _cached_tree(t, commit, cache)
+    try:
+        names = _pick(t, select, sorted(tree) if tree is not None else _files_in(snapshot))
+    except LoraConvertError:
+        if tree is not None:
+            raise
+        raise _not_cached(t, why, cache) from None  # nothing lists the repo: the files may just not be cached
+    folder = snapshot / t.subfolder
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise _not_cached(t, why, cache, missing)
+    return Snapshot(folder, commit, tuple(names), {n: tree[_in_repo(t, n)] for n in names} if tree else {})
+
+
+def _storage(cache: Path, t: Target) -> Path:
+    return cache / repo_folder_name(repo_id=t.repo_id, repo_type="model")
+
+
+def _cached_snapshot(t: Target, cache: Path, why: str) -> tuple[str, Path]:
+    """(commit, snapshot folder) for `t.revision`, read from the cache's refs/ like the client does."""
+    revision = t.revision or constants.DEFAULT_REVISION
+    commit = revision if _COMMIT_SHA.fullmatch(revision) else None
+    with contextlib.suppress(OSError, ValueError):
+        commit = commit or (_storage(cache, t) / "refs" / revision).read_text().strip()
+    if not commit or not _COMMIT_SHA.fullmatch(commit):  # only a sha may name a folder we read from
+        raise _not_cached(t, why, cache)
+    snapshot = _storage(cache, t) / "snapshots" / commit
+    if not snapshot.is_dir():
+        raise _not_cached(t, why, cache)
+    return commit, snapshot
+
+
+def _cached_tree(t: Target, commit: str, cache: Path) -> dict[str, RepoFile] | None:
+    """The repo listing snapshot_download cached for `commit` (path -> size and git oid), if any."""
+    try:
+        return {f.path: f for f in get_cached_repo_tree(t.repo_id, revision=commit, cache_dir=cache)}
+    except CachedRepoTreeNotFoundError:
+        return None
+
+
+def _files_in(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _not_cached(t: Target, why: str, cache: Path, missing: list[str] | None = None) -> HubNetworkError:
+    revision = t.revision or constants.DEFAULT_REVISION
+    what = (f"the cached revision {revision!r} lacks {', '.join(missing)}" if missing
+            else f"revision {revision!r} is not in the HF cache")
+    return HubNetworkError(f"{why}, and {what} ({cache}); run the command once with network access to cache it",
+                           t.uri)
+
+
+def _record_ref(cache: Path, t: Target, commit: str) -> None:
+    """Record the commit a branch or tag named, as the client does, so that an offline run finds it.
+
+    snapshot_download records it only when given the branch or tag, and it is given the pinned
+    sha. Best effort, like the client: a read-only cache must not fail a download.
+    """
+    revision = t.revision or constants.DEFAULT_REVISION
+    if _COMMIT_SHA.fullmatch(revision) or ".." in revision.split("/"):
+        return
+    ref = _storage(cache, t) / "refs" / revision
+    with contextlib.suppress(OSError, LoraConvertError):
+        if not ref.is_file() or ref.read_text() != commit:
+            with atomic_file(ref) as tmp:
+                tmp.write_text(commit)  # no newline: the client reads the file as is
+
+
+def _pick(t: Target, select: Selector, listing: list[str]) -> list[str]:
+    """`select` applied to the files directly in `t.subfolder` (the top when none), named relative to it."""
+    prefix = f"{t.subfolder}/" if t.subfolder else ""
+    inside = [n[len(prefix):] for n in listing if n.startswith(prefix)]
+    if prefix and not inside:
+        raise HubNotFoundError(f"no folder {t.subfolder!r} in the repo at this revision", t.uri)
+    return select([n for n in inside if "/" not in n])
+
+
+def _in_repo(t: Target, name: str) -> str:
+    return f"{t.subfolder}/{name}" if t.subfolder else name
+
+
+def _where(t: Target) -> str:
+    return f"in {t.subfolder}/" if t.subfolder else "at the top of the repo"
+
+
+def _mini_files(t: Target) -> Selector:
     def select(names: list[str]) -> list[str]:
         if container.FILE_NAME not in names:
-            raise BadInputError(f"not a LoRA-Mini repo: no {container.FILE_NAME} at this revision (to compress a "
-                                f"standard adapter, run `lora-convert compress {t.uri} -o ./mini`)", t.uri)
+            kind = "folder" if t.subfolder else "repo"
+            raise BadInputError(f"not a LoRA-Mini {kind}: no {container.FILE_NAME} {_where(t)} at this revision (to "
+                                f"compress a standard adapter, run `lora-convert compress {t.uri} -o ./mini`)", t.uri)
         return [n for n in MINI_FILES if n in names]
     return select
 
 
-def _adapter_files(t: Target) -> Callable[[list[str]], list[str]]:
-    """Top-level adapter files: weights and configs, pickles only when there are no safetensors."""
+def _adapter_files(t: Target) -> Selector:
+    """Adapter files directly in the folder: weights and configs, pickles only when there are no safetensors."""
     def select(names: list[str]) -> list[str]:
-        top = [n for n in names if "/" not in n]
-        weights = [n for n in top if n.endswith(".safetensors")] or [n for n in top if n.endswith(".bin")]
+        weights = [n for n in names if n.endswith(".safetensors")] or [n for n in names if n.endswith(".bin")]
         if not weights:
-            raise BadInputError("no adapter weights (*.safetensors or *.bin) at the top of the repo", t.uri)
-        return sorted(weights + [n for n in top if n.endswith(".json")])
+            raise BadInputError(f"no adapter weights (*.safetensors or *.bin) {_where(t)}", t.uri)
+        return sorted(weights + [n for n in names if n.endswith(".json")])
     return select
 
 
@@ -389,11 +585,11 @@ class PullResult:
     commit: str
     path: Path
     modules: int
+    subfolder: str = ""
 
     def describe(self) -> str:
-        rev = f"@{self.revision}" if self.revision else ""
-        return (f"pulled {HF_SCHEME}{self.repo_id}{rev} (commit {self.commit[:12]}) to {self.path}: "
-                f"{self.modules} modules, all outer fingerprints and checksums verified")
+        return (f"pulled {format_uri(self.repo_id, self.revision, self.subfolder)} (commit {self.commit[:12]}) to "
+                f"{self.path}: {self.modules} modules, all outer fingerprints and checksums verified")
 
 
 def verify_mini(folder: Path, where: str) -> tuple[container.MiniAdapter, list[dict]]:
@@ -415,36 +611,42 @@ def pull(repo_id: str, dest: str | os.PathLike, *, revision: str | None = None, 
          endpoint: str | None = None, cache_dir: str | os.PathLike | None = None) -> PullResult:
     """Download a LoRA-Mini repo at a pinned revision, verify everything, publish `dest` atomically.
 
-    `repo_id` may also be ``hf://owner/repo[@revision]``. Files go through the HF cache; the
-    copy in `dest` is checked against the repo tree's sha256 / git oids, then every module is
-    loaded (outer fingerprints, tensor checksums) before `dest` appears. A failed pull leaves
-    `dest` as it was; a corrupt cached file is evicted so that the next pull downloads it again.
+    `repo_id` may also be ``hf://owner/repo[@revision][/folder]`` (the LoRA-Mini files directly in
+    that folder of the repo). Files go through the HF cache; the copy in `dest` is checked against
+    the repo tree's sha256 / git oids, then every module is loaded (outer fingerprints, tensor
+    checksums) before `dest` appears. A failed pull leaves `dest` as it was; a corrupt cached file
+    is evicted so that the next pull downloads it again. Offline, see fetch.
 
     >>> pull("me/llama-lora-mini", "./mini", revision="v1").commit          # doctest: +SKIP
     '3f2a…'
+    >>> pull("hf://me/loras@v1/styles/ink", "./ink").subfolder              # doctest: +SKIP
+    'styles/ink'
     """
     t = _target(repo_id, revision, token, endpoint)
     snap = fetch(t, _mini_files(t), cache_dir)
     with atomic_dir(dest) as tmp:
-        for name in snap.entries:
+        for name in snap.names:
             shutil.copyfile(snap.path / name, tmp / name)
         snap.check(tmp, t)
-        mini, _ = verify_mini(tmp, f"{HF_SCHEME}{t.repo_id}@{snap.commit}")
-    return PullResult(t.repo_id, t.revision, snap.commit, Path(dest), len(mini))
+        mini, _ = verify_mini(tmp, t.at(snap.commit))
+    return PullResult(t.repo_id, t.revision, snap.commit, Path(dest), len(mini), t.subfolder)
 
 
 def download_uri(uri: str, *, expect: str | None = None, token: str | bool | None = None,
                  endpoint: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The verified local snapshot (in the HF cache) for ``hf://owner/repo[@revision]``.
+    """The verified local folder (in the HF cache) for ``hf://owner/repo[@revision][/folder]``.
 
-    A LoRA-Mini repo yields its LoRA-Mini files; any other repo its top-level adapter files
-    (*.safetensors and *.json; *.bin only when there are no safetensors). Every file is checked
-    against the repo tree (corrupt ones are evicted). LoRA-Mini modules are checked when they
-    are loaded, as for a local file. `expect="lora-mini"` refuses other repos with a clear error,
-    `expect="adapter"` fetches adapter files even from a LoRA-Mini repo.
+    A LoRA-Mini repo (or folder) yields its LoRA-Mini files; any other its adapter files directly
+    in that folder, the top of the repo by default (*.safetensors and *.json; *.bin only when
+    there are no safetensors). Every file is checked against the repo tree (corrupt ones are
+    evicted). LoRA-Mini modules are checked when they are loaded, as for a local file.
+    `expect="lora-mini"` refuses other repos with a clear error, `expect="adapter"` fetches
+    adapter files even from a LoRA-Mini repo. Offline, see fetch.
 
     >>> download_uri("hf://someone/their-lora")                                # doctest: +SKIP
     PosixPath('~/.cache/huggingface/hub/models--someone--their-lora/snapshots/0a1b…')
+    >>> download_uri("hf://someone/sd-loras/styles/ink")                       # doctest: +SKIP
+    PosixPath('~/.cache/huggingface/hub/models--someone--sd-loras/snapshots/0a1b…/styles/ink')
     """
     choosers = {None: _auto, "lora-mini": _mini_files, "adapter": _adapter_files}
     if expect not in choosers:
@@ -455,7 +657,7 @@ def download_uri(uri: str, *, expect: str | None = None, token: str | bool | Non
     return snap.path
 
 
-def _auto(t: Target) -> Callable[[list[str]], list[str]]:
+def _auto(t: Target) -> Selector:
     mini, adapter = _mini_files(t), _adapter_files(t)
     return lambda names: mini(names) if container.FILE_NAME in names else adapter(names)
 
@@ -473,7 +675,7 @@ class PushResult:
     created_branch: bool = False
 
     def describe(self) -> str:
-        where = f"{HF_SCHEME}{self.repo_id}@{self.revision}"
+        where = format_uri(self.repo_id, self.revision)
         if self.up_to_date:
             return f"{where} is already up to date (commit {self.commit[:12]}); nothing pushed"
         return f"pushed to {where} (commit {self.commit[:12]}): {self.url}"
@@ -578,7 +780,11 @@ def push(local_dir: str | os.PathLike, repo_id: str, *, private: bool = False, r
     local = Path(local_dir)
     t = _target(repo_id, revision, token, endpoint)
     t = dataclasses.replace(t, revision=t.revision or constants.DEFAULT_REVISION)
+    if t.subfolder:  # the model card is the repo's README: a LoRA-Mini push owns the top of the repo
+        raise BadInputError("push uploads to the top of the repo; a folder inside it is not supported", repo_id)
     files = files_to_push(local, t.repo_id)
+    if offline_mode():
+        raise HubNetworkError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it to push", t.uri)
     api = t.api()
     t = dataclasses.replace(t, repo_id=_call(t, "create the repository", lambda: _ensure_repo(api, t, private)))
     created = _ensure_branch(api, t)

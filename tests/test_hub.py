@@ -6,9 +6,12 @@ and lora_convert's retry environment), so that tests are offline, isolated and f
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -397,3 +400,180 @@ def test_cli_push_pull_and_exit_codes(srv, minis, tmp_path):
         assert res.exit_code == 2, (args, res.output)
         assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1 and "Traceback" not in res.output
     assert not (tmp_path / "m").exists()
+
+
+# --------------------------------------------------------------------------- offline and unreachable: the HF cache
+
+
+def _cache_of(repo: str) -> Path:
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+
+
+def _flip_last_byte(path: Path) -> None:
+    blob = path.resolve()  # the cache's blob behind the snapshot link
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+
+def test_offline_serves_cached_revisions_without_any_request(srv, minis, tmp_path, monkeypatch):
+    v1 = _push(srv, minis["seed7"]).commit
+    HfApi(endpoint=srv.endpoint, token=WRITE).create_tag(REPO, tag="v1", revision=v1)
+    v2 = _push(srv, minis["seed8"]).commit
+    _pull(srv, tmp_path / "online")                              # caches main -> v2
+    hub.download_uri(f"hf://{REPO}@v1", token=WRITE)             # caches the tag v1
+    assert (_cache_of(REPO) / "refs" / "main").read_text() == v2
+    srv.requests.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # after import: the client's own constant still says online
+    assert not constants.HF_HUB_OFFLINE
+
+    seed7, seed8 = ((minis[s] / MINI).read_bytes() for s in ("seed7", "seed8"))
+    for revision, commit, data in ((None, v2, seed8), ("v1", v1, seed7), (v1, v1, seed7)):
+        dest = tmp_path / f"offline-{revision}"
+        assert _pull(srv, dest, revision=revision).commit == commit and (dest / MINI).read_bytes() == data
+    assert hub.download_uri(f"hf://{REPO}@v1").name == v1
+    res = _cli("reconstruct", f"hf://{REPO}@v1", "-o", tmp_path / "restored")
+    assert res.exit_code == 0 and (tmp_path / "restored" / "adapter_model.safetensors").is_file(), res.output
+    assert srv.requests == []  # not one request, though the endpoint is up
+
+    with pytest.raises(HubNetworkError, match=r"HF_HUB_OFFLINE is set, and revision 'v9' is not in the HF cache"):
+        _pull(srv, tmp_path / "x", revision="v9")
+    res = _cli("reconstruct", "hf://me/never-fetched", "-o", tmp_path / "x")
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.output
+    assert "HF_HUB_OFFLINE is set, and revision 'main' is not in the HF cache" in res.stderr
+    with pytest.raises(HubNetworkError, match="HF_HUB_OFFLINE is set, so nothing can be pushed"):
+        _push(srv, minis["seed7"], revision="other")
+    assert srv.requests == [] and not (tmp_path / "x").exists()
+
+
+def test_offline_checks_files_against_the_cached_tree(srv, fixtures, tmp_path, monkeypatch):
+    srv.commit_files("someone/their-lora", {p.name: p.read_bytes() for p in (fixtures / SRC).iterdir()})
+    online = hub.download_uri("hf://someone/their-lora")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.download_uri("hf://someone/their-lora") == online  # LFS and plain files both match the tree
+
+    _flip_last_byte(online / "adapter_model.safetensors")  # same size: only a checksum notices
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors does not match the repo's checksum"):
+        hub.download_uri("hf://someone/their-lora")
+    with pytest.raises(HubNetworkError, match="the cached revision 'main' lacks adapter_model.safetensors"):
+        hub.download_uri("hf://someone/their-lora")  # evicted, and offline nothing can replace it
+
+
+def test_offline_without_a_cached_tree_relies_on_the_lora_mini_checks(srv, minis, tmp_path, monkeypatch):
+    """A cache written by an older client or by hf_hub_download has no trees/: LoRA-Mini files check themselves."""
+    commit = _push(srv, minis["seed7"]).commit
+    _pull(srv, tmp_path / "online")
+    old = tmp_path / "old-cache"
+    shutil.copytree(constants.HF_HUB_CACHE, old, symlinks=True, ignore=shutil.ignore_patterns("trees"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _pull(srv, tmp_path / "a", cache_dir=old).commit == commit
+    _flip_last_byte(old / "models--me--tiny-mini" / "snapshots" / commit / MINI)  # inside the last tensor
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        _pull(srv, tmp_path / "b", cache_dir=old)
+    assert not (tmp_path / "b").exists()
+
+
+def test_unreachable_endpoint_falls_back_to_the_cache_with_one_warning(srv, minis, tmp_path, caplog):
+    commit = _push(srv, minis["seed7"]).commit
+    _pull(srv, tmp_path / "online")
+    closed = f"http://127.0.0.1:{_free_port()}"
+    with caplog.at_level("WARNING", logger="lora_convert.hub"):
+        result = hub.pull(REPO, tmp_path / "out", endpoint=closed, token=WRITE)
+    assert result.commit == commit and (tmp_path / "out" / MINI).read_bytes() == (minis["seed7"] / MINI).read_bytes()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: hf://{REPO}: cannot reach {closed} (ConnectError); using commit {commit[:12]} from the HF cache"]
+
+    with pytest.raises(HubNetworkError, match=rf"cannot connect to {closed}.*and revision 'v9' is not in the HF cache"):
+        hub.pull(REPO, tmp_path / "x", revision="v9", endpoint=closed, token=WRITE)
+    # An answer from the Hub is no reason to fall back, even with the revision cached.
+    srv.inject(REPO_INFO, status=503, times=None)
+    with pytest.raises(HubNetworkError, match="server error HTTP 503"):
+        _pull(srv, tmp_path / "x")
+    srv.clear_faults()
+    with pytest.raises(HubAuthError, match="token is missing or invalid"):
+        _pull(srv, tmp_path / "x", token="hf_bogus")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_on_a_stopped_hub_prints_one_warning_line(srv, minis, tmp_path):
+    """In a real process: no logging set up, so the warning is one bare line on stderr."""
+    _push(srv, minis["seed7"])
+    _pull(srv, tmp_path / "online")
+    endpoint = srv.endpoint
+    srv.close()  # the Hub goes away; the cache stays
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_CACHE": constants.HF_HUB_CACHE,
+           "HF_HOME": str(tmp_path / "hf-home"), hub.RETRIES_ENV: "0"}
+    proc = subprocess.run([sys.executable, "-m", "lora_convert.cli", "inspect", f"hf://{REPO}"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "14 modules" in proc.stdout, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(
+        f"warning: hf://{REPO}: cannot reach {endpoint} (ConnectError); using commit ")
+
+
+# --------------------------------------------------------------------------- hf:// subfolders
+
+
+def test_uri_forms_round_trip_and_bad_ones_are_one_line():
+    for uri, (repo, revision, sub) in {
+        "hf://me/loras": ("me/loras", None, ""),
+        "hf://me/loras@v1/styles/ink": ("me/loras", "v1", "styles/ink"),
+        "hf://me/loras/styles/ink": ("me/loras", None, "styles/ink"),
+        "hf://me/loras@feature%2Fx/ink": ("me/loras", "feature/x", "ink"),
+        "hf://me/loras@refs/pr/3/ink": ("me/loras", "refs/pr/3", "ink"),
+    }.items():
+        t = hub.parse_uri(uri)
+        assert (t.repo_id, t.revision, t.subfolder) == (repo, revision, sub) and t.uri == uri
+        assert hub.parse_uri(hub.format_uri(repo, revision, sub)) == t
+    for uri, problem in {
+        "hf://me/loras/styles@v1": "'@' after the path: the revision goes right after the repo id",
+        "hf://me/loras/../other": "'.' and '..' are not allowed",
+        "hf://me/loras/a//b": "empty segments",
+        "hf://datasets/me/data/sub": "only model repos hold adapters",
+        "hf://spaces/me/app": "only model repos hold adapters",
+    }.items():
+        with pytest.raises(BadInputError, match=re.escape(problem)) as err:
+            hub.parse_uri(uri)
+        assert str(err.value).startswith(f"{uri}: ") and "\n" not in str(err.value)
+
+
+def test_hf_uri_subfolders_pull_download_and_cli(srv, minis, fixtures, tmp_path, monkeypatch):
+    files = {f"styles/ink/{p.name}": p.read_bytes() for p in minis["seed7"].iterdir()}
+    files.update({f"styles/pen/{p.name}": p.read_bytes() for p in (fixtures / SRC).iterdir()})
+    files.update({"README.md": b"# several LoRAs\n", "styles/pen/old/adapter_model.safetensors": b"not read"})
+    commit = srv.commit_files("me/loras", files)
+
+    pulled = hub.pull("hf://me/loras@main/styles/ink", tmp_path / "ink", endpoint=srv.endpoint)
+    assert (pulled.commit, pulled.modules, pulled.subfolder) == (commit, 14, "styles/ink")
+    assert pulled.describe().startswith(f"pulled hf://me/loras@main/styles/ink (commit {commit[:12]})")
+    assert sorted(p.name for p in (tmp_path / "ink").iterdir()) == [MINI, container.CONFIG_NAME]  # not ../README.md
+    assert (tmp_path / "ink" / MINI).read_bytes() == (minis["seed7"] / MINI).read_bytes()
+
+    srv.requests.clear()
+    pen = hub.download_uri("hf://me/loras/styles/pen")
+    assert pen == _cache_of("me/loras") / "snapshots" / commit / "styles" / "pen"
+    assert sorted(p.name for p in pen.iterdir() if p.is_file()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fetched = {r.path.split("/resolve/", 1)[1] for r in srv.requests_to(r"/resolve/", "GET")}
+    assert fetched == {f"{commit}/styles/pen/adapter_config.json", f"{commit}/styles/pen/adapter_model.safetensors"}
+
+    res = _cli("compress", "hf://me/loras/styles/pen", "-o", tmp_path / "mini", "--seed", "7", "--outer-dim", "16",
+               "--rank", "4")
+    assert res.exit_code == 0 and (tmp_path / "mini" / MINI).read_bytes() == (minis["seed7"] / MINI).read_bytes()
+    res = _cli("inspect", f"hf://me/loras@{commit}/styles/ink")
+    assert res.exit_code == 0 and "14 modules" in res.stdout, res.output
+
+    for args, problem in (
+        (["inspect", "hf://me/loras/styles/none"], "hf://me/loras/styles/none: no folder 'styles/none' in the repo"),
+        (["pull", "hf://me/loras/styles/pen", "-o", tmp_path / "x"],
+         "not a LoRA-Mini folder: no lora_mini.safetensors in styles/pen/ at this revision"),
+        (["pull", "hf://me/loras/styles@v1", "-o", tmp_path / "x"], "'@' after the path"),
+        (["push", minis["seed7"], "hf://me/loras/styles/ink", "--token", WRITE], "a folder inside it is not supported"),
+    ):
+        res = _cli(*args)
+        assert res.exit_code == 2 and res.stderr.count("\n") == 1 and problem in res.stderr, (args, res.output)
+    assert not (tmp_path / "x").exists() and srv.repo("me/loras").branches["main"] == commit
+
+    srv.requests.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a subfolder is served from the cache like the top of a repo
+    assert hub.download_uri("hf://me/loras/styles/pen") == pen
+    assert hub.pull("hf://me/loras/styles/ink", tmp_path / "ink-offline").commit == commit
+    assert srv.requests == []
