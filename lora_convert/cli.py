@@ -97,8 +97,9 @@ def _emit(report, as_json: bool, extra: dict | None = None) -> None:
 
 
 def _refuse_to_replace_input(path: str, output: str) -> None:
-    """An output is published by replacing whatever is at its path: never let that be the input
-    (or a directory holding it), which would be deleted once the output is complete."""
+    """An output is published by replacing whatever is at its path: never let that be the input,
+    a directory holding it (deleted once the output is complete), or a path inside an input
+    directory (it could replace one of the input's own files, and would be read with it next time)."""
     from pathlib import Path
 
     from .errors import BadInputError
@@ -109,6 +110,8 @@ def _refuse_to_replace_input(path: str, output: str) -> None:
     src, out = Path(path).resolve(), Path(output).resolve()
     if out == src or out in src.parents:
         raise BadInputError(f"output would replace the input {path}; choose another output path", output)
+    if src.is_dir() and src in out.parents:
+        raise BadInputError(f"output is inside the input directory {path}; choose a path outside it", output)
 
 
 def _outer_dim(value: str | None):

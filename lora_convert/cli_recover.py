@@ -124,6 +124,10 @@ def recover(mini, teacher, output, layer_weight, **kw):
     \b
     lora-convert recover ./mini --base ./base-model --teacher ./my-adapter --data calib.txt -o ./mini-recovered
     """
+    from .cli import _refuse_to_replace_input
+
+    for source in (mini, teacher):
+        _refuse_to_replace_input(source, output)
     _require_training_extras()
     from .recover import recover as run
 

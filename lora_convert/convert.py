@@ -320,12 +320,18 @@ def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityRepo
                             original.source)
     report = FidelityReport()
     for m in mini.modules():
-        rel, ref = _module_error(m, original.module(m.name))
+        o = original.module(m.name)
+        if (o.out_features, o.in_features) != (m.out_features, m.in_features):
+            raise BadInputError(f"module {m.name!r} is {o.out_features}x{o.in_features} here but "
+                                f"{m.out_features}x{m.in_features} in the LoRA-Mini file: not its original",
+                                original.source)
+        rel, ref = _module_error(m, o)
         report.add(ModuleFidelity(m.name, (m.out_features, m.in_features), m.rank, m.inner_rank,
                                   m.outer["source"], int(m.outer["a"]), int(m.outer["b"]), rel, ref**2,
                                   recovered=m.recovered))
         if progress:
             progress(m)
+    _check_passthrough(mini)
     return report
 
 
@@ -346,4 +352,11 @@ def stored_report(mini: MiniAdapter, progress=None) -> FidelityReport:
         report.add(m.fidelity_row())
         if progress:
             progress(m)
+    _check_passthrough(mini)
     return report
+
+
+def _check_passthrough(mini: MiniAdapter) -> None:
+    """Load (and so checksum) every passthrough tensor, one at a time: verify vouches for them too."""
+    for _ in mini.passthrough():
+        pass

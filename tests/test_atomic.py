@@ -237,6 +237,11 @@ def test_output_never_replaces_its_input(tmp_path, fixtures, verb):
         res = CliRunner().invoke(main, [verb, str(src), "-o", str(out), *extra], catch_exceptions=False)
         assert res.exit_code == 2 and "would replace the input" in res.stderr, res.output
         assert res.stderr.count("\n") == 1
+    own_file = next(p for p in sorted(src.iterdir()) if p.suffix == ".safetensors")
+    for out in (own_file, src / "new.safetensors", src / "sub" / "out"):  # one of its files, or beside them
+        res = CliRunner().invoke(main, [verb, str(src), "-o", str(out), *extra], catch_exceptions=False)
+        assert res.exit_code == 2 and "inside the input directory" in res.stderr, res.output
+        assert res.stderr.count("\n") == 1
     assert snapshot(tmp_path) == before
 
 

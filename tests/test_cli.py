@@ -147,3 +147,32 @@ def test_tampered_seed_fails_verification(fixtures, tmp_path):
     f.write_bytes(raw[:8] + header + raw[8 + n:])
     res = run("verify", f)
     assert res.exit_code == 2 and "fingerprint" in res.stderr
+
+
+def test_verify_checks_passthrough_tensors(fixtures, tmp_path):
+    """modules_to_save tensors travel through the file: verify must vouch for them too."""
+    f = tmp_path / "m.safetensors"
+    assert run("compress", fixtures / "peft-tiny-llama-patterns", "-o", f).exit_code == 0
+    assert run("verify", f).exit_code == 0
+    raw = bytearray(f.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    key = next(k for k in header if k.startswith("__passthrough__."))
+    raw[8 + n + header[key]["data_offsets"][0]] ^= 0x40
+    f.write_bytes(bytes(raw))
+    for args in ([], ["--against", fixtures / "peft-tiny-llama-patterns"]):
+        res = run("verify", f, *args)
+        assert res.exit_code == 2 and "checksum" in res.stderr and res.stderr.count("\n") == 1, res.output
+
+
+def test_verify_against_an_adapter_of_other_shapes_exits_2(fixtures, tmp_path):
+    run("compress", fixtures / SRC, "-o", tmp_path / "m.safetensors")
+    other = tmp_path / "other"
+    shutil.copytree(fixtures / SRC, other)
+    tensors = load_file(other / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
+    tensors[key] = torch.cat([tensors[key], tensors[key]], dim=1)  # in_features doubled
+    save_file(tensors, other / "adapter_model.safetensors")
+    res = run("verify", tmp_path / "m.safetensors", "--against", other)
+    assert res.exit_code == 2 and "not its original" in res.stderr and str(other) in res.stderr, res.output
+    assert res.stderr.count("\n") == 1
