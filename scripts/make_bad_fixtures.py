@@ -412,13 +412,6 @@ def _(d):
     write_peft(d, config=base_config(rank_pattern={"q_proj": 0}))
 
 
-@case("peft_rank_pattern_matches_nothing", "compress", ["rank_pattern", "matches no module"],
-      file="adapter_config.json")
-def _(d):
-    """rank_pattern names a module the adapter does not have"""
-    write_peft(d, config=base_config(rank_pattern={"k_proj": 4}))
-
-
 @case("peft_rank_pattern_bad_regex", "compress", ["rank_pattern", "regular expression"],
       file="adapter_config.json")
 def _(d):

@@ -176,3 +176,17 @@ def test_verify_against_an_adapter_of_other_shapes_exits_2(fixtures, tmp_path):
     res = run("verify", tmp_path / "m.safetensors", "--against", other)
     assert res.exit_code == 2 and "not its original" in res.stderr and str(other) in res.stderr, res.output
     assert res.stderr.count("\n") == 1
+
+
+def test_pattern_entries_matching_no_module_are_allowed_as_in_peft(fixtures, tmp_path):
+    """PEFT ignores rank_pattern / alpha_pattern entries for modules the adapter lacks."""
+    d = tmp_path / "adapter"
+    shutil.copytree(fixtures / "peft-tiny-llama-patterns", d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    before = json.loads(run("inspect", d, "--json").stdout)["modules"]
+    cfg["rank_pattern"]["k_proj_not_targeted"] = 2
+    cfg["alpha_pattern"]["embed_tokens"] = 3
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    res = run("inspect", d, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["modules"] == before
