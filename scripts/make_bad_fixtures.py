@@ -531,7 +531,7 @@ def _(d):
     write_peft(d, t)
 
 
-@case("peft_conv_big_kernel", "compress", ["kernel", "not supported"], file="adapter_model.safetensors")
+@case("peft_conv_big_kernel", "compress", ["module", "kernel", "not supported"], file="adapter_model.safetensors")
 def _(d):
     """conv lora_B with a 3x3 kernel (unsupported, must still name the file)"""
     t = base_tensors()
@@ -1115,6 +1115,18 @@ def _(d):
     def edit(t):
         up = sorted(k for k in t if "lora_B" in k or "lora.up" in k or "lora_up" in k)[0]
         del t[up]
+    _st_edit(d, edit)
+
+
+@specific("diffusers", "diffusers_conv_big_kernel", "compress", ["module", "kernel", "not supported"], BASE)
+def _(d):
+    """a conv module whose up factor has a 3x3 kernel (unsupported; must name the module and file)"""
+    def edit(t):
+        up = sorted(k for k in t if "lora_B" in k or "lora.up" in k or "lora_up" in k)[0]
+        down = up.replace("lora_B", "lora_A").replace("lora.up", "lora.down").replace("lora_up", "lora_down")
+        r = t[up].shape[1]
+        t[down] = torch.ones(r, t[down].shape[1], 1, 1)
+        t[up] = torch.ones(t[up].shape[0], r, 3, 3)
     _st_edit(d, edit)
 
 

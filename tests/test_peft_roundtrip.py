@@ -97,3 +97,27 @@ def test_fp16_storage_is_reported_honestly(fixtures, tmp_path):
     assert half.rel_error > exact.rel_error and half.rel_error < 1e-2
     measured = lc.verify(tmp_path / "b", against=fixtures / "peft-tiny-llama")
     assert measured.rel_error == pytest.approx(half.rel_error, rel=1e-6)
+
+
+def test_embedding_adapter_saved_with_peft_defaults_round_trips(tmp_path):
+    """PEFT saves a targeted embedding's base weights beside its factors (save_embedding_layers
+    "auto") and loads them back into the model: they must survive compress and reconstruct."""
+    from safetensors.torch import load_file, save_file
+
+    model = peft.get_peft_model(tiny_llama(3), peft.LoraConfig(r=4, lora_alpha=8,
+                                                               target_modules=["embed_tokens", "q_proj"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    src = tmp_path / "emb"
+    model.save_pretrained(src)
+    tensors = load_file(src / "adapter_model.safetensors")
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in tensors, sorted(tensors)
+    tensors[key] = tensors[key] * 1.5  # as after a vocabulary change: loading must apply it
+    save_file(tensors, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    _, restored = roundtrip(src, tmp_path, outer="svd", dtype="fp32")
+    assert torch.equal(load_file(restored / "adapter_model.safetensors")[key], tensors[key])
+    assert torch.allclose(peft_logits(restored, 3), peft_logits(src, 3), atol=1e-4, rtol=1e-4)

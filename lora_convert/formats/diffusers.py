@@ -130,7 +130,7 @@ def _load(lazy: LazyTensors, name: str, entry: dict, configs: dict) -> LoraModul
     if A.dim() < 2 or B.dim() != A.dim() or B.shape[1] != r or r == 0:
         raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form "
                             "a low-rank pair", lazy.path)
-    kind, kernel = _kind(A, B)
+    kind, kernel = _kind(name, A, B, lazy.path)
     alpha, rslora = _alpha(lazy, name, entry, configs, r)
     return LoraModule(name=name, down=A.reshape(r, -1), up=B.reshape(B.shape[0], r), alpha=alpha,
                       use_rslora=rslora, kind=kind, kernel=kernel)

@@ -203,9 +203,15 @@ def _is_passthrough(module_path: str, modules_to_save) -> bool:
                for m in modules_to_save or [])
 
 
+# PEFT's save_embedding_layers ("auto" when an embedding is a target) saves the targeted
+# embedding's base weights beside its factors; loading puts them back into the model.
+_BASE_LAYER = re.compile(r"^(?P<mod>.+)\.base_layer\.weight$")
+
+
 def _index_keys(tensors: _Tensors, cfg: dict):
-    """Map module name -> {'A': key, 'B': key, 'emb': bool}; list passthrough keys."""
-    modules, passthrough, unknown = {}, [], []
+    """Map module name -> {'A': key, 'B': key, 'emb': bool}; list passthrough keys (modules_to_save,
+    and base weights PEFT saved for a LoRA module, which pass through as they are)."""
+    modules, passthrough, unknown, base_layers = {}, [], [], []
     for key in tensors.keys:
         if _DORA.search(key):
             mod = _strip(_DORA.sub("", key))
@@ -218,8 +224,12 @@ def _index_keys(tensors: _Tensors, cfg: dict):
             modules.setdefault(mod, {"emb": kind.startswith("lora_embedding")})[kind[-1]] = key
         elif _is_passthrough(_strip(key), cfg.get("modules_to_save")):
             passthrough.append(key)
+        elif _BASE_LAYER.match(key):
+            base_layers.append(key)
         else:
             unknown.append(key)
+    for key in base_layers:
+        (passthrough if _strip(_BASE_LAYER.match(key).group("mod")) in modules else unknown).append(key)
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
         raise BadInputError(f"unknown keys, not LoRA factors or modules_to_save: {shown}", tensors.path)
@@ -273,7 +283,7 @@ def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict, rank_alph
     if A.dim() < 2 or B.dim() < 2:
         raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
                             "do not form a low-rank pair (factors must be at least 2-D)", tensors.path)
-    kind, kernel = ("embedding", {}) if entry["emb"] else _kind(A, B, tensors.path)
+    kind, kernel = ("embedding", {}) if entry["emb"] else _kind(name, A, B, tensors.path)
     down = A.reshape(A.shape[0], math.prod(A.shape[1:]))
     up = B.reshape(B.shape[0], math.prod(B.shape[1:]))
     if up.shape[1] != down.shape[0]:
@@ -291,11 +301,11 @@ def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict, rank_alph
                       kind=kind, kernel=kernel, checked_finite=True)
 
 
-def _kind(A: torch.Tensor, B: torch.Tensor, path=None):
+def _kind(name: str, A: torch.Tensor, B: torch.Tensor, path=None):
     if A.dim() <= 2 and B.dim() <= 2:
         return "linear", {}
     if B.dim() > 2 and any(d != 1 for d in B.shape[2:]):
-        raise UnsupportedError(f"conv lora_B with a {tuple(B.shape[2:])} kernel is not supported "
+        raise UnsupportedError(f"module {name!r}: conv lora_B with a {tuple(B.shape[2:])} kernel is not supported "
                                "(expected 1x1)", path)
     return "conv", {"down_shape": list(A.shape), "up_shape": list(B.shape)}
 
