@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -24,12 +26,33 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class _Terminated(BaseException):
+    """SIGTERM / SIGHUP as an exception, so that the atomic writers' clean-up runs (Python's
+    default action for these signals exits without unwinding, leaving the .partial behind)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+
+def _unwind_on_termination() -> None:
+    for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:  # leave an embedding app's own handler
+            signal.signal(sig, _raise_terminated)
+
+
 class _Group(click.Group):
     """Turns lora_convert errors into one line and an exit code, never a traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        if threading.current_thread() is threading.main_thread():
+            _unwind_on_termination()
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:  # click would print usage + hint + error on 4 lines
@@ -52,6 +75,8 @@ class _Group(click.Group):
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except _Terminated as exc:
+            _fail(f"terminated by {signal.Signals(exc.signum).name}", 128 + exc.signum)
         except Exception as exc:  # a bug: say so plainly, still no traceback
             if os.environ.get("LORA_CONVERT_DEBUG"):
                 raise
@@ -156,9 +181,12 @@ def inspect(path, fmt, allow_pickle, as_json):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random outers.")
 @click.option("--outer-dim", default=None, help="Outer sizes a[,b] for random outers (default 64, "
                                                 "capped by each module's dimensions).")
-@click.option("--rank", type=int, default=None, help="Inner rank (optimal truncation).")
+@click.option("--rank", type=int, default=None,
+              help="Inner rank (optimal truncation). With --keep-energy: the smaller of the two ranks.")
 @click.option("--keep-energy", type=float, default=None,
-              help="Smallest inner rank per module keeping this share of the update's energy, e.g. 0.99.")
+              help="Smallest inner rank per module keeping this share of the update's energy, e.g. 0.99. "
+                   "Random outers may hold less than that share at any rank: then the module keeps its "
+                   "full inner rank, and the report shows what it retains.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="Storage dtype of inner (and stored outer) tensors; auto keeps the adapter's.")
 @input_format
