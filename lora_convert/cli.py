@@ -231,7 +231,8 @@ def verify(path, against, fmt, allow_pickle, as_json):
 @click.option("--to", "to", type=click.Choice(FORMAT_CHOICES), default=None,
               help="Output layout (default: the layout the adapter was compressed from).")
 @click.option("--trim-rank", is_flag=True,
-              help="Write the inner rank instead of zero-padding back to the original rank.")
+              help="Write the inner rank instead of zero-padding back to the original rank "
+                   "(alpha is rescaled; the scale then matches to within an ulp, not always exactly).")
 def reconstruct(path, output, to, trim_rank):
     """Turn a LoRA-Mini file back into a standard adapter with the original scale."""
     from . import api
