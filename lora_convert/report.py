@@ -101,9 +101,20 @@ class FidelityReport:
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2)
 
+    @property
+    def low_modules(self) -> list[ModuleFidelity]:
+        """Modules that keep under LOW_ENERGY of their own update (known errors only)."""
+        return [m for m in self.modules if m.known and m.retained_energy < LOW_ENERGY]
+
     def warning(self) -> str | None:
         if not self.low_energy:
-            return None
+            low = [] if self.recovered else self.low_modules
+            if not low:
+                return None
+            worst = min(low, key=lambda m: m.retained_energy)
+            return (f"NOTE: {len(low)} of {len(self.modules)} modules keep under {LOW_ENERGY:.0%} of their own "
+                    f"update's energy (worst: {worst.name}, {100 * worst.retained_energy:.1f}%), although the "
+                    "adapter as a whole keeps more; a larger --rank, --keep-energy or --outer-dim raises them.")
         if self.recovered:
             return (f"NOTE: the adapter keeps {100 * self.retained_energy:.1f}% of the original update's energy "
                     "in weight space. Its inner matrices were re-fitted by `lora-convert recover` to match the "

@@ -144,3 +144,18 @@ def test_low_energy_message_says_whether_the_adapter_was_recovered():
     assert refitted.warning().startswith("NOTE") and "lora-convert eval" in refitted.warning()
     assert "recover`)" in _low_energy_note(refitted)[0] and "recover`)" not in _low_energy_note(closed_form)[0]
     assert "19.0%" in refitted.table() and refitted.as_dict()["modules"][0]["recovered"] is True
+
+
+def test_modules_low_on_energy_get_a_note_when_the_whole_adapter_is_fine():
+    from lora_convert.report import FidelityReport, ModuleFidelity
+
+    big = ModuleFidelity("big", (8, 8), 4, 4, "svd", 4, 4, 0.1, 100.0)
+    weak = ModuleFidelity("weak", (8, 8), 4, 1, "svd", 1, 1, 0.9, 1.0)  # keeps 19% of a small update
+    fine = FidelityReport([big])
+    assert fine.warning() is None
+    mixed = FidelityReport([big, weak])
+    assert not mixed.low_energy and mixed.low_modules == [weak]
+    assert mixed.warning().startswith("NOTE: 1 of 2 modules") and "weak, 19.0%" in mixed.warning()
+    assert mixed.warning() in mixed.table()
+    weak_recovered = ModuleFidelity("weak", (8, 8), 4, 1, "svd", 1, 1, 0.9, 1.0, recovered=True)
+    assert FidelityReport([big, weak_recovered]).warning() is None  # weight space says little after recover
