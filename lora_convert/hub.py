@@ -126,9 +126,18 @@ def _target(repo_id: str, revision: str | None, token: str | bool | None, endpoi
             raise BadInputError(f"two revisions given: {uri.revision!r} in the URI and {revision!r}", repo_id)
         repo_id, revision, subfolder = uri.repo_id, revision or uri.revision, uri.subfolder
     _check_repo_id(repo_id)
+    if revision and not _plain_revision(revision):
+        raise BadInputError(f"invalid revision {revision!r}: a branch, tag or commit sha, without empty, '.' or "
+                            "'..' parts", repo_id)
     # The client reads HF_ENDPOINT once, at import, into constants.ENDPOINT: read it here at call
     # time and pass it explicitly everywhere, so every call agrees on one endpoint.
     return Target(repo_id, revision or None, (endpoint or constants.ENDPOINT).rstrip("/"), token, subfolder)
+
+
+def _plain_revision(revision: str) -> bool:
+    """A revision name that is a relative path of ordinary parts (git refs cannot be otherwise)."""
+    parts = revision.split("/")
+    return "\\" not in revision and ":" not in revision and all(p not in ("", ".", "..") for p in parts)
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -365,16 +374,21 @@ def matches(entry: RepoFile, path: Path) -> bool:
     return git_blob_sha1(_lfs_pointer(_digest(path, "sha256"), size)) == entry.blob_id
 
 
-def evict(cached: Path) -> None:
-    """Remove a file from the HF cache (the snapshot entry and the blob behind it).
+def evict(cached: Path) -> bool:
+    """Remove a file from the HF cache (the snapshot entry and the blob behind it); False when the
+    cache would not let us (a read-only shared cache).
 
     The client serves a commit's files from the cache without asking the Hub again, so a
     corrupt blob left there would be served forever; gone, the next download fetches it anew.
     """
-    blob = cached.resolve() if cached.is_symlink() else None
-    cached.unlink(missing_ok=True)
-    if blob is not None:
-        blob.unlink(missing_ok=True)
+    try:
+        blob = cached.resolve() if cached.is_symlink() else None
+        cached.unlink(missing_ok=True)
+        if blob is not None:
+            blob.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True
 
 
 class _TerminalOnly(hf_tqdm):
@@ -406,10 +420,21 @@ class Snapshot:
         """Compare `folder`'s copies with the tree; evict and raise on the first mismatch."""
         for name, entry in sorted(self.entries.items()):
             if not matches(entry, folder / name):
-                evict(self.path / name)
-                raise IntegrityError(f"downloaded {name} does not match the repo's checksum (corrupted in transit "
-                                     "or in the cache); the cached copy was removed, run the command again",
-                                     t.at(self.commit))
+                if not evict(self.path / name):
+                    then = f"the cache is read-only: remove {self.path / name} and its blob, then run it again"
+                elif offline_mode():
+                    then = "the cached copy was removed; run the command again with network access"
+                else:
+                    then = "the cached copy was removed, run the command again"
+                raise IntegrityError(f"downloaded {name} does not match the repo's checksum (corrupted in transit or in the "
+                                     f"cache); {then}", t.at(self.commit))
+
+
+def offline_variable() -> str:
+    """The offline switch that is set, for messages: HF_HUB_OFFLINE unless only TRANSFORMERS_OFFLINE is."""
+    legacy = (os.environ.get("TRANSFORMERS_OFFLINE") or "").upper() in constants.ENV_VARS_TRUE_VALUES
+    current = (os.environ.get("HF_HUB_OFFLINE") or "").upper() in constants.ENV_VARS_TRUE_VALUES
+    return "TRANSFORMERS_OFFLINE" if legacy and not current else "HF_HUB_OFFLINE"
 
 
 def offline_mode() -> bool:
@@ -431,7 +456,7 @@ def fetch(t: Target, select: Selector, cache_dir: str | os.PathLike | None = Non
     """
     cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
     if offline_mode():
-        return cached(t, select, cache, "HF_HUB_OFFLINE is set")
+        return cached(t, select, cache, f"{offline_variable()} is set")
     try:
         return _download(t, select, cache)
     except HubNetworkError as exc:
@@ -446,8 +471,10 @@ def fetch(t: Target, select: Selector, cache_dir: str | os.PathLike | None = Non
 
 def _download(t: Target, select: Selector, cache: Path) -> Snapshot:
     api = t.api()
-    info = _call(t, "look up the revision", lambda: api.repo_info(t.repo_id, revision=t.revision))
-    _record_ref(cache, t, info.sha)
+    # The client's session has no timeout of its own: a silent endpoint (a firewall dropping
+    # packets) would hang here forever instead of timing out into the cache fallback.
+    info = _call(t, "look up the revision", lambda: api.repo_info(t.repo_id, revision=t.revision,
+                                                                  timeout=constants.HF_HUB_ETAG_TIMEOUT))
     names = _pick(t, select, sorted(s.rfilename for s in info.siblings or []))
     paths = [_in_repo(t, n) for n in names]
     listed = _call(t, "list the repo's files", lambda: api.get_paths_info(t.repo_id, paths, revision=info.sha))
@@ -458,6 +485,7 @@ def _download(t: Target, select: Selector, cache: Path) -> Snapshot:
         t.repo_id, revision=info.sha, allow_patterns=[glob.escape(p) for p in paths], cache_dir=cache,
         token=t.token, endpoint=t.endpoint, library_name="lora_convert", library_version=__version__,
         tqdm_class=_TerminalOnly))
+    _record_ref(cache, t, info.sha)  # only once its files are cached: offline runs then find them all
     return Snapshot(Path(path) / t.subfolder, info.sha, tuple(names), {n: entries[p] for n, p in zip(names, paths)})
 
 
@@ -529,8 +557,8 @@ def _record_ref(cache: Path, t: Target, commit: str) -> None:
     sha. Best effort, like the client: a read-only cache must not fail a download.
     """
     revision = t.revision or constants.DEFAULT_REVISION
-    if _COMMIT_SHA.fullmatch(revision) or ".." in revision.split("/"):
-        return
+    if _COMMIT_SHA.fullmatch(revision) or not _plain_revision(revision):
+        return  # never a path that could leave refs/ (absolute, .., a Windows separator)
     ref = _storage(cache, t) / "refs" / revision
     with contextlib.suppress(OSError, LoraConvertError):
         if not ref.is_file() or ref.read_text() != commit:
@@ -784,7 +812,7 @@ def push(local_dir: str | os.PathLike, repo_id: str, *, private: bool = False, r
         raise BadInputError("push uploads to the top of the repo; a folder inside it is not supported", repo_id)
     files = files_to_push(local, t.repo_id)
     if offline_mode():
-        raise HubNetworkError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it to push", t.uri)
+        raise HubNetworkError(f"{offline_variable()} is set, so nothing can be pushed; unset it to push", t.uri)
     api = t.api()
     t = dataclasses.replace(t, repo_id=_call(t, "create the repository", lambda: _ensure_repo(api, t, private)))
     created = _ensure_branch(api, t)

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -577,3 +578,46 @@ def test_hf_uri_subfolders_pull_download_and_cli(srv, minis, fixtures, tmp_path,
     assert hub.download_uri("hf://me/loras/styles/pen") == pen
     assert hub.pull("hf://me/loras/styles/ink", tmp_path / "ink-offline").commit == commit
     assert srv.requests == []
+
+
+def test_a_silent_endpoint_times_out_into_the_cache(srv, minis, tmp_path, monkeypatch, caplog):
+    """A socket that accepts and never answers (a firewall dropping packets): the first request
+    times out instead of hanging, and the cached commit is used."""
+    commit = _push(srv, minis["seed7"]).commit
+    _pull(srv, tmp_path / "online")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
+        monkeypatch.setenv(hub.RETRIES_ENV, "0")
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger="lora_convert.hub"):
+            result = hub.pull(REPO, tmp_path / "out", endpoint=endpoint, token=WRITE)
+    assert time.monotonic() - started < 30
+    assert result.commit == commit and "ReadTimeout" in caplog.records[0].getMessage()
+
+
+def test_corrupt_file_in_a_read_only_cache_is_one_integrity_error(srv, minis, tmp_path, monkeypatch):
+    """Shared caches are often read-only: the file cannot be evicted, and the error says so."""
+    commit = _push(srv, minis["seed7"]).commit
+    snapshot = hub.download_uri(f"hf://{REPO}", token=WRITE)
+    _flip_last_byte(snapshot / MINI)
+    real_unlink = Path.unlink
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(constants.HF_HUB_CACHE):
+            raise OSError(30, "Read-only file system", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(IntegrityError, match=rf"@{commit}: downloaded {MINI} does not match.*cache is read-only: "
+                                             rf"remove .*{MINI}"):
+        hub.download_uri(f"hf://{REPO}", token=WRITE)
+
+
+@pytest.mark.parametrize("revision", [".", "..", "a/../b", "/abs", "a//b", "C:\\x"])
+def test_dot_and_path_like_revisions_are_refused(revision):
+    with pytest.raises(lc.BadInputError, match="invalid revision"):
+        hub.pull(REPO, "never-written", revision=revision)
+    assert not Path("never-written").exists()
