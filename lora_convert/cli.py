@@ -39,10 +39,20 @@ def _raise_terminated(signum, frame):
     raise _Terminated(signum)
 
 
-def _unwind_on_termination() -> None:
-    for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
-        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:  # leave an embedding app's own handler
-            signal.signal(sig, _raise_terminated)
+@contextlib.contextmanager
+def _unwind_on_termination():
+    """Within the block, SIGTERM / SIGHUP raise _Terminated; the previous handlers come back after,
+    so a program that runs the CLI in-process (click's CliRunner) keeps its own behaviour."""
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:  # leave an app's own handler
+                installed[sig] = signal.signal(sig, _raise_terminated)
+    try:
+        yield
+    finally:
+        for sig, previous in installed.items():
+            signal.signal(sig, previous)
 
 
 class _Group(click.Group):
@@ -51,10 +61,9 @@ class _Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        if threading.current_thread() is threading.main_thread():
-            _unwind_on_termination()
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with _unwind_on_termination():
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:  # click would print usage + hint + error on 4 lines
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             _fail(f"{exc.format_message()}{where}", exc.exit_code)
@@ -62,6 +71,8 @@ class _Group(click.Group):
             _fail(exc.format_message(), exc.exit_code)
         except click.exceptions.Abort:
             _fail("aborted", 1)
+        except _Terminated as exc:  # arrived outside a command (invoke handles it inside one)
+            _fail(f"terminated by {signal.Signals(exc.signum).name}", 128 + exc.signum)
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
@@ -123,8 +134,8 @@ def _emit(report, as_json: bool, extra: dict | None = None) -> None:
 
 def _refuse_to_replace_input(path: str, output: str) -> None:
     """An output is published by replacing whatever is at its path: never let that be the input,
-    a directory holding it (deleted once the output is complete), or a path inside an input
-    directory (it could replace one of the input's own files, and would be read with it next time)."""
+    a directory holding it (deleted once the output is complete), or an entry of the directory
+    the input is read from that is, or could become, one of the input's own files."""
     from pathlib import Path
 
     from .errors import BadInputError
@@ -135,8 +146,29 @@ def _refuse_to_replace_input(path: str, output: str) -> None:
     src, out = Path(path).resolve(), Path(output).resolve()
     if out == src or out in src.parents:
         raise BadInputError(f"output would replace the input {path}; choose another output path", output)
-    if src.is_dir() and src in out.parents:
-        raise BadInputError(f"output is inside the input directory {path}; choose a path outside it", output)
+    home = _input_dir(src)
+    placed = Path(output).absolute().parent.resolve() / Path(output).name  # atomic writes replace a final link itself
+    if home is not None and placed.parent == home and (os.path.lexists(placed) or placed.suffix in _INPUT_SUFFIXES):
+        raise BadInputError(f"output would sit among the files of the input {path} (and could replace one); "
+                            "choose a path outside that directory", output)
+
+
+_INPUT_SUFFIXES = (".safetensors", ".bin", ".json")
+
+
+def _input_dir(src):
+    """The directory an input is read from: itself, or the folder of a directory layout's file
+    (adapter_config.json, adapter_model.safetensors, lora_mini.safetensors, ...); None for a
+    single-file layout, whose neighbours are not part of it."""
+    from . import container
+
+    if src.is_dir():
+        return src
+    names = {container.FILE_NAME, container.CONFIG_NAME}
+    for fmt in _FORMATS.values():
+        if getattr(fmt, "OUTPUT_IS_DIR", False):
+            names |= {getattr(fmt, n) for n in ("CONFIG_FILE", "WEIGHTS_FILE", "PICKLE_FILE") if hasattr(fmt, n)}
+    return src.parent if src.name in names else None
 
 
 def _outer_dim(value: str | None):

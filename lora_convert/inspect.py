@@ -31,7 +31,7 @@ def _describe_adapter(path, fmt, allow_pickle) -> dict:
               + (f" conversion rel.err={r['conversion_error']:.2e}" if "conversion_error" in r else "")
               for r in rows]
     if adapter.passthrough_names:
-        lines.append(f"  passthrough tensors (modules_to_save): {len(adapter.passthrough_names)}")
+        lines.append(f"  passthrough tensors (modules_to_save, saved base layers): {len(adapter.passthrough_names)}")
     doc["_text"] = "\n".join(lines)
     return doc
 

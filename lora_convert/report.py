@@ -112,9 +112,11 @@ class FidelityReport:
             if not low:
                 return None
             worst = min(low, key=lambda m: m.retained_energy)
+            whole = ("the adapter as a whole keeps more" if self.retained_energy is not None
+                     else "the whole adapter's figure is unknown")
             return (f"NOTE: {len(low)} of {len(self.modules)} modules keep under {LOW_ENERGY:.0%} of their own "
-                    f"update's energy (worst: {worst.name}, {100 * worst.retained_energy:.1f}%), although the "
-                    "adapter as a whole keeps more; a larger --rank, --keep-energy or --outer-dim raises them.")
+                    f"update's energy (worst: {worst.name}, {100 * worst.retained_energy:.1f}%); {whole}. A "
+                    "larger --rank, --keep-energy or --outer-dim raises them.")
         if self.recovered:
             return (f"NOTE: the adapter keeps {100 * self.retained_energy:.1f}% of the original update's energy "
                     "in weight space. Its inner matrices were re-fitted by `lora-convert recover` to match the "

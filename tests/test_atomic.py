@@ -238,11 +238,20 @@ def test_output_never_replaces_its_input(tmp_path, fixtures, verb):
         assert res.exit_code == 2 and "would replace the input" in res.stderr, res.output
         assert res.stderr.count("\n") == 1
     own_file = next(p for p in sorted(src.iterdir()) if p.suffix == ".safetensors")
-    for out in (own_file, src / "new.safetensors", src / "sub" / "out"):  # one of its files, or beside them
-        res = CliRunner().invoke(main, [verb, str(src), "-o", str(out), *extra], catch_exceptions=False)
-        assert res.exit_code == 2 and "inside the input directory" in res.stderr, res.output
+    linked = src / "linked.json"  # as in an HF cache snapshot: the entry is a link to a blob elsewhere
+    linked.symlink_to(tmp_path / "blob.json")
+    (tmp_path / "blob.json").write_text("{}")
+    before = snapshot(tmp_path)
+    config = next(p for p in sorted(src.iterdir()) if p.name.endswith("config.json"))
+    for inp, out in ((src, own_file), (src, src / "new.safetensors"), (src, linked),
+                     (config, own_file), (own_file, src / "other.json")):  # the input named by one of its files
+        res = CliRunner().invoke(main, [verb, str(inp), "-o", str(out), *extra], catch_exceptions=False)
+        assert res.exit_code == 2 and "among the files of the input" in res.stderr, (inp, out, res.output)
         assert res.stderr.count("\n") == 1
     assert snapshot(tmp_path) == before
+    # a new folder inside, or anything deeper, is never read as part of the input
+    res = CliRunner().invoke(main, [verb, str(src), "-o", str(src / "sub" / "out"), *extra], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
 
 
 # A writer that stops half-way through its atomic write and prints its temporary path.
@@ -386,3 +395,9 @@ def test_sigterm_mid_compress_unwinds_and_leaves_nothing(big_adapter, tmp_path):
         pytest.skip("the compress finished before the signal arrived")
     assert proc.returncode == 128 + signal.SIGTERM and err.strip() == "error: terminated by SIGTERM", err
     assert not out.exists() and not partials(tmp_path, "out")
+
+
+def test_cli_in_process_leaves_signal_handlers_as_it_found_them():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    assert CliRunner().invoke(main, ["--help"]).exit_code == 0
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before

@@ -156,6 +156,8 @@ def test_modules_low_on_energy_get_a_note_when_the_whole_adapter_is_fine():
     mixed = FidelityReport([big, weak])
     assert not mixed.low_energy and mixed.low_modules == [weak]
     assert mixed.warning().startswith("NOTE: 1 of 2 modules") and "weak, 19.0%" in mixed.warning()
-    assert mixed.warning() in mixed.table()
+    assert mixed.warning() in mixed.table() and "as a whole keeps more" in mixed.warning()
+    unknown = ModuleFidelity("unrecorded", (8, 8), 4, 4, "svd", 4, 4, None, 1.0)
+    assert "figure is unknown" in FidelityReport([big, weak, unknown]).warning()
     weak_recovered = ModuleFidelity("weak", (8, 8), 4, 1, "svd", 1, 1, 0.9, 1.0, recovered=True)
     assert FidelityReport([big, weak_recovered]).warning() is None  # weight space says little after recover

@@ -303,7 +303,7 @@ def test_cli_errors_are_one_line(llama_setup, tmp_path):
                                     str(root / "base"), "--data", str(bad), "-o", str(tmp_path / "o"),
                                     "--device", "cpu"])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and ".txt" in res.output  # fails before loading
-    for out, why in ((root / "mini", "would replace the input"), (root / "teacher" / "o", "inside the input")):
+    for out, why in ((root / "mini", "would replace the input"), (root / "teacher" / "adapter_model.safetensors", "among the files of the input")):
         res = CliRunner().invoke(main, ["recover", str(root / "mini"), "--teacher", str(root / "teacher"), "--base",
                                         str(root / "base"), "--data", str(bad), "-o", str(out)])
         assert res.exit_code == 2 and res.output.count("\n") == 1 and why in res.output, res.output
