@@ -213,6 +213,10 @@ def inspect(path, fmt, allow_pickle, as_json):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random outers.")
 @click.option("--outer-dim", default=None, help="Outer sizes a[,b] for random outers (default 64, "
                                                 "capped by each module's dimensions).")
+@click.option("--outer-stream", type=click.Choice(["shared", "module"]), default="shared", show_default=True,
+              help="Random outers: shared: one generator stream per seed, so modules of a shape share U and V "
+                   "(fast, VeRA-style); module: each module's own stream, keyed on its name (independent "
+                   "outers per layer, as in the LoRA-Mini paper; same file size, slower to compress).")
 @click.option("--rank", type=int, default=None,
               help="Inner rank (optimal truncation). With --keep-energy: the smaller of the two ranks.")
 @click.option("--keep-energy", type=float, default=None,
@@ -224,14 +228,16 @@ def inspect(path, fmt, allow_pickle, as_json):
 @input_format
 @allow_pickle
 @json_flag
-def compress(path, output, outer, seed, outer_dim, rank, keep_energy, dtype, fmt, allow_pickle, as_json):
+def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_energy, dtype, fmt, allow_pickle,
+             as_json):
     """Compress an adapter into LoRA-Mini form and report its fidelity."""
     from . import api
 
     _refuse_to_replace_input(path, output)
     adapter = api.load_adapter(path, fmt, allow_pickle=allow_pickle)
     mini = api.compress(adapter, outer, seed=seed, outer_dim=_outer_dim(outer_dim), rank=rank,
-                        keep_energy=keep_energy, dtype=dtype)
+                        keep_energy=keep_energy, dtype=dtype,
+                        outer_stream=outer_stream)
     with progress_bar(len(mini), "compressing") as tick:
         report = api.save(mini, output, progress=tick)
     _emit(report, as_json, {"output": output})

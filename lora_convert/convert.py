@@ -113,9 +113,10 @@ def compress_module(m: LoraModule, source: str = "random", **options) -> MiniMod
 @one_thread
 def compress_window(modules: list[LoraModule], source: str = "random", *, seed: int = 0, outer_dim=None,
                     rank: int | None = None, keep_energy: float | None = None,
-                    dtype: str = "auto") -> list[MiniModule]:
+                    dtype: str = "auto", outer_stream: str = "shared") -> list[MiniModule]:
     """compress_module for each of `modules`, in order; same-shaped ones are fitted as a stack."""
-    options = {"seed": seed, "outer_dim": outer_dim, "rank": rank, "keep_energy": keep_energy}
+    options = {"seed": seed, "outer_dim": outer_dim, "rank": rank, "keep_energy": keep_energy, "stream": outer_stream}
+    src = outer.get(source)
     shapes: dict[tuple, list[int]] = {}
     for i, m in enumerate(modules):
         shapes.setdefault((tuple(m.up.shape), tuple(m.down.shape), m.dtype), []).append(i)
@@ -123,9 +124,10 @@ def compress_window(modules: list[LoraModule], source: str = "random", *, seed: 
     for idx in shapes.values():
         m = modules[idx[0]]
         per_stack = max(1, STACK_BYTES // (8 * m.rank * (m.out_features + m.in_features)))
+        per_stack = min(per_stack, getattr(src, "stack_size", lambda o: None)(options) or per_stack)
         for start in range(0, len(idx), per_stack):
             part = idx[start:start + per_stack]
-            done.update(zip(part, _compress_stack([modules[i] for i in part], outer.get(source), options, dtype)))
+            done.update(zip(part, _compress_stack([modules[i] for i in part], src, options, dtype)))
     return [done[i] for i in range(len(modules))]
 
 
@@ -193,7 +195,10 @@ def _fit_stored(src, upd: Updates, U: torch.Tensor, V: torch.Tensor, specs: list
 
 def _fit_shared(upd: Updates, U: torch.Tensor, V: torch.Tensor, specs: list[dict], options: dict) -> _StackFit:
     """One pair of outers for the whole stack: UᵀB and AVᵀ are one large product each."""
-    ub, vb = _shared_basis("U", specs[0]["u_sha256"], U), _shared_basis("V", specs[0]["v_sha256"], V.T)
+    if specs[0].get("stream") == outer.random_outer.SHARED_STREAM:  # the same outers come back in later stacks
+        ub, vb = _shared_basis("U", specs[0]["u_sha256"], U), _shared_basis("V", specs[0]["v_sha256"], V.T)
+    else:
+        ub, vb = OuterBasis(U), OuterBasis(V.T)
     n, r = upd.A.shape[:2]
     UtB = (upd.B.transpose(1, 2).reshape(n * r, -1) @ ub.m).reshape(n, r, -1).numpy().swapaxes(1, 2)
     AVt = (upd.A.reshape(n * r, -1) @ vb.m).reshape(n, r, -1).numpy()
@@ -224,15 +229,20 @@ def _check_finite(ms, store, X, Y, Xd, Yd) -> None:
 
 
 def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_dim=None,
-             rank: int | None = None, keep_energy: float | None = None, dtype: str = "auto") -> MiniAdapter:
+             rank: int | None = None, keep_energy: float | None = None, dtype: str = "auto",
+             outer_stream: str = "shared") -> MiniAdapter:
     """LoRA-Mini form of `adapter` (lazy: modules are fitted when iterated or saved).
+
+    `outer_stream` (random outers): "shared" keys the generator on the seed alone, so modules
+    of one shape share U and V; "module" keys it on each module's name as well.
 
     >>> import lora_convert as lc                                    # doctest: +SKIP
     >>> mini = lc.compress(lc.load_adapter("fixtures/peft-tiny-llama"), outer="random", seed=7)
     >>> report = lc.save(mini, "mini")
     """
-    _validate_options(outer, rank, keep_energy, outer_dim, seed)
-    kwargs = dict(seed=seed, outer_dim=outer_dim, rank=rank, keep_energy=keep_energy, dtype=dtype)
+    _validate_options(outer, rank, keep_energy, outer_dim, seed, outer_stream)
+    kwargs = dict(seed=seed, outer_dim=outer_dim, rank=rank, keep_energy=keep_energy, dtype=dtype,
+                  outer_stream=outer_stream)
     _storage_dtype(dtype, torch.float32)  # fail early on a bad name
 
     @one_thread  # reading the factors too
@@ -246,7 +256,8 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
 
     return MiniAdapter(source_format=adapter.format, module_names=list(adapter.module_names),
                        load_module=lambda name: load_window([name])[0], load_window=load_window,
-                       window=WINDOW, source_config=adapter.config, source_metadata=adapter.metadata,
+                       # per-module outers share nothing within a window, and each module holds its own
+                       window=WINDOW if outer_stream == "shared" else 1, source_config=adapter.config, source_metadata=adapter.metadata,
                        passthrough_names=list(adapter.passthrough_names), load_passthrough=adapter.load_passthrough,
                        original_bytes=source_bytes(adapter.source), source=adapter.source, workers=workers())
 
@@ -254,11 +265,15 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
 MAX_SEED = 2**63  # seeds are stored in JSON; keep them exact for 64-bit readers
 
 
-def _validate_options(source, rank, keep_energy, outer_dim, seed) -> None:
+def _validate_options(source, rank, keep_energy, outer_dim, seed, outer_stream="shared") -> None:
     src = outer.get(source)
     if src.STORED and outer_dim is not None:
         raise BadInputError(f"--outer-dim applies to random outers; {source} outers are sized by "
                             "--rank / --keep-energy")
+    if outer_stream not in ("shared", "module"):
+        raise BadInputError(f"--outer-stream must be shared or module, got {outer_stream!r}")
+    if src.STORED and outer_stream != "shared":
+        raise BadInputError(f"--outer-stream applies to random outers; {source} outers are stored")
     if not 0 <= seed < MAX_SEED:
         raise BadInputError(f"--seed must be in [0, 2**63), got {seed}")
     if rank is not None and rank <= 0:

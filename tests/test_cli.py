@@ -190,3 +190,24 @@ def test_pattern_entries_matching_no_module_are_allowed_as_in_peft(fixtures, tmp
     res = run("inspect", d, "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["modules"] == before
+
+
+def test_per_module_outer_stream_end_to_end(fixtures, tmp_path):
+    res = run("compress", fixtures / SRC, "-o", tmp_path / "m", "--outer-stream", "module", "--outer-dim", "16",
+              "--rank", "4", "--json")
+    assert res.exit_code == 0, res.output
+    error = json.loads(res.stdout)["summary"]["rel_error"]
+    mini = lora_mini_doc(tmp_path / "m" / "lora_mini.safetensors")
+    assert {name: spec["outer"]["stream"] for name, spec in mini["modules"].items()} == {n: n for n in mini["modules"]}
+    res = run("verify", tmp_path / "m", "--against", fixtures / SRC, "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["summary"]["rel_error"] == pytest.approx(error, rel=1e-9)
+    assert run("reconstruct", tmp_path / "m", "-o", tmp_path / "r").exit_code == 0
+    res = run("compress", fixtures / SRC, "-o", tmp_path / "s", "--outer", "svd", "--outer-stream", "module")
+    assert res.exit_code == 2 and "outer-stream" in res.stderr and not (tmp_path / "s").exists()
+
+
+def lora_mini_doc(path) -> dict:
+    """The lora_mini metadata document of a LoRA-Mini file, read straight from its header."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(json.loads(raw[8:8 + n])["__metadata__"]["lora_mini"])

@@ -156,3 +156,28 @@ def test_results_do_not_share_memory_with_the_reused_float64_buffers(source):
     compress_window([module(f"b{i}", 48, 40, 8, 10 + i) for i in range(3)], source, **kw)
     for m, k in zip(first, kept):
         assert all(torch.equal(getattr(m, r), k[r]) for r in "UVXY")
+
+
+def test_per_module_outer_streams_give_each_module_its_own_outers_and_the_optimal_fit(tmp_path):
+    """--outer-stream module: U, V keyed on (seed, module name, shape), as the issue and the
+    LoRA-Mini paper describe; each fit is the closed-form optimum for its own outers."""
+    from lora_convert.mathcore import fit_inner
+    from lora_convert.outer.rng import random_matrix
+
+    mods = [module(f"layers.{i}.q_proj", 48, 40, 4, seed=i) for i in range(3)]
+    adapter = from_modules("peft", mods, config={"r": 4, "lora_alpha": 8, "peft_type": "LORA"})
+    mini = lc.compress(adapter, outer="random", seed=5, outer_dim=8, outer_stream="module", dtype="fp32")
+    shared = lc.compress(adapter, outer="random", seed=5, outer_dim=8, dtype="fp32")
+    lc.save(mini, tmp_path / "m")
+    loaded = {m.name: m for m in lc.load(tmp_path / "m").modules()}  # regenerated, fingerprints checked
+    for m, s in zip(mods, shared.modules()):
+        got = loaded[m.name]
+        assert got.outer["stream"] == m.name
+        assert torch.equal(got.U, torch.from_numpy(random_matrix(5, m.name, "U", 48, 8)))
+        assert torch.equal(got.V, torch.from_numpy(random_matrix(5, m.name, "V", 8, 40)))
+        assert not torch.equal(got.U, s.U)
+        best = (1 - fit_inner(m.up, m.down, got.U, got.V).retained_energy()) ** 0.5
+        assert got.fidelity["rel_error"] == pytest.approx(best, rel=1e-9)
+        assert dense_rel_error(m, got) == pytest.approx(best, rel=1e-5)
+    with pytest.raises(lc.BadInputError, match="outer-stream"):
+        lc.compress(adapter, outer="svd", outer_stream="module")

@@ -1,10 +1,12 @@
 """Random outers regenerated bit-exactly from a seed: the file stores only the seed.
 
-Files written by this version use one generator stream per seed (``"stream": ""``): every
-module whose U has the same shape gets the same U, and likewise for V, as VeRA shares its
-random matrices across layers. The fit is per module, so sharing costs no accuracy, and a
-7B-shaped adapter needs four distinct outers instead of 448. Files without a ``stream``
-key were written per module (keyed on the module name) and are read as such.
+By default files use one generator stream per seed (``"stream": ""``): every module whose U
+has the same shape gets the same U, and likewise for V, as VeRA shares its random matrices
+across layers. The fit is per module, so sharing costs no accuracy, and a 7B-shaped adapter
+needs four distinct outers instead of 448. With ``stream="module"`` in the options (CLI
+``--outer-stream module``) each module keys the generator on its own name, as LoRA-Mini's
+paper draws independent outers per layer; files without a ``stream`` key were written that
+way and are read as such.
 """
 from __future__ import annotations
 
@@ -33,12 +35,14 @@ def outer_dims(out_features: int, in_features: int, outer_dim) -> tuple[int, int
     return min(a, out_features), min(b, in_features)
 
 
-def outer_matrix(seed: int, stream: str, role: str, rows: int, cols: int) -> tuple[torch.Tensor, str]:
-    """(matrix as float32, its SHA-256 fingerprint); cached, so callers must not modify it."""
+def outer_matrix(seed: int, stream: str, role: str, rows: int, cols: int, cache: bool = True
+                 ) -> tuple[torch.Tensor, str]:
+    """(matrix as float32, its SHA-256 fingerprint); cached unless `cache` is false (an outer used
+    once, as per-module ones are while compressing), so callers must not modify it."""
     def make():
         m = random_matrix(seed, stream, role, rows, cols)
         return torch.from_numpy(m), fingerprint(m)
-    return _CACHE.get((seed, stream, role, rows, cols), make)
+    return _CACHE.get((seed, stream, role, rows, cols), make) if cache else make()
 
 
 def stream_of(name: str, spec: dict) -> str:
@@ -46,20 +50,37 @@ def stream_of(name: str, spec: dict) -> str:
     return spec.get("stream", name)
 
 
+STREAMS = ("shared", "module")  # options["stream"]: one stream per seed, or one per module (keyed on its name)
+
+
+def per_module(options: dict) -> bool:
+    return options.get("stream", "shared") == "module"
+
+
 def make(module, options: dict):
     a, b = outer_dims(module.out_features, module.in_features, options.get("outer_dim"))
     seed = int(options.get("seed", 0))
-    U, u_sha = outer_matrix(seed, SHARED_STREAM, "U", module.out_features, a)
-    V, v_sha = outer_matrix(seed, SHARED_STREAM, "V", b, module.in_features)
+    shared = not per_module(options)
+    stream = SHARED_STREAM if shared else module.name
+    U, u_sha = outer_matrix(seed, stream, "U", module.out_features, a, cache=shared)
+    V, v_sha = outer_matrix(seed, stream, "V", b, module.in_features, cache=shared)
     spec = {"source": NAME, "generator": GENERATOR_NAME, "generator_version": GENERATOR_VERSION,
-            "seed": seed, "stream": SHARED_STREAM, "a": a, "b": b, "u_sha256": u_sha, "v_sha256": v_sha}
+            "seed": seed, "stream": stream, "a": a, "b": b, "u_sha256": u_sha, "v_sha256": v_sha}
     return U, V, spec
 
 
 def make_stack(modules, options: dict, updates=None, scratch=None):
-    """make for a stack of same-shaped modules: they share U (out×a) and V (b×in)."""
+    """make for a stack of same-shaped modules sharing U (out×a) and V (b×in): one stream per
+    seed, or a stack of one module with its own stream (see stack_size)."""
+    if per_module(options) and len(modules) > 1:
+        raise ValueError("per-module outers are fitted one module per stack")
     U, V, spec = make(modules[0], options)
     return U, V, [dict(spec) for _ in modules]
+
+
+def stack_size(options: dict) -> int | None:
+    """Most modules per stack: stacks share one pair of outers, so per-module streams allow one."""
+    return 1 if per_module(options) else None
 
 
 def restore(name: str, spec: dict, out_features: int, in_features: int, tensors, path=None):
