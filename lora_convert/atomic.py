@@ -83,10 +83,15 @@ def _pid_ns() -> str:
 _NAME_MAX = 255  # bytes in one path component on common filesystems
 
 
+def _machine() -> str:
+    """HOST.PIDNS: who, besides a pid, wrote a partial."""
+    return f"{_host()}.{_pid_ns()}"
+
+
 def _partial_prefix(dest: Path) -> str:
     """The temporary's name up to mkstemp's 8 random characters and the suffix. A name too long
     for its owner fields falls back to the owner-less form (never cleaned up, as before)."""
-    owned = f".{dest.name}.{_host()}.{_pid_ns()}.{os.getpid()}."
+    owned = f".{dest.name}.{_machine()}.{os.getpid()}."
     fits = len(os.fsencode(owned)) + 8 + len(".partial") <= _NAME_MAX
     return owned if fits else f".{dest.name}."
 
@@ -123,15 +128,14 @@ def _may_be_writing(pid: int, changed: float) -> bool:
     return changed >= started - _CLOCK_SLACK
 
 
-def _is_stale_partial(entry: os.DirEntry, dest: Path) -> bool:
-    """An exact partial of `dest`, written by a process of this host and pid namespace now gone.
-
-    Other hosts' partials (a shared filesystem) and old owner-less names are never judged."""
-    m = re.fullmatch(re.escape(f".{dest.name}.") + r"([A-Za-z0-9_-]+)\.([0-9]+)\.([0-9]+)\.[a-z0-9_]{8}\.partial",
-                     entry.name)
-    if not m or (m[1], m[2]) != (_host(), _pid_ns()) or int(m[3]) <= 0:  # kill(0) is the process group
+def _is_stale_partial(entry: os.DirEntry, ours: re.Pattern) -> bool:
+    """An entry matching `ours` (a partial of one destination written on this host and pid
+    namespace) whose writer is gone. Other hosts' partials (a shared filesystem) and old
+    owner-less names never match."""
+    m = ours.fullmatch(entry.name)
+    if not m or int(m[1]) <= 0:  # kill(0) is the process group
         return False
-    return not _may_be_writing(int(m[3]), entry.stat(follow_symlinks=False).st_ctime)
+    return not _may_be_writing(int(m[1]), entry.stat(follow_symlinks=False).st_ctime)
 
 
 def _clean_stale_partials(dest: Path) -> None:
@@ -141,10 +145,11 @@ def _clean_stale_partials(dest: Path) -> None:
     ours (we never make them) and are neither followed nor removed."""
     if os.name != "posix":
         return  # os.kill(pid, 0) would terminate the process on Windows
+    ours = re.compile(re.escape(f".{dest.name}.{_machine()}.") + r"([0-9]+)\.[a-z0-9_]{8}\.partial")
     with contextlib.suppress(OSError), os.scandir(dest.parent) as entries:
         for entry in entries:
             with contextlib.suppress(Exception):
-                if not _is_stale_partial(entry, dest):
+                if not _is_stale_partial(entry, ours):
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)  # refuses a symlink swapped in meanwhile

@@ -17,6 +17,7 @@ import click
 from . import __version__
 from .errors import LoraConvertError
 from .formats import REGISTRY as _FORMATS
+from .outer.random import STREAMS
 
 FORMAT_CHOICES = sorted(_FORMATS)
 
@@ -71,7 +72,7 @@ class _Group(click.Group):
             _fail(exc.format_message(), exc.exit_code)
         except click.exceptions.Abort:
             _fail("aborted", 1)
-        except _Terminated as exc:  # arrived outside a command (invoke handles it inside one)
+        except _Terminated as exc:  # a BaseException: invoke's handlers let it through to here
             _fail(f"terminated by {signal.Signals(exc.signum).name}", 128 + exc.signum)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -86,8 +87,6 @@ class _Group(click.Group):
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
-        except _Terminated as exc:
-            _fail(f"terminated by {signal.Signals(exc.signum).name}", 128 + exc.signum)
         except Exception as exc:  # a bug: say so plainly, still no traceback
             if os.environ.get("LORA_CONVERT_DEBUG"):
                 raise
@@ -213,7 +212,7 @@ def inspect(path, fmt, allow_pickle, as_json):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random outers.")
 @click.option("--outer-dim", default=None, help="Outer sizes a[,b] for random outers (default 64, "
                                                 "capped by each module's dimensions).")
-@click.option("--outer-stream", type=click.Choice(["shared", "module"]), default="shared", show_default=True,
+@click.option("--outer-stream", type=click.Choice(STREAMS), default="shared", show_default=True,
               help="Random outers: shared: one generator stream per seed, so modules of a shape share U and V "
                    "(fast, VeRA-style); module: each module's own stream, keyed on its name (independent "
                    "outers per layer, as in the LoRA-Mini paper; same file size, slower to compress).")
@@ -236,8 +235,7 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
     _refuse_to_replace_input(path, output)
     adapter = api.load_adapter(path, fmt, allow_pickle=allow_pickle)
     mini = api.compress(adapter, outer, seed=seed, outer_dim=_outer_dim(outer_dim), rank=rank,
-                        keep_energy=keep_energy, dtype=dtype,
-                        outer_stream=outer_stream)
+                        keep_energy=keep_energy, dtype=dtype, outer_stream=outer_stream)
     with progress_bar(len(mini), "compressing") as tick:
         report = api.save(mini, output, progress=tick)
     _emit(report, as_json, {"output": output})

@@ -195,7 +195,7 @@ def _fit_stored(src, upd: Updates, U: torch.Tensor, V: torch.Tensor, specs: list
 
 def _fit_shared(upd: Updates, U: torch.Tensor, V: torch.Tensor, specs: list[dict], options: dict) -> _StackFit:
     """One pair of outers for the whole stack: UᵀB and AVᵀ are one large product each."""
-    if specs[0].get("stream") == outer.random_outer.SHARED_STREAM:  # the same outers come back in later stacks
+    if not outer.random_outer.per_module(options):  # the same outers come back in later stacks
         ub, vb = _shared_basis("U", specs[0]["u_sha256"], U), _shared_basis("V", specs[0]["v_sha256"], V.T)
     else:
         ub, vb = OuterBasis(U), OuterBasis(V.T)
@@ -257,7 +257,8 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
     return MiniAdapter(source_format=adapter.format, module_names=list(adapter.module_names),
                        load_module=lambda name: load_window([name])[0], load_window=load_window,
                        # per-module outers share nothing within a window, and each module holds its own
-                       window=WINDOW if outer_stream == "shared" else 1, source_config=adapter.config, source_metadata=adapter.metadata,
+                       window=1 if outer_stream == "module" else WINDOW,
+                       source_config=adapter.config, source_metadata=adapter.metadata,
                        passthrough_names=list(adapter.passthrough_names), load_passthrough=adapter.load_passthrough,
                        original_bytes=source_bytes(adapter.source), source=adapter.source, workers=workers())
 
@@ -270,8 +271,9 @@ def _validate_options(source, rank, keep_energy, outer_dim, seed, outer_stream="
     if src.STORED and outer_dim is not None:
         raise BadInputError(f"--outer-dim applies to random outers; {source} outers are sized by "
                             "--rank / --keep-energy")
-    if outer_stream not in ("shared", "module"):
-        raise BadInputError(f"--outer-stream must be shared or module, got {outer_stream!r}")
+    if outer_stream not in outer.random_outer.STREAMS:
+        raise BadInputError(f"--outer-stream must be one of {', '.join(outer.random_outer.STREAMS)}, "
+                            f"got {outer_stream!r}")
     if src.STORED and outer_stream != "shared":
         raise BadInputError(f"--outer-stream applies to random outers; {source} outers are stored")
     if not 0 <= seed < MAX_SEED:

@@ -426,15 +426,15 @@ class Snapshot:
                     then = "the cached copy was removed; run the command again with network access"
                 else:
                     then = "the cached copy was removed, run the command again"
-                raise IntegrityError(f"downloaded {name} does not match the repo's checksum (corrupted in transit or in the "
-                                     f"cache); {then}", t.at(self.commit))
+                raise IntegrityError(f"downloaded {name} does not match the repo's checksum (corrupted in transit "
+                                     f"or in the cache); {then}", t.at(self.commit))
 
 
 def offline_variable() -> str:
-    """The offline switch that is set, for messages: HF_HUB_OFFLINE unless only TRANSFORMERS_OFFLINE is."""
-    legacy = (os.environ.get("TRANSFORMERS_OFFLINE") or "").upper() in constants.ENV_VARS_TRUE_VALUES
-    current = (os.environ.get("HF_HUB_OFFLINE") or "").upper() in constants.ENV_VARS_TRUE_VALUES
-    return "TRANSFORMERS_OFFLINE" if legacy and not current else "HF_HUB_OFFLINE"
+    """The variable that decides offline mode, for messages too: HF_HUB_OFFLINE when it is set,
+    else the older TRANSFORMERS_OFFLINE when that one is."""
+    return "TRANSFORMERS_OFFLINE" if os.environ.get("TRANSFORMERS_OFFLINE") and not os.environ.get(
+        "HF_HUB_OFFLINE") else "HF_HUB_OFFLINE"
 
 
 def offline_mode() -> bool:
@@ -442,7 +442,7 @@ def offline_mode() -> bool:
 
     The client reads the variable once, at import; a program that sets it later means it too.
     """
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    value = os.environ.get(offline_variable()) or ""
     return constants.is_offline_mode() or value.upper() in constants.ENV_VARS_TRUE_VALUES
 
 

@@ -257,13 +257,6 @@ def mini_difference_norms(upd: Updates, UtB, AVt, GU, GV, X, Y) -> np.ndarray:
         return np.where(e2 >= GRAM_TRUST * scale, np.sqrt(np.maximum(e2, 0.0)), np.nan)  # NaN stays NaN
 
 
-def mini_difference_norm(upd: Update, UtB, AVt, GU, GV, X, Y) -> float | None:
-    """mini_difference_norms for one module; None when the result is too small to trust."""
-    stacked = (np.asarray(m)[None] for m in (UtB, AVt, GU, GV, X, Y))
-    d = float(mini_difference_norms(upd.stack, *stacked)[0])
-    return None if d != d else d
-
-
 def _range_basis(M: torch.Tensor, gram: np.ndarray):
     """(S, W) of the thin SVD M = Q diag(S) Wᵀ restricted to numerically non-zero S.
 

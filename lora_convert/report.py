@@ -107,25 +107,25 @@ class FidelityReport:
         return [m for m in self.modules if m.known and m.retained_energy < LOW_ENERGY]
 
     def warning(self) -> str | None:
-        if not self.low_energy:
-            low = [] if self.recovered else self.low_modules
-            if not low:
-                return None
-            worst = min(low, key=lambda m: m.retained_energy)
-            whole = ("the adapter as a whole keeps more" if self.retained_energy is not None
-                     else "the whole adapter's figure is unknown")
-            return (f"NOTE: {len(low)} of {len(self.modules)} modules keep under {LOW_ENERGY:.0%} of their own "
-                    f"update's energy (worst: {worst.name}, {100 * worst.retained_energy:.1f}%); {whole}. A "
-                    "larger --rank, --keep-energy or --outer-dim raises them.")
-        if self.recovered:
+        if self.low_energy and self.recovered:
             return (f"NOTE: the adapter keeps {100 * self.retained_energy:.1f}% of the original update's energy "
                     "in weight space. Its inner matrices were re-fitted by `lora-convert recover` to match the "
                     "original's outputs, which this figure does not measure: compare outputs with "
                     "`lora-convert eval` instead.")
-        return (f"WARNING: the compressed adapter keeps only {100 * self.retained_energy:.1f}% of the "
-                "update's energy. Random outers much smaller than the layer keep a few percent of a "
-                "trained adapter; run `lora-convert recover` to re-fit the inner matrices against the "
-                "original, or use --outer svd / a larger --outer-dim.")
+        if self.low_energy:
+            return (f"WARNING: the compressed adapter keeps only {100 * self.retained_energy:.1f}% of the "
+                    "update's energy. Random outers much smaller than the layer keep a few percent of a "
+                    "trained adapter; run `lora-convert recover` to re-fit the inner matrices against the "
+                    "original, or use --outer svd / a larger --outer-dim.")
+        low = [] if self.recovered else self.low_modules  # after recover, weight space says little
+        if not low:
+            return None
+        worst = min(low, key=lambda m: m.retained_energy)
+        whole = ("the adapter as a whole keeps more" if self.retained_energy is not None
+                 else "the whole adapter's figure is unknown")
+        return (f"NOTE: {len(low)} of {len(self.modules)} modules keep under {LOW_ENERGY:.0%} of their own "
+                f"update's energy (worst: {worst.name}, {100 * worst.retained_energy:.1f}%); {whole}. A "
+                "larger --rank, --keep-energy or --outer-dim raises them.")
 
     def table(self, max_rows: int = 40) -> str:
         lines = [f"{'module':<56} {'shape':>13} {'r':>4} {'k':>4} {'a×b':>9} {'rel.err':>9} {'energy':>8}"]

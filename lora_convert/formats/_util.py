@@ -82,5 +82,5 @@ def check_no_passthrough(adapter, fmt: str) -> None:
         from ..errors import UnsupportedError
 
         raise UnsupportedError(f"the adapter carries {len(adapter.passthrough_names)} full tensors "
-                               f"(modules_to_save or saved base layers, e.g. {adapter.passthrough_names[0]!r}) that the {fmt} "
-                               "layout cannot hold; write it as peft instead")
+                               f"(modules_to_save or saved base layers, e.g. {adapter.passthrough_names[0]!r}) "
+                               f"that the {fmt} layout cannot hold; write it as peft instead")

@@ -224,12 +224,12 @@ def _index_keys(tensors: _Tensors, cfg: dict):
             modules.setdefault(mod, {"emb": kind.startswith("lora_embedding")})[kind[-1]] = key
         elif _is_passthrough(_strip(key), cfg.get("modules_to_save")):
             passthrough.append(key)
-        elif _BASE_LAYER.match(key):
-            base_layers.append(key)
+        elif base := _BASE_LAYER.match(key):
+            base_layers.append((key, _strip(base.group("mod"))))
         else:
             unknown.append(key)
-    for key in base_layers:
-        (passthrough if _strip(_BASE_LAYER.match(key).group("mod")) in modules else unknown).append(key)
+    for key, mod in base_layers:  # only once every module is known
+        (passthrough if mod in modules else unknown).append(key)
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
         raise BadInputError(f"unknown keys, not LoRA factors or modules_to_save: {shown}", tensors.path)
