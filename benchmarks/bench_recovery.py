@@ -38,14 +38,14 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lora_convert as lc  # noqa: E402
-from lora_convert.nn import data as D  # noqa: E402
-from lora_convert.nn import export_inner, inject  # noqa: E402
-from lora_convert.nn.loop import TrainOptions, make_accelerator, train_inner  # noqa: E402
-from lora_convert.nn.models import ModelSource, load_model  # noqa: E402
-from lora_convert.nn.objectives import lm_loss  # noqa: E402
-from lora_convert.nn.layers import use_mode  # noqa: E402
-from lora_convert.nn.objectives import FidelityStats  # noqa: E402
-from lora_convert.recover import Session, distill_step  # noqa: E402
+from lora_convert.recovery import data as D  # noqa: E402
+from lora_convert.recovery import export_inner, inject  # noqa: E402
+from lora_convert.recovery.loop import TrainOptions, make_accelerator, train_inner  # noqa: E402
+from lora_convert.recovery.models import ModelSource, load_model  # noqa: E402
+from lora_convert.recovery.objectives import lm_loss  # noqa: E402
+from lora_convert.recovery.layers import use_mode  # noqa: E402
+from lora_convert.recovery.objectives import FidelityStats  # noqa: E402
+from lora_convert.recovery.run import Session, distill_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -65,10 +65,10 @@ def build(mode: str, model, device: str, outer_dim: int = 256, inner_rank: int =
     import torch
 
     import lora_convert as lc
-    from lora_convert.nn import inject, inner_parameters
-    from lora_convert.nn.loop import make_accelerator
-    from lora_convert.nn.objectives import lm_loss
-    from lora_convert.recover import Session, distill_step
+    from lora_convert.recovery import inject, inner_parameters
+    from lora_convert.recovery.loop import make_accelerator
+    from lora_convert.recovery.objectives import lm_loss
+    from lora_convert.recovery.run import Session, distill_step
 
     acc = make_accelerator(device, 1)
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def worker(args) -> dict:
     """Run one mode; returns its measurements."""
     import torch
 
-    from lora_convert.nn.models import ModelSource, load_model, model_dtype, pick_device
+    from lora_convert.recovery.models import ModelSource, load_model, model_dtype, pick_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,35 +6,18 @@
     >>> report = lc.save(mini, "mini")          # fits stream module by module
     >>> restored = lc.reconstruct(lc.load("mini"))
     >>> lc.save_adapter(restored, "restored")   # a standard PEFT directory again
-
-Attributes are imported on first use, so light submodules (the test Hub server, the
-RNG spec) do not pay for importing torch.
 """
 from __future__ import annotations
 
-import importlib
-
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "compress": "api", "load": "api", "load_adapter": "api", "reconstruct": "api", "save": "api",
-    "save_adapter": "api", "verify": "api",
-    "Adapter": "adapter", "LoraModule": "adapter",
-    "MiniAdapter": "container", "MiniModule": "container",
-    "FidelityReport": "report",
-    "LoraConvertError": "errors", "BadInputError": "errors", "UnsupportedError": "errors",
-    "FormatDetectionError": "errors", "IntegrityError": "errors", "HubError": "errors",
-}
-__all__ = sorted(_EXPORTS)
+from .adapter import Adapter, LoraModule
+from .api import compress, load, load_adapter, reconstruct, save, save_adapter, verify
+from .container import MiniAdapter, MiniModule
+from .errors import BadInputError, FormatDetectionError, HubError, IntegrityError, LoraConvertError, UnsupportedError
+from .report import FidelityReport
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lora_convert' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__all__ = ["compress", "load", "load_adapter", "reconstruct", "save", "save_adapter", "verify",
+           "Adapter", "LoraModule", "MiniAdapter", "MiniModule", "FidelityReport",
+           "LoraConvertError", "BadInputError", "UnsupportedError", "FormatDetectionError", "IntegrityError",
+           "HubError"]

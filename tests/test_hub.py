@@ -25,7 +25,7 @@ from lora_convert import container, hub, modelcard
 from lora_convert.cli import main
 from lora_convert.errors import (BadInputError, HubAuthError, HubError, HubNetworkError, HubNotFoundError,
                                  IntegrityError)
-from lora_convert.testing.hub_server import HubServer, isolate_hf_client
+from helpers.hub_server import HubServer, isolate_hf_client
 
 # The client passes raw bytes as `data=` to httpx2 for LFS PUTs; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

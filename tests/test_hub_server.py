@@ -1,4 +1,4 @@
-"""The loopback Hub (lora_convert.testing.hub_server) against the real, unpatched huggingface_hub client.
+"""The loopback Hub (helpers.hub_server) against the real, unpatched huggingface_hub client.
 
 Client behaviours these tests pin down (huggingface_hub 2.4.0), which tests built on HubServer rely on:
 - hf_hub_download's HEAD /resolve is tried once; after a 5xx with nothing cached it is retried through
@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from lora_convert.testing.hub_server import HubServer, hub_server, isolate_hf_client
+from helpers.hub_server import HubServer, hub_server, isolate_hf_client
 
 # The client itself passes raw bytes as `data=` to httpx2 (LFS PUTs); not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

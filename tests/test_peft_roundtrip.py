@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lora_convert as lc
-from lora_convert.testing.models import tiny_llama
+from helpers.models import tiny_llama
 
 peft = pytest.importorskip("peft")
 

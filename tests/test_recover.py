@@ -21,9 +21,9 @@ import lora_convert as lc  # noqa: E402
 from lora_convert import container  # noqa: E402
 from lora_convert.cli import main  # noqa: E402
 from lora_convert.container import MiniModule  # noqa: E402
-from lora_convert.nn import MiniLayer, export_inner, inject, inner_parameters, use_mode  # noqa: E402
-from lora_convert.nn.loop import TrainOptions  # noqa: E402
-from lora_convert.recover import DataOptions, ModelOptions, recover  # noqa: E402
+from lora_convert.recovery import MiniLayer, export_inner, inject, inner_parameters, use_mode  # noqa: E402
+from lora_convert.recovery.loop import TrainOptions  # noqa: E402
+from lora_convert.recovery.run import DataOptions, ModelOptions, recover  # noqa: E402
 
 WORDS = ("the cat sat on a mat while dogs ran in fields of green grass and birds sang over "
          "quiet hills near old stone walls").split()
@@ -334,7 +334,7 @@ def test_cli_train_writes_a_loadable_file(llama_setup, tmp_path):
 # ------------------------------------------------------------------ data and model sources
 
 def test_text_data_lines_paragraphs_and_jsonl(tmp_path):
-    from lora_convert.nn.data import BatchPlan, read_texts
+    from lora_convert.recovery.data import BatchPlan, read_texts
 
     (tmp_path / "lines.txt").write_text("one\ntwo\n\n")
     (tmp_path / "paras.txt").write_text("a b\nc d\n\ne f\n")
@@ -351,7 +351,7 @@ def test_text_data_lines_paragraphs_and_jsonl(tmp_path):
 
 
 def test_model_sources(tmp_path, monkeypatch):
-    from lora_convert.nn.models import ModelSource
+    from lora_convert.recovery.models import ModelSource
 
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     src = ModelSource.parse(str(tmp_path / "m.gguf"))

@@ -1,4 +1,4 @@
-"""CLI commands recover / eval / train; lora_convert.cli registers them with register(main).
+"""Recovery commands: recover, eval, train.
 
 They need the training extras: pip install 'lora_convert[train]'. Under several GPUs run them
 with ``accelerate launch -m lora_convert.cli recover ...``; one process is the default.
@@ -9,7 +9,8 @@ import json
 
 import click
 
-from .errors import BadInputError
+from ..errors import BadInputError
+from .options import parse_outer_dim, refuse_to_replace_input
 
 
 def _model_options(f):
@@ -60,14 +61,14 @@ def _train_options(f):
 
 
 def _model_opts(kw):
-    from .recover import ModelOptions
+    from ..recovery.run import ModelOptions
 
     return ModelOptions(base=kw["base"], gguf_file=kw["gguf_file"], revision=kw["revision"], offline=kw["offline"],
                         task=kw["task"], device=kw["device"], dtype=kw["model_dtype"])
 
 
 def _data_opts(kw, data=None):
-    from .recover import DataOptions
+    from ..recovery.run import DataOptions
 
     return DataOptions(data=data or kw["data"], eval_data=kw.get("eval_data"),
                        eval_fraction=kw.get("eval_fraction", 0.1), max_len=kw["max_len"],
@@ -75,7 +76,7 @@ def _data_opts(kw, data=None):
 
 
 def _train_opts(kw, default_lr: float):
-    from .nn.loop import TrainOptions
+    from ..recovery.loop import TrainOptions
 
     return TrainOptions(steps=kw["steps"], batch_size=kw["batch_size"], grad_accum=kw["grad_accum"],
                         lr=kw["lr"] or default_lr, warmup_steps=kw["warmup_steps"], schedule=kw["schedule"],
@@ -124,12 +125,11 @@ def recover(mini, teacher, output, layer_weight, **kw):
     \b
     lora-convert recover ./mini --base ./base-model --teacher ./my-adapter --data calib.txt -o ./mini-recovered
     """
-    from .cli import _refuse_to_replace_input
 
     for source in (mini, teacher):
-        _refuse_to_replace_input(source, output)
+        refuse_to_replace_input(source, output)
     _require_training_extras()
-    from .recover import recover as run
+    from ..recovery.run import recover as run
 
     log = None if kw["as_json"] else click.echo
     result = run(mini, teacher, output, _data_opts(kw), _model_opts(kw), _train_opts(kw, 1e-2), layer_weight, log=log)
@@ -144,7 +144,7 @@ def recover(mini, teacher, output, layer_weight, **kw):
 def eval_(mini, teacher, data, **kw):
     """KL, top-1 agreement and loss of base / teacher / LoRA-Mini on held-out text."""
     _require_training_extras()
-    from .recover import evaluate_files, format_eval
+    from ..recovery.run import evaluate_files, format_eval
 
     summary = evaluate_files(mini, teacher, _data_opts(kw, data), _model_opts(kw), kw["batch_size"])
     from accelerate import PartialState
@@ -169,18 +169,15 @@ def eval_(mini, teacher, data, **kw):
 def train(output, target_modules, rank, alpha, outer, outer_dim, dtype, **kw):
     """Train a LoRA-Mini adapter from scratch on task text (causal-LM loss), random outers from --seed."""
     _require_training_extras()
-    from .cli import _outer_dim
-    from .recover import train as run
+    from ..recovery.run import train as run
 
     if not kw["base"]:
         raise click.UsageError("train needs --base (the model to train the adapter for)")
     targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
     log = None if kw["as_json"] else click.echo
     result = run(output, _data_opts(kw), _model_opts(kw), _train_opts(kw, 2e-3), target_modules=targets, rank=rank,
-                 alpha=alpha, outer_dim=_outer_dim(outer_dim), outer_seed=kw["seed"], dtype=dtype, log=log)
+                 alpha=alpha, outer_dim=parse_outer_dim(outer_dim), outer_seed=kw["seed"], dtype=dtype, log=log)
     _echo_result(result, kw["as_json"])
 
 
-def register(group: click.Group) -> None:
-    for command in (recover, eval_, train):
-        group.add_command(command)
+COMMANDS = [recover, eval_, train]

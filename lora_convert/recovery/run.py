@@ -11,7 +11,7 @@ evaluate: KL, top-1 agreement and loss of base / teacher / student on held-out t
 train: the LoRA-Mini paper's method: random outers from --seed, inners trained from scratch
     on task text with the causal-LM loss, written in the same file format.
 
-One model copy serves as base, teacher and student (see nn.layers). Devices, bf16 autocast
+One model copy serves as base, teacher and student (see recovery.layers). Devices, bf16 autocast
 on CUDA, gradient accumulation and multi-GPU data parallelism come from accelerate, so
 ``accelerate launch -m lora_convert.cli recover ...`` runs the same code on several GPUs.
 """
@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 
-from . import container
-from .adapter import Adapter
-from .container import MiniAdapter
-from .errors import BadInputError
-from .nn import data as D
-from .nn.export import export_inner
-from .nn.inject import inject
-from .nn.layers import MiniLayer, use_mode
-from .nn.loop import TrainOptions, TrainResult, make_accelerator, train_inner
-from .nn.models import ModelSource, load_model, model_dtype, pick_device
-from .nn.objectives import FidelityStats, distill_loss, layer_matching_loss, lm_loss, model_output, tap_outputs
+from .. import container
+from ..adapter import Adapter
+from ..container import MiniAdapter
+from ..errors import BadInputError
+from . import data as D
+from .export import export_inner
+from .inject import inject
+from .layers import MiniLayer, use_mode
+from .loop import TrainOptions, TrainResult, make_accelerator, train_inner
+from .models import ModelSource, load_model, model_dtype, pick_device
+from .objectives import FidelityStats, distill_loss, layer_matching_loss, lm_loss, model_output, tap_outputs
 
 
 @dataclass
@@ -203,7 +203,7 @@ def format_eval(s: dict, title: str) -> str:
 def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, mopts: ModelOptions,
             topts: TrainOptions, layer_weight: float = 0.0, log=print) -> RunResult:
     """Re-fit the inners of the LoRA-Mini file at `mini_path` against the teacher adapter; write `output`."""
-    from .api import load_adapter
+    from ..api import load_adapter
 
     mini, teacher, texts = container.load(mini_path), load_adapter(teacher_path), read_data(dopts)
     topts.checkpoint_dir = topts.checkpoint_dir or default_checkpoint_dir(output)
@@ -270,7 +270,7 @@ def _log(session: Session, log, text: str) -> None:
 def evaluate_files(mini_path: str, teacher_path: str, dopts: DataOptions, mopts: ModelOptions,
                    batch_size: int = 8) -> dict:
     """Held-out fidelity of a LoRA-Mini file against its teacher adapter (all of dopts.data is held out)."""
-    from .api import load_adapter
+    from ..api import load_adapter
 
     mini, teacher, texts = container.load(mini_path), load_adapter(teacher_path), D.read_texts(dopts.data)
     session = open_session(mini, teacher, mopts)
@@ -288,7 +288,7 @@ def train(output: str, dopts: DataOptions, mopts: ModelOptions, topts: TrainOpti
           target_modules: list[str] | None = None, rank: int = 8, alpha: float | None = None,
           outer_dim=None, outer_seed: int = 0, dtype: str = "fp32", log=print) -> RunResult:
     """Train a LoRA-Mini adapter from scratch (random outers from `outer_seed`) with the causal-LM loss."""
-    from .nn.scratch import scratch_adapter
+    from .scratch import scratch_adapter
 
     topts.checkpoint_dir = topts.checkpoint_dir or default_checkpoint_dir(output)
     topts.validate()
