@@ -1,4 +1,4 @@
-"""The LoRA-Mini container: one safetensors file (docs/FORMAT.md is the spec).
+"""The LoRA-Mini container: one safetensors file (docs/CONTAINER.md is the spec).
 
 Tensors: ``<module>.X`` (a×k), ``<module>.Y`` (k×b), and for stored outers
 ``<module>.U`` (out×a), ``<module>.V`` (b×in); passthrough tensors under
@@ -32,7 +32,7 @@ CONFIG_NAME = "lora_mini_config.json"
 PASSTHROUGH = "__passthrough__."
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-FACTOR_DTYPES = ("F32", "F16", "BF16")  # what X, Y, U, V may be stored as (docs/FORMAT.md)
+FACTOR_DTYPES = ("F32", "F16", "BF16")  # what X, Y, U, V may be stored as (docs/CONTAINER.md)
 KINDS = ("linear", "conv", "embedding")
 # No single matrix a reader materialises from metadata alone (regenerated outers, factors
 # zero-padded back to the original rank) may exceed this many elements: a hostile file
@@ -135,7 +135,7 @@ METADATA_SHA256 = "lora_mini_sha256"
 
 
 def metadata_digest(meta: dict, layout: dict) -> str:
-    """SHA-256 over everything in the header that is not tensor data (docs/FORMAT.md).
+    """SHA-256 over everything in the header that is not tensor data (docs/CONTAINER.md).
 
     Covers ``format``, ``format_version``, the ``lora_mini`` document (module specs, seeds,
     outer fingerprints, tensor checksums) and every tensor's dtype and shape, so that no

@@ -1,5 +1,5 @@
 """The random-outer generator is a written spec: golden vectors, a pure-Python reference
-implementation of docs/FORMAT.md, and regeneration in a separate process."""
+implementation of docs/CONTAINER.md, and regeneration in a separate process."""
 import hashlib
 import subprocess
 import sys
@@ -14,7 +14,7 @@ NAME = "model.layers.0.self_attn.q_proj"
 
 
 def reference_element(key: int, counter: int) -> int:
-    """docs/FORMAT.md, written with Python integers only: returns 2**24 * value."""
+    """docs/CONTAINER.md, written with Python integers only: returns 2**24 * value."""
     z = (key + (counter + 1) * 0x9E3779B97F4A7C15) & MASK
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK

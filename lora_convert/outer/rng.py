@@ -2,7 +2,7 @@
 
 The matrix is a pure function of (seed, module name, role, shape, version), computed
 with 64-bit integer arithmetic only, so it is bit-identical on every platform,
-numpy/torch version and device. docs/FORMAT.md ("Random outer generator") is the
+numpy/torch version and device. docs/CONTAINER.md ("Random outer generator") is the
 normative spec; the golden vectors in tests/test_rng.py pin it.
 
 Per element (row-major counter c = i*cols + j):
