@@ -1,4 +1,4 @@
-"""Hostile-input corpus (fixtures/bad/, issue 6): every case exits 2 with one line naming the
+"""Hostile-input corpus (fixtures/bad/): every case exits 2 with one line naming the
 file and the problem, no traceback, no output, no leftover temp files, no code executed.
 
 Cases run in-process through click's CliRunner (fast); a handful also run as real
@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from lora_convert.cli import main
 from lora_convert.formats import peft as peft_format
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,22 +72,22 @@ def test_corpus_is_large_and_covers_every_layer():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_in_process(name, workdir, monkeypatch, request):
+def test_bad_input_in_process(name, workdir, monkeypatch, request, cli):
     spec = CASES[name]
     if spec.get("known_bug"):  # XPASS once fixed: then drop known_bug in scripts/make_bad_fixtures.py
         request.node.add_marker(pytest.mark.xfail(reason=f"open bug: {spec['known_bug']}", strict=False))
     monkeypatch.setattr(peft_format, "PATTERN_TIME_LIMIT_S", 0.5, raising=False)  # the ReDoS case, quickly
     before = tree(BAD / spec["path"])
-    res = CliRunner().invoke(main, argv(spec, workdir / "out"), catch_exceptions=False)
+    res = cli(*argv(spec, workdir / "out"))
     check_error(spec, res.exit_code, res.stdout, res.stderr, workdir)
     assert tree(BAD / spec["path"]) == before, "the input was modified"
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST["controls"]))
-def test_controls_succeed(name, workdir):
+def test_controls_succeed(name, workdir, cli):
     """The valid bases the cases are mutated from are accepted: the cases fail for their defect."""
     spec = MANIFEST["controls"][name]
-    res = CliRunner().invoke(main, argv(spec, workdir / "out"), catch_exceptions=False)
+    res = cli(*argv(spec, workdir / "out"))
     assert res.exit_code == 0, res.output
 
 
@@ -113,12 +111,12 @@ def test_bad_inputs_in_real_processes(tmp_path):
 
 
 @pytest.mark.parametrize("base", ["peft_pickle_os_system", "peft_pickle_open", "peft_pickle_zip_os_system"])
-def test_pickle_payload_never_runs(base, workdir):
+def test_pickle_payload_never_runs(base, workdir, cli):
     """With and without --allow-pickle, through every command that reads an adapter."""
     path = str(BAD / base)
     for extra in ([], ["--allow-pickle"]):
         for args in (["inspect", path], ["compress", path, "-o", "out"], ["convert", path, "-o", "out", "--to", "peft"]):
-            res = CliRunner().invoke(main, args + extra, catch_exceptions=False)
+            res = cli(*args, *extra)
             assert res.exit_code == 2, res.output
             assert not (workdir / MARKER).exists()
     assert not list(workdir.iterdir())
