@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lora_convert as lc
+from helpers.bad_fixtures import mbf
 from lora_convert import container, formats
 from lora_convert.convert import reconstruct
 from lora_convert.errors import BadInputError, IntegrityError
@@ -34,10 +34,6 @@ VALID = ROOT / "fixtures" / "bad" / "_valid"
 FORMATS = ROOT / "fixtures" / "formats"
 MINIS = {"random": VALID / "mini_random.safetensors", "svd": VALID / "mini_svd.safetensors"}
 SLOW_EXAMPLE_S = 10.0  # no single input may take longer than this (a hang guard)
-
-_spec = importlib.util.spec_from_file_location("make_bad_fixtures", ROOT / "scripts" / "make_bad_fixtures.py")
-mbf = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mbf)
 
 # LORA_CONVERT_FUZZ_EXAMPLES=5000 runs longer, with random examples (fuzz/run.sh does).
 _EXAMPLES = int(os.environ.get("LORA_CONVERT_FUZZ_EXAMPLES", "0"))
