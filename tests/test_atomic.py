@@ -1,4 +1,4 @@
-"""Atomic output (issue 6): a SIGKILL in the middle of a large compress leaves the output path
+"""Atomic output: a SIGKILL in the middle of a large compress leaves the output path
 either absent or complete and verifiable; concurrent writers never leave a mixed output."""
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from helpers.cli import run_cli
 from lora_convert import atomic
 from lora_convert.atomic import atomic_dir, atomic_file
-from lora_convert.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # several run at once on few cores
@@ -50,7 +49,7 @@ def compress_cmd(src: Path, out: Path, *extra: str) -> list[str]:
 
 
 def verify(path: Path):
-    return CliRunner().invoke(main, ["verify", str(path)], catch_exceptions=False)
+    return run_cli("verify", path)
 
 
 def partials(parent: Path, name: str) -> list[Path]:
@@ -76,8 +75,7 @@ def test_sigkill_mid_compress_leaves_nothing_or_a_complete_file(big_adapter, tmp
     src = big_adapter
     total = sum(f.stat().st_size for f in src.iterdir())
     existing = tmp_path / "existing.safetensors"
-    res = CliRunner().invoke(main, ["compress", str(src), "-o", str(existing), "--outer-dim", "4"],
-                             catch_exceptions=False)
+    res = run_cli("compress", src, "-o", existing, "--outer-dim", "4")
     assert res.exit_code == 0, res.output
     before = existing.read_bytes()
     # (output, kill when this many bytes of temporary output exist)
@@ -109,7 +107,7 @@ def test_sigkill_mid_compress_leaves_nothing_or_a_complete_file(big_adapter, tmp
     assert any(o[2] == -signal.SIGKILL for o in outcomes), f"nothing was killed mid-way: {outcomes}"
     # a later run into the same output works despite the dead writer's leftovers
     out = scenarios[0][0]
-    res = CliRunner().invoke(main, ["compress", str(src), "-o", str(out), "--outer-dim", "4"], catch_exceptions=False)
+    res = run_cli("compress", src, "-o", out, "--outer-dim", "4")
     assert res.exit_code == 0 and verify(out).exit_code == 0
 
 
@@ -123,8 +121,7 @@ def test_concurrent_writers_never_mix(tmp_path, fixtures):
     for target in targets:
         for seed in (1, 2):
             ref = tmp_path / f"ref{seed}" / target
-            res = CliRunner().invoke(main, ["compress", str(src), "-o", str(ref), "--seed", str(seed)],
-                                     catch_exceptions=False)
+            res = run_cli("compress", src, "-o", ref, "--seed", seed)
             assert res.exit_code == 0, res.output
             refs[target, seed] = snapshot(ref)
     procs = [subprocess.Popen(compress_cmd(src, tmp_path / "shared" / target, "--seed", str(seed)), env=ENV,
@@ -228,13 +225,12 @@ def test_output_never_replaces_its_input(tmp_path, fixtures, verb):
     src = tmp_path / "adapter"
     shutil.copytree(fixtures / "peft-tiny-llama", src)
     if verb == "reconstruct":
-        assert CliRunner().invoke(main, ["compress", str(fixtures / "peft-tiny-llama"), "-o", str(src / "mini")],
-                                  catch_exceptions=False).exit_code == 0
+        assert run_cli("compress", fixtures / "peft-tiny-llama", "-o", src / "mini").exit_code == 0
         src = src / "mini"
     before = snapshot(tmp_path)
     extra = ["--to", "peft"] if verb == "convert" else []
     for out in (src, src.parent, src / "."):
-        res = CliRunner().invoke(main, [verb, str(src), "-o", str(out), *extra], catch_exceptions=False)
+        res = run_cli(verb, src, "-o", out, *extra)
         assert res.exit_code == 2 and "would replace the input" in res.stderr, res.output
         assert res.stderr.count("\n") == 1
     own_file = next(p for p in sorted(src.iterdir()) if p.suffix == ".safetensors")
@@ -245,12 +241,12 @@ def test_output_never_replaces_its_input(tmp_path, fixtures, verb):
     config = next(p for p in sorted(src.iterdir()) if p.name.endswith("config.json"))
     for inp, out in ((src, own_file), (src, src / "new.safetensors"), (src, linked),
                      (config, own_file), (own_file, src / "other.json")):  # the input named by one of its files
-        res = CliRunner().invoke(main, [verb, str(inp), "-o", str(out), *extra], catch_exceptions=False)
+        res = run_cli(verb, inp, "-o", out, *extra)
         assert res.exit_code == 2 and "among the files of the input" in res.stderr, (inp, out, res.output)
         assert res.stderr.count("\n") == 1
     assert snapshot(tmp_path) == before
     # a new folder inside, or anything deeper, is never read as part of the input
-    res = CliRunner().invoke(main, [verb, str(src), "-o", str(src / "sub" / "out"), *extra], catch_exceptions=False)
+    res = run_cli(verb, src, "-o", src / "sub" / "out", *extra)
     assert res.exit_code == 0, res.output
 
 
@@ -399,5 +395,5 @@ def test_sigterm_mid_compress_unwinds_and_leaves_nothing(big_adapter, tmp_path):
 
 def test_cli_in_process_leaves_signal_handlers_as_it_found_them():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
-    assert CliRunner().invoke(main, ["--help"]).exit_code == 0
+    assert run_cli("--help").exit_code == 0
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before

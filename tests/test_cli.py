@@ -5,16 +5,11 @@ import struct
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from lora_convert.cli import main
+from helpers.cli import run_cli as run
 
 SRC = "peft-tiny-llama"
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_help_lists_the_verbs():

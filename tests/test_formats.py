@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lora_convert as lc
+from helpers.cli import run_cli as run
 from lora_convert import formats
 from lora_convert.adapter import LoraModule, from_modules
-from lora_convert.cli import main
 from lora_convert.errors import BadInputError, FormatDetectionError, UnsupportedError
 from lora_convert.formats import naming
 from lora_convert.mathcore import relative_error
@@ -48,10 +47,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def delta_error(a: LoraModule, b: LoraModule) -> float:

@@ -1,4 +1,4 @@
-"""Property tests and bounded fuzzing of every reader (issue 6).
+"""Property tests and bounded fuzzing of every reader.
 
 1. `verify` detects any change to a LoRA-Mini file: every byte of the tensor data, flipped,
    gives an IntegrityError; a changed seed fails its fingerprint (or, unsigned, the metadata
@@ -10,27 +10,21 @@
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import math
 import os
 import shutil
 import struct
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lora_convert as lc
+from helpers.bad_fixtures import mbf
 from lora_convert import container, formats
-from lora_convert.cli import main
 from lora_convert.convert import reconstruct
 from lora_convert.errors import BadInputError, IntegrityError
 from lora_convert.st import LazyTensors, read_header
@@ -41,11 +35,7 @@ FORMATS = ROOT / "fixtures" / "formats"
 MINIS = {"random": VALID / "mini_random.safetensors", "svd": VALID / "mini_svd.safetensors"}
 SLOW_EXAMPLE_S = 10.0  # no single input may take longer than this (a hang guard)
 
-_spec = importlib.util.spec_from_file_location("make_bad_fixtures", ROOT / "scripts" / "make_bad_fixtures.py")
-mbf = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mbf)
-
-# LORA_CONVERT_FUZZ_EXAMPLES=5000 runs a longer, randomised session (fuzz/run.sh does).
+# LORA_CONVERT_FUZZ_EXAMPLES=5000 runs longer, with random examples (fuzz/run.sh does).
 _EXAMPLES = int(os.environ.get("LORA_CONVERT_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(max_examples=_EXAMPLES or 100, deadline=None, derandomize=not _EXAMPLES, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -162,7 +152,7 @@ def test_any_single_byte_change_fails_or_changes_nothing(tmp_path_factory, outer
 
 
 @pytest.mark.parametrize("seed", [0, 6, 8, -7, 2**63])
-def test_changed_seed_fails_the_fingerprint(seed, tmp_path):
+def test_changed_seed_fails_the_fingerprint(seed, tmp_path, cli):
     blob = MINIS["random"].read_bytes()
 
     def edit(doc, header, meta):
@@ -176,7 +166,7 @@ def test_changed_seed_fails_the_fingerprint(seed, tmp_path):
         load_all(resigned)
     with pytest.raises(IntegrityError, match="lora_mini_sha256 checksum"):
         load_all(unsigned)
-    res = CliRunner().invoke(main, ["verify", str(resigned)], catch_exceptions=False)
+    res = cli("verify", resigned)
     assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "fingerprint" in res.stderr
 
 
@@ -384,21 +374,20 @@ def test_header_dtype_of_any_json_type(tmp_path):
             read_header(f)
 
 
-def test_float8_factors_round_trip(tmp_path):
+def test_float8_factors_round_trip(tmp_path, cli):
     """Found while fuzzing dtypes: F8_E4M3/F8_E5M2 factors crashed require_finite (no isfinite for
     float8) and could not be written back; now they compress, verify and reconstruct."""
     src = tmp_path / "f8"
     mbf.write_peft(src, {k: v.to(torch.float8_e4m3fn if "lora_A" in k else torch.float8_e5m2)
                          for k, v in mbf.base_tensors().items()})
-    runner = CliRunner()
     for args in (["compress", str(src), "-o", str(tmp_path / "m")], ["verify", str(tmp_path / "m")],
                  ["reconstruct", str(tmp_path / "m"), "-o", str(tmp_path / "back")], ["inspect", str(tmp_path / "back")]):
-        res = runner.invoke(main, args, catch_exceptions=False)
+        res = cli(*args)
         assert res.exit_code == 0, (args, res.output)
     bad = dict(mbf.base_tensors())
     key = next(iter(bad))
     bad[key] = bad[key].to(torch.float8_e4m3fn)
     bad[key].view(torch.uint8)[0, 0] = 0x7F  # NaN in e4m3fn
     mbf.write_peft(tmp_path / "f8nan", bad)
-    res = runner.invoke(main, ["inspect", str(tmp_path / "f8nan")], catch_exceptions=False)
+    res = cli("inspect", tmp_path / "f8nan")
     assert res.exit_code == 2 and "NaN or Inf" in res.stderr

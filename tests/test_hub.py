@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from huggingface_hub import HfApi, ModelCard, constants
 
 import lora_convert as lc
 from lora_convert import container, hub, modelcard
-from lora_convert.cli import main
 from lora_convert.errors import (BadInputError, HubAuthError, HubError, HubNetworkError, HubNotFoundError,
                                  IntegrityError)
+from helpers.cli import run_cli
 from helpers.hub_server import HubServer, isolate_hf_client
 
 # The client passes raw bytes as `data=` to httpx2 for LFS PUTs; not ours to fix.
@@ -84,7 +83,7 @@ def _commits(srv, repo=REPO) -> list[str]:
 
 
 def _cli(*args, **env):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env or None)
+    return run_cli(*args, env=env)
 
 
 def _free_port() -> int:

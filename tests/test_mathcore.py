@@ -1,44 +1,44 @@
-"""Math core: exactness, least-squares optimality, truncation, energy selection."""
+"""Math core: exactness, least-squares optimality, truncation, energy selection, and the
+Gram/Cholesky fast paths with their QR fallbacks, each against a dense reference."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_convert import mathcore
 from lora_convert.mathcore import (choose_rank, difference_norm, factored_svd, fit_inner, frobenius,
                                    relative_error, svd_outers)
 
 D = torch.float64
-
-
-def lowrank(out, inp, r, seed=0, decay=0.6):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.tensor([decay**i for i in range(r)], dtype=D)
-    return torch.randn(out, r, generator=g, dtype=D) * s, torch.randn(r, inp, generator=g, dtype=D)
+# Updates of order one (top singular value 30, spectrum falling 30x): the perturbation test's
+# absolute steps are then small next to the optimal inner matrices.
+SPECTRUM = dict(cond=30.0, scale=30.0)
 
 
 def dense_error(B, A, U, fit, V):
     return float(torch.linalg.matrix_norm(U.to(D) @ fit.X @ fit.Y @ V.to(D) - B @ A))
 
 
-def test_factored_svd_matches_dense_svd():
-    B, A = lowrank(50, 40, 6)
+def test_factored_svd_matches_dense_svd(lowrank):
+    B, A = lowrank(50, 40, 6, **SPECTRUM)
     u, s, v = factored_svd(B, A)
     dense = torch.linalg.svdvals(B @ A)[:6]
     assert torch.allclose(s, dense, rtol=1e-10)
     assert torch.allclose(u @ torch.diag(s) @ v.T, B @ A, atol=1e-12)
 
 
-def test_frobenius_and_difference_norm_from_factors():
-    B, A = lowrank(30, 20, 4)
-    B2, A2 = lowrank(30, 20, 3, seed=1)
+def test_frobenius_and_difference_norm_from_factors(lowrank):
+    B, A = lowrank(30, 20, 4, **SPECTRUM)
+    B2, A2 = lowrank(30, 20, 3, seed=1, **SPECTRUM)
     assert frobenius(B, A) == pytest.approx(float(torch.linalg.matrix_norm(B @ A)), rel=1e-12)
     assert difference_norm(B, A, B2, A2) == pytest.approx(float(torch.linalg.matrix_norm(B @ A - B2 @ A2)),
                                                           rel=1e-10)
     assert difference_norm(B, A, B, A) < 1e-12 * frobenius(B, A)
 
 
-def test_svd_outers_exact_when_inner_rank_covers_rank():
-    B, A = lowrank(64, 48, 8)
+def test_svd_outers_exact_when_inner_rank_covers_rank(lowrank):
+    B, A = lowrank(64, 48, 8, **SPECTRUM)
     U, V = svd_outers(B, A, 8)
     fit = fit_inner(B, A, U, V)
     assert fit.rank == 8
@@ -55,8 +55,8 @@ def test_non_orthonormal_outers_reproduce_an_update_inside_their_span():
     assert fit.retained_energy() == pytest.approx(1.0, abs=1e-10)
 
 
-def test_fit_equals_dense_least_squares_reference():
-    B, A = lowrank(40, 36, 6, seed=4)
+def test_fit_equals_dense_least_squares_reference(lowrank):
+    B, A = lowrank(40, 36, 6, seed=4, **SPECTRUM)
     g = torch.Generator().manual_seed(5)
     U, V = torch.randn(40, 12, generator=g, dtype=D), torch.randn(9, 36, generator=g, dtype=D)
     fit = fit_inner(B, A, U, V, rank=3)
@@ -68,8 +68,8 @@ def test_fit_equals_dense_least_squares_reference():
 
 
 @pytest.mark.parametrize("rank", [2, 5])
-def test_no_perturbation_of_inner_matrices_lowers_the_error(rank):
-    B, A = lowrank(30, 25, 6, seed=7)
+def test_no_perturbation_of_inner_matrices_lowers_the_error(rank, lowrank):
+    B, A = lowrank(30, 25, 6, seed=7, **SPECTRUM)
     g = torch.Generator().manual_seed(8)
     U, V = torch.randn(30, 8, generator=g, dtype=D), torch.randn(8, 25, generator=g, dtype=D)
     fit = fit_inner(B, A, U, V, rank=rank)
@@ -82,8 +82,8 @@ def test_no_perturbation_of_inner_matrices_lowers_the_error(rank):
             assert dense_error(B, A, U, fit, V) >= best * (1 - 1e-12)
 
 
-def test_truncation_error_equals_discarded_energy():
-    B, A = lowrank(50, 50, 8, seed=9)
+def test_truncation_error_equals_discarded_energy(lowrank):
+    B, A = lowrank(50, 50, 8, seed=9, **SPECTRUM)
     U, V = svd_outers(B, A, 8)
     fit = fit_inner(B, A, U, V, rank=3)
     s = torch.linalg.svdvals(B @ A)
@@ -101,8 +101,8 @@ def test_keep_energy_picks_the_smallest_sufficient_rank():
         assert k == 1 or float((s[: k - 1] ** 2).sum()) / total < target
 
 
-def test_keep_energy_capped_by_what_outers_can_hold():
-    B, A = lowrank(200, 200, 8, seed=10)
+def test_keep_energy_capped_by_what_outers_can_hold(lowrank):
+    B, A = lowrank(200, 200, 8, seed=10, **SPECTRUM)
     g = torch.Generator().manual_seed(1)
     U, V = torch.randn(200, 8, generator=g, dtype=D), torch.randn(8, 200, generator=g, dtype=D)
     fit = fit_inner(B, A, U, V, keep_energy=0.99)
@@ -161,3 +161,42 @@ def test_modules_low_on_energy_get_a_note_when_the_whole_adapter_is_fine():
     assert "figure is unknown" in FidelityReport([big, weak, unknown]).warning()
     weak_recovered = ModuleFidelity("weak", (8, 8), 4, 1, "svd", 1, 1, 0.9, 1.0, recovered=True)
     assert FidelityReport([big, weak_recovered]).warning() is None  # weight space says little after recover
+
+
+# ---------------------------------------------------------------- Gram/Cholesky fast paths
+
+@pytest.mark.parametrize("cond", [1.0, 1e6, float("inf")])
+def test_cholesky_and_qr_routes_give_the_dense_svd(cond, lowrank):
+    B, A = lowrank(60, 50, 6, cond=1e3 if cond == float("inf") else cond)
+    if cond == float("inf"):
+        B[:, -1] = B[:, 0]  # rank-deficient: Cholesky fails, QR takes over
+    upd = mathcore.Update(B, A)
+    expect_gram = cond == 1.0
+    assert (mathcore._chol_root(upd.gram_b) is not None) == expect_gram
+    dense = torch.linalg.svdvals(B @ A).numpy()
+    assert upd.spectrum[:5] == pytest.approx(dense[:5], rel=1e-9)
+    assert upd.energy == pytest.approx(float((dense**2).sum()), rel=1e-12)
+    u, v = upd.singular_vectors(3)
+    torch.testing.assert_close(u @ torch.diag(torch.from_numpy(upd.spectrum[:3])) @ v,
+                               torch.linalg.svd(B @ A)[0][:, :3] @ torch.diag(torch.from_numpy(dense[:3]))
+                               @ torch.linalg.svd(B @ A)[2][:3], atol=1e-12, rtol=1e-9)
+
+
+def mini_difference_norm(upd, UtB, AVt, GU, GV, X, Y) -> float | None:
+    """mathcore.mini_difference_norms for one module; None when the result is too small to trust."""
+    stacked = (np.asarray(m)[None] for m in (UtB, AVt, GU, GV, X, Y))
+    d = float(mathcore.mini_difference_norms(upd.stack, *stacked)[0])
+    return None if d != d else d
+
+
+def test_gram_error_formula_refuses_what_it_cannot_resolve(lowrank):
+    B, A = lowrank(40, 30, 4)
+    upd = mathcore.Update(B, A)
+    U, V = upd.singular_vectors(4)
+    ub, vb = mathcore.OuterBasis(U), mathcore.OuterBasis(V.T)
+    X = Y = torch.diag(torch.from_numpy(upd.spectrum[:4]).sqrt())
+    args = (upd, ub.m.T @ upd.B, upd.A @ vb.m, ub.gram, vb.gram)
+    assert mini_difference_norm(*args, X, Y) is None  # exact: rounding noise only
+    Xp = X * (1 + 1e-3)
+    expect = float(torch.linalg.matrix_norm(B @ A - U @ Xp @ Y @ V))
+    assert mini_difference_norm(*args, Xp, Y) == pytest.approx(expect, rel=1e-6)

@@ -1,4 +1,5 @@
-"""compress -> save -> load -> reconstruct -> real PEFT loads it and computes the same outputs."""
+"""compress -> save -> load -> reconstruct -> real PEFT loads it and computes the same outputs;
+large PEFT adapters are written in one pass and read back by the reference safetensors reader."""
 import json
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 import lora_convert as lc
 from helpers.models import tiny_llama
+from lora_convert.adapter import LoraModule, from_modules
 
 peft = pytest.importorskip("peft")
 
@@ -121,3 +123,20 @@ def test_embedding_adapter_saved_with_peft_defaults_round_trips(tmp_path):
     _, restored = roundtrip(src, tmp_path, outer="svd", dtype="fp32")
     assert torch.equal(load_file(restored / "adapter_model.safetensors")[key], tensors[key])
     assert torch.allclose(peft_logits(restored, 3), peft_logits(src, 3), atol=1e-4, rtol=1e-4)
+
+
+def test_large_peft_adapters_are_written_behind_header_room_and_load_in_safetensors(tmp_path, lowrank):
+    from safetensors import safe_open
+    ms = [LoraModule(f"model.layers.{i}.self_attn.q_proj", *[t.half() for t in lowrank(4096, 4096, 16, seed=i)[::-1]],
+                     alpha=32.0) for i in range(6)]
+    cfg = {"r": 16, "lora_alpha": 32, "peft_type": "LORA", "target_modules": ["q_proj"]}
+    lc.save_adapter(from_modules("peft", ms, config=cfg), tmp_path / "a", "peft")
+    raw = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert len(raw[8:8 + n]) - len(raw[8:8 + n].rstrip(b" ")) > 500  # written once, behind padded room
+    with safe_open(tmp_path / "a" / "adapter_model.safetensors", framework="pt") as fh:
+        for m in ms:
+            key = f"base_model.model.{m.name}.lora_B.weight"
+            assert torch.equal(fh.get_tensor(key), m.up)
+    back = lc.load_adapter(tmp_path / "a")
+    assert torch.equal(back.module(ms[2].name).down, ms[2].down)

@@ -1,36 +1,29 @@
-"""Modules fitted as stacks (convert.compress_window) give what each module gives on its own.
+"""convert: compress_module (one module) and compress_window (modules fitted as stacks).
 
-Stacking changes how the products are batched, never what is computed for a module: every
-test compares a stack with the same modules compressed one at a time (compress_module), and
-with a dense reference where the stack takes a different route (QR, padding, all-zero).
+The reported error must be the error of the values actually stored, whatever route the math
+takes (Gram/Cholesky, QR), and stacking changes how the products are batched, never what is
+computed for a module: every stack is compared with the same modules compressed one at a
+time, and with a dense reference where the stack takes a different route (QR, padding,
+all-zero).
 """
+import gc
+
 import pytest
 import torch
 
 import lora_convert as lc
+from helpers.lowrank import D, dense_rel_error, lowrank
 from lora_convert.adapter import LoraModule, from_modules
 from lora_convert.convert import compress_module, compress_window
 
-D = torch.float64
-
 
 def module(name, out, inp, r, seed, cond=1.0, dtype=torch.float32, zero=False, repeat_col=False):
-    g = torch.Generator().manual_seed(seed)
-    qb = torch.linalg.qr(torch.randn(out, r, generator=g, dtype=D))[0] if out >= r else torch.randn(out, r, generator=g, dtype=D)
-    B = qb * torch.logspace(0, -torch.log10(torch.tensor(cond, dtype=D)).item(), r, dtype=D) * 0.02
-    A = torch.randn(r, inp, generator=g, dtype=D) / inp**0.5
+    B, A = lowrank(out, inp, r, seed=seed, cond=cond)
     if repeat_col:  # rank-deficient B: its Gram matrix is singular
         B[:, -1] = B[:, 0]
     if zero:
         B = torch.zeros_like(B)
     return LoraModule(name, down=A.to(dtype), up=B.to(dtype), alpha=2.0 * r)
-
-
-def dense_rel_error(m, mini) -> float:
-    target = m.up.double() @ m.down.double()
-    approx = mini.U.double() @ mini.X.double() @ mini.Y.double() @ mini.V.double()
-    norm = torch.linalg.matrix_norm(target)
-    return float(torch.linalg.matrix_norm(approx - target) / norm) if norm else float(torch.linalg.matrix_norm(approx))
 
 
 def assert_same(stacked, alone):
@@ -159,8 +152,8 @@ def test_results_do_not_share_memory_with_the_reused_float64_buffers(source):
 
 
 def test_per_module_outer_streams_give_each_module_its_own_outers_and_the_optimal_fit(tmp_path):
-    """--outer-stream module: U, V keyed on (seed, module name, shape), as the issue and the
-    LoRA-Mini paper describe; each fit is the closed-form optimum for its own outers."""
+    """--outer-stream module: U, V keyed on (seed, module name, shape), independent outers per
+    layer as in the LoRA-Mini paper; each fit is the closed-form optimum for its own outers."""
     from lora_convert.mathcore import fit_inner
     from lora_convert.outer.rng import random_matrix
 
@@ -181,3 +174,71 @@ def test_per_module_outer_streams_give_each_module_its_own_outers_and_the_optima
         assert dense_rel_error(m, got) == pytest.approx(best, rel=1e-5)
     with pytest.raises(lc.BadInputError, match="outer-stream"):
         lc.compress(adapter, outer="svd", outer_stream="module")
+
+
+# ---------------------------------------------------------------- one module at a time
+
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e7])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("source", ["svd", "random"])
+def test_reported_error_is_the_error_of_the_stored_values(source, dtype, cond):
+    B, A = lowrank(96, 80, 8, cond=cond)
+    m = LoraModule("layers.0.q_proj", down=A.to(dtype), up=B.to(dtype), alpha=16.0)
+    mini = compress_module(m, source, seed=1, outer_dim=24)
+    truth = dense_rel_error(m, mini)
+    assert mini.fidelity["rel_error"] == pytest.approx(truth, rel=1e-6, abs=1e-12)
+    if source == "svd":  # full rank: only the rounding of U, V, X, Y to the storage dtype is lost
+        assert truth < {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-6}[dtype]
+
+
+def test_output_does_not_depend_on_the_number_of_workers(tmp_path, monkeypatch):
+    mods = [LoraModule(f"layers.{i}.{p}", down=A.half(), up=B.half(), alpha=16.0)
+            for i in range(6) for p, (B, A) in {"q_proj": lowrank(64, 48, 8, seed=i),
+                                                "down_proj": lowrank(48, 64, 8, seed=i + 9)}.items()]
+    threads = torch.get_num_threads()
+    outputs = []
+    for n in ("1", "3"):
+        monkeypatch.setenv("LORA_CONVERT_WORKERS", n)
+        for source in ("svd", "random"):
+            lc.save(lc.compress(from_modules("peft", mods), source, seed=3), tmp_path / f"{source}-{n}")
+            outputs.append((tmp_path / f"{source}-{n}" / "lora_mini.safetensors").read_bytes())
+    assert outputs[0] == outputs[2] and outputs[1] == outputs[3]
+    assert torch.get_num_threads() == threads  # workers pin their own OpenMP threads, not the caller's
+
+
+def test_ill_conditioned_square_outers_do_not_fool_the_error_formula():
+    # modules no wider than --outer-dim get square random outers; seed 15739's 16×16 V has
+    # cond 7.9e4, and the Gram formula's rounding then exceeds its result
+    g = torch.Generator().manual_seed(15739 * 7 + 1)
+    m = LoraModule("m", down=torch.randn(1, 16, generator=g), up=torch.randn(16, 1, generator=g), alpha=8.0)
+    mini = compress_module(m, "random", seed=15739, dtype="fp32")
+    assert mini.fidelity["rel_error"] == pytest.approx(dense_rel_error(m, mini), rel=1e-6)
+
+
+def test_inner_matrices_that_overflow_the_storage_dtype_are_refused_naming_the_adapter():
+    g = torch.Generator().manual_seed(0)
+    m = LoraModule("m", down=torch.randn(4, 16, generator=g).half(), up=torch.randn(16, 4, generator=g).half(),
+                   alpha=8.0)
+    adapter = from_modules("peft", [m], source="/adapters/small")
+    with pytest.raises(lc.BadInputError, match="overflow float16.*--dtype fp32") as info:
+        list(lc.compress(adapter, "random", seed=1579).modules())  # seed 1579: a 16×16 outer with cond ~1e5
+    assert str(info.value.path) == "/adapters/small"
+    assert lc.compress(adapter, "random", seed=1579, dtype="fp32").module("m").fidelity["rel_error"] < 1.0
+
+
+@pytest.mark.parametrize("source", ["svd", "random"])
+def test_compress_leaves_no_reference_cycles(source):
+    """Cycles are freed only by the cyclic GC: any in the per-module path would keep modules'
+    float64 factors alive between GC passes, and peak memory would grow with the adapter."""
+    B, A = lowrank(64, 48, 8, cond=1e6)  # ill-conditioned: takes the QR route too
+    m = LoraModule("layers.0.q_proj", down=A.half(), up=B.half(), alpha=16.0)
+    compress_module(m, source, seed=2)  # warm caches
+    gc.collect()
+    gc.disable()
+    try:
+        for cond in (1.0, 1e6):
+            B, A = lowrank(64, 48, 8, cond=cond)
+            compress_module(LoraModule("layers.0.q_proj", down=A.half(), up=B.half(), alpha=16.0), source, seed=2)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -1,0 +1,49 @@
+"""container: the LoRA-Mini file as written and read back: random outers shared by shape or
+regenerated per module name, stored svd outers behind header room, checksums and fingerprints."""
+import pytest
+import torch
+
+import lora_convert as lc
+from lora_convert.adapter import LoraModule, from_modules
+from lora_convert.container import MiniAdapter, MiniModule
+from lora_convert.outer import random as random_outer
+
+
+def test_random_outers_are_shared_by_shape_and_files_without_a_stream_still_load(tmp_path, lowrank):
+    shapes = {"a.q_proj": (64, 48), "b.q_proj": (64, 48), "c.up_proj": (80, 48)}
+    mods = [LoraModule(n, down=lowrank(o, i, 4, seed=k)[1], up=lowrank(o, i, 4, seed=k)[0], alpha=8.0)
+            for k, (n, (o, i)) in enumerate(shapes.items())]
+    mini = lc.compress(from_modules("peft", mods), "random", seed=5, outer_dim=16)
+    a, b, c = (mini.module(n) for n in shapes)
+    assert a.outer["stream"] == "" and torch.equal(a.U, b.U) and a.outer["u_sha256"] == b.outer["u_sha256"]
+    assert a.outer["u_sha256"] != c.outer["u_sha256"] and torch.equal(a.V, c.V)  # V: same b×in
+
+    # a file written per module (no "stream"): outers keyed on the module name
+    legacy = []
+    for m in (a, b):
+        U, u_sha = random_outer.outer_matrix(5, m.name, "U", m.out_features, 16)
+        V, v_sha = random_outer.outer_matrix(5, m.name, "V", 16, m.in_features)
+        spec = {k: v for k, v in m.outer.items() if k != "stream"} | {"u_sha256": u_sha, "v_sha256": v_sha}
+        legacy.append(MiniModule(name=m.name, kind="linear", kernel={}, rank=4, alpha=8.0, use_rslora=False,
+                                 dtype="float64", outer=spec, U=U, V=V, X=m.X, Y=m.Y))
+    table = {m.name: m for m in legacy}
+    lc.save(MiniAdapter(source_format="peft", module_names=list(table), load_module=table.__getitem__), tmp_path / "old")
+    loaded = lc.load(tmp_path / "old")
+    la, lb = loaded.module("a.q_proj"), loaded.module("b.q_proj")
+    assert "stream" not in la.outer and not torch.equal(la.U, lb.U) and not torch.equal(la.U, a.U)
+    assert lc.verify(tmp_path / "old").modules  # fingerprints of the per-module streams check out
+
+
+@pytest.mark.parametrize("source", ["svd", "random"])
+def test_stored_outers_are_written_behind_header_room_and_tiny_files_are_not_padded(tmp_path, source, lowrank):
+    from lora_convert.container import FILE_NAME
+    ms = [LoraModule(f"layers.{i}.q_proj", *lowrank(4096, 4096, 16, seed=i)[::-1], alpha=32.0) for i in range(6)]
+    for m in ms:
+        m.down, m.up = m.down.half(), m.up.half()
+    lc.save(lc.compress(from_modules("peft", ms, config={"r": 16, "lora_alpha": 32}), source, seed=1), tmp_path / "m")
+    raw = (tmp_path / "m" / FILE_NAME).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    padding = len(raw[8:8 + n]) - len(raw[8:8 + n].rstrip(b" "))
+    assert (padding > 1000) == (source == "svd") and padding < 0.03 * len(raw)
+    lc.verify(tmp_path / "m")  # checks every checksum and fingerprint
+    assert lc.load(tmp_path / "m").module("layers.3.q_proj").U.shape[0] == 4096
