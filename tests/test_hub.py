@@ -21,7 +21,8 @@ from click.testing import CliRunner
 from huggingface_hub import HfApi, ModelCard, constants
 
 import lora_convert as lc
-from lora_convert import container, hub, modelcard
+from lora_convert import container, hub
+from lora_convert.hub import modelcard
 from lora_convert.cli import main
 from lora_convert.errors import (BadInputError, HubAuthError, HubError, HubNetworkError, HubNotFoundError,
                                  IntegrityError)
