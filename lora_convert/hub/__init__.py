@@ -20,8 +20,8 @@ One module per job:
 - ``retry``: offline mode, retries of transient failures, client errors as one-line errors
   (HubNotFoundError, HubAuthError, HubNetworkError, HubError, BadInputError);
 - ``integrity``: what the client does not check: each file's sha256 / git oid, every LoRA-Mini module;
-- ``pull``: pull, download_uri and local_path, through the HF cache, offline from it;
-- ``push``: one idempotent commit of the file, its summary config and the model card;
+- ``download``: pull, download_uri and local_path, through the HF cache, offline from it;
+- ``upload``: push, one idempotent commit of the file, its summary config and the model card;
 - ``modelcard``: the generated README.md.
 
 With HF_HUB_OFFLINE=1 no request is made: the revision and its files come from the HF cache.
@@ -31,8 +31,8 @@ When the endpoint cannot be reached at all, the cache is used the same way and o
 from __future__ import annotations
 
 from .addresses import HF_SCHEME, Target, format_uri, is_hub_uri, parse_uri
-from .pull import PullResult, download_uri, local_path, pull
-from .push import PushResult, push
+from .download import PullResult, download_uri, local_path, pull
+from .upload import PushResult, push
 from .retry import BACKOFF_ENV, RETRIES_ENV
 
 __all__ = ["push", "pull", "download_uri", "local_path", "is_hub_uri", "parse_uri", "format_uri", "PushResult",
