@@ -7,7 +7,6 @@ from . import container, formats
 from .adapter import Adapter
 from .container import MiniAdapter
 from .convert import compare, compress, reconstruct, stored_report
-from .paths import local_path
 from .report import FidelityReport
 
 __all__ = ["load_adapter", "compress", "save", "load", "reconstruct", "save_adapter", "verify"]
@@ -20,6 +19,8 @@ def load_adapter(path: str | os.PathLike, fmt: str | None = None, *, allow_pickl
     >>> adapter.format, len(adapter)
     ('peft', 14)
     """
+    from .hub import local_path  # the Hub client loads when first needed, not with `import lora_convert`
+
     return formats.read(local_path(path), fmt, allow_pickle=allow_pickle)
 
 
@@ -30,6 +31,8 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress=None) -> FidelityR
 
 def load(path: str | os.PathLike) -> MiniAdapter:
     """Open a LoRA-Mini file or directory; fingerprints and checksums are verified per module."""
+    from .hub import local_path  # as in load_adapter
+
     return container.load(local_path(path, expect="lora-mini"))
 
 

@@ -187,13 +187,21 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
             writer.finish(meta)
         report.compressed_bytes = file.stat().st_size
         if _is_dir_target(path):
-            summary = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "file": FILE_NAME,
-                       "source_format": mini.source_format,
-                       "base_model_name_or_path": mini.source_config.get("base_model_name_or_path"),
-                       "outer_sources": sorted({s["outer"]["source"] for s in specs.values()}),
-                       "fidelity": report.summary()}
-            (tmp / CONFIG_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            (tmp / CONFIG_NAME).write_text(summary_config(mini, report), encoding="utf-8")
     return report
+
+
+def summary_config(mini: MiniAdapter, report: FidelityReport) -> str:
+    """The text of ``lora_mini_config.json``, the human-readable summary next to the file.
+
+    The same for a fresh save and for a loaded file with its stored fidelity (what push uploads).
+    """
+    summary = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "file": FILE_NAME,
+               "source_format": mini.source_format,
+               "base_model_name_or_path": mini.source_config.get("base_model_name_or_path"),
+               "outer_sources": sorted({m.outer for m in report.modules}),
+               "fidelity": report.summary()}
+    return json.dumps(summary, indent=2) + "\n"
 
 
 def _header_room(mini: MiniAdapter, first: MiniModule | None) -> int:

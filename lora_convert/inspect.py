@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from . import container, formats
-from .paths import local_path
 
 
 def describe(path, fmt=None, allow_pickle=False) -> dict:
+    from .hub import local_path  # as in api.load_adapter: the Hub client loads when first needed
+
     local = local_path(path)
     if fmt is None and container.is_mini(local):
         return _describe_mini(local)

@@ -20,7 +20,8 @@ import torch
 from huggingface_hub import HfApi, ModelCard, constants
 
 import lora_convert as lc
-from lora_convert import container, hub, modelcard
+from lora_convert import container, hub
+from lora_convert.hub import modelcard
 from lora_convert.errors import (BadInputError, HubAuthError, HubError, HubNetworkError, HubNotFoundError,
                                  IntegrityError)
 from helpers.cli import run_cli

@@ -131,7 +131,7 @@ def test_fit_properties(out, inp, r, a, b, k, dtype, seed):
 
 
 def test_low_energy_message_says_whether_the_adapter_was_recovered():
-    from lora_convert.modelcard import _low_energy_note
+    from lora_convert.hub.modelcard import _low_energy_note
     from lora_convert.report import FidelityReport, ModuleFidelity
 
     def report(recovered: bool) -> FidelityReport:

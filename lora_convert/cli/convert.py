@@ -71,7 +71,7 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
 def verify(path, against, fmt, allow_pickle, as_json):
     """Regenerate outers, check every fingerprint and checksum, report the error."""
     from .. import api
-    from ..paths import local_path
+    from ..hub import local_path
 
     path = local_path(path, expect="lora-mini")  # an hf:// input is fetched (and checked) once
     n = len(api.load(path))

@@ -42,7 +42,7 @@ def refuse_to_replace_input(path: str, output: str) -> None:
     from pathlib import Path
 
     from ..errors import BadInputError
-    from ..paths import is_hub_uri
+    from ..hub import is_hub_uri
 
     if is_hub_uri(path):
         return

@@ -1,4 +1,4 @@
-"""The model card (README.md) and summary config that `push` uploads with a LoRA-Mini adapter.
+"""The model card (README.md) that `push` uploads with a LoRA-Mini adapter.
 
 Everything here is a pure function of the verified adapter (no dates, no versions), so
 pushing the same adapter twice produces byte-identical files and therefore no new commit.
@@ -14,14 +14,14 @@ repo discoverable next to ordinary adapters.
 """
 from __future__ import annotations
 
-import json
 import re
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .container import CONFIG_NAME, FILE_NAME, FORMAT_NAME, FORMAT_VERSION, MiniAdapter
-from .report import FidelityReport
+from ..container import CONFIG_NAME, MiniAdapter
+from ..report import FidelityReport
 
+CARD_NAME = "README.md"
 LIBRARY_NAME = "lora_convert"
 BASE_TAGS = ("lora-mini", "peft", "lora")
 # A generated card carries this line; a README without it is the user's own and is only
@@ -156,12 +156,3 @@ def readme_for(repo_id: str, mini: MiniAdapter, report: FidelityReport, outers: 
         return render_card(repo_id, mini, report, outers)
     return merge_card(local, mini)
 
-
-def summary_config(mini: MiniAdapter, report: FidelityReport) -> str:
-    """``lora_mini_config.json`` as ``container.save`` writes it (for a single-file adapter)."""
-    summary = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "file": FILE_NAME,
-               "source_format": mini.source_format,
-               "base_model_name_or_path": mini.source_config.get("base_model_name_or_path"),
-               "outer_sources": sorted({m.outer for m in report.modules}),
-               "fidelity": report.summary()}
-    return json.dumps(summary, indent=2) + "\n"
