@@ -23,6 +23,7 @@ from .container import DTYPES, MiniAdapter, MiniModule
 from .errors import BadInputError
 from .lru import BytesLRU
 from .mathcore import OuterBasis, Updates, difference_norm, fit_projected_stack, frobenius, mini_difference_norms
+from .outer import random as random_outer
 from .report import FidelityReport, ModuleFidelity
 
 _DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -124,7 +125,7 @@ def compress_window(modules: list[LoraModule], source: str = "random", *, seed: 
     for idx in shapes.values():
         m = modules[idx[0]]
         per_stack = max(1, STACK_BYTES // (8 * m.rank * (m.out_features + m.in_features)))
-        per_stack = min(per_stack, getattr(src, "stack_size", lambda o: None)(options) or per_stack)
+        per_stack = min(per_stack, src.stack_size(options) or per_stack)
         for start in range(0, len(idx), per_stack):
             part = idx[start:start + per_stack]
             done.update(zip(part, _compress_stack([modules[i] for i in part], src, options, dtype)))
@@ -141,7 +142,7 @@ def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> lis
     Bt = _widen("B", [m.up.T for m in ms])
     upd = Updates(Bt.transpose(1, 2), _widen("A", [m.down for m in ms]))
     U, V, specs = src.make_stack(ms, options, upd, scratch=_scratch)
-    fit = _fit_stored(src, upd, U, V, specs, store) if src.STORED else _fit_shared(upd, U, V, specs, options)
+    fit = _fit_stored(src, upd, U, V, specs, store) if src.stored else _fit_shared(upd, U, V, specs, options)
     Xs, Ys = torch.from_numpy(fit.X).to(store), torch.from_numpy(fit.Y).to(store)
     Xd, Yd = Xs.double().numpy(), Ys.double().numpy()
     _check_finite(ms, store, fit.X, fit.Y, Xd, Yd)
@@ -155,7 +156,7 @@ def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> lis
         ref = float(upd.energy[i]) ** 0.5
         rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
         a, b = spec["a"], spec["b"]  # stored outers are only as wide as their own module's rank
-        Ui, Vi = (fit.U[i, :, :a].contiguous(), fit.V[i, :b].contiguous()) if src.STORED else (fit.U, fit.V)
+        Ui, Vi = (fit.U[i, :, :a].contiguous(), fit.V[i, :b].contiguous()) if src.stored else (fit.U, fit.V)
         out.append(MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
                               use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=spec,
                               U=Ui, V=Vi, X=Xs[i, :a, :k].contiguous(), Y=Ys[i, :k, :b].contiguous(),
@@ -195,7 +196,7 @@ def _fit_stored(src, upd: Updates, U: torch.Tensor, V: torch.Tensor, specs: list
 
 def _fit_shared(upd: Updates, U: torch.Tensor, V: torch.Tensor, specs: list[dict], options: dict) -> _StackFit:
     """One pair of outers for the whole stack: UᵀB and AVᵀ are one large product each."""
-    if not outer.random_outer.per_module(options):  # the same outers come back in later stacks
+    if not random_outer.per_module(options):  # the same outers come back in later stacks
         ub, vb = _shared_basis("U", specs[0]["u_sha256"], U), _shared_basis("V", specs[0]["v_sha256"], V.T)
     else:
         ub, vb = OuterBasis(U), OuterBasis(V.T)
@@ -268,13 +269,13 @@ MAX_SEED = 2**63  # seeds are stored in JSON; keep them exact for 64-bit readers
 
 def _validate_options(source, rank, keep_energy, outer_dim, seed, outer_stream="shared") -> None:
     src = outer.get(source)
-    if src.STORED and outer_dim is not None:
+    if src.stored and outer_dim is not None:
         raise BadInputError(f"--outer-dim applies to random outers; {source} outers are sized by "
                             "--rank / --keep-energy")
-    if outer_stream not in outer.random_outer.STREAMS:
-        raise BadInputError(f"--outer-stream must be one of {', '.join(outer.random_outer.STREAMS)}, "
+    if outer_stream not in random_outer.STREAMS:
+        raise BadInputError(f"--outer-stream must be one of {', '.join(random_outer.STREAMS)}, "
                             f"got {outer_stream!r}")
-    if src.STORED and outer_stream != "shared":
+    if src.stored and outer_stream != "shared":
         raise BadInputError(f"--outer-stream applies to random outers; {source} outers are stored")
     if not 0 <= seed < MAX_SEED:
         raise BadInputError(f"--seed must be in [0, 2**63), got {seed}")

@@ -24,6 +24,7 @@ from ..st import LazyTensors, StreamingWriter, require_finite
 from . import naming
 from ._util import (check_no_passthrough, fold_scale, is_safetensors_file, most_common, safetensors_keys,
                     unknown_keys_error)
+from .base import AdapterFormat, register
 from .peft import module_rank_alpha
 
 NAME = "diffusers"
@@ -209,3 +210,27 @@ def _metadata(adapter: Adapter, ranks: dict, folded: int) -> dict:
                                              "note": "each module's alpha/r scale is multiplied into lora_A "
                                                      "and lora_B (sqrt on each); alpha = r"}, sort_keys=True)})
     return meta
+
+
+class DiffusersFormat(AdapterFormat):
+    """diffusers' layout (a file, or a directory holding it): this module's functions, registered."""
+
+    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
+
+    def detect(self, path):
+        return detect(path)
+
+    def read(self, path, **options):
+        return read(path, **options)
+
+    def write(self, adapter, dest):
+        write(adapter, dest)
+
+    def describe(self, adapter):
+        return label(adapter)
+
+    def writes_dir(self, dest):
+        return output_is_dir(dest)
+
+
+register(DiffusersFormat())

@@ -24,6 +24,7 @@ from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite
 from ._util import read_json_config
+from .base import AdapterFormat, register
 
 NAME = "peft"
 LABEL = "PEFT LoRA"
@@ -395,3 +396,22 @@ def write(adapter: Adapter, dest: Path) -> None:
         alphas = {p: scales[p] * ranks[p] if rslora[p] else a for p, a in alphas.items()}
     cfg = build_config(adapter, ranks, alphas, not mixed and any(rslora.values()))
     (dest / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class PeftFormat(AdapterFormat):
+    """PEFT's directory layout: this module's functions, registered."""
+
+    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
+    dir_files = (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE)
+
+    def detect(self, path):
+        return detect(path)
+
+    def read(self, path, **options):
+        return read(path, **options)
+
+    def write(self, adapter, dest):
+        write(adapter, dest)
+
+
+register(PeftFormat())
