@@ -31,7 +31,6 @@ FILE_NAME = "lora_mini.safetensors"
 CONFIG_NAME = "lora_mini_config.json"
 PASSTHROUGH = "__passthrough__."
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FACTOR_DTYPES = ("F32", "F16", "BF16")  # what X, Y, U, V may be stored as (docs/CONTAINER.md)
 KINDS = ("linear", "conv", "embedding")
 # No single matrix a reader materialises from metadata alone (regenerated outers, factors
@@ -335,8 +334,6 @@ def _validate_spec(name: str, spec: dict, shapes: dict) -> None:
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     if type(spec.get("use_rslora")) is not bool:
         raise ValueError(f"use_rslora must be true or false, got {spec.get('use_rslora')!r}")
-    if isinstance(spec.get("dtype"), str):  # convert.py names dtypes outside its table "torch.<name>"
-        spec["dtype"] = spec["dtype"].removeprefix("torch.")
     if not isinstance(getattr(torch, str(spec.get("dtype")), None), torch.dtype) or \
             not getattr(torch, spec["dtype"]).is_floating_point:
         raise ValueError(f"dtype must name a torch floating-point dtype, got {spec.get('dtype')!r}")

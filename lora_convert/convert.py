@@ -22,12 +22,12 @@ from .adapter import Adapter, LoraModule
 from .container import DTYPES, MiniAdapter, MiniModule
 from .errors import BadInputError
 from .lru import BytesLRU
-from .mathcore import OuterBasis, Updates, difference_norm, fit_projected_stack, frobenius, mini_difference_norms
+from .mathcore import (OuterBasis, Updates, difference_norm, fit_projected_stack, mini_difference_norms, relative,
+                       scaled_relative_error)
 from .outer import random as random_outer
 from .report import FidelityReport, ModuleFidelity
+from .st import dtype_name
 
-_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-               torch.float64: "float64"}
 
 
 def one_thread(fn):
@@ -154,11 +154,11 @@ def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> lis
             U64, V64 = fit.outers64(i)
             diff = difference_norm(upd.B[i], upd.A[i], U64 @ torch.from_numpy(Xd[i]), torch.from_numpy(Yd[i]) @ V64)
         ref = float(upd.energy[i]) ** 0.5
-        rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
+        rel = relative(diff, ref)
         a, b = spec["a"], spec["b"]  # stored outers are only as wide as their own module's rank
         Ui, Vi = (fit.U[i, :, :a].contiguous(), fit.V[i, :b].contiguous()) if src.stored else (fit.U, fit.V)
         out.append(MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
-                              use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=spec,
+                              use_rslora=m.use_rslora, dtype=dtype_name(m.dtype), outer=spec,
                               U=Ui, V=Vi, X=Xs[i, :a, :k].contiguous(), Y=Ys[i, :k, :b].contiguous(),
                               fidelity={"rel_error": rel, "energy": m.scale**2 * float(upd.energy[i])}))
     return out
@@ -224,7 +224,7 @@ def _check_finite(ms, store, X, Y, Xd, Yd) -> None:
     ok = np.isfinite(Xd).all((1, 2)) & np.isfinite(Yd).all((1, 2))
     if not ok.all():
         i = int(np.flatnonzero(~ok)[0])
-        raise BadInputError(f"module {ms[i].name!r}: the inner matrices overflow {_DTYPE_NAME[store]} (largest |X|, |Y|: "
+        raise BadInputError(f"module {ms[i].name!r}: the inner matrices overflow {dtype_name(store)} (largest |X|, |Y|: "
                             f"{max(np.abs(X[i]).max(), np.abs(Y[i]).max()):.3g}); the outers are ill-conditioned for "
                             "this module: store them as fp32 (--dtype fp32) or choose another --seed / --outer-dim")
 
@@ -357,9 +357,7 @@ def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityRepo
 def _module_error(m: MiniModule, o: LoraModule) -> tuple[float, float]:
     """(relative error of m against o, ||s·B·A||_F of o), from the factors."""
     B2, A2 = m.factors()
-    ref = o.scale * frobenius(o.up, o.down)
-    err = difference_norm(o.up.double() * o.scale, o.down, B2 * m.scale, A2)
-    return (err / ref if ref else (0.0 if err == 0 else float("inf"))), ref
+    return scaled_relative_error(o.up, o.down, o.scale, B2, A2, m.scale)
 
 
 def stored_report(mini: MiniAdapter, progress=None) -> FidelityReport:
