@@ -123,7 +123,7 @@ def read(path: Path, **_) -> Adapter:
 
 
 def _load(lazy: LazyTensors, name: str, entry: dict, configs: dict) -> LoraModule:
-    from .peft import _kind  # the same PEFT tensor layout: conv factors are 4-D, up is 1x1
+    from .peft import factor_kind  # the same PEFT tensor layout: conv factors are 4-D, up is 1x1
 
     A = require_finite(lazy.get(entry["A"]), f"module {name!r} lora_A", lazy.path)
     B = require_finite(lazy.get(entry["B"]), f"module {name!r} lora_B", lazy.path)
@@ -131,7 +131,7 @@ def _load(lazy: LazyTensors, name: str, entry: dict, configs: dict) -> LoraModul
     if A.dim() < 2 or B.dim() != A.dim() or B.shape[1] != r or r == 0:
         raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form "
                             "a low-rank pair", lazy.path)
-    kind, kernel = _kind(name, A, B, lazy.path)
+    kind, kernel = factor_kind(name, A, B, lazy.path)
     alpha, rslora = _alpha(lazy, name, entry, configs, r)
     return LoraModule(name=name, down=A.reshape(r, -1), up=B.reshape(B.shape[0], r), alpha=alpha,
                       use_rslora=rslora, kind=kind, kernel=kernel)

@@ -284,7 +284,7 @@ def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict, rank_alph
     if A.dim() < 2 or B.dim() < 2:
         raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
                             "do not form a low-rank pair (factors must be at least 2-D)", tensors.path)
-    kind, kernel = ("embedding", {}) if entry["emb"] else _kind(name, A, B, tensors.path)
+    kind, kernel = ("embedding", {}) if entry["emb"] else factor_kind(name, A, B, tensors.path)
     down = A.reshape(A.shape[0], math.prod(A.shape[1:]))
     up = B.reshape(B.shape[0], math.prod(B.shape[1:]))
     if up.shape[1] != down.shape[0]:
@@ -302,7 +302,8 @@ def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict, rank_alph
                       kind=kind, kernel=kernel, checked_finite=True)
 
 
-def _kind(name: str, A: torch.Tensor, B: torch.Tensor, path=None):
+def factor_kind(name: str, A: torch.Tensor, B: torch.Tensor, path=None):
+    """(kind, kernel) of a lora_A/lora_B pair in PEFT's tensor layout: 2-D linear, or conv with a 1x1 up."""
     if A.dim() <= 2 and B.dim() <= 2:
         return "linear", {}
     if B.dim() > 2 and any(d != 1 for d in B.shape[2:]):
