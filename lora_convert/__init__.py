@@ -9,13 +9,37 @@
 """
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
-from .adapter import Adapter, LoraModule
-from .api import compress, load, load_adapter, reconstruct, save, save_adapter, verify
-from .container import MiniAdapter, MiniModule
 from .errors import BadInputError, FormatDetectionError, HubError, IntegrityError, LoraConvertError, UnsupportedError
 from .report import FidelityReport
+
+# The verbs and adapter classes import torch: they load on first use, so that `lora-convert
+# --help` and every module under lora_convert start without it (CLI start-up).
+_LAZY = {"compress": "api", "load": "api", "load_adapter": "api", "reconstruct": "api", "save": "api",
+         "save_adapter": "api", "verify": "api", "Adapter": "adapter", "LoraModule": "adapter",
+         "MiniAdapter": "container", "MiniModule": "container"}
+
+if TYPE_CHECKING:
+    from .adapter import Adapter, LoraModule
+    from .api import compress, load, load_adapter, reconstruct, save, save_adapter, verify
+    from .container import MiniAdapter, MiniModule
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["compress", "load", "load_adapter", "reconstruct", "save", "save_adapter", "verify",
            "Adapter", "LoraModule", "MiniAdapter", "MiniModule", "FidelityReport",

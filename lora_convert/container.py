@@ -31,7 +31,6 @@ FILE_NAME = "lora_mini.safetensors"
 CONFIG_NAME = "lora_mini_config.json"
 PASSTHROUGH = "__passthrough__."
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FACTOR_DTYPES = ("F32", "F16", "BF16")  # what X, Y, U, V may be stored as (docs/CONTAINER.md)
 KINDS = ("linear", "conv", "embedding")
 # No single matrix a reader materialises from metadata alone (regenerated outers, factors
@@ -216,7 +215,7 @@ def _header_room(mini: MiniAdapter, first: MiniModule | None) -> int:
 
 def _add_module(writer: StreamingWriter, m: MiniModule, hashes: dict) -> list[str]:
     tensors = {"X": m.X, "Y": m.Y}
-    if outer.get(m.outer["source"]).STORED:
+    if outer.get(m.outer["source"]).stored:
         tensors.update(U=m.U, V=m.V)
     for role, t in tensors.items():
         hashes[f"{m.name}.{role}"] = writer.add(f"{m.name}.{role}", t, digest=True)
@@ -309,7 +308,7 @@ def _check_tensor_set(lazy: LazyTensors, specs: dict, passthrough: list, hashes:
     expected = {PASSTHROUGH + n for n in passthrough}
     for name, spec in specs.items():
         o = spec.get("outer")
-        stored = isinstance(o, dict) and o.get("source") in outer.REGISTRY and outer.get(o["source"]).STORED
+        stored = isinstance(o, dict) and o.get("source") in outer.names() and outer.get(o["source"]).stored
         expected.update(f"{name}.{r}" for r in ["X", "Y"] + (["U", "V"] if stored else []))
     for key in expected - {PASSTHROUGH + n for n in passthrough}:
         info = lazy.header.tensors.get(key)
@@ -343,8 +342,6 @@ def _validate_spec(name: str, spec: dict, shapes: dict) -> None:
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     if type(spec.get("use_rslora")) is not bool:
         raise ValueError(f"use_rslora must be true or false, got {spec.get('use_rslora')!r}")
-    if isinstance(spec.get("dtype"), str):  # convert.py names dtypes outside its table "torch.<name>"
-        spec["dtype"] = spec["dtype"].removeprefix("torch.")
     if not isinstance(getattr(torch, str(spec.get("dtype")), None), torch.dtype) or \
             not getattr(torch, spec["dtype"]).is_floating_point:
         raise ValueError(f"dtype must name a torch floating-point dtype, got {spec.get('dtype')!r}")
@@ -356,13 +353,13 @@ def _validate_spec(name: str, spec: dict, shapes: dict) -> None:
         raise ValueError("outer must be an object")
     src = outer.get(o.get("source"))
     a, b = _pos_int(o, "a"), _pos_int(o, "b")
-    if src.NAME == "random" and (type(o.get("seed")) is not int or not isinstance(o.get("u_sha256"), str)
+    if src.name == "random" and (type(o.get("seed")) is not int or not isinstance(o.get("u_sha256"), str)
                                  or not isinstance(o.get("v_sha256"), str)):
         raise ValueError("random outer needs an integer seed and u_sha256/v_sha256 fingerprints")
     if "stream" in o and not isinstance(o["stream"], str):
         raise ValueError(f"random outer stream must be a string, got {o['stream']!r}")
     want = {"X": (a, k), "Y": (k, b)}
-    if src.STORED:
+    if src.stored:
         want.update(U=(out_f, a), V=(b, in_f))
     got = {role: tuple(shapes[f"{name}.{role}"]) for role in want}
     if got != want or k > rank:
@@ -400,7 +397,7 @@ def _module_from_spec(name: str, spec: dict, checked, file: Path, shapes: dict) 
         src = outer.get(o["source"])
         out_f, in_f = spec["out_features"], spec["in_features"]
         X, Y = checked(f"{name}.X"), checked(f"{name}.Y")
-        stored = {r: checked(f"{name}.{r}") for r in ("U", "V")} if src.STORED else {}
+        stored = {r: checked(f"{name}.{r}") for r in ("U", "V")} if src.stored else {}
         U, V = src.restore(name, o, out_f, in_f, stored, file)
         m = MiniModule(name=name, kind=spec["kind"], kernel=spec.get("kernel") or {}, rank=spec["rank"],
                        alpha=float(spec["alpha"]), use_rslora=spec["use_rslora"], dtype=spec["dtype"],

@@ -22,11 +22,12 @@ from .adapter import Adapter, LoraModule
 from .container import DTYPES, MiniAdapter, MiniModule
 from .errors import BadInputError
 from .lru import BytesLRU
-from .mathcore import OuterBasis, Updates, difference_norm, fit_projected_stack, frobenius, mini_difference_norms
+from .mathcore import (OuterBasis, Updates, difference_norm, fit_projected_stack, mini_difference_norms, relative,
+                       scaled_relative_error)
+from .outer import random as random_outer
 from .report import FidelityReport, ModuleFidelity
+from .st import dtype_name
 
-_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-               torch.float64: "float64"}
 
 
 def one_thread(fn):
@@ -124,7 +125,7 @@ def compress_window(modules: list[LoraModule], source: str = "random", *, seed: 
     for idx in shapes.values():
         m = modules[idx[0]]
         per_stack = max(1, STACK_BYTES // (8 * m.rank * (m.out_features + m.in_features)))
-        per_stack = min(per_stack, getattr(src, "stack_size", lambda o: None)(options) or per_stack)
+        per_stack = min(per_stack, src.stack_size(options) or per_stack)
         for start in range(0, len(idx), per_stack):
             part = idx[start:start + per_stack]
             done.update(zip(part, _compress_stack([modules[i] for i in part], src, options, dtype)))
@@ -141,7 +142,7 @@ def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> lis
     Bt = _widen("B", [m.up.T for m in ms])
     upd = Updates(Bt.transpose(1, 2), _widen("A", [m.down for m in ms]))
     U, V, specs = src.make_stack(ms, options, upd, scratch=_scratch)
-    fit = _fit_stored(src, upd, U, V, specs, store) if src.STORED else _fit_shared(upd, U, V, specs, options)
+    fit = _fit_stored(src, upd, U, V, specs, store) if src.stored else _fit_shared(upd, U, V, specs, options)
     Xs, Ys = torch.from_numpy(fit.X).to(store), torch.from_numpy(fit.Y).to(store)
     Xd, Yd = Xs.double().numpy(), Ys.double().numpy()
     _check_finite(ms, store, fit.X, fit.Y, Xd, Yd)
@@ -153,11 +154,11 @@ def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> lis
             U64, V64 = fit.outers64(i)
             diff = difference_norm(upd.B[i], upd.A[i], U64 @ torch.from_numpy(Xd[i]), torch.from_numpy(Yd[i]) @ V64)
         ref = float(upd.energy[i]) ** 0.5
-        rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
+        rel = relative(diff, ref)
         a, b = spec["a"], spec["b"]  # stored outers are only as wide as their own module's rank
-        Ui, Vi = (fit.U[i, :, :a].contiguous(), fit.V[i, :b].contiguous()) if src.STORED else (fit.U, fit.V)
+        Ui, Vi = (fit.U[i, :, :a].contiguous(), fit.V[i, :b].contiguous()) if src.stored else (fit.U, fit.V)
         out.append(MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
-                              use_rslora=m.use_rslora, dtype=_DTYPE_NAME.get(m.dtype, str(m.dtype)), outer=spec,
+                              use_rslora=m.use_rslora, dtype=dtype_name(m.dtype), outer=spec,
                               U=Ui, V=Vi, X=Xs[i, :a, :k].contiguous(), Y=Ys[i, :k, :b].contiguous(),
                               fidelity={"rel_error": rel, "energy": m.scale**2 * float(upd.energy[i])}))
     return out
@@ -195,7 +196,7 @@ def _fit_stored(src, upd: Updates, U: torch.Tensor, V: torch.Tensor, specs: list
 
 def _fit_shared(upd: Updates, U: torch.Tensor, V: torch.Tensor, specs: list[dict], options: dict) -> _StackFit:
     """One pair of outers for the whole stack: UᵀB and AVᵀ are one large product each."""
-    if not outer.random_outer.per_module(options):  # the same outers come back in later stacks
+    if not random_outer.per_module(options):  # the same outers come back in later stacks
         ub, vb = _shared_basis("U", specs[0]["u_sha256"], U), _shared_basis("V", specs[0]["v_sha256"], V.T)
     else:
         ub, vb = OuterBasis(U), OuterBasis(V.T)
@@ -223,7 +224,7 @@ def _check_finite(ms, store, X, Y, Xd, Yd) -> None:
     ok = np.isfinite(Xd).all((1, 2)) & np.isfinite(Yd).all((1, 2))
     if not ok.all():
         i = int(np.flatnonzero(~ok)[0])
-        raise BadInputError(f"module {ms[i].name!r}: the inner matrices overflow {_DTYPE_NAME[store]} (largest |X|, |Y|: "
+        raise BadInputError(f"module {ms[i].name!r}: the inner matrices overflow {dtype_name(store)} (largest |X|, |Y|: "
                             f"{max(np.abs(X[i]).max(), np.abs(Y[i]).max()):.3g}); the outers are ill-conditioned for "
                             "this module: store them as fp32 (--dtype fp32) or choose another --seed / --outer-dim")
 
@@ -268,13 +269,13 @@ MAX_SEED = 2**63  # seeds are stored in JSON; keep them exact for 64-bit readers
 
 def _validate_options(source, rank, keep_energy, outer_dim, seed, outer_stream="shared") -> None:
     src = outer.get(source)
-    if src.STORED and outer_dim is not None:
+    if src.stored and outer_dim is not None:
         raise BadInputError(f"--outer-dim applies to random outers; {source} outers are sized by "
                             "--rank / --keep-energy")
-    if outer_stream not in outer.random_outer.STREAMS:
-        raise BadInputError(f"--outer-stream must be one of {', '.join(outer.random_outer.STREAMS)}, "
+    if outer_stream not in random_outer.STREAMS:
+        raise BadInputError(f"--outer-stream must be one of {', '.join(random_outer.STREAMS)}, "
                             f"got {outer_stream!r}")
-    if src.STORED and outer_stream != "shared":
+    if src.stored and outer_stream != "shared":
         raise BadInputError(f"--outer-stream applies to random outers; {source} outers are stored")
     if not 0 <= seed < MAX_SEED:
         raise BadInputError(f"--seed must be in [0, 2**63), got {seed}")
@@ -356,9 +357,7 @@ def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityRepo
 def _module_error(m: MiniModule, o: LoraModule) -> tuple[float, float]:
     """(relative error of m against o, ||s·B·A||_F of o), from the factors."""
     B2, A2 = m.factors()
-    ref = o.scale * frobenius(o.up, o.down)
-    err = difference_norm(o.up.double() * o.scale, o.down, B2 * m.scale, A2)
-    return (err / ref if ref else (0.0 if err == 0 else float("inf"))), ref
+    return scaled_relative_error(o.up, o.down, o.scale, B2, A2, m.scale)
 
 
 def stored_report(mini: MiniAdapter, progress=None) -> FidelityReport:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import container, formats
+from .st import dtype_name
 
 
 def describe(path, fmt=None, allow_pickle=False) -> dict:
@@ -19,7 +20,7 @@ def _describe_adapter(path, fmt, allow_pickle) -> dict:
     rows = []
     for m in adapter.modules():
         row = {"name": m.name, "kind": m.kind, "shape": [m.out_features, m.in_features], "rank": m.rank,
-               "alpha": m.alpha, "scale": m.scale, "dtype": str(m.dtype).replace("torch.", "")}
+               "alpha": m.alpha, "scale": m.scale, "dtype": dtype_name(m.dtype)}
         if getattr(m, "conversion_error", None) is not None:  # LyCORIS -> LoRA by factored SVD
             row["conversion_error"] = m.conversion_error
         rows.append(row)

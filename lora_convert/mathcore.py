@@ -15,6 +15,7 @@ doing that hand the GIL back and forth so often that they run 3x slower than one
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -355,38 +356,18 @@ def _small_svds(P: np.ndarray, Q: np.ndarray):
 
 def fit_projected_stack(upd: Updates, ub: OuterBasis, vb: OuterBasis, UtB: np.ndarray, AVt: np.ndarray,
                         rank: int | None = None, keep_energy: float | None = None) -> list[InnerFit]:
-    """fit_inner for a stack of updates sharing the outers, from the outers' bases and the
-    products UᵀB (n×a×r) and AVᵀ (n×r×b), float64."""
+    """Closed-form X, Y minimising ||U X Y V - B A||_F with rank(X Y) <= rank for a stack of
+    updates sharing the outers, from the outers' bases and the products UᵀB (n×a×r) and AVᵀ
+    (n×r×b), float64. The optimum is the best rank-k approximation of Qu.T (B A) Qv mapped back
+    through the outers' pseudo-inverses, so it is exact for non-orthonormal outers too. With
+    `keep_energy`, k is the smallest rank whose fit keeps that share of the update's energy
+    (capped by what the outers can hold)."""
     ug, s, vg = _small_svds(ub.project(UtB), vb.project(AVt.swapaxes(1, 2)).swapaxes(1, 2))
     ks = [choose_rank(s[i], upd.energy[i], rank, keep_energy) for i in range(len(s))]
     root = np.sqrt(s[:, None, :max(ks, default=0)])
     X, Y = ub.lift(ug[:, :, :root.shape[-1]] * root), vb.lift(vg[:, :, :root.shape[-1]] * root)
     return [InnerFit(X=_t(X[i, :, :k]), Y=_t(Y[i, :, :k].T), spectrum=_t(s[i]), total_energy=float(upd.energy[i]))
             for i, k in enumerate(ks)]
-
-
-def fit_projected(upd: Update, ub: OuterBasis, vb: OuterBasis, UtB, AVt, rank: int | None = None,
-                  keep_energy: float | None = None) -> InnerFit:
-    """fit_projected_stack for one module."""
-    return fit_projected_stack(upd.stack, ub, vb, np.asarray(UtB)[None], np.asarray(AVt)[None], rank,
-                               keep_energy)[0]
-
-
-def fit_inner(B, A, U, V, rank: int | None = None, keep_energy: float | None = None) -> InnerFit:
-    """Closed-form X, Y minimising ||U X Y V - B A||_F with rank(X Y) <= rank.
-
-    The optimum is the best rank-k approximation of Qu.T (B A) Qv mapped back
-    through the outers' pseudo-inverses, so it is exact for non-orthonormal
-    outers too. With `keep_energy`, k is the smallest rank whose fit keeps
-    that share of the update's energy (capped by what the outers can hold).
-
-    >>> import torch; B, A = torch.randn(8, 2), torch.randn(2, 6)
-    >>> fit = fit_inner(B, A, torch.eye(8), torch.eye(6))
-    >>> round(fit.retained_energy(), 12)
-    1.0
-    """
-    upd, ub, vb = Update(B, A), OuterBasis(U), OuterBasis(_f64(V).T)
-    return fit_projected(upd, ub, vb, ub.m.T @ upd.B, upd.A @ vb.m, rank, keep_energy)
 
 
 def choose_rank(spectrum, total_energy: float, rank: int | None, keep_energy: float | None) -> int:
@@ -404,15 +385,20 @@ def choose_rank(spectrum, total_energy: float, rank: int | None, keep_energy: fl
     return available if rank is None else min(rank, available)
 
 
-def svd_outers(B, A, k: int):
-    """Top-k singular vectors of B@A as outers: U (out×k), V (k×in), orthonormal."""
-    return Update(B, A).singular_vectors(k)
+def relative(diff: float, ref: float) -> float:
+    """diff / ref as a relative error: 0 for a zero update reproduced exactly, inf for any error
+    of a zero update."""
+    if ref == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / ref
 
 
 def relative_error(B, A, B2, A2) -> float:
-    """||B2 A2 - B A||_F / ||B A||_F (0 for an all-zero update reproduced exactly)."""
-    ref = frobenius(B, A)
-    diff = difference_norm(B, A, B2, A2)
-    if ref == 0.0:
-        return 0.0 if diff == 0.0 else float("inf")
-    return diff / ref
+    """||B2 A2 - B A||_F / ||B A||_F (see relative)."""
+    return relative(difference_norm(B, A, B2, A2), frobenius(B, A))
+
+
+def scaled_relative_error(B, A, scale: float, B2, A2, scale2: float) -> tuple[float, float]:
+    """(relative error of scale2·B2·A2 against scale·B·A, ||scale·B·A||_F), from the factors."""
+    ref = abs(scale) * frobenius(B, A)
+    return relative(difference_norm(_f64(B) * scale, A, B2 * scale2, A2), ref), ref

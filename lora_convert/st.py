@@ -34,6 +34,14 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), (
                      ("uint32", "U32"), ("uint64", "U64")):
     if hasattr(torch, _name):  # every dtype read_header accepts can be written back
         TORCH_DTYPE[getattr(torch, _name)] = _code
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as files and reports name it: torch's own name without the module ("float16"),
+    which getattr(torch, name) resolves."""
+    return str(dtype).removeprefix("torch.")
+
+
 _ISFINITE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 

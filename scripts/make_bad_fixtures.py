@@ -868,7 +868,7 @@ def _format_base(fmt: str, mod) -> dict | None:
     """Find a base adapter `fmt` can write and read back; None when there is none."""
     for names in BASE_NAMES:
         with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / ("adapter" if mod.OUTPUT_IS_DIR else "adapter.safetensors")
+            target = Path(tmp) / ("adapter" if mod.output_is_dir else "adapter.safetensors")
             try:
                 formats.write(base_adapter(names), target, fmt)
                 back = formats.read(target, fmt)
@@ -982,7 +982,7 @@ def register_generic_cases(fmts: list[str]) -> list[str]:
     covered = []
     for fmt in fmts:
         mod = formats.REGISTRY.get(fmt)
-        if fmt == "peft" or mod is None or not hasattr(mod, "write"):
+        if fmt == "peft" or mod is None:
             continue
         base = _format_base(fmt, mod)
         if base is None:

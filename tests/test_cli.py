@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers.cli import run_cli as run
+from lora_convert.cli import main
+from lora_convert.errors import BadInputError
 
 SRC = "peft-tiny-llama"
 
@@ -206,3 +208,98 @@ def lora_mini_doc(path) -> dict:
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     return json.loads(json.loads(raw[8:8 + n])["__metadata__"]["lora_mini"])
+
+
+# ---------------------------------------------------------------- start-up and registries
+
+HEAVY = ("torch", "transformers", "numpy")
+_START = """
+import runpy, sys
+sys.argv = ["lora-convert", *sys.argv[1:]]
+try:
+    runpy.run_module("lora_convert.cli", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code
+print("HEAVY", ",".join(m for m in {heavy!r} if m in sys.modules), "EXIT", code)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["inspect", "--help"], ["convert", "--help"],
+                                  ["push", "--help"], ["recover", "--help"]])
+def test_cli_starts_without_torch(args):
+    """`python -m lora_convert.cli` for help and version loads neither torch, transformers nor numpy
+    (each would cost the start-up seconds)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _START.format(heavy=HEAVY), *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == "HEAVY  EXIT 0", last
+    assert "Usage:" in proc.stdout or "version" in proc.stdout
+
+
+def test_format_registry_matches_the_layout_modules():
+    """The CLI's --from/--to choices (module names, read without importing them) are exactly the
+    registered layouts, each an AdapterFormat named after its module."""
+    from lora_convert import formats
+    from lora_convert.cli.options import FORMAT_CHOICES
+    from lora_convert.formats.base import AdapterFormat
+
+    assert FORMAT_CHOICES == formats.names() == list(formats.REGISTRY) != []
+    for name, layout in formats.REGISTRY.items():
+        assert isinstance(layout, AdapterFormat) and layout.name == name
+        assert type(layout).__module__ == f"lora_convert.formats.{name}"
+    assert set(formats.REGISTRY["peft"].dir_files) >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert formats.REGISTRY["diffusers"].writes_dir("out") and not formats.REGISTRY["diffusers"].writes_dir("o.safetensors")
+
+
+def test_outer_registry_matches_the_source_modules():
+    from lora_convert import outer
+    from lora_convert.outer.base import OuterSource
+
+    assert outer.names() == sorted(outer.sources()) == ["random", "svd"]
+    assert all(isinstance(s, OuterSource) for s in outer.sources().values())
+    assert outer.get("svd").stored and not outer.get("random").stored
+    with pytest.raises(BadInputError, match="unknown outer source"):
+        outer.get("nope")
+
+
+def test_a_registered_layout_is_detected_read_and_offered(tmp_path, monkeypatch):
+    """Adding a layout is one AdapterFormat and register(): detect, read and the refuse-to-replace
+    check see it with no other edit."""
+    from lora_convert import formats
+    from lora_convert.adapter import LoraModule, from_modules
+    from lora_convert.cli.options import refuse_to_replace_input
+    from lora_convert.formats import base
+
+    monkeypatch.setattr(base, "_REGISTERED", dict(formats.REGISTRY))
+
+    class Toy(base.AdapterFormat):
+        name, label, output_is_dir, dir_files = "toy", "toy layout", True, ("toy.json",)
+
+        def detect(self, path):
+            return (path / "toy.json").is_file() if path.is_dir() else path.name == "toy.json"
+
+        def read(self, path, **options):
+            m = LoraModule("layer", down=torch.ones(1, 3), up=torch.ones(2, 1), alpha=1.0)
+            return from_modules(self.name, [m])
+
+        def write(self, adapter, dest):
+            (dest / "toy.json").write_text("{}")
+
+    with pytest.raises(TypeError):
+        type("Half", (base.AdapterFormat,), {"name": "half"})()  # abstract methods missing
+    base.register(Toy())
+    d = tmp_path / "toy"
+    d.mkdir()
+    (d / "toy.json").write_text("{}")
+    assert "toy" in formats.REGISTRY and formats.detect(d) == "toy"
+    assert formats.read(d).module("layer").rank == 1
+    assert formats.label(formats.read(d)) == "toy layout"
+    with pytest.raises(BadInputError, match="among the files"):
+        refuse_to_replace_input(str(d / "toy.json"), str(d / "out.safetensors"))

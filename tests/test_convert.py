@@ -154,7 +154,7 @@ def test_results_do_not_share_memory_with_the_reused_float64_buffers(source):
 def test_per_module_outer_streams_give_each_module_its_own_outers_and_the_optimal_fit(tmp_path):
     """--outer-stream module: U, V keyed on (seed, module name, shape), independent outers per
     layer as in the LoRA-Mini paper; each fit is the closed-form optimum for its own outers."""
-    from lora_convert.mathcore import fit_inner
+    from helpers.fits import fit_inner
     from lora_convert.outer.rng import random_matrix
 
     mods = [module(f"layers.{i}.q_proj", 48, 40, 4, seed=i) for i in range(3)]

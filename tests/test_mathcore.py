@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_convert import mathcore
-from lora_convert.mathcore import (choose_rank, difference_norm, factored_svd, fit_inner, frobenius,
-                                   relative_error, svd_outers)
+from helpers.fits import fit_inner, svd_outers
+from lora_convert.mathcore import choose_rank, difference_norm, factored_svd, frobenius, relative_error
 
 D = torch.float64
 # Updates of order one (top singular value 30, spectrum falling 30x): the perturbation test's

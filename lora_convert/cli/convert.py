@@ -5,9 +5,15 @@ import json
 
 import click
 
-from ..outer.random import STREAMS
-from .options import (FORMAT_CHOICES, allow_pickle, emit, input_format, json_flag, parse_outer_dim, progress_bar,
-                      refuse_to_replace_input)
+from .. import outer
+from .options import (FORMAT_CHOICES, LazyChoice, allow_pickle, emit, input_format, json_flag, parse_outer_dim,
+                      progress_bar, refuse_to_replace_input)
+
+
+def _streams():
+    from ..outer.random import STREAMS
+
+    return STREAMS
 
 
 @click.command()
@@ -27,13 +33,13 @@ def inspect(path, fmt, allow_pickle, as_json):
 @click.command()
 @click.argument("path")
 @click.option("-o", "--output", required=True, help="Output directory (or a .safetensors file).")
-@click.option("--outer", type=click.Choice(["random", "svd"]), default="random", show_default=True,
+@click.option("--outer", type=click.Choice(outer.names()), default="random", show_default=True,
               help="random: outers regenerated from a seed (tiny files); svd: the update's own singular "
                    "vectors, stored (near-lossless).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random outers.")
 @click.option("--outer-dim", default=None, help="Outer sizes a[,b] for random outers (default 64, "
                                                 "capped by each module's dimensions).")
-@click.option("--outer-stream", type=click.Choice(STREAMS), default="shared", show_default=True,
+@click.option("--outer-stream", type=LazyChoice(_streams), default="shared", show_default=True,
               help="Random outers: shared: one generator stream per seed, so modules of a shape share U and V "
                    "(fast, VeRA-style); module: each module's own stream, keyed on its name (independent "
                    "outers per layer, as in the LoRA-Mini paper; same file size, slower to compress).")

@@ -8,9 +8,23 @@ import sys
 
 import click
 
-from ..formats import REGISTRY as _REGISTRY
+from .. import formats
 
-FORMAT_CHOICES = sorted(_REGISTRY)
+FORMAT_CHOICES = formats.names()  # without importing the layouts (CLI start-up)
+
+
+class LazyChoice(click.Choice):
+    """A Choice whose values come from `load()` on first use: from a module that imports torch or
+    numpy, which `lora-convert --help` must not (CLI start-up)."""
+
+    def __init__(self, load, case_sensitive: bool = True):
+        self._load, self._choices, self.case_sensitive = load, None, case_sensitive
+
+    @property
+    def choices(self) -> tuple:
+        if self._choices is None:
+            self._choices = tuple(self._load())
+        return self._choices
 
 
 @contextlib.contextmanager
@@ -64,14 +78,12 @@ def _input_dir(src):
     (adapter_config.json, adapter_model.safetensors, lora_mini.safetensors, ...); None for a
     single-file layout, whose neighbours are not part of it."""
     from .. import container
-    from ..formats import REGISTRY as FORMATS
 
     if src.is_dir():
         return src
     names = {container.FILE_NAME, container.CONFIG_NAME}
-    for fmt in FORMATS.values():
-        if getattr(fmt, "OUTPUT_IS_DIR", False):
-            names |= {getattr(fmt, n) for n in ("CONFIG_FILE", "WEIGHTS_FILE", "PICKLE_FILE") if hasattr(fmt, n)}
+    for layout in formats.REGISTRY.values():
+        names.update(layout.dir_files)
     return src.parent if src.name in names else None
 
 

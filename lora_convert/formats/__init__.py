@@ -1,36 +1,58 @@
-"""On-disk adapter layouts, one module each, behind a small registry.
+"""On-disk adapter layouts, one module each (see base.AdapterFormat), behind a registry.
 
-Each format module provides:
-    NAME: str                   registry key, also recorded in LoRA-Mini metadata
-    LABEL: str                  human-readable name for `inspect`
-    OUTPUT_IS_DIR: bool         whether `write` produces a directory or a single file
-    detect(path) -> bool        cheap check (file names, key patterns); no tensors loaded
-    read(path, **options) -> Adapter
-    write(adapter, dest) -> None   dest is a temporary path the caller publishes atomically
-Optional:
-    label(adapter) -> str       LABEL with the detected variant, e.g. "kohya (SDXL)"
-    output_is_dir(dest) -> bool when the destination decides (diffusers: file or directory)
+A layout module is found by its file name and imported on first use of the registry, so the
+CLI lists the layouts without importing them (or torch): adding a layout is adding a module.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import pkgutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
-import torch
-
-from ..adapter import Adapter
 from ..atomic import atomic_output
 from ..errors import BadInputError, FormatDetectionError
-from ..st import require_finite
-from . import diffusers, kohya, lycoris, mlx, peft
+from .base import AdapterFormat, register, registered
 
-REGISTRY: dict[str, object] = {m.NAME: m for m in (peft, kohya, lycoris, diffusers, mlx)}
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+
+__all__ = ["AdapterFormat", "REGISTRY", "register", "names", "detect", "read", "write", "label"]
+
+_HELPERS = {"base", "naming"}  # modules of this package that are not layouts
 
 
-def register(module) -> None:
-    """Add a format module (see this package's docstring for the interface)."""
-    REGISTRY[module.NAME] = module
+def names() -> list[str]:
+    """Every layout's name, without importing the layout modules."""
+    found = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name not in _HELPERS}
+    return sorted(found | set(registered()))
+
+
+class _Registry(Mapping):
+    """name -> AdapterFormat; the first lookup imports every layout module (each registers itself)."""
+
+    def _formats(self) -> dict[str, AdapterFormat]:
+        for name in names():
+            if name not in registered():
+                importlib.import_module(f"{__name__}.{name}")
+                if name not in registered():
+                    raise RuntimeError(f"layout module {__name__}.{name} registered no format named {name!r}")
+        return registered()
+
+    def __getitem__(self, name: str) -> AdapterFormat:
+        return self._formats()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._formats()))
+
+    def __len__(self) -> int:
+        return len(self._formats())
+
+
+REGISTRY: Mapping[str, AdapterFormat] = _Registry()
 
 
 def _sample_keys(path: Path, n: int = 5) -> list[str]:
@@ -53,7 +75,7 @@ def detect(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         raise BadInputError("no such file or directory", path)
-    hits = [name for name, mod in REGISTRY.items() if mod.detect(path)]
+    hits = [name for name, fmt in REGISTRY.items() if fmt.detect(path)]
     if len(hits) == 1:
         return hits[0]
     if not hits:
@@ -66,7 +88,7 @@ def detect(path: str | os.PathLike) -> str:
 def read(path: str | os.PathLike, fmt: str | None = None, **options) -> Adapter:
     """Read an adapter in `fmt` (detected when None)."""
     fmt = fmt or detect(path)
-    adapter = _module(fmt).read(Path(path), **options)
+    adapter = _format(fmt).read(Path(path), **options)
     adapter.load_module = _checked(adapter.load_module, adapter.source or str(path))
     return adapter
 
@@ -74,6 +96,10 @@ def read(path: str | os.PathLike, fmt: str | None = None, **options) -> Adapter:
 def _checked(load, path: str):
     """Every format's modules, checked after the reader's own arithmetic (Tucker folds,
     LoHa/LoKr conversion) too: finite factors and scale, or one BadInputError."""
+    import torch
+
+    from ..st import require_finite
+
     def load_module(name: str):
         try:
             m = load(name)
@@ -91,11 +117,10 @@ def _checked(load, path: str):
 
 def write(adapter: Adapter, dest: str | os.PathLike, fmt: str) -> None:
     """Write `adapter` in `fmt` to `dest` atomically."""
-    mod = _module(fmt)
-    is_dir = mod.output_is_dir(dest) if hasattr(mod, "output_is_dir") else mod.OUTPUT_IS_DIR
+    layout = _format(fmt)
     try:
-        with atomic_output(dest, is_dir) as tmp:
-            mod.write(adapter, tmp)
+        with atomic_output(dest, layout.writes_dir(dest)) as tmp:
+            layout.write(adapter, tmp)
     except BadInputError as exc:
         if exc.path is None:  # a writer's refusal: name the output it refused to write
             raise type(exc)(f"cannot write {fmt}: {exc.problem}", dest) from None
@@ -104,13 +129,11 @@ def write(adapter: Adapter, dest: str | os.PathLike, fmt: str) -> None:
 
 def label(adapter: Adapter) -> str:
     """Human-readable layout name with the detected variant, e.g. "kohya (SDXL)"."""
-    mod = REGISTRY.get(adapter.format)
-    if mod is None:
-        return adapter.format
-    return mod.label(adapter) if hasattr(mod, "label") else getattr(mod, "LABEL", adapter.format)
+    layout = REGISTRY.get(adapter.format)
+    return adapter.format if layout is None else layout.describe(adapter)
 
 
-def _module(fmt: str):
+def _format(fmt: str) -> AdapterFormat:
     try:
         return REGISTRY[fmt]
     except KeyError:

@@ -24,6 +24,7 @@ from ..st import LazyTensors, StreamingWriter, require_finite
 from . import naming
 from ._util import (check_no_passthrough, fold_scale, is_safetensors_file, most_common, safetensors_keys,
                     unknown_keys_error)
+from .base import AdapterFormat, register
 from .peft import module_rank_alpha
 
 NAME = "diffusers"
@@ -122,7 +123,7 @@ def read(path: Path, **_) -> Adapter:
 
 
 def _load(lazy: LazyTensors, name: str, entry: dict, configs: dict) -> LoraModule:
-    from .peft import _kind  # the same PEFT tensor layout: conv factors are 4-D, up is 1x1
+    from .peft import factor_kind  # the same PEFT tensor layout: conv factors are 4-D, up is 1x1
 
     A = require_finite(lazy.get(entry["A"]), f"module {name!r} lora_A", lazy.path)
     B = require_finite(lazy.get(entry["B"]), f"module {name!r} lora_B", lazy.path)
@@ -130,7 +131,7 @@ def _load(lazy: LazyTensors, name: str, entry: dict, configs: dict) -> LoraModul
     if A.dim() < 2 or B.dim() != A.dim() or B.shape[1] != r or r == 0:
         raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form "
                             "a low-rank pair", lazy.path)
-    kind, kernel = _kind(name, A, B, lazy.path)
+    kind, kernel = factor_kind(name, A, B, lazy.path)
     alpha, rslora = _alpha(lazy, name, entry, configs, r)
     return LoraModule(name=name, down=A.reshape(r, -1), up=B.reshape(B.shape[0], r), alpha=alpha,
                       use_rslora=rslora, kind=kind, kernel=kernel)
@@ -209,3 +210,27 @@ def _metadata(adapter: Adapter, ranks: dict, folded: int) -> dict:
                                              "note": "each module's alpha/r scale is multiplied into lora_A "
                                                      "and lora_B (sqrt on each); alpha = r"}, sort_keys=True)})
     return meta
+
+
+class DiffusersFormat(AdapterFormat):
+    """diffusers' layout (a file, or a directory holding it): this module's functions, registered."""
+
+    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
+
+    def detect(self, path):
+        return detect(path)
+
+    def read(self, path, **options):
+        return read(path, **options)
+
+    def write(self, adapter, dest):
+        write(adapter, dest)
+
+    def describe(self, adapter):
+        return label(adapter)
+
+    def writes_dir(self, dest):
+        return output_is_dir(dest)
+
+
+register(DiffusersFormat())

@@ -22,6 +22,7 @@ from ..st import LazyTensors, StreamingWriter, require_finite, tensor_buffer
 from . import naming
 from ._util import (check_no_passthrough, is_safetensors_file, most_common, safetensors_keys, scalar_tensor,
                     unknown_keys_error)
+from .base import AdapterFormat, register
 
 NAME = "kohya"
 LABEL = "kohya/A1111/ComfyUI LoRA"
@@ -231,3 +232,24 @@ def _scalar_alpha(t, name: str, path) -> float:
     if t.numel() != 1:
         raise BadInputError(f"module {name!r}: .alpha must be a scalar, got shape {tuple(t.shape)}", path)
     return float(t.reshape(()))
+
+
+class KohyaFormat(AdapterFormat):
+    """kohya's single-file layout: this module's functions, registered."""
+
+    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
+
+    def detect(self, path):
+        return detect(path)
+
+    def read(self, path, **options):
+        return read(path, **options)
+
+    def write(self, adapter, dest):
+        write(adapter, dest)
+
+    def describe(self, adapter):
+        return label(adapter)
+
+
+register(KohyaFormat())

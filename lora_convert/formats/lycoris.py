@@ -29,6 +29,7 @@ from ..mathcore import factored_svd, relative_error
 from ..st import LazyTensors, require_finite
 from . import kohya, naming
 from ._util import is_safetensors_file, safetensors_keys, unknown_keys_error
+from .base import AdapterFormat, register
 
 NAME = "lycoris"
 LABEL = "LyCORIS LoHa/LoKr"
@@ -217,3 +218,24 @@ def write(adapter: Adapter, dest: Path) -> None:
                 "max_conversion_rel_error": max(errors.values(), default=0.0)}
 
     kohya.write(adapter, dest, note=note)
+
+
+class LycorisFormat(AdapterFormat):
+    """LyCORIS's single-file layout: this module's functions, registered."""
+
+    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
+
+    def detect(self, path):
+        return detect(path)
+
+    def read(self, path, **options):
+        return read(path, **options)
+
+    def write(self, adapter, dest):
+        write(adapter, dest)
+
+    def describe(self, adapter):
+        return label(adapter)
+
+
+register(LycorisFormat())

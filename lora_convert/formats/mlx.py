@@ -26,6 +26,7 @@ from ..st import LazyTensors, StreamingWriter, require_finite
 from . import naming
 from ._util import (check_no_passthrough, fold_scale, int_if_whole, most_common, read_json_config,
                     unknown_keys_error)
+from .base import AdapterFormat, register
 
 NAME = "mlx"
 LABEL = "MLX-LM LoRA"
@@ -162,3 +163,22 @@ def _config(adapter: Adapter, ranks: dict, rank: int, scale: float, folded: list
                                "note": "MLX has one scale and one rank: per-module scale ratios are multiplied "
                                        "into lora_a/lora_b (sqrt on each), smaller ranks padded with zeros"}
     return cfg
+
+
+class MlxFormat(AdapterFormat):
+    """MLX-LM's directory layout: this module's functions, registered."""
+
+    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
+    dir_files = (CONFIG_FILE, WEIGHTS_FILE)
+
+    def detect(self, path):
+        return detect(path)
+
+    def read(self, path, **options):
+        return read(path, **options)
+
+    def write(self, adapter, dest):
+        write(adapter, dest)
+
+
+register(MlxFormat())

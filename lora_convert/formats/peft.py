@@ -24,6 +24,7 @@ from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite
 from ._util import read_json_config
+from .base import AdapterFormat, register
 
 NAME = "peft"
 LABEL = "PEFT LoRA"
@@ -283,7 +284,7 @@ def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict, rank_alph
     if A.dim() < 2 or B.dim() < 2:
         raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
                             "do not form a low-rank pair (factors must be at least 2-D)", tensors.path)
-    kind, kernel = ("embedding", {}) if entry["emb"] else _kind(name, A, B, tensors.path)
+    kind, kernel = ("embedding", {}) if entry["emb"] else factor_kind(name, A, B, tensors.path)
     down = A.reshape(A.shape[0], math.prod(A.shape[1:]))
     up = B.reshape(B.shape[0], math.prod(B.shape[1:]))
     if up.shape[1] != down.shape[0]:
@@ -301,7 +302,8 @@ def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict, rank_alph
                       kind=kind, kernel=kernel, checked_finite=True)
 
 
-def _kind(name: str, A: torch.Tensor, B: torch.Tensor, path=None):
+def factor_kind(name: str, A: torch.Tensor, B: torch.Tensor, path=None):
+    """(kind, kernel) of a lora_A/lora_B pair in PEFT's tensor layout: 2-D linear, or conv with a 1x1 up."""
     if A.dim() <= 2 and B.dim() <= 2:
         return "linear", {}
     if B.dim() > 2 and any(d != 1 for d in B.shape[2:]):
@@ -395,3 +397,22 @@ def write(adapter: Adapter, dest: Path) -> None:
         alphas = {p: scales[p] * ranks[p] if rslora[p] else a for p, a in alphas.items()}
     cfg = build_config(adapter, ranks, alphas, not mixed and any(rslora.values()))
     (dest / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class PeftFormat(AdapterFormat):
+    """PEFT's directory layout: this module's functions, registered."""
+
+    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
+    dir_files = (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE)
+
+    def detect(self, path):
+        return detect(path)
+
+    def read(self, path, **options):
+        return read(path, **options)
+
+    def write(self, adapter, dest):
+        write(adapter, dest)
+
+
+register(PeftFormat())

@@ -1,28 +1,41 @@
-"""Sources of the fixed outer matrices U (out×a) and V (b×in), one module each.
+"""Sources of the fixed outer matrices U (out×a) and V (b×in), one module each (see
+base.OuterSource), behind a registry.
 
-Each outer module provides:
-    NAME: str
-    STORED: bool                       whether U and V are written into the file
-    make_stack(modules, options, updates, scratch=None) -> (U, V, specs)   for compression of
-        same-shaped modules (updates: their mathcore.Updates); U, V are 2-D when every module
-        shares them (out×a, b×in), else stacked per module (n×out×a, n×b×in), float64 and
-        written into scratch(role, shape) tensors when given; specs are JSON-able
-    restore(name, spec, out_features, in_features, tensors) -> (U, V)   when loading;
-        raises IntegrityError when a regenerated matrix does not match its fingerprint
-Optional:
-    inner_stack(updates, ks) -> (X, Y)  closed-form least-squares inners for these outers
+A source module is found by its file name and imported on first use of the registry, so the
+CLI lists the sources without importing them (or torch, numpy): adding a source is adding a module.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from ..errors import BadInputError
-from . import random as random_outer
-from . import svd as svd_outer
+from .base import OuterSource, register, registered
 
-REGISTRY = {random_outer.NAME: random_outer, svd_outer.NAME: svd_outer}
+__all__ = ["OuterSource", "register", "names", "get", "sources"]
+
+_HELPERS = {"base", "rng"}  # modules of this package that are not sources
 
 
-def get(name: str):
+def names() -> list[str]:
+    """Every source's name, without importing the source modules."""
+    found = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name not in _HELPERS}
+    return sorted(found | set(registered()))
+
+
+def sources() -> dict[str, OuterSource]:
+    """name -> OuterSource, every source module imported (each registers itself)."""
+    for name in names():
+        if name not in registered():
+            importlib.import_module(f"{__name__}.{name}")
+            if name not in registered():
+                raise RuntimeError(f"outer module {__name__}.{name} registered no source named {name!r}")
+    return {name: registered()[name] for name in names()}
+
+
+def get(name: str) -> OuterSource:
+    found = sources()
     try:
-        return REGISTRY[name]
-    except KeyError:
-        raise BadInputError(f"unknown outer source {name!r} (known: {', '.join(REGISTRY)})") from None
+        return found[name]
+    except (KeyError, TypeError):
+        raise BadInputError(f"unknown outer source {name!r} (known: {', '.join(found)})") from None

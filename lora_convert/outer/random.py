@@ -14,6 +14,7 @@ import torch
 
 from ..errors import IntegrityError, UnsupportedError
 from ..lru import BytesLRU
+from .base import OuterSource, register
 from .rng import GENERATOR_NAME, GENERATOR_VERSION, fingerprint, random_matrix
 
 NAME = "random"
@@ -97,3 +98,21 @@ def restore(name: str, spec: dict, out_features: int, in_features: int, tensors,
             raise IntegrityError(f"module {name!r}: regenerated outer {role.upper()} does not match its "
                                  "SHA-256 fingerprint (wrong seed, generator or tampered metadata)", path)
     return U, V
+
+
+class RandomOuter(OuterSource):
+    """Random outers regenerated from a seed: this module's functions, registered."""
+
+    name, stored = NAME, STORED
+
+    def make_stack(self, modules, options, updates=None, scratch=None):
+        return make_stack(modules, options, updates, scratch)
+
+    def restore(self, name, spec, out_features, in_features, tensors, path=None):
+        return restore(name, spec, out_features, in_features, tensors, path)
+
+    def stack_size(self, options):
+        return stack_size(options)
+
+
+register(RandomOuter())

@@ -1,6 +1,6 @@
 """SVD outers: the update's own top singular vectors, stored in the file (near-lossless).
 
-Besides the common interface (see outer/__init__.py) this source provides `inner_stack`: the
+Besides the common interface (see outer/base.py) this source provides `inner_stack`: the
 optimal inner matrices are known in closed form, so compress need not fit them.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..mathcore import Updates, choose_rank
+from .base import OuterSource, register
 
 NAME = "svd"
 STORED = True
@@ -40,3 +41,21 @@ def inner_stack(updates: Updates, ks: list[int]) -> tuple[np.ndarray, np.ndarray
 
 def restore(name: str, spec: dict, out_features: int, in_features: int, tensors, path=None):
     return tensors["U"], tensors["V"]
+
+
+class SvdOuter(OuterSource):
+    """The update's own singular vectors, stored: this module's functions, registered."""
+
+    name, stored = NAME, STORED
+
+    def make_stack(self, modules, options, updates, scratch=None):
+        return make_stack(modules, options, updates, scratch)
+
+    def restore(self, name, spec, out_features, in_features, tensors, path=None):
+        return restore(name, spec, out_features, in_features, tensors, path)
+
+    def inner_stack(self, updates, ks):
+        return inner_stack(updates, ks)
+
+
+register(SvdOuter())

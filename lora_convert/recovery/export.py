@@ -12,7 +12,7 @@ from .. import container
 from ..adapter import Adapter
 from ..container import DTYPES, MiniAdapter, MiniModule
 from ..errors import BadInputError
-from ..mathcore import difference_norm, frobenius
+from ..mathcore import frobenius, scaled_relative_error
 from ..report import FidelityReport
 from .inject import find_layers
 from .layers import MiniLayer
@@ -61,8 +61,6 @@ def fidelity(m: MiniModule, teacher=None) -> dict:
     B2, A2 = m.factors()
     if teacher is None:
         return {"rel_error": 0.0, "energy": (m.scale * frobenius(B2, A2)) ** 2}
-    ref = teacher.scale * frobenius(teacher.up, teacher.down)
-    err = difference_norm(teacher.up.double() * teacher.scale, teacher.down, B2 * m.scale, A2)
+    rel, ref = scaled_relative_error(teacher.up, teacher.down, teacher.scale, B2, A2, m.scale)
     # A zero teacher with a non-zero student has no finite relative error; the metadata is strict JSON.
-    rel = err / ref if ref else (0.0 if err == 0 else 1e300)
-    return {"rel_error": rel, "energy": ref**2}
+    return {"rel_error": min(rel, 1e300), "energy": ref**2}

@@ -10,6 +10,7 @@ from torch import nn
 from ..container import MiniAdapter, MiniModule
 from ..errors import BadInputError, UnsupportedError
 from ..outer import random as random_outer
+from ..st import dtype_name
 from .layers import base_shape, layer_kind, rms_norm
 
 
@@ -76,7 +77,7 @@ def scratch_module(name: str, base: nn.Module, rank: int, alpha: float, outer_di
     if kind == "conv":
         kernel = {"down_shape": [rank, *base.weight.shape[1:]], "up_shape": [out_f, rank, 1, 1]}
     return MiniModule(name=name, kind=kind, kernel=kernel, rank=rank, alpha=float(alpha), use_rslora=False,
-                      dtype=str(store).removeprefix("torch."), outer=spec, U=U, V=V, X=X.to(store), Y=Y.to(store))
+                      dtype=dtype_name(store), outer=spec, U=U, V=V, X=X.to(store), Y=Y.to(store))
 
 
 def peft_config(base: str, targets: list[str], rank: int, alpha: float) -> dict:
