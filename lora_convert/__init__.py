@@ -20,4 +20,5 @@ from .report import FidelityReport
 __all__ = ["compress", "load", "load_adapter", "reconstruct", "save", "save_adapter", "verify",
            "Adapter", "LoraModule", "MiniAdapter", "MiniModule", "FidelityReport",
            "LoraConvertError", "BadInputError", "UnsupportedError", "FormatDetectionError", "IntegrityError",
-           "HubError"]
+           "HubError", "apply"]
+from .apply import apply  # noqa: E402  (top layer: LoRA-Mini layers in a model, no reconstruct step)
