@@ -21,12 +21,13 @@ from .report import FidelityReport
 # --help` and every module under lora_convert start without it (CLI start-up).
 _LAZY = {"compress": "api", "load": "api", "load_adapter": "api", "reconstruct": "api", "save": "api",
          "save_adapter": "api", "verify": "api", "Adapter": "adapter", "LoraModule": "adapter",
-         "MiniAdapter": "container", "MiniModule": "container"}
+         "MiniAdapter": "container", "MiniModule": "container", "apply": "modeling"}
 
 if TYPE_CHECKING:
     from .adapter import Adapter, LoraModule
     from .api import compress, load, load_adapter, reconstruct, save, save_adapter, verify
     from .container import MiniAdapter, MiniModule
+    from .modeling import apply
 
 
 def __getattr__(name: str):
@@ -44,4 +45,4 @@ def __dir__() -> list[str]:
 __all__ = ["compress", "load", "load_adapter", "reconstruct", "save", "save_adapter", "verify",
            "Adapter", "LoraModule", "MiniAdapter", "MiniModule", "FidelityReport",
            "LoraConvertError", "BadInputError", "UnsupportedError", "FormatDetectionError", "IntegrityError",
-           "HubError"]
+           "HubError", "apply"]

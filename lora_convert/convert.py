@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import outer
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, LoraModule, lora_scale
 from .container import DTYPES, MiniAdapter, MiniModule
 from .errors import BadInputError
 from .lru import BytesLRU
@@ -298,36 +298,60 @@ def source_bytes(source: str) -> int | None:
 
 
 @one_thread
-def reconstruct_module(m: MiniModule, trim_rank: bool = False) -> LoraModule:
-    """A standard LoRA pair for `m`: B' = U X, A' = Y V, same scale as the original.
+def reconstruct_module(m: MiniModule, trim_rank: bool = False, alpha: float | None = None) -> LoraModule:
+    """A standard LoRA pair for `m`: B' = U X, A' = Y V, with the original update scale·B·A.
 
     By default the inner rank k is zero-padded back to the original rank r, so the
     restored adapter has the original config and exactly the original scale. With
-    `trim_rank` it has rank k and alpha chosen so that alpha'/k (or /√k) equals the
-    original scale.
+    `trim_rank` it has rank k and keeps its alpha: the scale ratio (k/r, or √(k/r) with
+    rsLoRA) is folded into B', because clients that read one lora_alpha and divide by each
+    module's rank (llama.cpp's converter) would otherwise scale every trimmed module wrong.
+    With `alpha` the module gets that plain (non-rsLoRA) lora_alpha, the ratio folded into B'.
     """
-    B2, A2 = m.factors()
+    B2, A2 = m.factors()  # float64: the fold is exact before the cast to the stored dtype
     dtype = getattr(torch, m.dtype, torch.float32)
-    alpha, k = m.alpha, m.inner_rank
-    if trim_rank and k < m.rank:
-        alpha = m.scale * (k ** 0.5 if m.use_rslora else k)
-    elif k < m.rank:
-        B2 = torch.cat([B2, B2.new_zeros(B2.shape[0], m.rank - k)], dim=1)
-        A2 = torch.cat([A2, A2.new_zeros(m.rank - k, A2.shape[1])], dim=0)
-    return LoraModule(name=m.name, down=A2.to(dtype), up=B2.to(dtype), alpha=alpha, use_rslora=m.use_rslora,
+    k = m.inner_rank
+    rank = k if trim_rank and k < m.rank else m.rank
+    new_alpha, rslora = (m.alpha, m.use_rslora) if alpha is None else (float(alpha), False)
+    ratio = m.scale / lora_scale(new_alpha, rank, rslora)
+    if ratio != 1.0:
+        B2 = B2 * ratio
+    if k < rank:
+        B2 = torch.cat([B2, B2.new_zeros(B2.shape[0], rank - k)], dim=1)
+        A2 = torch.cat([A2, A2.new_zeros(rank - k, A2.shape[1])], dim=0)
+    return LoraModule(name=m.name, down=A2.to(dtype), up=B2.to(dtype), alpha=new_alpha, use_rslora=rslora,
                       kind=m.kind, kernel=m.kernel)
 
 
-def reconstruct(mini: MiniAdapter, trim_rank: bool = False) -> Adapter:
-    """The standard adapter a LoRA-Mini adapter stands for (lazy), in its source format."""
+def reconstruct(mini: MiniAdapter, trim_rank: bool = False, one_alpha: bool = False) -> Adapter:
+    """The standard adapter a LoRA-Mini adapter stands for (lazy), in its source format.
+
+    `one_alpha`: every module gets one plain lora_alpha (a PEFT source's global one, with
+    rsLoRA turned into alpha·√r; else the first module's), the per-module ratio folded into
+    B'. For clients that read a single lora_alpha (llama.cpp, vLLM) when the source has
+    alpha_pattern or use_rslora.
+    """
+    alpha = _global_alpha(mini) if one_alpha else None
+
     @one_thread  # loading and checking the LoRA-Mini module too
     def load(name: str) -> LoraModule:
-        return reconstruct_module(mini.module(name), trim_rank)
+        return reconstruct_module(mini.module(name), trim_rank, alpha)
 
     return Adapter(format=mini.source_format, module_names=list(mini.module_names), load_module=load,
                    config=mini.source_config, metadata=mini.source_metadata,
                    passthrough_names=list(mini.passthrough_names), load_passthrough=mini.load_passthrough,
                    source=mini.source, workers=workers())
+
+
+def _global_alpha(mini: MiniAdapter) -> float:
+    """The plain lora_alpha every module is written with under reconstruct(one_alpha=True)."""
+    cfg = mini.source_config if mini.source_format == "peft" else {}
+    if isinstance(cfg.get("lora_alpha"), (int, float)) and isinstance(cfg.get("r"), int):
+        return float(cfg["lora_alpha"]) * (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else 1.0)
+    if not mini.module_names:
+        return 1.0
+    first = mini.module(mini.module_names[0])
+    return first.scale * first.rank
 
 
 def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityReport:

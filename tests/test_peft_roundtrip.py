@@ -88,7 +88,7 @@ def test_trimmed_rank_keeps_the_scale(fixtures, tmp_path):
     lc.save_adapter(padded, tmp_path / "padded")
     lc.save_adapter(trimmed, tmp_path / "trimmed")
     cfg = json.loads((tmp_path / "trimmed" / "adapter_config.json").read_text())
-    assert cfg["r"] == 3 and cfg["lora_alpha"] == pytest.approx(16 * 3 / 8)
+    assert cfg["r"] == 3 and cfg["lora_alpha"] == 16 and not cfg["alpha_pattern"]  # k/r folded into lora_B
     assert torch.allclose(peft_logits(tmp_path / "trimmed", 0), peft_logits(tmp_path / "padded", 0), atol=1e-5)
 
 

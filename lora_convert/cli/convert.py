@@ -95,14 +95,18 @@ def verify(path, against, fmt, allow_pickle, as_json):
               help="Output layout (default: the layout the adapter was compressed from).")
 @click.option("--trim-rank", is_flag=True,
               help="Write the inner rank instead of zero-padding back to the original rank "
-                   "(alpha is rescaled; the scale then matches to within an ulp, not always exactly).")
-def reconstruct(path, output, to, trim_rank):
+                   "(alpha is kept; the scale ratio is folded into lora_B, so clients that divide one "
+                   "lora_alpha by each module's rank, like llama.cpp, read it right).")
+@click.option("--one-alpha", is_flag=True,
+              help="One plain lora_alpha for every module (no alpha_pattern, no rsLoRA; ratios folded into "
+                   "lora_B): for llama.cpp and vLLM, which read a single lora_alpha.")
+def reconstruct(path, output, to, trim_rank, one_alpha):
     """Turn a LoRA-Mini file back into a standard adapter with the original scale."""
     from .. import api
 
     refuse_to_replace_input(path, output)
     mini = api.load(path)
-    adapter = api.reconstruct(mini, trim_rank=trim_rank)
+    adapter = api.reconstruct(mini, trim_rank=trim_rank, one_alpha=one_alpha)
     api.save_adapter(adapter, output, to)
     click.echo(f"wrote {to or adapter.format} adapter with {len(adapter)} modules to {output}")
 

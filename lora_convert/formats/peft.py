@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import re
 import signal
@@ -36,6 +37,7 @@ PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_A|lora_B)\.weight$|"
                      r"^(?P<emod>.+)\.(?P<ekind>lora_embedding_A|lora_embedding_B)$")
 _DORA = re.compile(r"\.lora_magnitude_vector(\.weight)?$")
+log = logging.getLogger(__name__)
 
 
 def detect(path: Path) -> bool:
@@ -382,13 +384,16 @@ def write(adapter: Adapter, dest: Path) -> None:
 
     Modules that mix rsLoRA and plain scaling (possible from diffusers files with several
     components) are all written plain, rsLoRA ones with alpha = scale·r: same scale exactly."""
+    from .naming import split_component
+
     paths = module_paths(adapter.module_names)
-    ranks, alphas, rslora, scales = {}, {}, {}, {}
+    ranks, alphas, rslora, scales, kinds = {}, {}, {}, {}, {}
     with StreamingWriter(dest / WEIGHTS_FILE, reserve=_header_room(adapter, paths)) as writer:
         for m in adapter.modules():
             path = paths[m.name]
             _write_factors(writer, m, path)
             ranks[path], alphas[path], rslora[path], scales[path] = m.rank, m.alpha, m.use_rslora, m.scale
+            kinds[path] = m.kind
         for name, tensor in adapter.passthrough():
             writer.add(name, tensor)
         writer.finish({"format": "pt"})
@@ -397,6 +402,35 @@ def write(adapter: Adapter, dest: Path) -> None:
         alphas = {p: scales[p] * ranks[p] if rslora[p] else a for p, a in alphas.items()}
     cfg = build_config(adapter, ranks, alphas, not mixed and any(rslora.values()))
     (dest / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if "conv" not in kinds.values() and all(split_component(n)[0] is None for n in paths):
+        for line in client_warnings(cfg, ranks):  # language-model adapters: what llama.cpp / vLLM read
+            log.warning(f"warning: {line}")
+
+
+def client_warnings(cfg: dict, ranks: dict[str, int]) -> list[str]:
+    """One line per client that would load an adapter with this config wrong: llama.cpp's
+    convert_lora_to_gguf.py (one lora_alpha; scale alpha/rank-of-B per module; rsLoRA, r and both
+    patterns ignored) and vLLM (one lora_alpha and r for every module, rsLoRA honoured, patterns
+    ignored, modules_to_save refused). `ranks` maps each written module path to its rank."""
+    lines = []
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    odd_alpha = next((n for n in ranks if pattern_key(alpha_pattern, n) is not None), None)
+    if odd_alpha is not None or cfg.get("use_rslora"):
+        why = (f"module {odd_alpha!r} has its own lora_alpha (alpha_pattern)" if odd_alpha is not None
+               else "use_rslora is set (it divides by r, not sqrt(r))")
+        lines.append(f"llama.cpp's convert_lora_to_gguf.py would scale this adapter wrong: {why}; for llama.cpp "
+                     "reconstruct it with --one-alpha")
+    r = cfg.get("r", 8)
+    odd_rank = next((n for n, k in ranks.items() if k != r), None)
+    if odd_alpha is not None or odd_rank is not None or cfg.get("modules_to_save"):
+        why = (f"module {odd_rank!r} has rank {ranks[odd_rank]}, not r={r} (rank_pattern)" if odd_rank is not None
+               else f"module {odd_alpha!r} has its own lora_alpha (alpha_pattern)" if odd_alpha is not None
+               else f"modules_to_save {cfg['modules_to_save']} is set")
+        fix = ("reconstruct without --trim-rank and with --one-alpha" if odd_rank is not None or odd_alpha
+               is not None else "drop modules_to_save")
+        lines.append(f"vLLM would not load this adapter correctly (one r and lora_alpha for every module, no "
+                     f"modules_to_save): {why}; for vLLM {fix}")
+    return lines
 
 
 class PeftFormat(AdapterFormat):

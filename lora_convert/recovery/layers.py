@@ -64,9 +64,13 @@ def base_shape(base: nn.Module, kind: str) -> tuple[int, int]:
 class MiniLayer(nn.Module):
     """A base Linear / Conv2d / Embedding plus a LoRA-Mini update (and optionally its teacher)."""
 
-    def __init__(self, base: nn.Module, module: MiniModule, teacher: LoraModule | None = None):
+    def __init__(self, base: nn.Module, module: MiniModule, teacher: LoraModule | None = None, *,
+                 register_base: bool = True):
         super().__init__()
-        self.base = base
+        if register_base:
+            self.base = base
+        else:  # a wrapper that holds several adapters owns the base: not registered (and saved) twice
+            object.__setattr__(self, "base", base)
         self.kind = layer_kind(base)
         self.name = module.name
         self.mode = "student"
@@ -124,9 +128,17 @@ class MiniLayer(nn.Module):
                 raise RuntimeError(f"layer {self.name!r} has no teacher attached")
             delta = self.teacher_scale * self._mix(self._down(x, self.teacher_A), self.teacher_B)
         else:
-            down, up = self.Y @ self.V, self.U @ self.X  # k×in and out×k; see the module docstring
-            delta = self.scale * self._mix(self._down(x, down), up)
+            delta = self.delta(x)
         return out + delta.to(out.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """scale · U X Y V applied to `x` as the base module consumes it (the student's update)."""
+        down, up = self.Y @ self.V, self.U @ self.X  # k×in and out×k; see the module docstring
+        return self.scale * self._mix(self._down(x, down), up)
+
+    def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U X, Y V) in the file's coordinates: the update is scale · (U X)(Y V), out×k by k×in."""
+        return self.U @ self.X, self.Y @ self.V
 
     def _down(self, x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
         """Apply an r×in down-projection the way the base module consumes its input."""
