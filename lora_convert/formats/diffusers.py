@@ -22,7 +22,7 @@ from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite
 from . import naming
-from ._util import (check_no_passthrough, fold_scale, is_safetensors_file, most_common, safetensors_keys,
+from ._util import (check_kernel_known, check_no_passthrough, fold_scale, is_safetensors_file, most_common, safetensors_keys,
                     unknown_keys_error)
 from .peft import module_rank_alpha
 
@@ -175,6 +175,7 @@ def write(adapter: Adapter, dest: Path) -> None:
     ranks, folded = {}, 0
     with StreamingWriter(file) as writer:
         for m in adapter.modules():
+            check_kernel_known(adapter, m)
             if m.kind == "embedding":
                 raise UnsupportedError(f"module {m.name!r} is an embedding; diffusers LoRA files hold none")
             name = diffusers_name(m.name)

@@ -20,8 +20,8 @@ from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite, tensor_buffer
 from . import naming
-from ._util import (check_no_passthrough, is_safetensors_file, most_common, safetensors_keys, scalar_tensor,
-                    unknown_keys_error)
+from ._util import (check_kernel_known, check_no_passthrough, is_safetensors_file, most_common, safetensors_keys,
+                    scalar_tensor, unknown_keys_error)
 
 NAME = "kohya"
 LABEL = "kohya/A1111/ComfyUI LoRA"
@@ -166,15 +166,23 @@ class HashingWriter(StreamingWriter):
         self.sha256.update(tensor_buffer(tensor))
 
 
+def lycoris_named(adapter: Adapter) -> bool:
+    """Whether the adapter came from a file in LyCORIS's own naming (``lycoris_<module path>``,
+    what create_lycoris writes for any torch model): written back the same way."""
+    return adapter.format == "lycoris" and adapter.config.get("naming") == "lycoris"
+
+
 def write(adapter: Adapter, dest: Path, note=None) -> None:
     """Write one kohya .safetensors file; alpha per module keeps every scale (rsLoRA folded into alpha)."""
     check_no_passthrough(adapter, NAME)
     variant = target_variant(adapter)
+    own = lycoris_named(adapter)
     stats = {"linear": [], "conv": []}
     seen = {}
     with HashingWriter(dest) as writer:
         for m in adapter.modules():
-            stem = naming.module_to_kohya(m.name, variant)
+            check_kernel_known(adapter, m)
+            stem = "lycoris_" + m.name.replace(".", "_") if own else naming.module_to_kohya(m.name, variant)
             if stem in seen:
                 raise UnsupportedError(f"modules {seen[stem]!r} and {m.name!r} both map to kohya key {stem!r}")
             seen[stem] = m.name

@@ -259,3 +259,61 @@ def variant_of(names, metadata: dict | None = None) -> str:
     if base.startswith("flux"):
         return "Flux"
     return "SD1.x/2.x"
+
+
+# ------------------------------------------------------------ layer kinds of known architectures
+
+# LyCORIS LoHa/LoKr without a Tucker core store a conv kernel flattened (r × in·kh·kw), exactly
+# like a linear layer's factor: the layer kind must come from the architecture. diffusers'
+# UNet2DConditionModel (SD1.x, SD2.x, SDXL; kohya's SGM names are mapped to it on reading):
+_UNET_CONV3 = re.compile(r"^(?:conv_in|conv_out|(?:down_blocks|up_blocks)\.\d+\.(?:downsamplers|upsamplers)\.\d+\.conv|"
+                         r"(?:(?:down_blocks|up_blocks)\.\d+\.|mid_block\.)resnets\.\d+\.conv[12])$")
+_UNET_CONV1 = re.compile(r"^(?:(?:down_blocks|up_blocks)\.\d+\.|mid_block\.)resnets\.\d+\.conv_shortcut$")
+_UNET_PROJ = re.compile(r"^(?:(?:down_blocks|up_blocks)\.\d+\.|mid_block\.)attentions\.\d+\.proj_(?:in|out)$")
+# Leaves that are nn.Linear wherever they occur (transformers / diffusers attention and MLPs).
+LINEAR_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1",
+                 "fc2", "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp",
+                 "lm_head", "query", "key", "value", "dense", "qkv_proj", "gate_up_proj", "linear_1", "linear_2",
+                 "time_emb_proj", "wi_0", "wi_1", "wo", "q", "k", "v", "o"}
+
+
+def layer_kernel(name: str, linear_projection: bool | None = None):
+    """The layer kind of module `name` (in-memory name) where the architecture fixes it:
+    ``(kh, kw)`` for a conv, ``()`` for a linear layer, None when unknown. `linear_projection`
+    says whether the UNet's attention proj_in/proj_out are linear (SD2.x, SDXL) or 1×1 convs
+    (SD1.x); None: not known."""
+    component, path = split_component(name)
+    component = component or infer_component(path)
+    if component == "unet":
+        if path.split(".", 1)[0] in SGM_ROOTS:
+            path = sgm_to_diffusers(path)
+        if _UNET_CONV3.match(path):
+            return (3, 3)
+        if _UNET_CONV1.match(path):
+            return (1, 1)
+        if _UNET_PROJ.match(path):
+            return None if linear_projection is None else () if linear_projection else (1, 1)
+        return ()  # every other UNet layer LyCORIS targets is nn.Linear
+    if component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        return ()
+    if component == "transformer":
+        return None if path.startswith("pos_embed") else ()  # SD3's patch embedding is a conv
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf.isdigit() and "." in path:  # to_out.0, ff.net.2
+        leaf = path.rsplit(".", 2)[-2]
+    return () if leaf in LINEAR_LEAVES or leaf == "to_out" else None
+
+
+def unet_linear_projection(names, metadata: dict | None, cross_attention_dim: int | None) -> bool | None:
+    """Whether the UNet's attention proj_in/proj_out are linear: SDXL and SD2.x (True), SD1.x
+    (1×1 convs, False), from the variant, kohya's ``ss_v2`` / ``ss_base_model_version``
+    metadata, or the cross-attention width (768: SD1.x, 1024: SD2.x); None when none says."""
+    meta = metadata or {}
+    if variant_of(names, meta) == "SDXL":
+        return True
+    base = meta.get("ss_base_model_version", "")
+    if base.startswith("sd_v2") or meta.get("ss_v2") == "True":
+        return True
+    if base.startswith("sd_v1") or meta.get("ss_v2") == "False":
+        return False
+    return {768: False, 1024: True}.get(cross_attention_dim)
