@@ -190,3 +190,51 @@ def test_kohya_named_lycoris_file_comes_back_with_4d_conv_kernels(case, unet, in
     assert written["lora_unet_conv_in.lora_down.weight"].dim() == 4
     assert written["lora_unet_down_blocks_1_resnets_0_conv_shortcut.lora_down.weight"].dim() == 4  # 1x1 conv
     assert rel(kohya_delta(unet, inputs, out), want) < 1e-4
+
+
+class Small(torch.nn.Module):
+    """Any torch model: create_lycoris names its modules lycoris_<path>."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 8, 1))
+        self.classifier_head = torch.nn.Linear(8 * 16, 10)
+
+    def forward(self, x):
+        return self.classifier_head(self.features(x).flatten(1))
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha"])
+def test_generic_lycoris_file_is_written_back_in_its_own_naming(algo, tmp_path):
+    model = Small().eval()
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    src = tmp_path / "src.safetensors"
+    from lycoris import create_lycoris, create_lycoris_from_weights
+
+    with torch.no_grad():
+        base = model(x)
+        net = create_lycoris(model, 1.0, linear_dim=2, linear_alpha=1, algo=algo)
+        net.apply_to()
+        g = torch.Generator().manual_seed(1)
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        want = model(x) - base
+        net.save_weights(str(src), torch.float32, {})
+        net.restore()
+    options = {}
+    if algo == "loha":  # flattened kernels of a model no table knows: refused until the user says
+        assert run("compress", src, "-o", tmp_path / "m", "--outer", "svd").exit_code == 0
+        result = run("reconstruct", tmp_path / "m", "-o", tmp_path / "refused.safetensors")
+        assert result.exit_code == 2 and "classifier.head" in result.output and "conv_kernels" in result.output
+        options["conv_kernels"] = {"features.0": (3, 3), "features.2": (1, 1), "classifier.head": ()}
+    out = through_lora_mini(src, tmp_path, **options)
+    assert {k.split(".")[0] for k in lc.load_adapter(out).module_names} >= {"features", "classifier"}
+    with torch.no_grad():
+        net, _ = create_lycoris_from_weights(1.0, str(out), model)
+        assert len(net.loras) == 3
+        net.apply_to()
+        got = model(x) - base
+        net.restore()
+    assert rel(got, want) < 1e-4
