@@ -21,7 +21,7 @@ from pathlib import Path
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite
-from . import naming
+from . import flux, naming
 from ._util import (check_kernel_known, check_no_passthrough, fold_scale, is_safetensors_file, most_common, safetensors_keys,
                     unknown_keys_error)
 from .peft import module_rank_alpha
@@ -227,8 +227,7 @@ def diffusers_name(name: str) -> str:
         if path.split(".", 1)[0] in naming.SGM_ROOTS:
             path = naming.sgm_to_diffusers(path)
     if comp == "transformer" and naming.is_bfl_flux(path):
-        raise UnsupportedError(f"module {name!r} uses Flux's original (BFL) names with fused qkv; diffusers' "
-                               "transformer splits them, which this converter does not do (write kohya instead)")
+        raise UnsupportedError(f"module {name!r} uses Flux's original (BFL) names with no diffusers equivalent")
     return f"{comp}.{path}"
 
 
@@ -247,6 +246,8 @@ def write(adapter: Adapter, dest: Path) -> None:
     """Write ``pytorch_lora_weights.safetensors`` (into `dest` when it is a directory): component-
     prefixed keys, or model-level keys for an adapter read from a model-level file."""
     check_no_passthrough(adapter, NAME)
+    if flux.needs_split(adapter.module_names):
+        adapter = flux.to_diffusers(adapter)  # BFL Flux names (kohya, ComfyUI): split fused qkv as diffusers does
     file = dest / WEIGHTS_FILE if dest.is_dir() else dest
     model_paths = model_level_paths(adapter)
     ranks, folded = {}, 0

@@ -213,6 +213,27 @@ def kohya_to_module(stem: str) -> tuple[str, str] | None:
             return f"{component}.{path}", prefix
     if stem.startswith("lycoris_") and len(stem) > len("lycoris_"):
         return underscored_to_dotted(stem[len("lycoris_"):]), "lycoris_"
+    return comfy_to_module(stem)
+
+
+# ComfyUI's own LoRA keys: the model's dotted module paths under its state-dict prefixes.
+COMFY_DIFFUSION = "diffusion_model."
+COMFY_TEXT = {"text_encoders.clip_l.transformer.": "text_encoder", "text_encoders.clip_g.transformer.": "text_encoder_2"}
+
+
+def comfy_to_module(stem: str) -> tuple[str, str] | None:
+    """``diffusion_model.input_blocks.4.1.proj_in`` -> (``unet.down_blocks.1.attentions.0.proj_in``,
+    prefix); Flux's ``diffusion_model.double_blocks.0.img_attn.qkv`` -> ``transformer.double_blocks…``;
+    ``text_encoders.clip_l.transformer.text_model…`` -> ``text_encoder.text_model…``."""
+    if stem.startswith(COMFY_DIFFUSION) and len(stem) > len(COMFY_DIFFUSION):
+        path = stem[len(COMFY_DIFFUSION):]
+        if path.split(".", 1)[0] in SGM_ROOTS:
+            return f"unet.{sgm_to_diffusers(path)}", COMFY_DIFFUSION
+        component = infer_component(path)
+        return (f"{component}.{path}", COMFY_DIFFUSION) if component in ("unet", "transformer") else None
+    for prefix, component in COMFY_TEXT.items():
+        if stem.startswith(prefix) and len(stem) > len(prefix):
+            return f"{component}.{stem[len(prefix):]}", prefix
     return None
 
 
@@ -251,6 +272,9 @@ def variant_of(names, metadata: dict | None = None) -> str:
     names = [n if split_component(n)[0] else f"{infer_component(n)}.{n}" for n in names]
     if any(n.startswith("transformer.") and is_bfl_flux(split_component(n)[1]) for n in names):
         return "Flux"
+    if any(n.startswith(("transformer.single_transformer_blocks.", "transformer.x_embedder",
+                         "transformer.time_text_embed.guidance_embedder.")) for n in names):
+        return "Flux"  # diffusers' Flux names (SD3's MMDiT has none of these)
     base = (metadata or {}).get("ss_base_model_version", "")
     sdxl_marks = ("text_encoder_2.", "unet.up_blocks.0.attentions", "unet.add_embedding")
     if base.startswith("sdxl") or any(n.startswith(sdxl_marks) for n in names) or any(
