@@ -14,7 +14,16 @@ forms ΔW: a Hadamard product of rank-r1 and rank-r2 products is P Q with P the 
 Singular values are kept until the dropped tail is below `lycoris_tol` of the norm; the
 measured error of every module is recorded in ``adapter.config["conversion"]`` (and on the
 module as ``conversion_error``). Plain LoRA/LoCon modules in the same file are read as kohya's.
-Writing produces the converted LoRA in the kohya layout (same key names).
+
+Layer kind: Tucker cores and 4-D LoKr factors carry the conv kernel; without them LyCORIS
+stores a conv kernel flattened (r × in·kh·kw, also for 1×1 convs), indistinguishable from a
+linear factor, so the kind comes from the architecture (naming.layer_kernel: SD1.x/SD2.x/SDXL
+UNet layers, text encoders, transformers) or from the caller (`conv_kernels`). Modules that
+nothing tells are listed in ``config["kernel_unknown"]`` and every writer refuses them.
+
+Names: kohya's prefixes (``lora_unet_``, ``lora_te1_`` …) or LyCORIS's own ``lycoris_<module path>``
+(``create_lycoris`` on any torch model; LoCon pairs included); writing keeps the source's naming
+and produces the converted LoRA as LoCon pairs (kohya layout, conv kernels 4-D).
 """
 from __future__ import annotations
 
@@ -276,13 +285,15 @@ def _keep(S: torch.Tensor, tol: float) -> int:
 
 def write(adapter: Adapter, dest: Path) -> None:
     """LoHa/LoKr structure cannot be restored from a LoRA pair: write the converted LoRA in the kohya
-    layout (same key names; A1111, ComfyUI and LyCORIS load it) and say so in the metadata."""
+    layout (same key names; A1111, ComfyUI and LyCORIS load it; a file in LyCORIS's own lycoris_
+    naming keeps it) with conv kernels 4-D, and say so in the metadata."""
     conversion = adapter.config.get("conversion") or {}
 
     def note():
         errors = conversion.get("rel_error") or {}
         return {"converted_from": "LyCORIS " + "/".join(adapter.config.get("algos", [])),
-                "written_as": "plain LoRA (kohya layout)",
+                "written_as": "plain LoRA (LoCon pairs, LyCORIS naming)" if kohya.lycoris_named(adapter)
+                else "plain LoRA (kohya layout)",
                 "max_conversion_rel_error": max(errors.values(), default=0.0)}
 
     kohya.write(adapter, dest, note=note)
