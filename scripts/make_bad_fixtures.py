@@ -1132,6 +1132,40 @@ def _(d):
     _st_edit(d, edit)
 
 
+@specific("lycoris", "lycoris_mixed_prefixes", "inspect", ["mixes", "lycoris_"], "lycoris-loha.safetensors")
+def _(p):
+    """one module under LyCORIS's own lycoris_ prefix, the others under kohya's lora_unet_/lora_te_"""
+    def edit(t):
+        stem = _first(t, "hada_w1_a")[:-len("hada_w1_a")]
+        for k in [k for k in t if k.startswith(stem)]:
+            t["lycoris_" + k.split("_", 2)[2]] = t.pop(k)
+    _st_edit(p, edit)
+
+
+@specific("kohya", "kohya_comfyui_both_factor_names", "inspect", ["both", "lora_A"], "kohya-flux.safetensors")
+def _(p):
+    """a ComfyUI-named module (diffusion_model.<path>) with lora_down and lora_A both present"""
+    def edit(t):
+        stem = "lora_unet_double_blocks_0_img_attn_qkv"
+        for k in [k for k in t if k.startswith(stem + ".")]:
+            t["diffusion_model.double_blocks.0.img_attn.qkv" + k[len(stem):]] = t.pop(k)
+        t["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"] = \
+            t["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"].clone()
+    _st_edit(p, edit)
+
+
+@specific("diffusers", "diffusers_model_level_only_down", "inspect", ["incomplete"], "diffusers-sdxl.safetensors")
+def _(p):
+    """a model-level file (save_lora_adapter: no unet. prefix) with a module missing lora_B"""
+    def edit(t):
+        for k in list(t):
+            v = t.pop(k)
+            if k.startswith("unet."):
+                t[k[len("unet."):]] = v
+        del t[_first(t, "lora_B.weight")]
+    _st_edit(p, edit)
+
+
 def register_specific_cases(fmt: str) -> None:
     for name, command, expect, source, edit, known_bug in SPECIFIC.get(fmt, []):
         src = FORMAT_FIXTURES / source

@@ -18,6 +18,7 @@ from helpers.cli import run_cli as run
 from lora_convert import formats
 from lora_convert.adapter import LoraModule, from_modules
 from lora_convert.errors import BadInputError, FormatDetectionError, UnsupportedError
+from lora_convert.formats import kohya as kohya_format
 from lora_convert.formats import naming
 from lora_convert.mathcore import relative_error
 
@@ -392,8 +393,6 @@ def test_layouts_that_cannot_hold_a_module_refuse_before_publishing(tmp_path):
     _assert_one_line_error(res, "diffusion pipeline")
     res = run("convert", FX / "peft-conv-emb", "-o", tmp_path / "k.safetensors", "--to", "kohya")
     _assert_one_line_error(res)
-    res = run("convert", FX / "kohya-flux.safetensors", "-o", tmp_path / "d", "--to", "diffusers")
-    _assert_one_line_error(res, "fused qkv")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -443,3 +442,23 @@ def test_peft_writes_mixed_rslora_as_plain_alphas(tmp_path):
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["use_rslora"] is False
     assert_same_updates(src, lc.load_adapter(tmp_path / "peft"), tol=1e-7)
+
+
+def test_comfyui_prefixed_sdxl_file_reads_like_the_kohya_one(tmp_path):
+    """ComfyUI keys: the SGM UNet's dotted paths under diffusion_model., CLIP under text_encoders.*."""
+    kohya = lc.load_adapter(FX / "kohya-sdxl.safetensors")
+    prefixes = {"unet": "diffusion_model.", "text_encoder": "text_encoders.clip_l.transformer.",
+                "text_encoder_2": "text_encoders.clip_g.transformer."}
+    tensors = {}
+    for m in kohya.modules():
+        comp, path = naming.split_component(m.name)
+        stem = prefixes[comp] + (naming.diffusers_to_sgm(path) if comp == "unet" else path)
+        down, up = kohya_format.kernel_factors(m)
+        tensors |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                    f"{stem}.alpha": torch.tensor(m.alpha)}
+    assert any(k.startswith("diffusion_model.input_blocks.4.1.") for k in tensors)
+    save_file(tensors, tmp_path / "comfy.safetensors")
+    assert formats.detect(tmp_path / "comfy.safetensors") == "kohya"
+    comfy = lc.load_adapter(tmp_path / "comfy.safetensors")
+    assert formats.label(comfy) == "kohya (SDXL)"
+    assert_same_updates(kohya, comfy, tol=1e-6)

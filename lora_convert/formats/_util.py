@@ -84,3 +84,18 @@ def check_no_passthrough(adapter, fmt: str) -> None:
         raise UnsupportedError(f"the adapter carries {len(adapter.passthrough_names)} full tensors "
                                f"(modules_to_save or saved base layers, e.g. {adapter.passthrough_names[0]!r}) "
                                f"that the {fmt} layout cannot hold; write it as peft instead")
+
+
+def check_kernel_known(adapter, m) -> None:
+    """Refuse a module whose layer kind its source could not tell (a LyCORIS LoHa/LoKr without a
+    Tucker core keeps conv kernels flattened): written as a linear factor pair it would fail to
+    load, or worse, in clients that expect a conv's 4-D kernel."""
+    if m.name in (adapter.config.get("kernel_unknown") or ()):
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(
+            f"module {m.name!r}: its LyCORIS source (LoHa/LoKr without a Tucker core) keeps a conv kernel "
+            "flattened and the layer is not in the known SD1.x/SD2.x/SDXL UNet tables (for attention "
+            "proj_in/proj_out: the file does not say SD1.x or SD2.x), so its kernel shape is unknown; read the "
+            f"source with lora_convert.formats.read(path, conv_kernels={{{m.name!r}: (3, 3)}}) giving its "
+            "kernel, or () for a linear layer (kohya files: ss_base_model_version in the metadata tells SD1.x/SD2.x)")

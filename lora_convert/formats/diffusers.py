@@ -21,8 +21,8 @@ from pathlib import Path
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite
-from . import naming
-from ._util import (check_no_passthrough, fold_scale, is_safetensors_file, most_common, safetensors_keys,
+from . import flux, naming
+from ._util import (check_kernel_known, check_no_passthrough, fold_scale, is_safetensors_file, most_common, safetensors_keys,
                     unknown_keys_error)
 from .base import AdapterFormat, register
 from .peft import module_rank_alpha
@@ -35,6 +35,9 @@ METADATA_KEY = "lora_adapter_metadata"
 _COMP = r"(?P<comp>unet|transformer|text_encoder(?:_[23])?|prior)"
 _KEY = re.compile(r"^" + _COMP + r"\.(?P<path>.+?)\.(?P<role>lora_A\.weight|lora_B\.weight|lora\.down\.weight|"
                   r"lora\.up\.weight|alpha)$")
+# diffusers' model-level API (``model.save_lora_adapter()``, loaded by ``load_lora_adapter(...,
+# prefix=None)``): PEFT keys relative to the model, no component, and a flat LoraConfig as metadata.
+_MODEL_KEY = re.compile(r"^(?P<path>.+?)\.(?P<role>lora_A\.weight|lora_B\.weight)$")
 _FACTOR_ROLE = {"lora_A.weight": "A", "lora.down.weight": "A", "lora_B.weight": "B", "lora.up.weight": "B"}
 _UNSUPPORTED = re.compile(r"\.(lora_magnitude_vector|lora_B\.bias|lora_A\.bias)$|\.lokr_|\.hada_")
 
@@ -53,18 +56,54 @@ def weights_path(path: Path) -> Path | None:
 
 def detect(path: Path) -> bool:
     """A safetensors file (or a directory with pytorch_lora_weights.safetensors) holding
-    component-prefixed lora_A/lora_B (or lora.down/lora.up) factors."""
+    component-prefixed lora_A/lora_B (or lora.down/lora.up) factors; or model-level factors
+    (``save_lora_adapter``) where the file's name or the module paths' roots (a diffusers UNet's
+    or transformer's) say diffusers. Other unprefixed lora_A/lora_B files need ``--from diffusers``."""
     file = weights_path(Path(path))
-    return file is not None and any(
-        (m := _KEY.match(k)) and m.group("role") != "alpha" for k in safetensors_keys(file))
+    if file is None:
+        return False
+    keys = safetensors_keys(file)
+    if any((m := _KEY.match(k)) and m.group("role") != "alpha" for k in keys):
+        return True
+    if not keys or not all(_MODEL_KEY.match(k) for k in keys) or any(k.startswith("base_model.") for k in keys):
+        return False
+    roots = {k.split(".", 1)[0] for k in keys}
+    return file.name == WEIGHTS_FILE or roots <= naming.UNET_ROOTS | naming.TRANSFORMER_ROOTS
 
 
 def label(adapter: Adapter) -> str:
-    comps = sorted({naming.split_component(n)[0] for n in adapter.module_names})
-    return f"diffusers LoRA ({', '.join(comps)})"
+    comps = sorted({naming.split_component(n)[0] or "model" for n in adapter.module_names})
+    level = "model-level: " if adapter.config.get("model_level") else ""
+    return f"diffusers LoRA ({level}{', '.join(comps)})"
+
+
+def _model_level(keys) -> bool:
+    """Whether the keys are model-level (no component; what save_lora_adapter writes)."""
+    return bool(keys) and not any(_KEY.match(k) for k in keys) and all(_MODEL_KEY.match(k) for k in keys)
+
+
+def model_level_name(path: str) -> str:
+    """In-memory name of a model-level module: the component its root names (unet, transformer),
+    else the bare path."""
+    component = naming.infer_component(path)
+    return f"{component}.{path}" if component in ("unet", "transformer") else path
+
+
+def _index_model_level(lazy: LazyTensors):
+    modules = {}
+    for key in lazy.keys():
+        m = _MODEL_KEY.match(key)
+        modules.setdefault(model_level_name(m.group("path")), {"path": m.group("path")})[
+            _FACTOR_ROLE[m.group("role")]] = key
+    for name, entry in modules.items():
+        if "A" not in entry or "B" not in entry:
+            raise BadInputError(f"module {name!r} is incomplete (needs both lora_A and lora_B)", lazy.path)
+    return modules
 
 
 def _index(lazy: LazyTensors):
+    if _model_level(lazy.keys()):
+        return _index_model_level(lazy)
     modules, unknown = {}, []
     for key in lazy.keys():
         m = _KEY.match(key)
@@ -113,13 +152,31 @@ def read(path: Path, **_) -> Adapter:
     modules = _index(lazy)
     if not modules:
         raise BadInputError("no LoRA modules found", file)
-    configs = component_configs(lazy.metadata, file)
+    model_level = _model_level(lazy.keys())
+    configs = {None: _model_config(lazy.metadata, file)} if model_level else component_configs(lazy.metadata, file)
 
     def load(name: str) -> LoraModule:
         return _load(lazy, name, modules[name], configs)
 
-    return Adapter(format=NAME, module_names=sorted(modules), load_module=load, config={"components": configs},
+    config = {"components": {k: v for k, v in configs.items() if k is not None}}
+    if model_level:
+        config.update(model_level=True, model_config=configs[None])
+    return Adapter(format=NAME, module_names=sorted(modules), load_module=load, config=config,
                    metadata=dict(lazy.metadata), source=str(path))
+
+
+def _model_config(metadata: dict, path) -> dict:
+    """The flat LoraConfig that save_lora_adapter stores as lora_adapter_metadata ({} if none)."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        cfg = json.loads(raw)
+    except ValueError as exc:
+        raise BadInputError(f"invalid {METADATA_KEY} JSON ({exc})", path) from None
+    if not isinstance(cfg, dict):
+        raise BadInputError(f"{METADATA_KEY} is not a JSON object", path)
+    return cfg
 
 
 def _load(lazy: LazyTensors, name: str, entry: dict, configs: dict) -> LoraModule:
@@ -138,12 +195,19 @@ def _load(lazy: LazyTensors, name: str, entry: dict, configs: dict) -> LoraModul
 
 
 def _alpha(lazy, name, entry, configs, r) -> tuple[float, bool]:
-    comp, path = naming.split_component(name)
-    cfg = configs.get(comp)
+    if None in configs:  # model-level: one flat config, patterns relative to the model
+        comp, path, cfg = None, entry["path"], configs[None]
+    else:
+        comp, path = naming.split_component(name)
+        cfg = configs.get(comp)
     if "alpha" in entry:
         return float(lazy.get(entry["alpha"]).reshape(-1)[0]), bool(cfg and cfg.get("use_rslora"))
     if cfg:
-        cfg_r, alpha = module_rank_alpha(cfg, path)
+        try:
+            cfg_r, alpha = module_rank_alpha(cfg, path)
+        except (TypeError, ValueError, re.error, RecursionError) as exc:
+            raise BadInputError(f"module {name!r}: {METADATA_KEY} r/lora_alpha/patterns are malformed ({exc})",
+                                lazy.path) from None
         if cfg_r != r:
             raise BadInputError(f"module {name!r}: tensors have rank {r} but {METADATA_KEY} says {cfg_r}",
                                 lazy.path)
@@ -164,21 +228,36 @@ def diffusers_name(name: str) -> str:
         if path.split(".", 1)[0] in naming.SGM_ROOTS:
             path = naming.sgm_to_diffusers(path)
     if comp == "transformer" and naming.is_bfl_flux(path):
-        raise UnsupportedError(f"module {name!r} uses Flux's original (BFL) names with fused qkv; diffusers' "
-                               "transformer splits them, which this converter does not do (write kohya instead)")
+        raise UnsupportedError(f"module {name!r} uses Flux's original (BFL) names with no diffusers equivalent")
     return f"{comp}.{path}"
 
 
+def model_level_paths(adapter: Adapter) -> dict[str, str] | None:
+    """Module paths relative to the model when the adapter came from a model-level file
+    (save_lora_adapter) and still fits one model: it is written back the same way."""
+    if adapter.format != NAME or not adapter.config.get("model_level"):
+        return None
+    split = {n: naming.split_component(n) for n in adapter.module_names}
+    if len({c for c, _ in split.values()}) > 1:
+        return None
+    return {n: p for n, (_, p) in split.items()}
+
+
 def write(adapter: Adapter, dest: Path) -> None:
-    """Write ``pytorch_lora_weights.safetensors`` (into `dest` when it is a directory)."""
+    """Write ``pytorch_lora_weights.safetensors`` (into `dest` when it is a directory): component-
+    prefixed keys, or model-level keys for an adapter read from a model-level file."""
     check_no_passthrough(adapter, NAME)
+    if flux.needs_split(adapter.module_names):
+        adapter = flux.to_diffusers(adapter)  # BFL Flux names (kohya, ComfyUI): split fused qkv as diffusers does
     file = dest / WEIGHTS_FILE if dest.is_dir() else dest
+    model_paths = model_level_paths(adapter)
     ranks, folded = {}, 0
     with StreamingWriter(file) as writer:
         for m in adapter.modules():
+            check_kernel_known(adapter, m)
             if m.kind == "embedding":
                 raise UnsupportedError(f"module {m.name!r} is an embedding; diffusers LoRA files hold none")
-            name = diffusers_name(m.name)
+            name = model_paths[m.name] if model_paths is not None else diffusers_name(m.name)
             if name in ranks:
                 raise UnsupportedError(f"two modules map to the diffusers name {name!r}")
             up, down = fold_scale(m.up, m.down, m.scale)
@@ -189,19 +268,26 @@ def write(adapter: Adapter, dest: Path) -> None:
             writer.add(f"{name}.lora_A.weight", down.contiguous())
             writer.add(f"{name}.lora_B.weight", up.contiguous())
             ranks[name] = m.rank
-        writer.finish(_metadata(adapter, ranks, folded))
+        writer.finish(_metadata(adapter, ranks, folded, model_paths is not None))
 
 
-def _metadata(adapter: Adapter, ranks: dict, folded: int) -> dict:
-    """Per-component LoraConfig with alpha = r everywhere (the scale now lives in the factors)."""
+def _lora_config(ranks: dict) -> dict:
+    """A LoraConfig (as a dict) for modules path -> rank, alpha = r everywhere."""
+    r = most_common(ranks.values())
+    pattern = {re.escape(p): v for p, v in ranks.items() if v != r}
+    return {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+            "target_modules": sorted(ranks), "use_rslora": False, "use_dora": False}
+
+
+def _metadata(adapter: Adapter, ranks: dict, folded: int, model_level: bool = False) -> dict:
+    """Per-component LoraConfig (model level: one flat LoraConfig, as save_lora_adapter writes)
+    with alpha = r everywhere (the scale now lives in the factors)."""
     flat = {}
-    for comp in sorted({naming.split_component(n)[0] for n in ranks}):
+    if model_level:
+        flat = _lora_config(ranks)
+    for comp in [] if model_level else sorted({naming.split_component(n)[0] for n in ranks}):
         mine = {naming.split_component(n)[1]: r for n, r in ranks.items() if naming.split_component(n)[0] == comp}
-        r = most_common(mine.values())
-        pattern = {re.escape(p): v for p, v in mine.items() if v != r}
-        cfg = {"r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-               "target_modules": sorted(mine), "use_rslora": False, "use_dora": False}
-        flat.update({f"{comp}.{k}": v for k, v in cfg.items()})
+        flat.update({f"{comp}.{k}": v for k, v in _lora_config(mine).items()})
     meta = {}
     if adapter.format == NAME:  # keep the source's own notes (training info ...), not its stale config
         meta.update({k: v for k, v in adapter.metadata.items() if k != METADATA_KEY})

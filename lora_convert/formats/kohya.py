@@ -19,9 +19,9 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite, tensor_buffer
-from . import naming
-from ._util import (check_no_passthrough, is_safetensors_file, most_common, safetensors_keys, scalar_tensor,
-                    unknown_keys_error)
+from . import flux, naming
+from ._util import (check_kernel_known, check_no_passthrough, is_safetensors_file, most_common, safetensors_keys,
+                    scalar_tensor, unknown_keys_error)
 from .base import AdapterFormat, register
 
 NAME = "kohya"
@@ -30,6 +30,12 @@ OUTPUT_IS_DIR = False
 ROLES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 _KEY = re.compile(r"^(?P<stem>lora_(?:unet|te\d?)_[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|"
                   r"lora_mid\.weight|alpha|dora_scale)$")
+# ComfyUI's own naming: dotted model paths under diffusion_model. / text_encoders.clip_l.transformer.
+# (ai-toolkit writes lora_A/lora_B there); read as kohya files.
+_COMFY_KEY = re.compile(r"^(?P<stem>(?:diffusion_model|text_encoders\.clip_[lg]\.transformer)\..+?)\.(?P<role>"
+                        r"lora_down\.weight|lora_up\.weight|lora_mid\.weight|lora_A\.weight|lora_B\.weight|alpha|"
+                        r"dora_scale)$")
+_COMFY_ROLE = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 LYCORIS_MARK = re.compile(r"\.(hada_|lokr_)")
 
 
@@ -38,8 +44,8 @@ def detect(path: Path) -> bool:
     if not is_safetensors_file(path):
         return False
     keys = safetensors_keys(path)
-    return any(_KEY.match(k) and k.endswith(".lora_down.weight") for k in keys) and not any(
-        LYCORIS_MARK.search(k) for k in keys)
+    return any((_KEY.match(k) or _COMFY_KEY.match(k)) and k.endswith((".lora_down.weight", ".lora_A.weight"))
+               for k in keys) and not any(LYCORIS_MARK.search(k) for k in keys)
 
 
 def label(adapter: Adapter) -> str:
@@ -50,13 +56,16 @@ def index_keys(keys, path) -> tuple[dict, dict, list]:
     """stem -> {role: key} for kohya LoRA keys; name map stem -> in-memory name; unclaimed keys."""
     entries, names, rest = {}, {}, []
     for key in keys:
-        m = _KEY.match(key)
+        m = _KEY.match(key) or _COMFY_KEY.match(key)
         if not m:
             rest.append(key)
             continue
         if m.group("role") == "dora_scale":
             raise UnsupportedError(f"module {m.group('stem')!r} is DoRA (dora_scale); DoRA is not supported yet", path)
-        entries.setdefault(m.group("stem"), {})[m.group("role")] = key
+        role = _COMFY_ROLE.get(m.group("role"), m.group("role"))
+        if role in entries.get(m.group("stem"), {}):
+            raise BadInputError(f"module {m.group('stem')!r} has both lora_down/lora_up and lora_A/lora_B", path)
+        entries.setdefault(m.group("stem"), {})[role] = key
     for stem in [s for s, e in entries.items() if set(e) == {"alpha"}]:
         rest.append(entries.pop(stem)["alpha"])  # an alpha without factors belongs to someone else (LyCORIS)
     for stem, entry in entries.items():
@@ -70,7 +79,7 @@ def index_keys(keys, path) -> tuple[dict, dict, list]:
 def to_name(stem: str, path) -> str:
     mapped = naming.kohya_to_module(stem)
     if mapped is None:
-        raise BadInputError(f"key stem {stem!r} has no known kohya prefix", path)
+        raise BadInputError(f"key stem {stem!r} has no known kohya prefix (or ComfyUI model path)", path)
     return mapped[0]
 
 
@@ -167,15 +176,25 @@ class HashingWriter(StreamingWriter):
         self.sha256.update(tensor_buffer(tensor))
 
 
+def lycoris_named(adapter: Adapter) -> bool:
+    """Whether the adapter came from a file in LyCORIS's own naming (``lycoris_<module path>``,
+    what create_lycoris writes for any torch model): written back the same way."""
+    return adapter.format == "lycoris" and adapter.config.get("naming") == "lycoris"
+
+
 def write(adapter: Adapter, dest: Path, note=None) -> None:
     """Write one kohya .safetensors file; alpha per module keeps every scale (rsLoRA folded into alpha)."""
     check_no_passthrough(adapter, NAME)
     variant = target_variant(adapter)
+    if variant == "Flux" and flux.needs_fusion(adapter.module_names):
+        adapter = flux.to_bfl(adapter)  # kohya's Flux layout has BFL names and fused qkv
+    own = lycoris_named(adapter)
     stats = {"linear": [], "conv": []}
     seen = {}
     with HashingWriter(dest) as writer:
         for m in adapter.modules():
-            stem = naming.module_to_kohya(m.name, variant)
+            check_kernel_known(adapter, m)
+            stem = "lycoris_" + m.name.replace(".", "_") if own else naming.module_to_kohya(m.name, variant)
             if stem in seen:
                 raise UnsupportedError(f"modules {seen[stem]!r} and {m.name!r} both map to kohya key {stem!r}")
             seen[stem] = m.name

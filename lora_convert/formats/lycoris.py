@@ -14,7 +14,16 @@ forms ΔW: a Hadamard product of rank-r1 and rank-r2 products is P Q with P the 
 Singular values are kept until the dropped tail is below `lycoris_tol` of the norm; the
 measured error of every module is recorded in ``adapter.config["conversion"]`` (and on the
 module as ``conversion_error``). Plain LoRA/LoCon modules in the same file are read as kohya's.
-Writing produces the converted LoRA in the kohya layout (same key names).
+
+Layer kind: Tucker cores and 4-D LoKr factors carry the conv kernel; without them LyCORIS
+stores a conv kernel flattened (r × in·kh·kw, also for 1×1 convs), indistinguishable from a
+linear factor, so the kind comes from the architecture (naming.layer_kernel: SD1.x/SD2.x/SDXL
+UNet layers, text encoders, transformers) or from the caller (`conv_kernels`). Modules that
+nothing tells are listed in ``config["kernel_unknown"]`` and every writer refuses them.
+
+Names: kohya's prefixes (``lora_unet_``, ``lora_te1_`` …) or LyCORIS's own ``lycoris_<module path>``
+(``create_lycoris`` on any torch model; LoCon pairs included); writing keeps the source's naming
+and produces the converted LoRA as LoCon pairs (kohya layout, conv kernels 4-D).
 """
 from __future__ import annotations
 
@@ -38,13 +47,18 @@ DEFAULT_TOL = 1e-6
 _ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
           "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha")
 _KEY = re.compile(r"^(?P<stem>(?:lora_(?:unet|te\d?)|lycoris)_[^.]+)\.(?P<role>" + "|".join(_ROLES) + r")$")
+# LoCon pairs under LyCORIS's own prefix (create_lycoris on any torch model names modules
+# lycoris_<module path>); kohya-prefixed LoCon pairs are kohya's (kohya.index_keys).
+_LOCON_KEY = re.compile(r"^(?P<stem>lycoris_[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|lora_mid\.weight)$")
+LYCORIS_PREFIX = "lycoris_"
 _UNSUPPORTED = re.compile(r"\.(diff|diff_b|dora_scale|on_input|oft_\w+|ia3_\w+|a1\.weight|w_norm|b_norm)$")
 
 
 def detect(path: Path) -> bool:
-    """A .safetensors file with at least one LoHa or LoKr factor under a kohya/LyCORIS prefix."""
+    """A .safetensors file with at least one LoHa or LoKr factor under a kohya/LyCORIS prefix, or
+    LoCon pairs under LyCORIS's own ``lycoris_`` prefix."""
     return is_safetensors_file(path) and any(
-        (m := _KEY.match(k)) and m.group("role") != "alpha" for k in safetensors_keys(path))
+        ((m := _KEY.match(k)) and m.group("role") != "alpha") or _LOCON_KEY.match(k) for k in safetensors_keys(path))
 
 
 def label(adapter: Adapter) -> str:
@@ -52,14 +66,18 @@ def label(adapter: Adapter) -> str:
     return f"LyCORIS ({algos}; {adapter.config.get('variant', '?')})"
 
 
-def read(path: Path, lycoris_tol: float = DEFAULT_TOL, **_) -> Adapter:
-    """Read LoHa/LoKr (and LoCon) modules lazily, converting each to a LoRA pair when loaded."""
+def read(path: Path, lycoris_tol: float = DEFAULT_TOL, conv_kernels: dict | None = None, **_) -> Adapter:
+    """Read LoHa/LoKr (and LoCon) modules lazily, converting each to a LoRA pair when loaded.
+
+    `conv_kernels` maps module names to their layer's kernel, ``(kh, kw)`` for a conv or ``()``
+    for a linear layer, where a LoHa/LoKr module without a Tucker core does not say and the
+    known architectures (naming.layer_kernel) do not either."""
     path = Path(path)
     lazy = LazyTensors(path)
     lora_entries, names, rest = kohya.index_keys(lazy.keys(), path)
     entries, unknown = {}, []
     for key in rest:
-        m = _KEY.match(key)
+        m = _KEY.match(key) or _LOCON_KEY.match(key)
         if m:
             entries.setdefault(m.group("stem"), {})[m.group("role")] = key
         elif _UNSUPPORTED.search(key):
@@ -76,27 +94,43 @@ def read(path: Path, lycoris_tol: float = DEFAULT_TOL, **_) -> Adapter:
         names[stem] = kohya.to_name(stem, path)
     kohya.check_unique(names, path)
     algos = {stem: _algo(stem, e, path) for stem, e in entries.items()}
+    entries.update(lora_entries)
     algos.update({stem: "LoCon" for stem in lora_entries})
     by_name = {names[s]: s for s in algos}
+    own = {s.startswith(LYCORIS_PREFIX) for s in algos}
+    if len(own) > 1:
+        raise BadInputError("the file mixes LyCORIS's own lycoris_ prefix with kohya's lora_unet_/lora_te_ "
+                            "prefixes", path)
     conversion = {"method": "factored SVD (LoHa: face-splitting/Khatri-Rao; LoKr: Kronecker of SVDs)",
                   "tolerance": lycoris_tol, "rel_error": {}}
+    kernels = _layer_kernels(lazy, by_name, entries, algos, conv_kernels or {})
 
     def load(name: str) -> LoraModule:
         stem = by_name[name]
         if algos[stem] == "LoCon":
-            return kohya.load_module(lazy, name, lora_entries[stem])
-        m = _convert(lazy, name, entries[stem], algos[stem], lycoris_tol)
+            return kohya.load_module(lazy, name, entries[stem])
+        m = _convert(lazy, name, entries[stem], algos[stem], lycoris_tol, kernels.get(name))
         conversion["rel_error"][name] = m.conversion_error
         return m
 
     config = {"variant": naming.variant_of(by_name, lazy.metadata), "algos": sorted(set(algos.values())),
-              "conversion": conversion}
+              "conversion": conversion, "naming": "lycoris" if own == {True} else "kohya"}
+    unknown_kernels = sorted(n for n, k in kernels.items() if k is None)
+    if unknown_kernels:
+        config["kernel_unknown"] = unknown_kernels  # writers refuse these (see _util.check_kernel_known)
     return Adapter(format=NAME, module_names=sorted(by_name), load_module=load, config=config,
                    metadata=dict(lazy.metadata), source=str(path))
 
 
 def _algo(stem: str, entry: dict, path) -> str:
     roles = set(entry)
+    if roles & {"lora_down.weight", "lora_up.weight", "lora_mid.weight"}:
+        if roles - {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"}:
+            raise BadInputError(f"module {stem!r} has both LoRA (lora_down/lora_up) and LoHa/LoKr factors", path)
+        if not {"lora_down.weight", "lora_up.weight"} <= roles:
+            missing = "lora_down" if "lora_down.weight" not in roles else "lora_up"
+            raise BadInputError(f"module {stem!r} is incomplete (missing {missing}.weight)", path)
+        return "LoCon"
     if roles >= {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} and not any(r.startswith("lokr") for r in roles):
         return "LoHa"
     has_w1 = "lokr_w1" in roles or {"lokr_w1_a", "lokr_w1_b"} <= roles
@@ -106,7 +140,40 @@ def _algo(stem: str, entry: dict, path) -> str:
     raise BadInputError(f"module {stem!r} has an incomplete or mixed LoHa/LoKr factor set: {sorted(roles)}", path)
 
 
-def _convert(lazy: LazyTensors, name: str, entry: dict, algo: str, tol: float) -> LoraModule:
+def _layer_kernels(lazy: LazyTensors, by_name: dict, entries: dict, algos: dict, given: dict) -> dict:
+    """name -> the layer kernel of every LoHa/LoKr module whose factors do not keep it (no Tucker
+    core, no 4-D full factor): from `given`, else the known architectures; None: unknown."""
+    cross = None
+    for name, stem in by_name.items():  # the UNet's cross-attention width tells SD1.x from SD2.x
+        if name.endswith(".attn2.to_k") or name.endswith("attn2.to_k"):
+            cross = _in_width(lazy, entries[stem], algos[stem])
+            break
+    linear_projection = naming.unet_linear_projection(list(by_name), lazy.metadata, cross)
+    kernels = {}
+    for name, stem in by_name.items():
+        roles = entries[stem]
+        if algos[stem] == "LoCon" or {"hada_t1", "lokr_t2"} & set(roles) or any(
+                len(lazy.shape(roles[r])) == 4 for r in ("lokr_w1", "lokr_w2") if r in roles):
+            continue
+        kernel = given[name] if name in given else naming.layer_kernel(name, linear_projection)
+        kernels[name] = None if kernel is None else tuple(kernel)
+    return kernels
+
+
+def _in_width(lazy: LazyTensors, entry: dict, algo: str) -> int | None:
+    """A module's input width from the header shapes alone (None when they do not say)."""
+    def cols(role):
+        return lazy.shape(entry[role])[-1] if role in entry else None
+    if algo == "LoCon":
+        return lazy.shape(entry["lora_down.weight"])[1]
+    if algo == "LoHa":
+        return cols("hada_w1_b")
+    w1 = cols("lokr_w1") or cols("lokr_w1_b")
+    w2 = cols("lokr_w2") or cols("lokr_w2_b")
+    return w1 * w2 if w1 and w2 and "lokr_t2" not in entry else None
+
+
+def _convert(lazy: LazyTensors, name: str, entry: dict, algo: str, tol: float, layer=None) -> LoraModule:
     def get(role):
         if role not in entry:
             return None
@@ -119,6 +186,12 @@ def _convert(lazy: LazyTensors, name: str, entry: dict, algo: str, tol: float) -
             U, S, V, ref, scale, kernel = _lokr(get)
     except RuntimeError as exc:  # shape mismatches inside einsum/matmul
         raise BadInputError(f"module {name!r}: {algo} factor shapes do not fit ({exc})", lazy.path) from None
+    if kernel is None and layer:  # a flattened conv kernel: the layer's kernel comes from the architecture
+        width = V.shape[0]
+        if width % (layer[0] * layer[1]):
+            raise BadInputError(f"module {name!r}: its factors are {width} wide, not a multiple of the "
+                                f"{layer[0]}x{layer[1]} kernel its layer has", lazy.path)
+        kernel = (width // (layer[0] * layer[1]), *layer)
     return _lora_from_svd(name, U, S, V, ref, scale, kernel, tol)
 
 
@@ -179,7 +252,12 @@ def _lokr(get):
 
 
 def _kron(a, b):
-    return torch.kron(a.contiguous(), b.contiguous())  # torch.kron views its inputs: SVD outputs are strided
+    """Kronecker product of two vectors or two matrices, by broadcasting: torch.kron views its
+    inputs, which fails for SVD outputs with a size-1 dimension (strided in a way that
+    .contiguous() leaves alone), e.g. LoKr's (4, 1) w1 of a 4-channel conv_in."""
+    if a.dim() == 1:
+        return (a[:, None] * b[None, :]).reshape(-1)
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
 
 
 def _lora_from_svd(name, U, S, V, ref, scale, kernel, tol) -> LoraModule:
@@ -208,13 +286,15 @@ def _keep(S: torch.Tensor, tol: float) -> int:
 
 def write(adapter: Adapter, dest: Path) -> None:
     """LoHa/LoKr structure cannot be restored from a LoRA pair: write the converted LoRA in the kohya
-    layout (same key names; A1111, ComfyUI and LyCORIS load it) and say so in the metadata."""
+    layout (same key names; A1111, ComfyUI and LyCORIS load it; a file in LyCORIS's own lycoris_
+    naming keeps it) with conv kernels 4-D, and say so in the metadata."""
     conversion = adapter.config.get("conversion") or {}
 
     def note():
         errors = conversion.get("rel_error") or {}
         return {"converted_from": "LyCORIS " + "/".join(adapter.config.get("algos", [])),
-                "written_as": "plain LoRA (kohya layout)",
+                "written_as": "plain LoRA (LoCon pairs, LyCORIS naming)" if kohya.lycoris_named(adapter)
+                else "plain LoRA (kohya layout)",
                 "max_conversion_rel_error": max(errors.values(), default=0.0)}
 
     kohya.write(adapter, dest, note=note)

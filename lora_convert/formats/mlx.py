@@ -24,8 +24,8 @@ from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite
 from . import naming
-from ._util import (check_no_passthrough, fold_scale, int_if_whole, most_common, read_json_config,
-                    unknown_keys_error)
+from ._util import (check_kernel_known, check_no_passthrough, fold_scale, int_if_whole, most_common,
+                    read_json_config, unknown_keys_error)
 from .base import AdapterFormat, register
 
 NAME = "mlx"
@@ -111,6 +111,7 @@ def _scan(adapter: Adapter):
     """(ranks, scales) per module, one pass over the factors' shapes only."""
     ranks, scales = {}, {}
     for m in adapter.modules():
+        check_kernel_known(adapter, m)
         if m.kind == "conv":
             raise UnsupportedError(f"module {m.name!r} is a conv layer; MLX-LM LoRA has no conv layers")
         if naming.split_component(m.name)[0] is not None:

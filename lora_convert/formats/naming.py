@@ -213,6 +213,27 @@ def kohya_to_module(stem: str) -> tuple[str, str] | None:
             return f"{component}.{path}", prefix
     if stem.startswith("lycoris_") and len(stem) > len("lycoris_"):
         return underscored_to_dotted(stem[len("lycoris_"):]), "lycoris_"
+    return comfy_to_module(stem)
+
+
+# ComfyUI's own LoRA keys: the model's dotted module paths under its state-dict prefixes.
+COMFY_DIFFUSION = "diffusion_model."
+COMFY_TEXT = {"text_encoders.clip_l.transformer.": "text_encoder", "text_encoders.clip_g.transformer.": "text_encoder_2"}
+
+
+def comfy_to_module(stem: str) -> tuple[str, str] | None:
+    """``diffusion_model.input_blocks.4.1.proj_in`` -> (``unet.down_blocks.1.attentions.0.proj_in``,
+    prefix); Flux's ``diffusion_model.double_blocks.0.img_attn.qkv`` -> ``transformer.double_blocks…``;
+    ``text_encoders.clip_l.transformer.text_model…`` -> ``text_encoder.text_model…``."""
+    if stem.startswith(COMFY_DIFFUSION) and len(stem) > len(COMFY_DIFFUSION):
+        path = stem[len(COMFY_DIFFUSION):]
+        if path.split(".", 1)[0] in SGM_ROOTS:
+            return f"unet.{sgm_to_diffusers(path)}", COMFY_DIFFUSION
+        component = infer_component(path)
+        return (f"{component}.{path}", COMFY_DIFFUSION) if component in ("unet", "transformer") else None
+    for prefix, component in COMFY_TEXT.items():
+        if stem.startswith(prefix) and len(stem) > len(prefix):
+            return f"{component}.{stem[len(prefix):]}", prefix
     return None
 
 
@@ -251,6 +272,9 @@ def variant_of(names, metadata: dict | None = None) -> str:
     names = [n if split_component(n)[0] else f"{infer_component(n)}.{n}" for n in names]
     if any(n.startswith("transformer.") and is_bfl_flux(split_component(n)[1]) for n in names):
         return "Flux"
+    if any(n.startswith(("transformer.single_transformer_blocks.", "transformer.x_embedder",
+                         "transformer.time_text_embed.guidance_embedder.")) for n in names):
+        return "Flux"  # diffusers' Flux names (SD3's MMDiT has none of these)
     base = (metadata or {}).get("ss_base_model_version", "")
     sdxl_marks = ("text_encoder_2.", "unet.up_blocks.0.attentions", "unet.add_embedding")
     if base.startswith("sdxl") or any(n.startswith(sdxl_marks) for n in names) or any(
@@ -259,3 +283,61 @@ def variant_of(names, metadata: dict | None = None) -> str:
     if base.startswith("flux"):
         return "Flux"
     return "SD1.x/2.x"
+
+
+# ------------------------------------------------------------ layer kinds of known architectures
+
+# LyCORIS LoHa/LoKr without a Tucker core store a conv kernel flattened (r × in·kh·kw), exactly
+# like a linear layer's factor: the layer kind must come from the architecture. diffusers'
+# UNet2DConditionModel (SD1.x, SD2.x, SDXL; kohya's SGM names are mapped to it on reading):
+_UNET_CONV3 = re.compile(r"^(?:conv_in|conv_out|(?:down_blocks|up_blocks)\.\d+\.(?:downsamplers|upsamplers)\.\d+\.conv|"
+                         r"(?:(?:down_blocks|up_blocks)\.\d+\.|mid_block\.)resnets\.\d+\.conv[12])$")
+_UNET_CONV1 = re.compile(r"^(?:(?:down_blocks|up_blocks)\.\d+\.|mid_block\.)resnets\.\d+\.conv_shortcut$")
+_UNET_PROJ = re.compile(r"^(?:(?:down_blocks|up_blocks)\.\d+\.|mid_block\.)attentions\.\d+\.proj_(?:in|out)$")
+# Leaves that are nn.Linear wherever they occur (transformers / diffusers attention and MLPs).
+LINEAR_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1",
+                 "fc2", "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp",
+                 "lm_head", "query", "key", "value", "dense", "qkv_proj", "gate_up_proj", "linear_1", "linear_2",
+                 "time_emb_proj", "wi_0", "wi_1", "wo", "q", "k", "v", "o"}
+
+
+def layer_kernel(name: str, linear_projection: bool | None = None):
+    """The layer kind of module `name` (in-memory name) where the architecture fixes it:
+    ``(kh, kw)`` for a conv, ``()`` for a linear layer, None when unknown. `linear_projection`
+    says whether the UNet's attention proj_in/proj_out are linear (SD2.x, SDXL) or 1×1 convs
+    (SD1.x); None: not known."""
+    component, path = split_component(name)
+    component = component or infer_component(path)
+    if component == "unet":
+        if path.split(".", 1)[0] in SGM_ROOTS:
+            path = sgm_to_diffusers(path)
+        if _UNET_CONV3.match(path):
+            return (3, 3)
+        if _UNET_CONV1.match(path):
+            return (1, 1)
+        if _UNET_PROJ.match(path):
+            return None if linear_projection is None else () if linear_projection else (1, 1)
+        return ()  # every other UNet layer LyCORIS targets is nn.Linear
+    if component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        return ()
+    if component == "transformer":
+        return None if path.startswith("pos_embed") else ()  # SD3's patch embedding is a conv
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf.isdigit() and "." in path:  # to_out.0, ff.net.2
+        leaf = path.rsplit(".", 2)[-2]
+    return () if leaf in LINEAR_LEAVES or leaf == "to_out" else None
+
+
+def unet_linear_projection(names, metadata: dict | None, cross_attention_dim: int | None) -> bool | None:
+    """Whether the UNet's attention proj_in/proj_out are linear: SDXL and SD2.x (True), SD1.x
+    (1×1 convs, False), from the variant, kohya's ``ss_v2`` / ``ss_base_model_version``
+    metadata, or the cross-attention width (768: SD1.x, 1024: SD2.x); None when none says."""
+    meta = metadata or {}
+    if variant_of(names, meta) == "SDXL":
+        return True
+    base = meta.get("ss_base_model_version", "")
+    if base.startswith("sd_v2") or meta.get("ss_v2") == "True":
+        return True
+    if base.startswith("sd_v1") or meta.get("ss_v2") == "False":
+        return False
+    return {768: False, 1024: True}.get(cross_attention_dim)

@@ -24,7 +24,7 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors, StreamingWriter, require_finite
-from ._util import read_json_config
+from ._util import check_kernel_known, read_json_config
 from .base import AdapterFormat, register
 
 NAME = "peft"
@@ -390,6 +390,7 @@ def write(adapter: Adapter, dest: Path) -> None:
     ranks, alphas, rslora, scales, kinds = {}, {}, {}, {}, {}
     with StreamingWriter(dest / WEIGHTS_FILE, reserve=_header_room(adapter, paths)) as writer:
         for m in adapter.modules():
+            check_kernel_known(adapter, m)
             path = paths[m.name]
             _write_factors(writer, m, path)
             ranks[path], alphas[path], rslora[path], scales[path] = m.rank, m.alpha, m.use_rslora, m.scale
