@@ -1,4 +1,4 @@
-"""Core benchmark (issue 2, item 8): compress / reconstruct against the I/O floor and a dense baseline.
+"""Core benchmark: compress / reconstruct against the I/O floor and a dense baseline.
 
 Builds a Llama-2-7B-shaped PEFT LoRA adapter (r=16, fp16; q,k,v,o 4096x4096, gate,up 11008x4096,
 down 4096x11008 in every layer; about 80 MB for 32 layers) in a temporary directory and, in one
@@ -324,7 +324,7 @@ def render(args, env: dict, sizes: dict, results: dict, base: dict, cli: dict) -
     largest_delta = max(o * i for o, i in SHAPES.values()) * {"float32": 4, "float64": 8}[args.baseline_dtype]
     r = results[big]
     lines = [
-        "lora_convert core benchmark (issue 2, item 8)",
+        "lora_convert core benchmark",
         f"adapter    Llama-2-7B-shaped PEFT LoRA, r={RANK}, fp16; per layer q,k,v,o 4096x4096, "
         "gate,up 11008x4096, down 4096x11008",
         f"           {big} layers: {big * per_layer} modules, {sizes[big] / MB:.1f} MB;  "
@@ -368,7 +368,7 @@ def render(args, env: dict, sizes: dict, results: dict, base: dict, cli: dict) -
               "    threads: read each factor, widen it to float64, form BᵀB and AAᵀ; the random row adds the",
               f"    projections UᵀB, AVᵀ onto {RANDOM_OUTER_DIM}-column outers. No fit, no output, no checksums.",
               "    Done as cheaply as we know how: same-shaped modules of each window stacked, one BLAS call",
-              "    per product, buffers reused (as compress itself works since bfb1fa8)."]
+              "    per product, buffers reused (as compress itself works)."]
 
     floor, floor_fsync = r["io_floor"]["seconds"], r["io_floor_fsync"]["seconds"]
     lines += ["", f"ratios ({big} layers)                                    measured      target"]

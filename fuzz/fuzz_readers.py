@@ -1,4 +1,4 @@
-"""Fuzz targets for every reader of untrusted input (issue 6).
+"""Fuzz targets for every reader of untrusted input.
 
     python fuzz/fuzz_readers.py TARGET [libFuzzer flags] CORPUS_DIR [SEED_DIR]   # atheris
     python fuzz/fuzz_readers.py --seeds DIR                                      # write seed corpora

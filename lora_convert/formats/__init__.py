@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AdapterFormat", "REGISTRY", "register", "names", "detect", "read", "write", "label"]
 
-_HELPERS = {"base", "naming"}  # modules of this package that are not layouts
+_HELPERS = {"base", "naming", "flux"}  # modules of this package that are not layouts
 
 
 def names() -> list[str]:
