@@ -402,8 +402,9 @@ def _check_total_work(specs: dict, file: Path) -> None:
                     seen.add(key)
                     total += size
         if total > max_total_elements():
-            raise BadInputError(f"the modules would regenerate and expand to over {max_total_elements():,} elements "
-                                f"in total ({len(specs):,} modules; limit LORA_CONVERT_MAX_TOTAL_ELEMENTS)", file)
+            raise BadInputError(f"the modules would regenerate and expand to {total:,} elements or more, over the "
+                                f"limit of {max_total_elements():,} elements in total ({len(specs):,} modules; "
+                                "LORA_CONVERT_MAX_TOTAL_ELEMENTS raises it)", file)
 
 
 def _parse_metadata(lazy: LazyTensors) -> dict:
