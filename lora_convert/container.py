@@ -155,6 +155,7 @@ class MiniAdapter(LazyModules):
     load_window: Callable[[list[str]], list[MiniModule]] | None = None  # several modules at once (compress)
     window: int = 1  # modules per load_window call
     max_bytes: int | None = None  # save refuses an output larger than this (compress --target-size)
+    format_version: int | None = None  # of the file it was loaded from
 
 
 def _number(x) -> float | None:
@@ -227,12 +228,8 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
             writer.finish(meta)
         report.compressed_bytes = file.stat().st_size
         if _is_dir_target(path):
-            summary = {"format": FORMAT_NAME, "format_version": version, "file": FILE_NAME,
-                       "source_format": mini.source_format,
-                       "base_model_name_or_path": mini.source_config.get("base_model_name_or_path"),
-                       "outer_sources": sorted({s["outer"]["source"] for s in specs.values()}),
-                       "fidelity": report.summary()}
-            (tmp / CONFIG_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            summary = summary_config(mini, version, {s["outer"]["source"] for s in specs.values()}, report.summary())
+            (tmp / CONFIG_NAME).write_text(summary, encoding="utf-8")
         if max_bytes is not None:
             written = sum(f.stat().st_size for f in (tmp.iterdir() if _is_dir_target(path) else [tmp]))
             if written > max_bytes:  # raised inside atomic_output: nothing is published
@@ -240,6 +237,15 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
                                     path)
             report.compressed_bytes = written
     return report
+
+
+def summary_config(mini: MiniAdapter, version: int, outer_sources, fidelity: dict) -> str:
+    """The text of ``lora_mini_config.json``, the directory layout's informational summary."""
+    summary = {"format": FORMAT_NAME, "format_version": version, "file": FILE_NAME,
+               "source_format": mini.source_format,
+               "base_model_name_or_path": mini.source_config.get("base_model_name_or_path"),
+               "outer_sources": sorted(outer_sources), "fidelity": fidelity}
+    return json.dumps(summary, indent=2) + "\n"
 
 
 # Longest JSON forms of what size_bound cannot know before the fit: a float, a hex digest.
@@ -309,7 +315,8 @@ def quantized_blob(m: MiniModule) -> bytes:
     if outer.get(m.outer["source"]).STORED:
         k = m.inner_rank
         eye = torch.eye(k, dtype=f)
-        same = m.X.shape == (k, k) and m.Y.shape == (k, k) and torch.equal(m.X.to(f), eye) and torch.equal(m.Y.to(f), eye)
+        same = (m.X.shape == (k, k) and m.Y.shape == (k, k)
+                and torch.equal(m.X.to(f), eye) and torch.equal(m.Y.to(f), eye))
         mats = [m.U.to(f), m.V.to(f)] if same else [m.U.to(f) @ m.X.to(f), m.Y.to(f) @ m.V.to(f)]
     else:
         mats = [m.X.to(f), m.Y.to(f)]
@@ -377,7 +384,8 @@ def load(path: str | os.PathLike) -> MiniAdapter:
                        source_config=doc.get("source_config") or {}, source_metadata=doc.get("source_metadata") or {},
                        passthrough_names=list(doc.get("passthrough", [])),
                        load_passthrough=lambda n: checked(PASSTHROUGH + n),
-                       original_bytes=doc.get("original_bytes"), source=str(file))
+                       original_bytes=doc.get("original_bytes"), source=str(file),
+                       format_version=int(lazy.metadata["format_version"]))
 
 
 def _check_total_work(specs: dict, file: Path) -> None:

@@ -14,12 +14,12 @@ repo discoverable next to ordinary adapters.
 """
 from __future__ import annotations
 
-import json
 import re
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .container import CONFIG_NAME, FILE_NAME, FORMAT_NAME, FORMAT_VERSION, MiniAdapter
+from . import container
+from .container import CONFIG_NAME, MiniAdapter
 from .report import FidelityReport
 
 LIBRARY_NAME = "lora_convert"
@@ -159,9 +159,5 @@ def readme_for(repo_id: str, mini: MiniAdapter, report: FidelityReport, outers: 
 
 def summary_config(mini: MiniAdapter, report: FidelityReport) -> str:
     """``lora_mini_config.json`` as ``container.save`` writes it (for a single-file adapter)."""
-    summary = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "file": FILE_NAME,
-               "source_format": mini.source_format,
-               "base_model_name_or_path": mini.source_config.get("base_model_name_or_path"),
-               "outer_sources": sorted({m.outer for m in report.modules}),
-               "fidelity": report.summary()}
-    return json.dumps(summary, indent=2) + "\n"
+    return container.summary_config(mini, mini.format_version or container.FORMAT_VERSION,
+                                    {m.outer for m in report.modules}, report.summary())
