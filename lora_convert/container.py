@@ -217,11 +217,13 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
             for name, tensor in mini.passthrough():
                 key = PASSTHROUGH + name
                 hashes[key] = writer.add(key, tensor, digest=True)
+            version = FORMAT_VERSION if any("quant" in sp for sp in specs.values()) else PLAIN_VERSION
+            defaults, stored_specs = compact_specs(specs) if version >= 2 else ({}, specs)
             doc = {"source_format": mini.source_format, "source_config": mini.source_config,
-                   "source_metadata": mini.source_metadata, "modules": specs,
+                   "source_metadata": mini.source_metadata, "modules": stored_specs,
+                   **({"module_defaults": defaults} if defaults else {}),
                    "passthrough": list(mini.passthrough_names), "tensor_sha256": hashes,
                    "original_bytes": mini.original_bytes, "created_by": f"lora_convert {__version__}"}
-            version = FORMAT_VERSION if any("quant" in sp for sp in specs.values()) else PLAIN_VERSION
             meta = {"format": FORMAT_NAME, "format_version": str(version),
                     "lora_mini": json.dumps(doc, sort_keys=True, allow_nan=False)}
             meta[METADATA_SHA256] = metadata_digest(meta, writer.layout())
@@ -237,6 +239,22 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
                                     path)
             report.compressed_bytes = written
     return report
+
+
+# Spec entries fixed by the source adapter (not by compression choices) that version 2 files
+# state once in "module_defaults" when every module has the same value: headers of budgeted
+# files are a large share of their bytes.
+DEFAULT_KEYS = ("kind", "kernel", "rank", "alpha", "use_rslora", "dtype")
+
+
+def compact_specs(specs: dict[str, dict]) -> tuple[dict, dict[str, dict]]:
+    """(module_defaults, specs without them): the DEFAULT_KEYS whose value all modules share."""
+    if not specs:
+        return {}, specs
+    first = next(iter(specs.values()))
+    defaults = {k: first[k] for k in DEFAULT_KEYS
+                if k in first and all(k in sp and json.dumps(sp[k]) == json.dumps(first[k]) for sp in specs.values())}
+    return defaults, {n: {k: v for k, v in sp.items() if k not in defaults} for n, sp in specs.items()}
 
 
 def summary_config(mini: MiniAdapter, version: int, outer_sources, fidelity: dict) -> str:
@@ -272,8 +290,10 @@ def size_bound(mini: MiniAdapter, specs: dict[str, dict], tensors: dict[str, tup
     for key, (dtype, ndim) in tensors.items():
         entries[key] = {"dtype": dtype, "shape": [big] * ndim, "data_offsets": [big, big]}
         hashes[key] = _WORST_HEX
+    defaults, specs = compact_specs(specs) if any("quant" in sp for sp in specs.values()) else ({}, specs)
     doc = {"source_format": mini.source_format, "source_config": mini.source_config,
            "source_metadata": mini.source_metadata, "modules": specs, "passthrough": list(mini.passthrough_names),
+           **({"module_defaults": defaults} if defaults else {}),
            "tensor_sha256": hashes, "original_bytes": mini.original_bytes,
            "created_by": f"lora_convert {__version__}"}
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
@@ -443,8 +463,15 @@ def _parse_metadata(lazy: LazyTensors) -> dict:
     for key in ("source_config", "source_metadata"):
         if not isinstance(doc.get(key) or {}, dict):
             raise BadInputError(f"lora_mini metadata: {key} must be an object", file)
-    if meta["format_version"] == "1" and any("quant" in spec for spec in doc["modules"].values()):
-        raise BadInputError("quantized modules need format version 2, the file says 1", file)
+    if meta["format_version"] == "1" and ("module_defaults" in doc or any("quant" in spec for spec in
+                                                                          doc["modules"].values())):
+        raise BadInputError("quantized modules and module_defaults need format version 2, the file says 1", file)
+    defaults = doc.get("module_defaults", {})
+    if not isinstance(defaults, dict) or not set(defaults) <= set(DEFAULT_KEYS):
+        raise BadInputError(f"lora_mini metadata: module_defaults may only hold {', '.join(DEFAULT_KEYS)}", file)
+    if any(set(defaults) & set(spec) for spec in doc["modules"].values()):
+        raise BadInputError("lora_mini metadata: a module repeats a key of module_defaults", file)
+    doc["modules"] = {name: {**defaults, **spec} for name, spec in doc["modules"].items()}
     ob = doc.get("original_bytes")
     if ob is not None and (type(ob) is not int or ob < 0):
         raise BadInputError("lora_mini metadata: original_bytes must be a non-negative integer", file)

@@ -166,6 +166,30 @@ def test_quant_spec_in_a_version_1_file_is_refused(adapter, tmp_path):
         lc.load(out)
 
 
+def test_shared_spec_entries_are_stated_once(adapter, tmp_path):
+    """Version 2 files state spec entries every module shares once, in module_defaults; a reader
+    sees the full specs, and a module repeating a default is refused."""
+    out = tmp_path / "q.safetensors"
+    lc.save(lc.compress(adapter, "svd", bits=4), out)
+    doc = json.loads(container.LazyTensors(out).metadata["lora_mini"])
+    assert doc["module_defaults"] == {"kind": "linear", "kernel": {}, "rank": 8, "alpha": 16.0,
+                                      "use_rslora": False, "dtype": "float32"}
+    assert all("alpha" not in spec for spec in doc["modules"].values())
+    assert all(m.alpha == 16.0 and m.rank == 8 for m in lc.load(out).modules())
+    doc["modules"][adapter.module_names[0]]["alpha"] = 32.0
+    header = container.LazyTensors(out).header
+    blob = out.read_bytes()
+    raw = json.loads(blob[8:header.data_start])
+    raw["__metadata__"]["lora_mini"] = json.dumps(doc)
+    layout = {k: (v["dtype"], v["shape"]) for k, v in raw.items() if k != "__metadata__"}
+    raw["__metadata__"][container.METADATA_SHA256] = container.metadata_digest(raw["__metadata__"], layout)
+    new = json.dumps(raw, separators=(",", ":")).encode()
+    new += b" " * (-(8 + len(new)) % 8)
+    out.write_bytes(struct.pack("<Q", len(new)) + new + blob[header.data_start:])
+    with pytest.raises(BadInputError, match="repeats a key"):
+        lc.load(out)
+
+
 def test_recovered_quantized_inners_are_folded_and_requantized(adapter, tmp_path):
     """A quantized svd module whose X, Y are no longer the identity (recover changes them) is
     stored by folding them into U, V and quantizing again: the file stays loadable."""
