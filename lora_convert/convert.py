@@ -17,13 +17,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import outer
+from . import budget, outer, quant
 from .adapter import Adapter, LoraModule, lora_scale
-from .container import DTYPES, MiniAdapter, MiniModule
+from .budget import Option
+from .config import CompressConfig
+from .container import DTYPES, FIDELITY_DIGITS, MiniAdapter, MiniModule, module_spec, size_bound
 from .errors import BadInputError
 from .lru import BytesLRU
-from .mathcore import (OuterBasis, Updates, difference_norm, fit_projected_stack, mini_difference_norms, relative,
-                       scaled_relative_error)
+from .mathcore import (OuterBasis, Update, Updates, choose_rank, difference_norm, fit_projected_stack,
+                       mini_difference_norms, relative, scaled_relative_error)
 from .outer import random as random_outer
 from .report import FidelityReport, ModuleFidelity
 from .st import dtype_name
@@ -112,12 +114,18 @@ def compress_module(m: LoraModule, source: str = "random", **options) -> MiniMod
 
 
 @one_thread
-def compress_window(modules: list[LoraModule], source: str = "random", *, seed: int = 0, outer_dim=None,
-                    rank: int | None = None, keep_energy: float | None = None,
-                    dtype: str = "auto", outer_stream: str = "shared") -> list[MiniModule]:
-    """compress_module for each of `modules`, in order; same-shaped ones are fitted as a stack."""
-    options = {"seed": seed, "outer_dim": outer_dim, "rank": rank, "keep_energy": keep_energy, "stream": outer_stream}
-    src = outer.get(source)
+def compress_window(modules: list[LoraModule], source: str | CompressConfig = "random", *,
+                    plan: dict[str, Option] | None = None, **options) -> list[MiniModule]:
+    """compress_module for each of `modules`, in order; same-shaped ones are fitted as a stack.
+    `source` is an outer source name (with CompressConfig fields as `options`) or a config;
+    `plan` gives quantized modules their (rank, bits) (budgets)."""
+    if isinstance(source, str) and outer.get(source).stored:
+        options.pop("outer_dim", None)  # per-module calls pass one set of options to every source
+    cfg = _config(source, options)
+    src = outer.get(cfg.outer)
+    opts = _outer_options(cfg)
+    if cfg.quantized:
+        return [_compress_quantized(m, src, cfg, opts, (plan or {}).get(m.name)) for m in modules]
     shapes: dict[tuple, list[int]] = {}
     for i, m in enumerate(modules):
         shapes.setdefault((tuple(m.up.shape), tuple(m.down.shape), m.dtype), []).append(i)
@@ -125,11 +133,71 @@ def compress_window(modules: list[LoraModule], source: str = "random", *, seed: 
     for idx in shapes.values():
         m = modules[idx[0]]
         per_stack = max(1, STACK_BYTES // (8 * m.rank * (m.out_features + m.in_features)))
-        per_stack = min(per_stack, src.stack_size(options) or per_stack)
+        per_stack = min(per_stack, src.stack_size(opts) or per_stack)
         for start in range(0, len(idx), per_stack):
             part = idx[start:start + per_stack]
-            done.update(zip(part, _compress_stack([modules[i] for i in part], src, options, dtype)))
+            done.update(zip(part, _compress_stack([modules[i] for i in part], src, opts, cfg.dtype)))
     return [done[i] for i in range(len(modules))]
+
+
+def _config(source, options: dict) -> CompressConfig:
+    if isinstance(source, CompressConfig):
+        return source.replace(**options) if options else source
+    return CompressConfig(outer=source, **options)
+
+
+def _outer_options(cfg: CompressConfig) -> dict:
+    """What outer sources read (outer/__init__.py): the options dict of their interface."""
+    return {"seed": cfg.seed, "outer_dim": cfg.outer_dim, "rank": cfg.rank, "keep_energy": cfg.keep_energy,
+            "stream": cfg.outer_stream}
+
+
+def _stored_factors(m: LoraModule, src, opts: dict):
+    """(F1, F2, σ, energy, outers): the full-rank factors a quantized module stores prefixes of
+    (svd: the truncated-SVD factors; random: the inner matrices for the regenerated outers U, V),
+    float64 numpy, and ||B A||²_F."""
+    B, A = m.up.double(), m.down.double()
+    energy = float(Update(B, A).energy)
+    if src.stored:
+        F1, F2, s = budget.svd_factors(B, A)
+        return F1, F2, s, energy, None
+    U, V, spec = src.make(m, opts)
+    X, Y, s = budget.random_inner(B, A, U, V)
+    return X, Y, s, energy, (U, V, spec)
+
+
+def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, choice: Option | None) -> MiniModule:
+    """One module stored quantized (container: one ``.q`` tensor): rank and bits from the budget's
+    plan, else --rank / --keep-energy and --bits."""
+    F1, F2, s, energy, outers = _stored_factors(m, src, opts)
+    if choice is not None:
+        k, bits = min(choice.k, F1.shape[1]), choice.bits
+    else:
+        k, bits = max(min(choose_rank(s, energy, cfg.rank, cfg.keep_energy), F1.shape[1]), 1), cfg.bits
+    try:
+        _, (Q1, Q2) = quant.encode_many([F1[:, :k], F2[:k]], bits, cfg.group_size)
+    except ValueError as exc:
+        raise BadInputError(f"module {m.name!r}: cannot store its factors at {bits} bits ({exc})") from None
+    Q1, Q2 = torch.from_numpy(Q1), torch.from_numpy(Q2)
+    if outers is None:
+        U, V, X, Y = Q1, Q2, torch.eye(k), torch.eye(k)
+        spec = {"source": src.name, "a": k, "b": k}
+    else:
+        U, V, spec = outers
+        X, Y = Q1, Q2
+    diff = difference_norm(m.up.double(), m.down.double(), U.double() @ X.double(), Y.double() @ V.double())
+    ref = energy ** 0.5
+    rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
+    return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha, use_rslora=m.use_rslora,
+                      dtype=dtype_name(m.dtype), outer=dict(spec), U=U, V=V, X=X, Y=Y,
+                      fidelity={"rel_error": _short(rel), "energy": _short(m.scale**2 * energy)},
+                      quant={"bits": bits, "group": cfg.group_size})
+
+
+def _short(x: float) -> float:
+    """A fidelity figure to FIDELITY_DIGITS significant digits: informational, and every byte of a
+    budgeted file's header counts."""
+    return float(f"{x:.{FIDELITY_DIGITS - 1}e}") if math.isfinite(x) else x
 
 
 def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> list[MiniModule]:
@@ -229,10 +297,13 @@ def _check_finite(ms, store, X, Y, Xd, Yd) -> None:
                             "this module: store them as fp32 (--dtype fp32) or choose another --seed / --outer-dim")
 
 
-def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_dim=None,
-             rank: int | None = None, keep_energy: float | None = None, dtype: str = "auto",
-             outer_stream: str = "shared") -> MiniAdapter:
+def compress(adapter: Adapter, outer: str | CompressConfig = "random", **options) -> MiniAdapter:
     """LoRA-Mini form of `adapter` (lazy: modules are fitted when iterated or saved).
+
+    `outer` is the outer source ("random" or "svd") with CompressConfig fields as keywords, or a
+    CompressConfig (keywords then override its fields). With target_size / min_fidelity every
+    module's error curve is computed first (one pass over the adapter) and rank and bits are
+    allocated across modules; a budget that cannot be met raises BudgetError naming the best.
 
     `outer_stream` (random outers): "shared" keys the generator on the seed alone, so modules
     of one shape share U and V; "module" keys it on each module's name as well.
@@ -240,16 +311,23 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
     >>> import lora_convert as lc                                    # doctest: +SKIP
     >>> mini = lc.compress(lc.load_adapter("fixtures/peft-tiny-llama"), outer="random", seed=7)
     >>> report = lc.save(mini, "mini")
+    >>> small = lc.compress(adapter, "svd", target_size="32x")       # rank and bits per module
     """
-    _validate_options(outer, rank, keep_energy, outer_dim, seed, outer_stream)
-    kwargs = dict(seed=seed, outer_dim=outer_dim, rank=rank, keep_energy=keep_energy, dtype=dtype,
-                  outer_stream=outer_stream)
-    _storage_dtype(dtype, torch.float32)  # fail early on a bad name
+    cfg = _config(outer, options)
+    original = source_bytes(adapter.source)
+    plan, max_bytes = None, None
+    if cfg.budgeted:
+        max_bytes = cfg.budget_bytes(original)
+        curves, fixed = plan_curves(adapter, cfg, max_bytes)
+        try:
+            plan = budget.allocate(curves, max_bytes, cfg.min_fidelity, fixed).choice
+        except budget.BudgetError as exc:
+            raise BudgetError(str(exc), adapter.source or None, exc.best) from None
 
     @one_thread  # reading the factors too
     def load_window(names: list[str]) -> list[MiniModule]:
         try:
-            return compress_window([adapter.module(n) for n in names], outer, **kwargs)
+            return compress_window([adapter.module(n) for n in names], cfg, plan=plan)
         except BadInputError as exc:
             if exc.path is None:  # compress_window's own refusals: name the adapter
                 raise BadInputError(exc.problem, adapter.source or None) from None
@@ -258,34 +336,53 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
     return MiniAdapter(source_format=adapter.format, module_names=list(adapter.module_names),
                        load_module=lambda name: load_window([name])[0], load_window=load_window,
                        # per-module outers share nothing within a window, and each module holds its own
-                       window=1 if outer_stream == "module" else WINDOW,
+                       window=1 if cfg.outer_stream == "module" else WINDOW,
                        source_config=adapter.config, source_metadata=adapter.metadata,
                        passthrough_names=list(adapter.passthrough_names), load_passthrough=adapter.load_passthrough,
-                       original_bytes=source_bytes(adapter.source), source=adapter.source, workers=workers())
+                       original_bytes=original, source=adapter.source, workers=workers(), max_bytes=max_bytes)
 
 
-MAX_SEED = 2**63  # seeds are stored in JSON; keep them exact for 64-bit readers
+class BudgetError(BadInputError):
+    """compress: no allocation meets --target-size / --min-fidelity; `best` is the closest one."""
+
+    def __init__(self, message: str, path=None, best: budget.Allocation | None = None):
+        super().__init__(message, path)
+        self.best = best
 
 
-def _validate_options(source, rank, keep_energy, outer_dim, seed, outer_stream="shared") -> None:
-    src = outer.get(source)
-    if src.stored and outer_dim is not None:
-        raise BadInputError(f"--outer-dim applies to random outers; {source} outers are sized by "
-                            "--rank / --keep-energy")
-    if outer_stream not in random_outer.STREAMS:
-        raise BadInputError(f"--outer-stream must be one of {', '.join(random_outer.STREAMS)}, "
-                            f"got {outer_stream!r}")
-    if src.stored and outer_stream != "shared":
-        raise BadInputError(f"--outer-stream applies to random outers; {source} outers are stored")
-    if not 0 <= seed < MAX_SEED:
-        raise BadInputError(f"--seed must be in [0, 2**63), got {seed}")
-    if rank is not None and rank <= 0:
-        raise BadInputError(f"--rank must be positive, got {rank}")
-    if keep_energy is not None and not 0.0 < keep_energy <= 1.0:
-        raise BadInputError(f"--keep-energy must be in (0, 1], got {keep_energy}")
-    dims = [outer_dim] if isinstance(outer_dim, int) else list(outer_dim or [])
-    if any(d <= 0 for d in dims):
-        raise BadInputError(f"--outer-dim must be positive, got {outer_dim}")
+@one_thread
+def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = None,
+                whitening: Callable[[str], np.ndarray | None] | None = None) -> tuple[list[budget.Curve], int]:
+    """Every module's (rank, bits) error curve, one module at a time, and the bytes of the file
+    that do not depend on the choice (header with every number at its longest, passthrough
+    tensors, summary file). `whitening(name)`: the module's input whitening factor, or None."""
+    src = outer.get(cfg.outer)
+    opts = _outer_options(cfg)
+    curves, specs = [], {}
+    for name in adapter.module_names:
+        m = adapter.module(name)
+        outers = None
+        if not src.stored:
+            U, V, ospec = src.make(m, opts)
+            outers = (U, V)
+        else:
+            ospec = {"source": src.name, "a": m.rank, "b": m.rank}
+        try:
+            curves.append(budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits,
+                                             group=cfg.group_size, outers=outers,
+                                             whitening=whitening(name) if whitening else None))
+        except ValueError as exc:
+            raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
+        specs[name] = module_spec(m.kind, m.kernel, m.rank, m.alpha, m.use_rslora,
+                                  dtype_name(m.dtype), m.out_features, m.in_features, m.rank,
+                                  ospec, {}, {"bits": max(cfg.allowed_bits), "group": cfg.group_size})
+    probe = MiniAdapter(source_format=adapter.format, module_names=[], load_module=None,
+                        source_config=adapter.config, source_metadata=adapter.metadata,
+                        passthrough_names=list(adapter.passthrough_names), load_passthrough=adapter.load_passthrough,
+                        original_bytes=source_bytes(adapter.source))
+    digits = len(str(max_bytes)) if max_bytes else 15
+    fixed = size_bound(probe, specs, {f"{n}.q": ("U8", 1) for n in specs}, digits=max(digits, 4))
+    return curves, fixed
 
 
 def source_bytes(source: str) -> int | None:
@@ -370,7 +467,7 @@ def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityRepo
         rel, ref = _module_error(m, o)
         report.add(ModuleFidelity(m.name, (m.out_features, m.in_features), m.rank, m.inner_rank,
                                   m.outer["source"], int(m.outer["a"]), int(m.outer["b"]), rel, ref**2,
-                                  recovered=m.recovered))
+                                  recovered=m.recovered, bits=m.bits))
         if progress:
             progress(m)
     _check_passthrough(mini)

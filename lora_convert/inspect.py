@@ -46,9 +46,11 @@ def _describe_mini(path) -> dict:
     for m in mini.modules():
         o = m.outer
         rows.append({"name": m.name, "shape": [m.out_features, m.in_features], "rank": m.rank,
-                     "inner_rank": m.inner_rank, "outer": o, "fidelity": m.fidelity})
+                     "inner_rank": m.inner_rank, "outer": o, "fidelity": m.fidelity, "bits": m.bits,
+                     "quant": m.quant or None})
         seed = f" seed={o['seed']}" if "seed" in o else ""
         lines.append(f"  {m.name:<60} {m.out_features}x{m.in_features} r={m.rank} k={m.inner_rank} "
-                     f"outer={o['source']} {o['a']}x{o['b']}{seed} rel.err={m.fidelity.get('rel_error', float('nan')):.2e}")
+                     f"outer={o['source']} {o['a']}x{o['b']}{seed} bits={m.bits:.2f} "
+                     f"rel.err={m.fidelity.get('rel_error', float('nan')):.2e}")
     return {"path": str(path), "format": "lora-mini", "source_format": mini.source_format, "modules": rows,
             "_text": "\n".join(lines)}

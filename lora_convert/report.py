@@ -20,6 +20,7 @@ class ModuleFidelity:
     rel_error: float | None  # None: not recorded (fidelity is informational in the format)
     energy: float  # ||s·B·A||_F² of the original module
     recovered: bool = False  # inner matrices re-fitted in function space (`lora-convert recover`)
+    bits: float | None = None  # stored bits per factor value, quantization scales included
 
     @property
     def known(self) -> bool:
@@ -33,7 +34,7 @@ class ModuleFidelity:
         return {"name": self.name, "shape": list(self.shape), "rank": self.rank,
                 "inner_rank": self.inner_rank, "outer": self.outer, "a": self.a, "b": self.b,
                 "rel_error": _finite(self.rel_error), "retained_energy": self.retained_energy,
-                "recovered": self.recovered}
+                "recovered": self.recovered, "bits": self.bits}
 
 
 @dataclass
@@ -128,13 +129,13 @@ class FidelityReport:
                 "larger --rank, --keep-energy or --outer-dim raises them.")
 
     def table(self, max_rows: int = 40) -> str:
-        lines = [f"{'module':<56} {'shape':>13} {'r':>4} {'k':>4} {'a×b':>9} {'rel.err':>9} {'energy':>8}"]
+        lines = [f"{'module':<56} {'shape':>13} {'r':>4} {'k':>4} {'a×b':>9} {'bits':>5} {'rel.err':>9} {'energy':>8}"]
         rows = self.modules if len(self.modules) <= max_rows else sorted(
             self.modules, key=lambda m: -(m.rel_error if m.known else math.inf))[:max_rows]
         for m in rows:
             name = m.name if len(m.name) <= 56 else "…" + m.name[-55:]
             lines.append(f"{name:<56} {m.shape[0]:>6}×{m.shape[1]:<6} {m.rank:>4} {m.inner_rank:>4} "
-                         f"{f'{m.a}×{m.b}':>9} {_fmt(m.rel_error, '.2e'):>9} "
+                         f"{f'{m.a}×{m.b}':>9} {_fmt(m.bits, '.1f'):>5} {_fmt(m.rel_error, '.2e'):>9} "
                          f"{_fmt(m.retained_energy, '.2%'):>8}")
         if len(rows) < len(self.modules):
             lines.append(f"… {len(self.modules) - len(rows)} more modules (worst {max_rows} shown; --json for all)")

@@ -744,12 +744,52 @@ def _(f):
     write_mini(f, edit_mini(bytes(blob), edit))
 
 
-@mini_case("mini_format_version_2", "verify", ["format version", "not supported"])
+@mini_case("mini_format_version_3", "verify", ["format version", "not supported"])
 def _(f):
-    """format_version "2" """
+    """format_version "3" (re-signed)"""
     header, meta, doc, data = mini_parts(mini())
-    meta["format_version"] = "2"
+    meta["format_version"] = "3"
     write_mini(f, mini_assemble(header, meta, None, data))
+
+
+@mini_case("mini_regeneration_bomb", "verify", ["in total", "LORA_CONVERT_MAX_TOTAL_ELEMENTS"])
+def _(f):
+    """a few kilobytes declaring 40 modules of 16384x16384 at rank 16384, each with its own outer
+    stream: every matrix is within the per-matrix cap, together they are 2**34.3 elements"""
+    header, meta, doc, data = mini_parts(mini())
+    template = doc["modules"][MOD0]
+    n, side = 40, 1 << 14
+    specs, tensors, hashes, blob = {}, {}, {}, b""
+    one = struct.pack("<f", 0.5)
+    for i in range(n):
+        name = f"model.layers.{i}.self_attn.q_proj"
+        spec = json.loads(json.dumps(template))
+        spec.update(rank=side, out_features=side, in_features=side, inner_rank=1)
+        spec["outer"].update(a=1, b=1, stream=name)
+        specs[name] = spec
+        for role in ("X", "Y"):
+            tensors[f"{name}.{role}"] = {"dtype": "F32", "shape": [1, 1], "data_offsets": [len(blob), len(blob) + 4]}
+            hashes[f"{name}.{role}"] = hashlib.sha256(one).hexdigest()
+            blob += one
+    doc.update(modules=specs, tensor_sha256=hashes)
+    write_mini(f, mini_assemble(tensors, meta, doc, blob))
+
+
+@mini_case("mini_quant_tampered_scale", "verify", ["SHA-256 checksum", ".q"])
+def _(f):
+    """the first fp16 scale of a quantized module's packed tensor doubled"""
+    blob = bytearray(mini_bytes("svd", bits=4))
+    s, e = data_span(bytes(blob), f"{MOD0}.q")
+    blob[s + 1] ^= 0x04  # exponent bit of the first (little-endian) fp16 scale
+    write_mini(f, bytes(blob))
+
+
+@mini_case("mini_quant_unknown_bits", "verify", ["malformed spec", "bits"])
+def _(f):
+    """quant bits 5 in a module spec (re-signed)"""
+    def edit(doc, header, meta):
+        doc["modules"][MOD0]["quant"]["bits"] = 5
+    write_mini(f, edit_mini(mini_bytes("svd", bits=4), edit))
 
 
 @mini_case("mini_not_lora_mini", "verify", ["not a LoRA-Mini file"])

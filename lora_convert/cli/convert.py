@@ -32,7 +32,7 @@ def inspect(path, fmt, allow_pickle, as_json):
 
 @click.command()
 @click.argument("path")
-@click.option("-o", "--output", required=True, help="Output directory (or a .safetensors file).")
+@click.option("-o", "--output", default=None, help="Output directory (or a .safetensors file); required unless --plan.")
 @click.option("--outer", type=click.Choice(outer.names()), default="random", show_default=True,
               help="random: outers regenerated from a seed (tiny files); svd: the update's own singular "
                    "vectors, stored (near-lossless).")
@@ -51,21 +51,94 @@ def inspect(path, fmt, allow_pickle, as_json):
                    "full inner rank, and the report shows what it retains.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="Storage dtype of inner (and stored outer) tensors; auto keeps the adapter's.")
+@click.option("--bits", type=int, default=None,
+              help="Store the factors as symmetric integers of this width (2, 3, 4, 8; 16 = float16) with one "
+                   "fp16 scale per group; svd outers store the truncated factors themselves.")
+@click.option("--group-size", type=int, default=64, show_default=True, help="Values per quantization scale.")
+@click.option("--target-size", default=None,
+              help="Budget: a ratio to the input's size (32x) or a size (600KB, 1.5MB). Rank and bits are "
+                   "chosen per module to keep the most weight-space energy; the file honours it.")
+@click.option("--min-fidelity", type=float, default=None,
+              help="Smallest file keeping this share of the update's weight-space energy (e.g. 0.95); with "
+                   "--target-size, refuse when the budget cannot reach it.")
+@click.option("--plan", is_flag=True, help="Print this adapter's predicted size-fidelity curve; write nothing.")
+@click.option("--plot", "plot_file", default=None, help="With --plan: draw the curve into this image (matplotlib).")
 @input_format
 @allow_pickle
 @json_flag
-def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_energy, dtype, fmt, allow_pickle,
-             as_json):
+def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_energy, dtype, bits, group_size,
+             target_size, min_fidelity, plan, plot_file, fmt, allow_pickle, as_json):
     """Compress an adapter into LoRA-Mini form and report its fidelity."""
     from .. import api
+    from ..config import CompressConfig, ConfigError, flag
+    from ..errors import BadInputError
 
-    refuse_to_replace_input(path, output)
+    if not plan and output is None:
+        raise click.UsageError("Missing option '-o' / '--output' (required unless --plan).")
+    if plot_file and not plan:
+        raise click.UsageError("--plot draws the curve of --plan; add --plan.")
+    if output is not None:
+        refuse_to_replace_input(path, output)
+    try:
+        cfg = CompressConfig(outer=outer, seed=seed, outer_dim=parse_outer_dim(outer_dim), outer_stream=outer_stream,
+                             rank=rank, keep_energy=keep_energy, dtype=dtype, bits=bits, group_size=group_size,
+                             target_size=target_size, min_fidelity=min_fidelity)
+    except ConfigError as exc:  # the library names parameters; here they are flags
+        raise BadInputError(f"{flag(exc.param)}: {exc.detail}") from None
     adapter = api.load_adapter(path, fmt, allow_pickle=allow_pickle)
-    mini = api.compress(adapter, outer, seed=seed, outer_dim=parse_outer_dim(outer_dim), rank=rank,
-                        keep_energy=keep_energy, dtype=dtype, outer_stream=outer_stream)
+    if plan:
+        _print_plan(adapter, cfg, as_json, plot_file)
+        return
+    mini = api.compress(adapter, cfg)
     with progress_bar(len(mini), "compressing") as tick:
         report = api.save(mini, output, progress=tick)
-    emit(report, as_json, {"output": output})
+    extra = {"output": output}
+    if mini.max_bytes is not None:
+        extra["budget_bytes"] = mini.max_bytes
+    emit(report, as_json, extra)
+    if mini.max_bytes is not None and not as_json:
+        click.echo(f"budget: {mini.max_bytes:,} B; written: {report.compressed_bytes:,} B")
+
+
+def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None) -> None:
+    """The predicted size-fidelity curve: the allocator's path from the smallest file up."""
+    from ..budget import frontier
+    from ..convert import plan_curves, source_bytes
+
+    curves, fixed = plan_curves(adapter, cfg.replace(target_size=None, min_fidelity=None) if cfg.budgeted else cfg)
+    points = frontier(curves, fixed)
+    original = source_bytes(adapter.source)
+    shown, last = [], None
+    for nbytes, fid in points:  # about four points per doubling of the size
+        if last is None or nbytes >= last * 2 ** 0.25 or (nbytes, fid) == points[-1]:
+            shown.append((nbytes, fid))
+            last = nbytes
+    if as_json:
+        click.echo(json.dumps({"original_bytes": original, "points": [
+            {"bytes": b, "fidelity": f, "ratio": original / b if original else None} for b, f in shown]}, indent=2))
+    else:
+        click.echo(f"predicted size-fidelity curve ({cfg.outer} outers; bits {', '.join(map(str, cfg.allowed_bits))}; "
+                   f"input {original:,} B)" if original else "predicted size-fidelity curve")
+        click.echo(f"{'bytes':>12} {'smaller':>8} {'fidelity':>9}")
+        for b, f in shown:
+            click.echo(f"{b:>12,} {(f'{original / b:.1f}x' if original else '-'):>8} {100 * f:>8.2f}%")
+    if plot_file:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            from ..errors import BadInputError
+            raise BadInputError("--plot needs matplotlib (pip install 'lora_convert[plot]')") from None
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([b for b, _ in points], [100 * f for _, f in points])
+        ax.set_xscale("log")
+        ax.set_xlabel("file size (bytes)")
+        ax.set_ylabel("weight-space energy kept (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plot_file)
+        plt.close(fig)
 
 
 @click.command()

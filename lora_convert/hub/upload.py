@@ -81,7 +81,8 @@ def files_to_push(local: Path, repo_id: str) -> dict[str, bytes]:
     return {
         container.FILE_NAME: file.read_bytes(),
         container.CONFIG_NAME: config.read_bytes() if local.is_dir() and config.is_file()
-        else container.summary_config(mini, report).encode(),
+        else container.summary_config(mini, mini.format_version or container.FORMAT_VERSION,
+                                          {m.outer for m in report.modules}, report.summary()).encode(),
         modelcard.CARD_NAME: modelcard.readme_for(repo_id, mini, report, outers,
                                                   readme.read_text(encoding="utf-8")
                                                   if local.is_dir() and readme.is_file() else None).encode(),

@@ -29,6 +29,11 @@ class OuterSource(ABC):
         """(U, V) of a module when loading (`tensors`: its stored U and V, for a stored source);
         raises IntegrityError when a regenerated matrix does not match its fingerprint."""
 
+    def make(self, module, options: dict):
+        """(U, V, spec) for one module, without its update: the outers a source regenerates
+        (budget planning fits each module against them); stored sources have none."""
+        raise NotImplementedError(f"{self.name} outers are fitted to each update, not made without it")
+
     def inner_stack(self, updates, ks: list[int]):
         """Closed-form least-squares inners (X, Y) for these outers (compress asks a stored source)."""
         raise NotImplementedError(f"{self.name} outers have no closed-form inner matrices")

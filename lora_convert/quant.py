@@ -1,0 +1,185 @@
+"""Grouped symmetric integer quantization of factor matrices (docs/CONTAINER.md, "Quantized
+factors", is the normative spec; tests/test_quant.py pins it with golden vectors).
+
+Pure functions on numpy arrays; the math is float64 and every step is exact or specified
+bit-exactly, so any reader recovers the same float32 values on any platform.
+
+A matrix (rows × cols) is cut into *vectors* along its long side: its columns when
+rows >= cols, else its rows. Each vector is split into groups of `group` consecutive
+elements (the last one may be shorter). Per group, with qmax = 2^(bits-1) - 1:
+
+    scale = fp16(max|x| / qmax)                 (round to nearest even; float64 division)
+    q     = clamp(round_half_even(x / scale), -qmax, qmax)      (0 where scale == 0)
+    value = q · scale                            (exact in float32)
+
+Codes are stored offset-binary, u = q + 2^(bits-1) in [1, 2^bits - 1], packed LSB-first into a
+bit stream. bits == 16 stores the matrix as float16 row-major instead (no scales).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BITS = (2, 3, 4, 8, 16)  # widths a file may use; 16 = plain float16, no scales
+DEFAULT_GROUP = 64
+MAX_GROUP = 1 << 16
+FP16_MAX = 65504.0
+
+
+def check_bits(bits) -> int:
+    if type(bits) is not int or bits not in BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+    return bits
+
+
+def check_group(group) -> int:
+    if type(group) is not int or not 1 <= group <= MAX_GROUP:
+        raise ValueError(f"group must be an integer in [1, {MAX_GROUP}], got {group!r}")
+    return group
+
+
+def qmax(bits: int) -> int:
+    return (1 << (bits - 1)) - 1
+
+
+def _vectors(M: np.ndarray) -> np.ndarray:
+    """The matrix as a (vectors × long side) view: columns when rows >= cols, else rows."""
+    return M.T if M.shape[0] >= M.shape[1] else M
+
+
+def _from_vectors(T: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return T.T if shape[0] >= shape[1] else T
+
+
+def n_groups(shape: tuple[int, int], group: int) -> int:
+    """Number of scales of a rows × cols matrix."""
+    rows, cols = shape
+    long, short = max(rows, cols), min(rows, cols)
+    return short * -(-long // group) if long else 0
+
+
+def nbytes(shape: tuple[int, int], bits: int, group: int) -> int:
+    """Bytes of one encoded factor: its fp16 scales, then its packed codes (whole bytes)."""
+    count = shape[0] * shape[1]
+    if bits == 16:
+        return 2 * count
+    return 2 * n_groups(shape, group) + -(-count * bits // 8)
+
+
+def quantize(M: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes q as int8 in the matrix's vector order (vectors × long side), scales as float16
+    (vectors × groups per vector)). M is read as float64; it must be finite."""
+    check_bits(bits)
+    if bits == 16:
+        raise ValueError("bits 16 is float16 storage, not quantized")
+    T = np.asarray(_vectors(np.asarray(M, dtype=np.float64)))
+    S, L = T.shape
+    ng = -(-L // group)
+    pad = np.zeros((S, ng * group))
+    pad[:, :L] = T
+    G = pad.reshape(S, ng, group)
+    top = qmax(bits)
+    maxabs = np.abs(G).max(axis=2)
+    if not np.isfinite(maxabs).all():
+        raise ValueError("cannot quantize non-finite values")
+    if (maxabs / top > FP16_MAX).any():
+        raise ValueError(f"values up to {maxabs.max():.3g} overflow the float16 scales")
+    scales = (maxabs / top).astype(np.float16)
+    s64 = scales.astype(np.float64)[:, :, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s64 > 0, np.rint(G / np.where(s64 > 0, s64, 1.0)), 0.0)
+    q = np.clip(q, -top, top).astype(np.int8).reshape(S, ng * group)[:, :L]
+    return np.ascontiguousarray(q), scales
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray, shape: tuple[int, int], group: int) -> np.ndarray:
+    """The float32 matrix (rows × cols) that codes and scales stand for."""
+    S, L = q.shape
+    ng = scales.shape[1]
+    full = np.zeros((S, ng * group), dtype=np.float32)
+    full[:, :L] = q
+    vals = (full.reshape(S, ng, group) * scales.astype(np.float32)[:, :, None]).reshape(S, ng * group)[:, :L]
+    return np.ascontiguousarray(_from_vectors(vals, shape))
+
+
+def pack(q: np.ndarray, bits: int) -> bytes:
+    """Offset-binary codes u = q + 2^(bits-1), LSB-first: code i holds stream bits
+    [i·bits, (i+1)·bits), stream bit j is bit (j mod 8) of byte j div 8; zero-padded."""
+    u = (q.reshape(-1).astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 8:
+        return u.tobytes()
+    stream = np.unpackbits(u[:, None], axis=1, bitorder="little")[:, :bits].reshape(-1)
+    return np.packbits(stream, bitorder="little").tobytes()
+
+
+def unpack(buf: bytes, bits: int, count: int) -> np.ndarray:
+    """Inverse of pack: `count` int8 codes. Raises ValueError on the unused code u = 0."""
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    if bits == 8:
+        u = raw[:count]
+    else:
+        stream = np.unpackbits(raw, bitorder="little")[:count * bits].reshape(count, bits)
+        u = np.packbits(stream, axis=1, bitorder="little")[:, 0]
+    if count and not u.all():
+        raise ValueError("packed codes hold the unused value 0")
+    return (u.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+
+
+def encode(M: np.ndarray, bits: int, group: int) -> tuple[bytes, np.ndarray]:
+    """(bytes of one factor, the float32 matrix a reader decodes from them)."""
+    shape = tuple(M.shape)
+    if bits == 16:
+        M16 = np.asarray(M, dtype=np.float64)
+        if not np.isfinite(M16).all() or (np.abs(M16) > FP16_MAX).any():
+            raise ValueError("values overflow float16")
+        h = M16.astype("<f2")
+        return h.tobytes(), h.astype(np.float32)
+    q, scales = quantize(M, bits, group)
+    return scales.astype("<f2").tobytes() + pack(q, bits), dequantize(q, scales, shape, group)
+
+
+def decode(buf: bytes, shape: tuple[int, int], bits: int, group: int) -> np.ndarray:
+    """The float32 matrix of one encoded factor; `buf` must be exactly nbytes(...) long."""
+    if len(buf) != nbytes(shape, bits, group):
+        raise ValueError(f"encoded factor is {len(buf)} bytes, expected {nbytes(shape, bits, group)}")
+    if bits == 16:
+        out = np.frombuffer(buf, dtype="<f2").astype(np.float32).reshape(shape)
+        if not np.isfinite(out).all():
+            raise ValueError("float16 values are not finite")
+        return out
+    ng = n_groups(shape, group)
+    scales = np.frombuffer(buf[:2 * ng], dtype="<f2").astype(np.float16)
+    if not np.isfinite(scales).all() or (scales < 0).any():
+        raise ValueError("scales must be finite and non-negative")
+    S = min(shape) if ng else 0
+    L = max(shape)
+    q = unpack(buf[2 * ng:], bits, shape[0] * shape[1]).reshape(S, L) if S else np.zeros((0, L), np.int8)
+    return dequantize(q, scales.reshape(S, -1) if S else scales.reshape(0, 0), shape, group)
+
+
+def encode_many(mats: list[np.ndarray], bits: int, group: int) -> tuple[bytes, list[np.ndarray]]:
+    """Several factors back to back (a module's blob) and their decoded values."""
+    parts, values = [], []
+    for M in mats:
+        raw, val = encode(M, bits, group)
+        parts.append(raw)
+        values.append(val)
+    return b"".join(parts), values
+
+
+def decode_many(buf: bytes, shapes: list[tuple[int, int]], bits: int, group: int) -> list[np.ndarray]:
+    sizes = [nbytes(s, bits, group) for s in shapes]
+    if len(buf) != sum(sizes):
+        raise ValueError(f"packed tensor is {len(buf)} bytes, expected {sum(sizes)}")
+    out, at = [], 0
+    for shape, size in zip(shapes, sizes):
+        out.append(decode(buf[at:at + size], shape, bits, group))
+        at += size
+    return out
+
+
+def bits_per_value(shapes: list[tuple[int, int]], bits: int, group: int) -> float:
+    """Average stored bits per matrix element, scales included."""
+    count = sum(math.prod(s) for s in shapes)
+    return 8 * sum(nbytes(s, bits, group) for s in shapes) / count if count else 0.0

@@ -1,0 +1,276 @@
+"""Budgets: error curves, the global allocation, --target-size / --min-fidelity / --plan, and
+CompressConfig's validation."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lora_convert as lc
+from lora_convert import budget, quant
+from lora_convert.budget import Curve, Option, allocate, error_curve, frontier, lower_hull
+from lora_convert.cli import main
+from lora_convert.config import CompressConfig, ConfigError, parse_size
+from lora_convert.mathcore import difference_norm
+
+SRC = "peft-tiny-llama"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def low_rank(out_f, in_f, r, seed, decay=0.6):
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(out_f, r, generator=g, dtype=torch.float64) * decay ** torch.arange(r)
+    return B, torch.randn(r, in_f, generator=g, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- curves
+
+@pytest.mark.parametrize("whitened", [False, True])
+def test_curve_errors_are_the_errors_of_the_decoded_factors(whitened):
+    """Every option's predicted error equals the dense error of the factors a reader decodes."""
+    B, A = low_rank(70, 50, 6, 1)
+    L = None
+    if whitened:
+        g = torch.Generator().manual_seed(9)
+        M = torch.randn(50, 50, generator=g, dtype=torch.float64)
+        L = torch.linalg.cholesky(M @ M.T / 50 + torch.eye(50, dtype=torch.float64)).numpy()
+    curve = error_curve("m", B, A, 0.5, bits=(3, 4, 8, 16), group=16, whitening=L)
+    F1, F2, _ = budget.svd_factors(B, A, L)
+    W = torch.eye(50, dtype=torch.float64) if L is None else torch.from_numpy(L)
+    for o in curve.options:
+        _, (Q1, Q2) = quant.encode_many([F1[:, :o.k], F2[:o.k]], o.bits, 16)
+        diff = (B @ A - torch.from_numpy(Q1).double() @ torch.from_numpy(Q2).double()) @ W
+        assert o.err2 == pytest.approx(0.25 * float((diff ** 2).sum()), rel=1e-6, abs=1e-12)
+        assert o.nbytes == quant.nbytes((70, o.k), o.bits, 16) + quant.nbytes((o.k, 50), o.bits, 16)
+    assert curve.energy == pytest.approx(0.25 * float(((B @ A @ W) ** 2).sum()))
+
+
+def test_whitening_fits_the_weighted_error():
+    """With an input second moment, the whitened truncation beats the plain one in that metric."""
+    B, A = low_rank(40, 30, 8, 2, decay=0.9)
+    d = torch.ones(30, dtype=torch.float64)
+    d[:5] = 30.0  # a few input directions carry most of the data
+    L = torch.diag(d).numpy()
+    plain = {(o.k, o.bits): o.err2 for o in error_curve("m", B, A, 1.0, bits=(16,), group=64).options}
+    F1, F2, _ = budget.svd_factors(B, A)
+    white = error_curve("m", B, A, 1.0, bits=(16,), group=64, whitening=L)
+    for o in white.options[:4]:
+        plain_w = float((((B @ A - torch.from_numpy(F1[:, :o.k] @ F2[:o.k])) @ torch.from_numpy(L)) ** 2).sum())
+        assert o.err2 < plain_w
+    assert plain  # the unwhitened curve exists for the same options
+
+
+def test_random_outer_curve_matches_written_modules(fixtures):
+    adapter = lc.load_adapter(fixtures / SRC)
+    m = adapter.module(adapter.module_names[0])
+    from lora_convert.outer import random as ro
+    U, V, _ = ro.make(m, {"seed": 3, "outer_dim": 16})
+    curve = error_curve(m.name, m.up, m.down, m.scale, bits=(4, 8), group=64, outers=(U, V))
+    for o in curve.options[::3]:
+        mini = lc.compress(adapter, "random", seed=3, outer_dim=16, rank=o.k, bits=o.bits).module(m.name)
+        rel2 = mini.fidelity["rel_error"] ** 2
+        assert rel2 * curve.energy == pytest.approx(o.err2, rel=1e-4, abs=1e-12)
+
+
+# ---------------------------------------------------------------- hull and allocation
+
+def test_lower_hull():
+    opts = [Option(1, 4, 10, 9.0), Option(2, 4, 20, 4.0), Option(3, 4, 30, 3.5), Option(1, 8, 25, 8.0),
+            Option(4, 4, 40, 0.5), Option(5, 4, 50, 0.4)]
+    assert [(o.nbytes, o.err2) for o in lower_hull(opts)] == [(10, 9.0), (20, 4.0), (40, 0.5), (50, 0.4)]
+
+
+def _brute(curves, budget_bytes):
+    best = None
+    for combo in itertools.product(*[c.options for c in curves]):
+        if sum(o.nbytes for o in combo) <= budget_bytes:
+            e = sum(o.err2 for o in combo)
+            best = e if best is None else min(best, e)
+    return best
+
+
+def test_allocation_is_near_optimal_and_within_budget():
+    """On small random problems the greedy hull allocation never exceeds the budget and is within
+    one step of the exact optimum (a hull walk can only miss by the step it could not afford)."""
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        curves = []
+        for i in range(3):
+            opts = []
+            for k in range(1, 5):
+                for b in (4, 8):
+                    opts.append(Option(k, b, int(k * b * rng.integers(5, 15)), float(rng.random() * 10 / (k * b))))
+            curves.append(Curve(f"m{i}", 10.0, opts))
+        lo = sum(c.hull[0].nbytes for c in curves)
+        budget_bytes = int(lo + rng.integers(0, 300))
+        got = allocate(curves, budget_bytes)
+        assert got.nbytes <= budget_bytes
+        assert got.nbytes == sum(o.nbytes for o in got.choice.values())
+        exact = _brute(curves, budget_bytes)
+        worst_step = max(max(a.err2 - b.err2 for a, b in zip(c.hull, c.hull[1:])) if len(c.hull) > 1 else 0
+                         for c in curves)
+        assert got.err2 <= exact + worst_step + 1e-12
+
+
+def test_allocation_beats_one_choice_for_all():
+    """Modules with different spectra: the global allocation keeps more than the best uniform (k, bits)
+    that fits the same bytes."""
+    mods = [low_rank(64, 64, 8, s, decay=d) for s, d in ((1, 0.3), (2, 0.9), (3, 0.6), (4, 0.95))]
+    curves = [error_curve(f"m{i}", B, A, 1.0, bits=(3, 4, 8, 16), group=64) for i, (B, A) in enumerate(mods)]
+    energy = sum(c.energy for c in curves)
+    for k, b in [(2, 4), (4, 4), (3, 8)]:
+        uniform = [next(o for o in c.options if o.k == k and o.bits == b) for c in curves]
+        spent = sum(o.nbytes for o in uniform)
+        got = allocate(curves, spent)
+        assert got.err2 <= sum(o.err2 for o in uniform) * (1 + 1e-12)
+        assert got.fidelity >= 1 - sum(o.err2 for o in uniform) / energy
+
+
+def test_min_fidelity_takes_the_fewest_bytes_along_the_path():
+    mods = [low_rank(48, 40, 6, s) for s in range(3)]
+    curves = [error_curve(f"m{i}", B, A, 1.0, bits=(4, 8, 16), group=64) for i, (B, A) in enumerate(mods)]
+    got = allocate(curves, min_fidelity=0.99)
+    assert got.fidelity >= 0.99
+    path = frontier(curves)
+    first = next(b for b, f in path if f >= 0.99)
+    assert got.nbytes == first
+    assert all(b1 <= b2 for (b1, _), (b2, _) in zip(path, path[1:]))
+
+
+def test_budget_errors_name_the_best():
+    curves = [error_curve("m", *low_rank(32, 32, 4, 0), 1.0, bits=(4, 8), group=64)]
+    with pytest.raises(budget.BudgetError, match="smallest file") as info:
+        allocate(curves, 10, fixed=100)
+    assert info.value.best.nbytes > 10
+    with pytest.raises(budget.BudgetError, match="out of reach"):
+        allocate(curves, curves[0].hull[0].nbytes, min_fidelity=0.9999999)
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("target", ["2x", "3.5x", "15KB", "20000"])
+def test_target_size_is_honoured_by_the_output(fixtures, tmp_path, target):
+    out = tmp_path / "m"
+    res = run("compress", fixtures / SRC, "--outer", "svd", "--target-size", target, "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    written = sum(f.stat().st_size for f in out.iterdir())
+    assert written <= doc["budget_bytes"] and doc["summary"]["compressed_bytes"] == written
+    kind, value = parse_size(target)
+    original = (fixtures / SRC / "adapter_model.safetensors").stat().st_size
+    assert doc["budget_bytes"] == int(original / value if kind == "ratio" else value)
+    assert all(m["bits"] is not None for m in doc["modules"])
+    assert lc.verify(out, fixtures / SRC).retained_energy == pytest.approx(doc["summary"]["retained_energy"], rel=1e-6)
+
+
+def test_more_budget_keeps_more(fixtures):
+    adapter = lc.load_adapter(fixtures / SRC)
+    from lora_convert.convert import stored_report
+    kept = [stored_report(lc.compress(adapter, "svd", target_size=t)).retained_energy
+            for t in ("12KB", "16KB", "24KB", "40KB")]
+    assert kept == sorted(kept) and kept[-1] > kept[0]
+
+
+def test_min_fidelity_end_to_end(fixtures, tmp_path):
+    out = tmp_path / "m.safetensors"
+    res = run("compress", fixtures / SRC, "--outer", "svd", "--min-fidelity", "0.99", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["summary"]["retained_energy"] >= 0.99
+
+
+def test_random_outer_budget(fixtures, tmp_path):
+    out = tmp_path / "m.safetensors"
+    res = run("compress", fixtures / SRC, "--outer-dim", "32", "--target-size", "4x", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    assert out.stat().st_size <= 62880 // 4
+    assert {m["outer"] for m in json.loads(res.stdout)["modules"]} == {"random"}
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--target-size", "1000x"], ["smallest file", "over the budget"]),
+    (["--target-size", "100B"], ["smallest file"]),
+    (["--min-fidelity", "0.99999999999"], ["out of reach", "the best is"]),
+    (["--target-size", "4x", "--min-fidelity", "0.999999"], ["out of reach", "within"]),
+    (["--bits", "5"], ["--bits", "unknown bit width"]),
+    (["--target-size", "big"], ["--target-size", "32x"]),
+    (["--target-size", "4x", "--rank", "2"], ["--rank", "drop"]),
+    (["--bits", "4", "--dtype", "fp16"], ["--dtype"]),
+    (["--group-size", "0"], ["--group-size"]),
+    (["--min-fidelity", "1.5"], ["--min-fidelity"]),
+])
+def test_unmeetable_budgets_and_bad_options(fixtures, tmp_path, args, words):
+    out = tmp_path / "m"
+    res = run("compress", fixtures / SRC, "--outer", "svd", "-o", out, *args)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.output
+    for w in words:
+        assert w in res.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_plan_prints_the_curve_and_writes_nothing(fixtures, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "curve.png"
+    res = run("compress", fixtures / SRC, "--outer", "svd", "--plan", "--plot", png)
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.stdout.splitlines()[2:]]
+    sizes = [int(r[0].replace(",", "")) for r in rows]
+    kept = [float(r[2].rstrip("%")) for r in rows]
+    assert len(rows) >= 4 and sizes == sorted(sizes) and kept == sorted(kept)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
+    doc = json.loads(run("compress", fixtures / SRC, "--outer", "svd", "--plan", "--json").stdout)
+    assert [p["bytes"] for p in doc["points"]] == sizes
+
+
+# ---------------------------------------------------------------- CompressConfig
+
+def test_config_names_parameters():
+    with pytest.raises(ConfigError) as info:
+        CompressConfig(rank=0)
+    assert info.value.param == "rank" and str(info.value).startswith("rank (--rank)")
+    for kwargs, param in [({"keep_energy": 2.0}, "keep_energy"), ({"seed": -1}, "seed"),
+                          ({"outer": "svd", "outer_dim": 4}, "outer_dim"), ({"outer_dim": (1, 2, 3)}, "outer_dim"),
+                          ({"outer": "nope"}, "outer"), ({"dtype": "int8"}, "dtype"), ({"bits": 7}, "bits"),
+                          ({"target_size": "0.5x"}, "target_size"), ({"min_fidelity": 0}, "min_fidelity"),
+                          ({"outer": "svd", "outer_stream": "module"}, "outer_stream")]:
+        with pytest.raises(ConfigError) as info:
+            CompressConfig(**kwargs)
+        assert info.value.param == param, kwargs
+
+
+def test_config_and_keywords_are_the_same_compress(fixtures, tmp_path):
+    adapter = lc.load_adapter(fixtures / SRC)
+    a = lc.save(lc.compress(adapter, "random", seed=5, outer_dim=16, rank=3), tmp_path / "a.safetensors")
+    b = lc.save(lc.compress(adapter, CompressConfig(seed=5, outer_dim=16, rank=3)), tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert a.retained_energy == b.retained_energy
+    cfg = CompressConfig(outer="svd", bits=4)
+    assert cfg.replace(bits=8).bits == 8 and cfg.bits == 4
+    with pytest.raises(ConfigError):
+        cfg.replace(bits=9)
+
+
+def test_ratio_needs_a_known_input_size(fixtures):
+    import dataclasses
+    adapter = dataclasses.replace(lc.load_adapter(fixtures / SRC), source="")
+    with pytest.raises(ConfigError, match="ratio"):
+        lc.compress(adapter, "svd", target_size="4x")
+
+
+def test_quantized_error_is_exact(fixtures):
+    adapter = lc.load_adapter(fixtures / SRC)
+    mini = lc.compress(adapter, "svd", bits=3, rank=5)
+    for m in mini.modules():
+        o = adapter.module(m.name)
+        B2, A2 = m.factors()
+        rel = difference_norm(o.up.double(), o.down.double(), B2, A2) / float(
+            torch.linalg.matrix_norm(o.up.double() @ o.down.double()))
+        assert m.fidelity["rel_error"] == pytest.approx(rel, rel=1e-5)
