@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import outer
+from . import calibrated, outer
 from .adapter import Adapter, LoraModule
 from .container import DTYPES, MiniAdapter, MiniModule
 from .errors import BadInputError
@@ -113,14 +113,19 @@ def compress_module(m: LoraModule, source: str = "random", **options) -> MiniMod
 @one_thread
 def compress_window(modules: list[LoraModule], source: str = "random", *, seed: int = 0, outer_dim=None,
                     rank: int | None = None, keep_energy: float | None = None,
-                    dtype: str = "auto", outer_stream: str = "shared") -> list[MiniModule]:
-    """compress_module for each of `modules`, in order; same-shaped ones are fitted as a stack."""
+                    dtype: str = "auto", outer_stream: str = "shared", calibration=None) -> list[MiniModule]:
+    """compress_module for each of `modules`, in order; same-shaped ones are fitted as a stack.
+    Modules with `calibration` statistics are fitted one at a time to their output (see calibrated)."""
     options = {"seed": seed, "outer_dim": outer_dim, "rank": rank, "keep_energy": keep_energy, "stream": outer_stream}
     src = outer.get(source)
     shapes: dict[tuple, list[int]] = {}
-    for i, m in enumerate(modules):
-        shapes.setdefault((tuple(m.up.shape), tuple(m.down.shape), m.dtype), []).append(i)
     done: dict[int, MiniModule] = {}
+    for i, m in enumerate(modules):
+        stats = calibration.get(m.name) if calibration else None
+        if stats is not None:
+            done[i] = calibrated.compress_module(m, src, options, _storage_dtype(dtype, m.dtype), stats.factor())
+            continue
+        shapes.setdefault((tuple(m.up.shape), tuple(m.down.shape), m.dtype), []).append(i)
     for idx in shapes.values():
         m = modules[idx[0]]
         per_stack = max(1, STACK_BYTES // (8 * m.rank * (m.out_features + m.in_features)))
@@ -230,11 +235,13 @@ def _check_finite(ms, store, X, Y, Xd, Yd) -> None:
 
 def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_dim=None,
              rank: int | None = None, keep_energy: float | None = None, dtype: str = "auto",
-             outer_stream: str = "shared") -> MiniAdapter:
+             outer_stream: str = "shared", calibration=None) -> MiniAdapter:
     """LoRA-Mini form of `adapter` (lazy: modules are fitted when iterated or saved).
 
     `outer_stream` (random outers): "shared" keys the generator on the seed alone, so modules
     of one shape share U and V; "module" keys it on each module's name as well.
+    `calibration`: {module name: statistics with .factor()} (recovery.calibration.collect_input_stats):
+    those modules minimise their output error on the calibration data instead of the weight error.
 
     >>> import lora_convert as lc                                    # doctest: +SKIP
     >>> mini = lc.compress(lc.load_adapter("fixtures/peft-tiny-llama"), outer="random", seed=7)
@@ -242,7 +249,8 @@ def compress(adapter: Adapter, outer: str = "random", *, seed: int = 0, outer_di
     """
     _validate_options(outer, rank, keep_energy, outer_dim, seed, outer_stream)
     kwargs = dict(seed=seed, outer_dim=outer_dim, rank=rank, keep_energy=keep_energy, dtype=dtype,
-                  outer_stream=outer_stream)
+                  outer_stream=outer_stream, calibration=calibration)
+    calibrated.check_modules(adapter, calibration)
     _storage_dtype(dtype, torch.float32)  # fail early on a bad name
 
     @one_thread  # reading the factors too
