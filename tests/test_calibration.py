@@ -225,3 +225,44 @@ def test_cli_calibration_bad_inputs_are_one_line(setup, tmp_path):
         assert res.exit_code == 2, res.output
         assert res.output.count("\n") == 1 and why in res.output, res.output
         assert not out.exists()
+
+
+# ------------------------------------------------------------------ eval: effect kept
+
+def summary(**kw) -> dict:
+    s = {"loss_base": 3.0, "loss_teacher": 2.0, "loss_student": 2.5, "kl_base": 0.8, "kl_student": 0.2,
+         "agree_base": 0.5, "agree_student": 0.9, "retained": 0.5, "tokens": 100}
+    s.update(kw)
+    return s
+
+
+def test_effect_kept_is_the_kl_share():
+    from lora_convert.recovery.run import with_effect_kept
+
+    s = with_effect_kept(summary())
+    assert s["effect_kept"] == pytest.approx(0.75) and s["teacher_raises_loss"] is False
+    raised = with_effect_kept(summary(loss_teacher=3.4, loss_student=3.1, retained=-0.25))
+    assert raised["teacher_raises_loss"] is True and raised["effect_kept"] == pytest.approx(0.75)
+    assert with_effect_kept({"mse_base": 2.0, "mse_student": 0.5, "retained": 0.75, "tokens": 5})["effect_kept"] == 0.75
+
+
+def test_format_eval_reports_effect_kept_and_when_the_loss_share_is_meaningless():
+    from lora_convert.recovery.run import format_eval, with_effect_kept
+
+    text = format_eval(with_effect_kept(summary()), "t")
+    assert "keeps 75.0% of the teacher's effect" in text and "keeps 50.0% of the teacher's loss improvement" in text
+    text = format_eval(with_effect_kept(summary(loss_teacher=3.4, loss_student=3.1, retained=-0.25)), "t")
+    assert "keeps 75.0% of the teacher's effect" in text and "meaningless" in text and "-25.0%" not in text
+
+
+def test_eval_command_reports_effect_kept(setup, tmp_path):
+    pytest.importorskip("accelerate")
+    for rank, lo, hi in ((4, 1 - 1e-4, 1 + 1e-4), (1, -1.0, 0.999)):  # full rank: exact; rank 1: a share
+        lc.save(lc.compress(lc.load_adapter(setup / "teacher"), "svd", rank=rank, dtype="fp32"), tmp_path / f"m{rank}")
+        res = CliRunner().invoke(main, ["eval", str(tmp_path / f"m{rank}"), "--teacher", str(setup / "teacher"),
+                                        "--base", str(setup / "base"), "--data", str(setup / "calib.txt"),
+                                        "--max-len", "24", "--device", "cpu", "--json"])
+        assert res.exit_code == 0, res.output
+        doc = json.loads(res.stdout[res.stdout.index("{"):])
+        assert doc["effect_kept"] == pytest.approx(1 - doc["kl_student"] / doc["kl_base"])
+        assert lo <= doc["effect_kept"] <= hi
