@@ -135,7 +135,7 @@ def train_teacher(base_dir: Path, seqs, held, pad_id: int, out: Path, args) -> d
         held_loss = sum(lm_loss(pm(**b).logits, b).item() for b in D.eval_batches(held, 8, pad_id)) / \
             len(D.eval_batches(held, 8, pad_id))
     pm.save_pretrained(out)
-    record = {"steps": args.teacher_steps, "seconds": seconds, "train_loss_last20": sum(losses[-20:]) / 20,
+    record = {"steps": args.teacher_steps, "seconds": seconds, "train_loss_last20": sum(losses[-20:]) / len(losses[-20:]),
               "heldout_loss": held_loss, "sequences": len(seqs), "max_len": args.max_len, "lr": args.teacher_lr}
     meta.write_text(json.dumps(record, indent=2))
     return record
@@ -150,7 +150,7 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-len", type=int, default=64)
     p.add_argument("--eval-sequences", type=int, default=48)
-    p.add_argument("--cal-sequences", type=int, default=128, help="Calibration sequences of --max-len tokens.")
+    p.add_argument("--cal-sequences", type=int, default=96, help="Calibration sequences of --max-len tokens.")
     p.add_argument("--ranks", default="1,2,4,8")
     p.add_argument("--damping", type=float, default=0.01)
     p.add_argument("--random", default="256:4", help="outer_dim:rank of the random-outer rows ('' for none)")
@@ -180,6 +180,84 @@ def main(argv=None) -> None:
     if args.teacher_only:
         return
     evaluate_all(args, base_dir, teacher_dir, record, seqs, held, t_start)
+
+
+def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: dict, held, t_start: float) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench_recovery import HeldOut, file_bytes, set_modules
+    from lora_convert.recovery import inject
+    from lora_convert.recovery.calibration import collect_input_stats, linear_inputs
+    from lora_convert.recovery.loop import make_accelerator
+    from lora_convert.recovery.run import Session
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    teacher = lc.load_adapter(teacher_dir)
+    original_bytes = file_bytes(teacher_dir)
+    stats, timing = {}, {}
+    for cal in ("licenses", "stdlib"):
+        t0 = time.perf_counter()
+        batches = D.eval_batches(seqs[cal][:args.cal_sequences], args.batch_size, tok.pad_token_id or 0)
+        stats[cal] = collect_input_stats(model, linear_inputs(teacher, model), batches, damping=args.damping)
+        timing[f"collect_{cal}_s"] = time.perf_counter() - t0
+        print(f"calibration statistics on {cal} ({sum(int(b['attention_mask'].sum()) for b in batches):,} tokens) in "
+              f"{timing[f'collect_{cal}_s']:.0f} s", flush=True)
+    accelerator = make_accelerator("cpu", 1)
+    layers = inject(model, lc.compress(teacher, "svd", rank=1), teacher)
+    session = Session(accelerator, accelerator.prepare(model), tok, "causal-lm", layers, str(base_dir))
+    heldout = HeldOut(session, held, args.batch_size)
+    ref = heldout.reference
+    print(f"held-out: base loss {ref['loss_base']:.4f}, teacher loss {ref['loss_teacher']:.4f}, "
+          f"KL(teacher||base) {ref['kl_base']:.4f}", flush=True)
+    rows = []
+    out_dir = Path(args.cache) / "out"
+
+    def row(method: str, label: str, mini) -> None:
+        t0 = time.perf_counter()
+        path = out_dir / f"{method}-{label}".replace(" ", "_").replace("=", "").replace(",", "")
+        lc.save(mini, path)
+        secs = time.perf_counter() - t0
+        set_modules(session.layers, lc.load(path))
+        e = heldout.score()
+        rows.append({"method": method, "variant": label, "bytes": file_bytes(path), "compress_s": secs,
+                     "effect_kept": 1 - e["kl_student"] / e["kl_base"], "kl": e["kl_student"],
+                     "loss": e["loss_student"], "top1": e["agree_student"]})
+        print(f"  {method:<22} {label:<12} {100 * rows[-1]['effect_kept']:6.1f}%  ({secs:.1f} s)", flush=True)
+
+    for r in [int(x) for x in args.ranks.split(",")]:
+        row("svd", f"rank {r}", lc.compress(teacher, "svd", rank=r, dtype="fp32"))
+        for cal in stats:
+            row(f"svd + calib {cal}", f"rank {r}", lc.compress(teacher, "svd", rank=r, dtype="fp32",
+                                                               calibration=stats[cal]))
+    if args.random:
+        a, k = (int(x) for x in args.random.split(":"))
+        row("random", f"a={a} k={k}", lc.compress(teacher, "random", outer_dim=a, rank=k, dtype="fp32"))
+        for cal in stats:
+            row(f"random + calib {cal}", f"a={a} k={k}", lc.compress(teacher, "random", outer_dim=a, rank=k,
+                                                                     dtype="fp32", calibration=stats[cal]))
+    head = f"{'method':<24} {'variant':<12} {'bytes':>10} {'smaller':>8} {'KL':>8} {'top-1':>7} {'effect kept':>12}"
+    lines = [f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32), CPU, {torch.get_num_threads()} threads. Teacher: "
+             f"PEFT LoRA r={args.teacher_rank} on all projections, {record['steps']} steps on {record['sequences']} "
+             f"sequences of {record['max_len']} tokens: training loss {record['train_loss_last20']:.3f} (last 20 steps), "
+             f"held-out loss {ref['loss_teacher']:.4f} (base {ref['loss_base']:.4f}).",
+             f"Held-out: {ref['tokens']:,} tokens of unseen Python reference topics; KL(teacher||base) "
+             f"{ref['kl_base']:.4f}. Calibration: {args.cal_sequences} sequences of licence texts / stdlib source; "
+             f"damping {args.damping}. Wall time {time.perf_counter() - t_start:.0f} s.",
+             "", head, "-" * len(head),
+             f"{'original':<24} {'PEFT r=' + str(args.teacher_rank):<12} {original_bytes:>10,} {1.0:>7.1f}x "
+             f"{0.0:>8.4f} {100.0:>6.1f}% {100.0:>11.1f}%"]
+    for r in rows:
+        lines.append(f"{r['method']:<24} {r['variant']:<12} {r['bytes']:>10,} {original_bytes / r['bytes']:>7.1f}x "
+                     f"{r['kl']:>8.4f} {100 * r['top1']:>6.1f}% {100 * r['effect_kept']:>11.1f}%")
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.txt").write_text(text + "\n", encoding="utf-8")
+    (out / "calibration.json").write_text(json.dumps({"rows": rows, "reference": ref, "teacher": record,
+                                                      "timing": timing, "original_bytes": original_bytes,
+                                                      "args": vars(args)}, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

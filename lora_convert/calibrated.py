@@ -62,7 +62,7 @@ def compress_module(m: LoraModule, src, options: dict, store: torch.dtype, L: to
     return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
                       use_rslora=m.use_rslora, dtype=str(m.dtype).removeprefix("torch."), outer=spec,
                       U=U.contiguous(), V=V.contiguous(), X=Xs.contiguous(), Y=Ys.contiguous(),
-                      fidelity={"rel_error": rel, "energy": m.scale ** 2 * ref ** 2, "calibrated_rel_error": cal})
+                      fidelity={"rel_error": rel, "energy": m.scale ** 2 * ref ** 2, "calibrated_rel_error": float(f"{cal:.4g}")})
 
 
 def _svd_outers(B, A, L, options: dict):

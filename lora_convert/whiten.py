@@ -38,18 +38,25 @@ def whitening_factor(C: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch
     (their output error is then weighted like plain weight error, scaled by λ); it grows tenfold
     until the Cholesky factorisation succeeds.
     """
-    C = _f64(C)
+    return damped_cholesky(C, damping)[0]
+
+
+def damped_cholesky(C: torch.Tensor, damping: float = DEFAULT_DAMPING) -> tuple[torch.Tensor, float]:
+    """(L, λ) of whitening_factor, on C's device (float64)."""
+    C = C.detach().to(F64)
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
         raise ValueError(f"second moment must be square, got {tuple(C.shape)}")
     C = 0.5 * (C + C.T)
     mean_diag = float(torch.diagonal(C).mean()) if C.numel() else 0.0
     unit = mean_diag if mean_diag > 0 and math.isfinite(mean_diag) else 1.0
     lam = max(damping, 1e-10) * unit
-    eye = torch.eye(C.shape[0], dtype=F64)
+    idx = torch.arange(C.shape[0], device=C.device)
     for _ in range(12):
-        L, info = torch.linalg.cholesky_ex(C + lam * eye)
+        D = C.clone()
+        D[idx, idx] += lam
+        L, info = torch.linalg.cholesky_ex(D)
         if int(info) == 0:
-            return L
+            return L, lam
         lam *= 10.0
     raise ValueError("second moment is not positive semi-definite (NaN or Inf in the statistics?)")
 

@@ -3,7 +3,8 @@
 The base model runs forward over the text once (no backprop); forward pre-hooks on each module the
 adapter targets accumulate the second moment of its input, C = E[x xᵀ], in float64 on the model's
 device, over the non-padding tokens only. Modules that read the same input tensor in a forward
-(q/k/v read the same normed hidden state; gate/up likewise) share one accumulator.
+(q/k/v read the same normed hidden state; gate/up likewise) share one accumulator. At the end of a
+pass each C is replaced by its damped Cholesky factor L (C + λI = L Lᵀ), all compress needs.
 
 Memory: float64 statistics cost features² · 8 bytes per distinct input. Modules are taken in
 groups of whole layers whose statistics fit `max_bytes` (at least one layer): one forward pass over
@@ -17,7 +18,6 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,23 +26,25 @@ import torch
 
 from ..errors import BadInputError
 from ..lru import BytesLRU
-from ..whiten import DEFAULT_DAMPING, whitening_factor
+from ..whiten import DEFAULT_DAMPING, damped_cholesky
 from . import data as D
 
 DEFAULT_MAX_BYTES = 2 << 30  # statistics held at once (float64) before passes are split by layer
 
 
-class MomentStore:
-    """Second moments by key, in memory or spilled to safetensors files; Cholesky factors cached."""
+class FactorStore:
+    """Whitening factors L (and their damping λ) by key, in memory or spilled to safetensors files.
+
+    Only L is kept: C = L Lᵀ − λI is recomputed on demand, so statistics cost one matrix each."""
 
     def __init__(self, spill_dir: str | None = None):
         self._memory: dict[str, torch.Tensor] = {}
         self._files: dict[str, Path] = {}
+        self.damping: dict[str, float] = {}
         self._dir = None
         if spill_dir is not None:
             self._dir = Path(spill_dir)
-        self._factors = BytesLRU(512 << 20, size=lambda t: t.numel() * 8)
-        self._lock = threading.Lock()
+        self._loaded = BytesLRU(512 << 20, size=lambda t: t.numel() * 8)  # q, k, v read one spilled factor
 
     def _spill_dir(self) -> Path:
         if self._dir is None:
@@ -50,26 +52,33 @@ class MomentStore:
             weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         return self._dir
 
-    def put(self, moments: dict[str, torch.Tensor], spill: bool) -> None:
+    def put(self, factors: dict[str, tuple[torch.Tensor, float]], spill: bool) -> None:
+        self.damping.update({k: lam for k, (_, lam) in factors.items()})
         if not spill:
-            self._memory.update(moments)
+            self._memory.update({k: L for k, (L, _) in factors.items()})
             return
         from safetensors.torch import save_file
 
-        path = self._spill_dir() / f"moments-{len(self._files):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in moments.items()}, str(path))
-        self._files.update({k: path for k in moments})
+        path = self._spill_dir() / f"factors-{len(self._files):05d}.safetensors"
+        save_file({k: L.contiguous() for k, (L, _) in factors.items()}, str(path))
+        self._files.update({k: path for k in factors})
 
-    def moment(self, key: str) -> torch.Tensor:
+    def factor(self, key: str) -> torch.Tensor:
         if key in self._memory:
             return self._memory[key]
+        return self._loaded.get(key, lambda: self._read(key))
+
+    def _read(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
         with safe_open(str(self._files[key]), framework="pt") as f:
             return f.get_tensor(key)
 
-    def factor(self, key: str, damping: float) -> torch.Tensor:
-        return self._factors.get((key, damping), lambda: whitening_factor(self.moment(key), damping))
+    def moment(self, key: str) -> torch.Tensor:
+        L = self.factor(key)
+        C = L @ L.T
+        C.diagonal().sub_(self.damping[key])
+        return C
 
 
 @dataclass
@@ -80,16 +89,20 @@ class InputStats:
     features: int  # input width
     tokens: int  # tokens the moment was averaged over
     source: str  # the module whose input tensor this is (itself unless shared)
-    damping: float
-    store: MomentStore
+    store: FactorStore
+
+    @property
+    def damping(self) -> float:
+        """λ added to the diagonal of C before factoring (damping · mean(diag C), or more if needed)."""
+        return self.store.damping[self.source]
 
     def second_moment(self) -> torch.Tensor:
-        """C = E[x xᵀ] (features×features, float64, CPU)."""
+        """C = E[x xᵀ] (features×features, float64, CPU), recomputed from the factor."""
         return self.store.moment(self.source)
 
     def factor(self) -> torch.Tensor:
-        """Lower-triangular L with L Lᵀ = C + damping · mean(diag C) · I (float64, CPU)."""
-        return self.store.factor(self.source, self.damping)
+        """Lower-triangular L with L Lᵀ = C + λI (float64, CPU)."""
+        return self.store.factor(self.source)
 
 
 class _StopForward(Exception):
@@ -165,7 +178,7 @@ def collect_input_stats(model: torch.nn.Module, modules: dict[str, tuple[str, in
     order = {p: i for i, p in enumerate(known)}
     items = sorted(((n, p, f) for n, (p, f) in modules.items()), key=lambda t: order.get(t[1], -1))
     groups = _groups(items, max_bytes)
-    store = MomentStore(spill_dir)
+    store = FactorStore(spill_dir)
     stats: dict[str, InputStats] = {}
     for gi, group in enumerate(groups):
         col = _Collector(group, device)
@@ -188,12 +201,15 @@ def collect_input_stats(model: torch.nn.Module, modules: dict[str, tuple[str, in
         if missing:
             raise BadInputError(f"module {missing[0]!r} of the adapter never ran in the base model's forward pass "
                                 "on the calibration text (wrong base model?)")
-        moments = {n: (s / max(col.tokens[n], 1)).cpu() for n, s in col.sums.items()}
-        store.put(moments, spill=len(groups) > 1)
+        factors = {}
+        for n in list(col.sums):  # factored on the device, one at a time
+            L, lam = damped_cholesky(col.sums.pop(n).div_(max(col.tokens[n], 1)), damping)
+            factors[n] = (L.cpu(), lam)
+        store.put(factors, spill=len(groups) > 1)
         for n, _, f in group:
             src = col.alias.get(n, n)
-            stats[n] = InputStats(n, f, col.tokens[src], src, damping, store)
-        del col, moments
+            stats[n] = InputStats(n, f, col.tokens[src], src, store)
+        del col, factors
     return stats
 
 
