@@ -179,6 +179,7 @@ def collect_input_stats(model: torch.nn.Module, modules: dict[str, tuple[str, in
     items = sorted(((n, p, f) for n, (p, f) in modules.items()), key=lambda t: order.get(t[1], -1))
     groups = _groups(items, max_bytes)
     store = FactorStore(spill_dir)
+    extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}  # no KV cache
     stats: dict[str, InputStats] = {}
     for gi, group in enumerate(groups):
         col = _Collector(group, device)
@@ -188,7 +189,7 @@ def collect_input_stats(model: torch.nn.Module, modules: dict[str, tuple[str, in
                 batch = {k: v.to(device) for k, v in batch.items()}
                 col.start_batch(batch["attention_mask"].bool())
                 try:
-                    model(**batch, use_cache=False) if _takes_use_cache(model) else model(**batch)
+                    model(**batch, **extra)
                 except _StopForward:
                     pass
                 col.first = False
@@ -211,10 +212,6 @@ def collect_input_stats(model: torch.nn.Module, modules: dict[str, tuple[str, in
             stats[n] = InputStats(n, f, col.tokens[src], src, store)
         del col, factors
     return stats
-
-
-def _takes_use_cache(model) -> bool:
-    return hasattr(getattr(model, "config", None), "use_cache")
 
 
 def _groups(items: list[tuple[str, str, int]], max_bytes: int) -> list[list[tuple[str, str, int]]]:
@@ -242,7 +239,7 @@ def linear_inputs(adapter, model) -> dict[str, tuple[str, int]]:
     must hold each of them with the same shape."""
     from .inject import resolve_names
 
-    names = [n for n in adapter.module_names]
+    names = list(adapter.module_names)
     try:
         paths = resolve_names(model, names)
     except BadInputError as exc:
