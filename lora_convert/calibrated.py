@@ -19,8 +19,9 @@ import torch
 from .adapter import LoraModule
 from .container import MiniModule
 from .errors import BadInputError
-from .mathcore import choose_rank, difference_norm, frobenius
-from .whiten import fit_inner_whitened, whitened_relative_error, whitened_truncation
+from .lru import BytesLRU
+from .mathcore import OuterBasis, choose_rank, difference_norm, frobenius
+from .whiten import fit_inner_whitened, whitened_basis, whitened_relative_error, whitened_truncation
 
 
 def check_modules(adapter, calibration) -> None:
@@ -43,7 +44,9 @@ def compress_module(m: LoraModule, src, options: dict, store: torch.dtype, L: to
         U, V, X, Y, spec = _svd_outers(B, A, L, options)
     else:
         U, V, spec = src.make(m, options)
-        fit = fit_inner_whitened(B, A, U, V, L, rank=options.get("rank"), keep_energy=options.get("keep_energy"))
+        ub, vb = _bases(U, V, L, spec)
+        fit = fit_inner_whitened(B, A, U, V, L, rank=options.get("rank"), keep_energy=options.get("keep_energy"),
+                                 ub=ub, vb=vb)
         X, Y = fit.X, fit.Y
         if fit.rank == 0:  # an all-zero update keeps one zero direction: shapes stay valid
             X, Y = X.new_zeros(X.shape[0], 1), Y.new_zeros(1, Y.shape[1])
@@ -63,6 +66,22 @@ def compress_module(m: LoraModule, src, options: dict, store: torch.dtype, L: to
                       use_rslora=m.use_rslora, dtype=str(m.dtype).removeprefix("torch."), outer=spec,
                       U=U.contiguous(), V=V.contiguous(), X=Xs.contiguous(), Y=Ys.contiguous(),
                       fidelity={"rel_error": rel, "energy": m.scale ** 2 * ref ** 2, "calibrated_rel_error": float(f"{cal:.4g}")})
+
+
+# Bases of shared random outers, and of V·L for modules that share V and their input (q/k/v, gate/up):
+# the whitened basis is most of the work of a random-outer module. Values keep U, V and L alive,
+# so the identity checks below cannot match a new tensor at a recycled address; they count in its size.
+_BASES = BytesLRU(512 << 20, size=lambda v: v[-1].nbytes + sum(t.numel() * t.element_size() for t in v[:-1]))
+
+
+def _bases(U, V, L, spec: dict):
+    def get(key, matrices, make):
+        hit = _BASES.get(key, lambda: (*matrices, make()))
+        return hit[-1] if all(a is b for a, b in zip(hit[:-1], matrices)) else make()
+
+    ub = get(("U", id(U)), (U,), lambda: OuterBasis(U))
+    vb = get(("VL", id(V), id(L)), (V, L), lambda: whitened_basis(V, L))
+    return ub, vb
 
 
 def _svd_outers(B, A, L, options: dict):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .mathcore import InnerFit, Update, difference_norm, fit_inner
+from .mathcore import InnerFit, OuterBasis, Update, difference_norm, fit_inner, fit_projected
 
 F64 = torch.float64
 DEFAULT_DAMPING = 0.01  # added to C as this share of its mean diagonal (GPTQ's percdamp)
@@ -114,10 +114,22 @@ def whitened_truncation(B, A, L, k: int) -> WhitenedTruncation:
     return WhitenedTruncation(B=U * root, A=unwhiten_rows(root[:, None] * Vw, L), spectrum=s, U=U, Vw=Vw)
 
 
-def fit_inner_whitened(B, A, U, V, L, rank: int | None = None, keep_energy: float | None = None) -> InnerFit:
+def fit_inner_whitened(B, A, U, V, L, rank: int | None = None, keep_energy: float | None = None,
+                       ub: OuterBasis | None = None, vb: OuterBasis | None = None) -> InnerFit:
     """Inner X, Y for fixed outers U (out×a), V (b×in) minimising ||(U X Y V − B A) L||_F: the ordinary
-    fit (mathcore.fit_inner) with A → A L and V → V L. Energies in the result are output energies."""
-    return fit_inner(B, whiten_rows(A, L), U, whiten_rows(V, L), rank, keep_energy)
+    fit (mathcore.fit_inner) with A → A L and V → V L. Energies in the result are output energies.
+    `ub` = OuterBasis(U) and `vb` = whitened_basis(V, L) may be passed in when several modules share them."""
+    if ub is None and vb is None:
+        return fit_inner(B, whiten_rows(A, L), U, whiten_rows(V, L), rank, keep_energy)
+    ub = ub or OuterBasis(U)
+    vb = vb or whitened_basis(V, L)
+    upd = Update(B, whiten_rows(A, L))
+    return fit_projected(upd, ub, vb, ub.m.T @ upd.B, upd.A @ vb.m, rank, keep_energy)
+
+
+def whitened_basis(V, L) -> OuterBasis:
+    """The basis of the whitened outer V L (b×in), as fit_inner_whitened uses it."""
+    return OuterBasis(whiten_rows(V, L).T)
 
 
 def whitened_error(B, A, B2, A2, L, scale: float = 1.0) -> float:
