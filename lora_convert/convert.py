@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import budget, outer, quant
+from . import budget, calibrated, outer, quant
 from .adapter import Adapter, LoraModule, lora_scale
 from .budget import Option
 from .config import CompressConfig
@@ -115,10 +115,11 @@ def compress_module(m: LoraModule, source: str = "random", **options) -> MiniMod
 
 @one_thread
 def compress_window(modules: list[LoraModule], source: str | CompressConfig = "random", *,
-                    plan: dict[str, Option] | None = None, **options) -> list[MiniModule]:
+                    plan: dict[str, Option] | None = None, calibration=None, **options) -> list[MiniModule]:
     """compress_module for each of `modules`, in order; same-shaped ones are fitted as a stack.
     `source` is an outer source name (with CompressConfig fields as `options`) or a config;
-    `plan` gives quantized modules their (rank, bits) (budgets)."""
+    `plan` gives quantized modules their (rank, bits) (budgets). Modules with `calibration`
+    statistics are fitted one at a time to their output (see calibrated)."""
     if isinstance(source, str) and outer.get(source).stored:
         options.pop("outer_dim", None)  # per-module calls pass one set of options to every source
     cfg = _config(source, options)
@@ -127,9 +128,13 @@ def compress_window(modules: list[LoraModule], source: str | CompressConfig = "r
     if cfg.quantized:
         return [_compress_quantized(m, src, cfg, opts, (plan or {}).get(m.name)) for m in modules]
     shapes: dict[tuple, list[int]] = {}
-    for i, m in enumerate(modules):
-        shapes.setdefault((tuple(m.up.shape), tuple(m.down.shape), m.dtype), []).append(i)
     done: dict[int, MiniModule] = {}
+    for i, m in enumerate(modules):
+        stats = calibration.get(m.name) if calibration else None
+        if stats is not None:
+            done[i] = calibrated.compress_module(m, src, opts, _storage_dtype(cfg.dtype, m.dtype), stats.factor())
+            continue
+        shapes.setdefault((tuple(m.up.shape), tuple(m.down.shape), m.dtype), []).append(i)
     for idx in shapes.values():
         m = modules[idx[0]]
         per_stack = max(1, STACK_BYTES // (8 * m.rank * (m.out_features + m.in_features)))
@@ -297,7 +302,8 @@ def _check_finite(ms, store, X, Y, Xd, Yd) -> None:
                             "this module: store them as fp32 (--dtype fp32) or choose another --seed / --outer-dim")
 
 
-def compress(adapter: Adapter, outer: str | CompressConfig = "random", **options) -> MiniAdapter:
+def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibration=None,
+             **options) -> MiniAdapter:
     """LoRA-Mini form of `adapter` (lazy: modules are fitted when iterated or saved).
 
     `outer` is the outer source ("random" or "svd") with CompressConfig fields as keywords, or a
@@ -307,6 +313,8 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", **options
 
     `outer_stream` (random outers): "shared" keys the generator on the seed alone, so modules
     of one shape share U and V; "module" keys it on each module's name as well.
+    `calibration`: {module name: statistics with .factor()} (recovery.calibration.collect_input_stats):
+    those modules minimise their output error on the calibration data instead of the weight error.
 
     >>> import lora_convert as lc                                    # doctest: +SKIP
     >>> mini = lc.compress(lc.load_adapter("fixtures/peft-tiny-llama"), outer="random", seed=7)
@@ -314,6 +322,10 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", **options
     >>> small = lc.compress(adapter, "svd", target_size="32x")       # rank and bits per module
     """
     cfg = _config(outer, options)
+    calibrated.check_modules(adapter, calibration)
+    if calibration and cfg.quantized:
+        raise BadInputError("calibration applies to unquantized compress for now; drop --bits / --target-size / "
+                            "--min-fidelity, or --calibration")
     original = source_bytes(adapter.source)
     plan, max_bytes = None, None
     if cfg.budgeted:
@@ -327,7 +339,7 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", **options
     @one_thread  # reading the factors too
     def load_window(names: list[str]) -> list[MiniModule]:
         try:
-            return compress_window([adapter.module(n) for n in names], cfg, plan=plan)
+            return compress_window([adapter.module(n) for n in names], cfg, plan=plan, calibration=calibration)
         except BadInputError as exc:
             if exc.path is None:  # compress_window's own refusals: name the adapter
                 raise BadInputError(exc.problem, adapter.source or None) from None

@@ -370,6 +370,30 @@ def fit_projected_stack(upd: Updates, ub: OuterBasis, vb: OuterBasis, UtB: np.nd
             for i, k in enumerate(ks)]
 
 
+def fit_projected(upd: Update, ub: OuterBasis, vb: OuterBasis, UtB, AVt, rank: int | None = None,
+                  keep_energy: float | None = None) -> InnerFit:
+    """fit_projected_stack for one module."""
+    return fit_projected_stack(upd.stack, ub, vb, np.asarray(UtB)[None], np.asarray(AVt)[None], rank,
+                               keep_energy)[0]
+
+
+def fit_inner(B, A, U, V, rank: int | None = None, keep_energy: float | None = None) -> InnerFit:
+    """Closed-form X, Y minimising ||U X Y V - B A||_F with rank(X Y) <= rank.
+
+    The optimum is the best rank-k approximation of Qu.T (B A) Qv mapped back
+    through the outers' pseudo-inverses, so it is exact for non-orthonormal
+    outers too. With `keep_energy`, k is the smallest rank whose fit keeps
+    that share of the update's energy (capped by what the outers can hold).
+
+    >>> import torch; B, A = torch.randn(8, 2), torch.randn(2, 6)
+    >>> fit = fit_inner(B, A, torch.eye(8), torch.eye(6))
+    >>> round(fit.retained_energy(), 12)
+    1.0
+    """
+    upd, ub, vb = Update(B, A), OuterBasis(U), OuterBasis(_f64(V).T)
+    return fit_projected(upd, ub, vb, ub.m.T @ upd.B, upd.A @ vb.m, rank, keep_energy)
+
+
 def choose_rank(spectrum, total_energy: float, rank: int | None, keep_energy: float | None) -> int:
     """Inner rank: `rank` capped by the numerical rank, or the smallest k keeping `keep_energy`."""
     spectrum = np.asarray(spectrum)

@@ -30,6 +30,40 @@ def inspect(path, fmt, allow_pickle, as_json):
     click.echo(json.dumps(doc, indent=2) if as_json else text)
 
 
+def calibration_options(f):
+    """compress's calibration options: text, and the base model as recover takes it."""
+    opts = [
+        click.option("--calibration", default=None,
+                     help="Calibration text (.txt lines or paragraphs, .jsonl \"text\"): fit each module's "
+                          "output on it (needs the base model)."),
+        click.option("--base", default=None, help="Base model for --calibration: local directory, GGUF file or Hub "
+                                                  "id (default: base_model_name_or_path in the adapter)."),
+        click.option("--gguf-file", default=None, help="GGUF file name inside --base."),
+        click.option("--revision", default=None, help="Hub revision of the base model."),
+        click.option("--offline", is_flag=True, help="Never download the base model (also: HF_HUB_OFFLINE=1)."),
+        click.option("--calibration-max-len", type=int, default=256, show_default=True,
+                     help="Tokens per calibration sequence."),
+        click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+                     help="Where the base model runs for --calibration."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def collect_calibration(adapter, cal: dict):
+    """Input statistics for compress --calibration, or None without it."""
+    if not cal["calibration"]:
+        if cal["base"] or cal["gguf_file"]:
+            raise click.UsageError("--base is used with --calibration")
+        return None
+    from ..recovery.calibration import calibration_stats
+
+    return calibration_stats(adapter, cal["calibration"], cal["base"], gguf_file=cal["gguf_file"],
+                             revision=cal["revision"], offline=cal["offline"], device=cal["device"],
+                             max_len=cal["calibration_max_len"])
+
+
 @click.command()
 @click.argument("path")
 @click.option("-o", "--output", default=None, help="Output directory (or a .safetensors file); required unless --plan.")
@@ -66,9 +100,15 @@ def inspect(path, fmt, allow_pickle, as_json):
 @input_format
 @allow_pickle
 @json_flag
+@calibration_options
 def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_energy, dtype, bits, group_size,
-             target_size, min_fidelity, plan, plot_file, fmt, allow_pickle, as_json):
-    """Compress an adapter into LoRA-Mini form and report its fidelity."""
+             target_size, min_fidelity, plan, plot_file, fmt, allow_pickle, as_json,
+             **cal):
+    """Compress an adapter into LoRA-Mini form and report its fidelity.
+
+    With --calibration (text) the base model runs over the text once and each module minimises
+    its output error on it instead of its weight error (no training).
+    """
     from .. import api
     from ..config import CompressConfig, ConfigError, flag
     from ..errors import BadInputError
@@ -89,7 +129,7 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
     if plan:
         _print_plan(adapter, cfg, as_json, plot_file)
         return
-    mini = api.compress(adapter, cfg)
+    mini = api.compress(adapter, cfg, calibration=collect_calibration(adapter, cal))
     with progress_bar(len(mini), "compressing") as tick:
         report = api.save(mini, output, progress=tick)
     extra = {"output": output}

@@ -6,8 +6,9 @@ recover: the closed-form inners keep only a few percent of a trained LoRA's ener
     causal LMs, relative MSE of the last hidden state otherwise, optionally plus per-layer
     output matching. Only the inner matrices X, Y train; the outers stay as the file defines
     them, so the result is written back with the same seeds and fingerprints.
-evaluate: KL, top-1 agreement and loss of base / teacher / student on held-out text, and the
-    share of the teacher's improvement the student keeps.
+evaluate: KL, top-1 agreement and loss of base / teacher / student on held-out text, the share
+    of the teacher's effect the student keeps (1 − KL(teacher‖student)/KL(teacher‖base)) and the
+    share of its loss improvement (meaningless when the teacher raises the loss).
 train: the LoRA-Mini paper's method: random outers from --seed, inners trained from scratch
     on task text with the causal-LM loss, written in the same file format.
 
@@ -152,7 +153,21 @@ def evaluate(session: Session, seqs: list, batch_size: int = 8, reference: dict 
         add = stats.add_causal if task == "causal-lm" else stats.add_hidden
         add(batch, outs.get("base"), outs["teacher"], outs["student"])
     _reduce_stats(acc, stats)
-    return stats.summary(reference)
+    return with_effect_kept(stats.summary(reference))
+
+
+def with_effect_kept(summary: dict) -> dict:
+    """`summary` plus effect_kept: the share of the teacher's change of the outputs that the student
+    reproduces, 1 − KL(teacher‖student) / KL(teacher‖base) (hidden-state models: 1 − MSE ratio, the
+    same share). Unlike `retained` (the share of the loss improvement) it stays meaningful when the
+    teacher raises the held-out loss, as an over-fitted adapter does; `teacher_raises_loss` says so."""
+    out = dict(summary)
+    if "kl_base" in out:
+        out["effect_kept"] = 1.0 - out["kl_student"] / out["kl_base"] if out["kl_base"] > 0 else float("nan")
+        out["teacher_raises_loss"] = bool(out["loss_teacher"] >= out["loss_base"])
+    else:
+        out["effect_kept"] = out["retained"]
+    return out
 
 
 def _reduce_stats(acc, stats: FidelityStats) -> None:
@@ -192,9 +207,16 @@ def format_eval(s: dict, title: str) -> str:
              f"  {'':<8} {'loss':>8} {'KL(teacher||.)':>15} {'top-1 agree':>12}",
              f"  {'base':<8} {s['loss_base']:>8.4f} {s['kl_base']:>15.4f} {100 * s['agree_base']:>11.1f}%",
              f"  {'teacher':<8} {s['loss_teacher']:>8.4f} {0.0:>15.4f} {100.0:>11.1f}%",
-             f"  {'student':<8} {s['loss_student']:>8.4f} {s['kl_student']:>15.4f} {100 * s['agree_student']:>11.1f}%",
-             f"  the student keeps {100 * s['retained']:.1f}% of the teacher's improvement "
-             f"(loss {s['loss_base']:.4f} -> {s['loss_teacher']:.4f})"]
+             f"  {'student':<8} {s['loss_student']:>8.4f} {s['kl_student']:>15.4f} {100 * s['agree_student']:>11.1f}%"]
+    if "effect_kept" in s:
+        lines.append(f"  the student keeps {100 * s['effect_kept']:.1f}% of the teacher's effect "
+                     "(effect kept = 1 - KL(teacher||student) / KL(teacher||base))")
+    if s["loss_teacher"] >= s["loss_base"]:
+        lines.append(f"  the teacher raises the held-out loss ({s['loss_base']:.4f} -> {s['loss_teacher']:.4f}): the share "
+                     "of its loss improvement is meaningless here; judge by the effect kept")
+    else:
+        lines.append(f"  the student keeps {100 * s['retained']:.1f}% of the teacher's loss improvement "
+                     f"(loss {s['loss_base']:.4f} -> {s['loss_teacher']:.4f})")
     return "\n".join(lines)
 
 
