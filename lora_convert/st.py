@@ -236,7 +236,8 @@ class LazyTensors:
             values = _float8_table(info.dtype)[np.frombuffer(raw, "u1")]
         else:
             values = np.frombuffer(raw, _NUMPY_DTYPES[info.dtype])
-        return values.astype(np.float64).reshape(info.shape)
+        with np.errstate(invalid="ignore"):  # NaN payloads widen as NaN
+            return values.astype(np.float64).reshape(info.shape)
 
     def _read(self, key: str, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
         """One positioned read into an uninitialised tensor: no mmap left mapped (file pages
