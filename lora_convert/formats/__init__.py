@@ -99,9 +99,8 @@ def scan(path: str | os.PathLike, fmt: str | None = None, **options) -> AdapterH
     (AdapterFormat.scan); None where the layout (or this file: a PEFT pickle) needs read()."""
     fmt = fmt or detect(path)
     header = _format(fmt).scan(Path(path), **options)
-    if header is not None:
-        for m in header.modules:
-            _check_scale(m, header.source or str(path))
+    if header is not None:  # each module's scale checked before the next is scanned, as read() does
+        header.modules = [m for m in header.modules if _check_scale(m, header.source or str(path)) is None]
     return header
 
 

@@ -11,7 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Iterable
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -42,11 +42,13 @@ class ModuleHeader:
 @dataclass
 class AdapterHeader:
     """An adapter as `AdapterFormat.scan` finds it: the fields of adapter.Adapter that describe
-    it (so `describe` labels either) and every module's ModuleHeader, in module_names order."""
+    it (so `describe` labels either) and every module's ModuleHeader, in module_names order
+    (a layout's scan may give an iterator that checks each module as it goes; formats.scan
+    makes it a list)."""
 
     format: str
     module_names: list[str]
-    modules: list[ModuleHeader]
+    modules: Iterable[ModuleHeader]
     config: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
     passthrough_names: list[str] = field(default_factory=list)

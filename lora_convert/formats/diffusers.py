@@ -175,15 +175,16 @@ def read(path: Path, **_) -> Adapter:
 def scan(path: Path, **_) -> AdapterHeader:
     """read() and loading every module, without making tensors."""
     lazy, modules, configs, config = _open(path)
-    rows = []
-    for name in sorted(modules):
+
+    def scan_module(name: str) -> ModuleHeader:
         entry = modules[name]
         lazy.require_finite(entry["A"], f"module {name!r} lora_A")
         lazy.require_finite(entry["B"], f"module {name!r} lora_B")
-        rows.append(module_header(name, entry, configs, lazy.shape(entry["A"]), lazy.shape(entry["B"]),
-                                  DTYPE_NAMES[lazy.dtype(entry["A"])], lambda key: lazy.array(key), lazy.path))
-    return AdapterHeader(format=NAME, module_names=sorted(modules), modules=rows, config=config,
-                         metadata=dict(lazy.metadata), source=str(Path(path)))
+        return module_header(name, entry, configs, lazy.shape(entry["A"]), lazy.shape(entry["B"]),
+                             DTYPE_NAMES[lazy.dtype(entry["A"])], lazy.array, lazy.path)
+
+    return AdapterHeader(format=NAME, module_names=sorted(modules), modules=map(scan_module, sorted(modules)),
+                         config=config, metadata=dict(lazy.metadata), source=str(Path(path)))
 
 
 def _model_config(metadata: dict, path) -> dict:

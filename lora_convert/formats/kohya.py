@@ -124,7 +124,7 @@ def scan(path: Path, **_) -> AdapterHeader:
     """read() and loading every module, without making tensors."""
     lazy, entries, by_name, config = _open(path)
     return AdapterHeader(format=NAME, module_names=sorted(by_name), config=config, metadata=dict(lazy.metadata),
-                         modules=[scan_module(lazy, n, entries[by_name[n]]) for n in sorted(by_name)],
+                         modules=(scan_module(lazy, n, entries[by_name[n]]) for n in sorted(by_name)),
                          source=str(Path(path)))
 
 

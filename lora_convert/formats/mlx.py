@@ -96,15 +96,16 @@ def scan(path: Path, **_) -> AdapterHeader:
     """read() and loading every module, without making tensors."""
     d, cfg, lazy, modules = _open(path)
     scale = float(cfg["lora_parameters"]["scale"])
-    rows = []
-    for name in sorted(modules):
+
+    def scan_module(name: str) -> ModuleHeader:
         entry = modules[name]
         lazy.require_finite(entry["lora_a"], f"module {name!r} lora_a")
         lazy.require_finite(entry["lora_b"], f"module {name!r} lora_b")
-        rows.append(module_header(name, lazy.shape(entry["lora_a"]), lazy.shape(entry["lora_b"]), scale,
-                                  DTYPE_NAMES[lazy.dtype(entry["lora_a"])], lazy.path))
-    return AdapterHeader(format=NAME, module_names=sorted(modules), modules=rows, config=cfg,
-                         metadata=dict(lazy.metadata), source=str(d))
+        return module_header(name, lazy.shape(entry["lora_a"]), lazy.shape(entry["lora_b"]), scale,
+                             DTYPE_NAMES[lazy.dtype(entry["lora_a"])], lazy.path)
+
+    return AdapterHeader(format=NAME, module_names=sorted(modules), modules=map(scan_module, sorted(modules)),
+                         config=cfg, metadata=dict(lazy.metadata), source=str(d))
 
 
 def _load(lazy: LazyTensors, name: str, entry: dict, scale: float) -> LoraModule:

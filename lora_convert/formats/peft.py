@@ -288,17 +288,18 @@ def scan(path: Path, **_) -> AdapterHeader | None:
         return None
     path, cfg, tensors, modules, passthrough, rank_alpha = _open(path, False)
     lazy = tensors.lazy
-    rows = []
-    for name in sorted(modules):
+
+    def scan_module(name: str) -> ModuleHeader:
         entry = modules[name]
         for what, key in (("lora_A", entry["A"]), ("lora_B", entry["B"])):
             if lazy.dtype(key) not in FLOAT_DTYPES:
                 _not_float(name, what, f"torch.{DTYPE_NAMES[lazy.dtype(key)]}", tensors.path)
             lazy.require_finite(key, f"module {name!r} {what}")
-        rows.append(module_header(name, lazy.shape(entry["A"]), lazy.shape(entry["B"]), entry["emb"],
-                                  DTYPE_NAMES[lazy.dtype(entry["A"])], cfg, rank_alpha[name], tensors.path))
-    return AdapterHeader(format=NAME, module_names=sorted(modules), modules=rows, config=cfg,
-                         passthrough_names=passthrough, source=str(path))
+        return module_header(name, lazy.shape(entry["A"]), lazy.shape(entry["B"]), entry["emb"],
+                             DTYPE_NAMES[lazy.dtype(entry["A"])], cfg, rank_alpha[name], tensors.path)
+
+    return AdapterHeader(format=NAME, module_names=sorted(modules), modules=map(scan_module, sorted(modules)),
+                         config=cfg, passthrough_names=passthrough, source=str(path))
 
 
 def _not_float(name: str, what: str, dtype, path):
