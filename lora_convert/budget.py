@@ -67,7 +67,9 @@ def lower_hull(options: list[Option]) -> list[Option]:
 
 
 def _prefix_errors(energy: float, B: np.ndarray, A: np.ndarray, F1: np.ndarray, F2: np.ndarray) -> np.ndarray:
-    """‖BA − F1[:, :k] F2[:k]‖²_F for k = 1..K from small products only (no out×in matrix)."""
+    """‖BA − F1[:, :k] F2[:k]‖²_F for k = 1..K from small products only (no out×in matrix).
+    (One candidate at a time: products of several at once cross OpenBLAS's threading threshold,
+    and its threads wait on a busy machine.)"""
     cross = np.cumsum(np.einsum("ij,ji->i", F1.T @ B, A @ F2.T))
     H = (F1.T @ F1) * (F2 @ F2.T)
     self_ = np.diagonal(np.cumsum(np.cumsum(H, 0), 1))
@@ -134,13 +136,13 @@ def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bi
         U64, V64 = U.double().numpy(), V.double().numpy()
         maps = (lambda X: U64 @ X), (lambda Y: Y @ V64)
     K = S1.shape[1]
+    err2 = [(scale * scale) * _prefix_errors(energy, Bn, Awn, maps[0](Q1), maps[1](Q2))
+            for Q1, Q2 in zip(quant.rounded_widths(S1, bits, group), quant.rounded_widths(S2, bits, group))]
     opts = []
-    for b in bits:
-        _, (Q1, Q2) = quant.encode_many([S1, S2], b, group)
-        err2 = _prefix_errors(energy, Bn, Awn, maps[0](Q1.astype(np.float64)), maps[1](Q2.astype(np.float64)))
+    for w, b in enumerate(bits):
         for k in range(1, K + 1):
             size = quant.nbytes((S1.shape[0], k), b, group) + quant.nbytes((k, S2.shape[1]), b, group)
-            opts.append(Option(k, b, size, scale * scale * float(err2[k - 1])))
+            opts.append(Option(k, b, size, float(err2[w][k - 1])))
     return Curve(name, scale * scale * energy, opts, overhead)
 
 

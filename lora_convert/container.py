@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import __version__, outer, quant
@@ -403,6 +404,7 @@ class SizePlan:
     def __init__(self, mini: MiniAdapter, specs: dict[str, dict], max_data: int):
         self.defaults, entries = v3_entries(specs)
         self.entries = {e[0]: e for e in entries}
+        self._heads: dict[str, int] = {}
         passthrough = [(PASSTHROUGH + name, t) for name, t in mini.passthrough()]
         data = sum(t.numel() * t.element_size() for _, t in passthrough)
         big = int("9" * len(str(max(max_data, 1) + data)))
@@ -428,9 +430,12 @@ class SizePlan:
 
     def entry_bytes(self, name: str, k: int, bits: int, rel_error: float | None, energy: float | None) -> int:
         """Header bytes of module `name`'s entry at (k, bits) with these fidelity figures."""
-        e = self.entries[name]
-        entry = [name, e[1], e[2], k, bits, rel_error, energy, *e[V3_FIELDS:]]
-        return _escaped_len(json.dumps(entry, sort_keys=True, allow_nan=False, separators=(",", ":"))) + 1
+        if name not in self._heads:  # the entry with one-character numbers, less those (numbers are not escaped)
+            e = self.entries[name]
+            entry = [name, e[1], e[2], 0, 0, 0, 0, *e[V3_FIELDS:]]
+            self._heads[name] = _escaped_len(json.dumps(entry, sort_keys=True, allow_nan=False,
+                                                        separators=(",", ":"))) + 1 - 4
+        return self._heads[name] + sum(len("null" if v is None else repr(v)) for v in (k, bits, rel_error, energy))
 
     @staticmethod
     def _summary(mini: MiniAdapter, specs: dict) -> int:
@@ -468,17 +473,24 @@ def quantized_blob(m: MiniModule) -> bytes:
     """The ``.q`` bytes of a quantized module, encoded from its tensors as they are now (a
     module whose inner matrices were changed, e.g. by recover, is folded and re-quantized; the
     values that came from a file encode back to the same bytes)."""
-    f = torch.float64
     if outer.get(m.outer["source"]).stored:
         k = m.inner_rank
-        eye = torch.eye(k, dtype=f)
-        same = (m.X.shape == (k, k) and m.Y.shape == (k, k)
-                and torch.equal(m.X.to(f), eye) and torch.equal(m.Y.to(f), eye))
-        mats = [m.U.to(f), m.V.to(f)] if same else [m.U.to(f) @ m.X.to(f), m.Y.to(f) @ m.V.to(f)]
+        X, Y = _f64(m.X), _f64(m.Y)
+        eye = np.eye(k)
+        same = X.shape == (k, k) and Y.shape == (k, k) and np.array_equal(X, eye) and np.array_equal(Y, eye)
+        mats = [_f64(m.U), _f64(m.V)] if same else [_f64(m.U) @ X, Y @ _f64(m.V)]
     else:
-        mats = [m.X.to(f), m.Y.to(f)]
-    raw, _ = quant.encode_many([t.numpy() for t in mats], m.quant["bits"], m.quant["group"])
+        mats = [_f64(m.X), _f64(m.Y)]
+    raw, _ = quant.encode_many(mats, m.quant["bits"], m.quant["group"])
     return raw
+
+
+def _f64(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a float64 array. Through numpy where it can: save runs this on the caller's
+    thread, where torch's thread pool makes every small conversion an OpenMP region."""
+    if t.dtype in (torch.float32, torch.float16, torch.float64):
+        return t.detach().numpy().astype(np.float64)
+    return t.to(torch.float64).numpy()
 
 
 def _add_module(writer: StreamingWriter, m: MiniModule, hashes: dict, packer: _Packer | None) -> dict:

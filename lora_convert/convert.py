@@ -10,7 +10,7 @@ import functools
 import math
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -186,7 +186,7 @@ def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, cho
     else:
         k, bits = max(min(choose_rank(s, energy, cfg.rank, cfg.keep_energy), F1.shape[1]), 1), cfg.bits
     try:
-        _, (Q1, Q2) = quant.encode_many([F1[:, :k], F2[:k]], bits, cfg.group_size)
+        Q1, Q2 = quant.rounded(F1[:, :k], bits, cfg.group_size), quant.rounded(F2[:k], bits, cfg.group_size)
     except ValueError as exc:
         raise BadInputError(f"module {m.name!r}: cannot store its factors at {bits} bits ({exc})") from None
     Q1, Q2 = torch.from_numpy(Q1), torch.from_numpy(Q2)
@@ -209,8 +209,9 @@ def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, cho
 
 
 def _planned_fidelity(err2: float, energy: float) -> tuple[float, float]:
-    """(rel_error, energy) as a planned module's entry records them."""
-    rel = (err2 / energy) ** 0.5 if energy > 0 else 0.0
+    """(rel_error, energy) as a planned module's entry records them (plan_curves counts their
+    bytes the same way)."""
+    rel = (err2 * (1.0 / energy)) ** 0.5 if energy > 0 else 0.0
     return _short(rel), _short(energy)
 
 
@@ -422,10 +423,18 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
     worst = -1.234e15  # the longest figure _short gives: whitened curves' weight-space figures are not known yet
     out = []
     for c in curves:
-        def cost(o: Option) -> int:
-            rel, energy = (worst, worst) if c.name in whitened else _planned_fidelity(o.err2, c.energy)
-            return sizes.entry_bytes(c.name, o.k, o.bits, rel, energy)
-        out.append(budget.Curve(c.name, c.energy, [replace(o, nbytes=o.nbytes + cost(o)) for o in c.options]))
+        if c.name in whitened:
+            costs = [sizes.entry_bytes(c.name, o.k, o.bits, worst, worst) for o in c.options]
+        else:  # entry_bytes at the first option, plus how much longer each option's numbers are
+            o0 = c.options[0]
+            e0 = _planned_fidelity(o0.err2, c.energy)
+            base = sizes.entry_bytes(c.name, o0.k, o0.bits, *e0) - len(repr(o0.k)) - len(repr(o0.bits)) - \
+                len(repr(e0[0]))
+            inv = 1.0 / c.energy if c.energy > 0 else 0.0
+            costs = [base + len(repr(o.k)) + len(repr(o.bits)) + len(repr(_short((o.err2 * inv) ** 0.5)))
+                     for o in c.options]
+        out.append(budget.Curve(c.name, c.energy, [Option(o.k, o.bits, o.nbytes + n, o.err2)
+                                                   for o, n in zip(c.options, costs)]))
     return out, fixed
 
 
