@@ -399,9 +399,10 @@ class SizePlan:
     module, entry_bytes(...) (its entry in the header) and its packed data bytes. Exact, except
     that numbers save learns while writing are counted at their longest: tensor offsets (up to
     `max_data`), the 8-byte alignment of the data, the number of packed tensors, and the floats
-    of the directory layout's summary file. `specs`: every module's spec at any (k, bits)."""
+    of the directory layout's summary file (`directory`: it is written). `specs`: every module's
+    spec at any (k, bits)."""
 
-    def __init__(self, mini: MiniAdapter, specs: dict[str, dict], max_data: int):
+    def __init__(self, mini: MiniAdapter, specs: dict[str, dict], max_data: int, directory: bool = True):
         self.defaults, entries = v3_entries(specs)
         self.entries = {e[0]: e for e in entries}
         self._heads: dict[str, int] = {}
@@ -426,7 +427,7 @@ class SizePlan:
                 METADATA_SHA256: _WORST_HEX}
         header = len(json.dumps({"__metadata__": meta, **entries_st}, separators=(",", ":")).encode("utf-8"))
         # "[]" -> "[e1,...,en]": entry_bytes counts one comma per entry, one too many
-        self.fixed = 8 + header + 7 + data - (1 if specs else 0) + self._summary(mini, specs)
+        self.fixed = 8 + header + 7 + data - (1 if specs else 0) + (self._summary(mini, specs) if directory else 0)
 
     def entry_bytes(self, name: str, k: int, bits: int, rel_error: float | None, energy: float | None) -> int:
         """Header bytes of module `name`'s entry at (k, bits) with these fidelity figures."""

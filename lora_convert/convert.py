@@ -418,8 +418,8 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
                         passthrough_names=list(adapter.passthrough_names), load_passthrough=adapter.load_passthrough,
                         original_bytes=source_bytes(adapter.source))
     max_data = max_bytes or sum(max(o.nbytes for o in c.options) for c in curves)
-    sizes = SizePlan(probe, specs, max_data)
-    fixed = sizes.fixed - (0 if directory else SizePlan._summary(probe, specs))
+    sizes = SizePlan(probe, specs, max_data, directory)
+    fixed = sizes.fixed
     worst = -1.234e15  # the longest figure _short gives: whitened curves' weight-space figures are not known yet
     out = []
     for c in curves:
