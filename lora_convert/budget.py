@@ -77,14 +77,17 @@ def _prefix_errors(energy: float, B: np.ndarray, A: np.ndarray, F1: np.ndarray, 
 
 
 def svd_factors(B: torch.Tensor, A: torch.Tensor, whitening: np.ndarray | None = None,
-                max_rank: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                max_rank: int | None = None, update: Update | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(F1 out×K, F2 K×in, σ): the truncated SVD of B·A (of B·A·L with `whitening`, mapped back:
     F2 = √σ Vᵀ L⁻¹) with the singular values split evenly, columns/rows by decreasing σ; the
-    rank-k optimum is the first k of them. K is the numerical rank (at least 1)."""
-    A64 = A.double()
-    if whitening is not None:
-        A64 = A64 @ torch.from_numpy(np.asarray(whitening, dtype=np.float64))
-    upd = Update(B, A64)
+    rank-k optimum is the first k of them. K is the numerical rank (at least 1). `update`: the
+    caller's Update(B, A·L) when it has one (its Gram products are then not formed again)."""
+    if update is None:
+        A64 = A.double()
+        if whitening is not None:
+            A64 = A64 @ torch.from_numpy(np.asarray(whitening, dtype=np.float64))
+        update = Update(B, A64)
+    upd = update
     s = upd.spectrum
     K = max(int((s > (s[0] if s.size else 0.0) * 1e-12).sum()), 1)
     if max_rank is not None:
@@ -124,9 +127,10 @@ def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bi
     L = None if whitening is None else torch.from_numpy(np.asarray(whitening, dtype=np.float64))
     Aw = A64 if L is None else A64 @ L
     Bn, Awn = B64.numpy(), Aw.numpy()
-    energy = float(Update(B64, Aw).energy)
+    upd = Update(B64, Aw)
+    energy = float(upd.energy)
     if outers is None:
-        S1, S2, _ = svd_factors(B64, A64, whitening)
+        S1, S2, _ = svd_factors(B64, A64, whitening, update=upd)
         maps = (lambda F: F), (lambda F: F if L is None else F @ L.numpy())
     else:
         U, V = outers

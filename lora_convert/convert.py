@@ -157,9 +157,10 @@ def _stored_factors(m: LoraModule, src, opts: dict):
     (svd: the truncated-SVD factors; random: the inner matrices for the regenerated outers U, V),
     float64 numpy, and ||B A||²_F."""
     B, A = m.up.double(), m.down.double()
-    energy = float(Update(B, A).energy)
+    upd = Update(B, A)
+    energy = float(upd.energy)
     if src.stored:
-        F1, F2, s = budget.svd_factors(B, A)
+        F1, F2, s = budget.svd_factors(B, A, update=upd)
         return F1, F2, s, energy, None
     U, V, spec = src.make(m, opts)
     X, Y, s = budget.random_inner(B, A, U, V)
