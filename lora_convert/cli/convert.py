@@ -135,7 +135,7 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
     if plan:
         _print_plan(adapter, cfg, as_json, plot_file)
         return
-    mini = api.compress(adapter, cfg, calibration=collect_calibration(adapter, cal))
+    mini = api.compress(adapter, cfg, output=output, calibration=collect_calibration(adapter, cal))
     with progress_bar(len(mini), "compressing") as tick:
         report = api.save(mini, output, progress=tick)
     extra = {"output": output}
