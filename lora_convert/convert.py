@@ -533,7 +533,7 @@ def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityRepo
         rel, ref = _module_error(m, o)
         report.add(ModuleFidelity(m.name, (m.out_features, m.in_features), m.rank, m.inner_rank,
                                   m.outer["source"], int(m.outer["a"]), int(m.outer["b"]), rel, ref**2,
-                                  recovered=m.recovered, bits=m.bits))
+                                  recovered=m.recovered, bits=m.bits, quantized=bool(m.quant)))
         if progress:
             progress(m)
     _check_passthrough(mini)
