@@ -124,8 +124,10 @@ class MiniLayer(nn.Module):
                 raise RuntimeError(f"layer {self.name!r} has no teacher attached")
             delta = self.teacher_scale * self._mix(self._down(x, self.teacher_A), self.teacher_B)
         else:
-            down, up = self.Y @ self.V, self.U @ self.X  # k×in and out×k; see the module docstring
-            delta = self.scale * self._mix(self._down(x, down), up)
+            # k×in and out×k (see the module docstring); the scale goes into the out×k factor, not onto
+            # the tokens×out product, which saves a full pass over the output and its backward.
+            down, up = self.Y @ self.V, self.U @ (self.X * self.scale)
+            delta = self._mix(self._down(x, down), up)
         return out + delta.to(out.dtype)
 
     def _down(self, x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
