@@ -227,7 +227,8 @@ def one_run(args, method: dict, files: dict, lr: float, seed: int, sweep: bool) 
 
     work = Path(args.workdir)
     out = work / "runs" / f"{args.task}-{slug(method['name'])}-lr{lr:g}-s{seed}"
-    dopts = DataOptions(data=files["train"], eval_data=files["val"], max_len=args.max_len)
+    dopts = DataOptions(data=files["train"], eval_data=files["val"], max_len=args.max_len,
+                        max_eval_sequences=args.val_sequences or None)
     topts = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=seed, progress=False,
                          checkpoint_dir=str(out) + ".checkpoints")
     t0 = time.perf_counter()
@@ -426,6 +427,56 @@ def score(args, model, tok, files, seed: int, method: dict, lr: float, sweep: bo
     return out | {"kl_r16": kl, "kl_base": saved["kl_base"], "base_test_loss": saved["loss_base"]}
 
 
+# ------------------------------------------------------------------ interleaved throughput
+
+def throughput(args, files: dict, a: int, k: int) -> dict:
+    """Training-step time of PEFT LoRA r=16 and LoRA-Mini (a, k) on the same batch, steps alternating in
+    one process, so load from other jobs on a shared machine hits both alike; medians of --tp-rounds."""
+    import peft
+    import torch
+
+    from lora_convert.recovery import data as D
+    from lora_convert.recovery import inject, inner_parameters
+    from lora_convert.recovery.models import ModelSource, load_model, model_dtype, pick_device
+    from lora_convert.recovery.run import MODEL_INPUTS, train_loss
+    from lora_convert.recovery.scratch import scratch_adapter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    src = ModelSource.parse(files["model"])
+    lora, tok, _ = load_model(src, "causal-lm", model_dtype(device))
+    mini, _, _ = load_model(src, "causal-lm", model_dtype(device))
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(lora, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS["causal"],
+                                                     lora_dropout=0.0)).to(device)
+    layers = inject(mini, scratch_adapter(mini, "", TARGETS["causal"], k, 2 * k, (a, a), 0))
+    mini.to(device)
+    opts = {"lora": torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4),
+            "mini": torch.optim.AdamW(inner_parameters(layers.values()), lr=1e-4)}
+    models = {"lora": lora, "mini": mini}
+    seqs = D.tokenize(tok, D.read_texts(files["train"]), args.max_len, pack=True)[:args.batch_size]
+    batch = {k_: v.to(device) for k_, v in D.collate(seqs, tok.pad_token_id).items()}
+    times = {"lora": [], "mini": []}
+    for i in range(args.tp_rounds + 2):
+        for name in (("lora", "mini") if i % 2 == 0 else ("mini", "lora")):
+            t0 = time.perf_counter()
+            with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+                loss = train_loss(models[name](**{k_: batch[k_] for k_ in MODEL_INPUTS}).logits, batch, "causal-lm")
+            loss.backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+    tokens = int(batch["attention_mask"].sum())
+    med = {n: statistics.median(t) for n, t in times.items()}
+    return {"config": f"a=b={a} k={k}", "tokens_per_step": tokens, "rounds": args.tp_rounds,
+            "lora_tokens_per_s": tokens / med["lora"], "mini_tokens_per_s": tokens / med["mini"],
+            "mini_over_lora": med["lora"] / med["mini"], "step_seconds": times}
+
+
 # ------------------------------------------------------------------ report
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -516,8 +567,11 @@ def parse(argv=None):
     p.add_argument("--max-len", type=int, default=64, help="Tokens per sequence (causal: packed blocks).")
     p.add_argument("--cls-max-len", type=int, default=64)
     p.add_argument("--cls-batch-size", type=int, default=16)
+    p.add_argument("--cls-seeds", default=None, help="Seeds for cls (default: --seeds).")
+    p.add_argument("--cls-steps", type=int, default=None, help="Steps for cls (default: --steps).")
     p.add_argument("--cls-per-class", type=int, default=200, help="Docstrings per package (before splitting).")
     p.add_argument("--test-sequences", type=int, default=24, help="Causal test sequences (0: all).")
+    p.add_argument("--val-sequences", type=int, default=32, help="Causal validation sequences (0: all).")
     p.add_argument("--lr-lora", default="1e-3,3e-3,1e-2", help="Sweep for PEFT LoRA.")
     p.add_argument("--lr-mini", default="3e-3,1e-2,3e-2", help="Sweep for LoRA-Mini.")
     p.add_argument("--lr-head", default="3e-3,1e-2,3e-2", help="Sweep for the head alone (cls).")
@@ -526,6 +580,8 @@ def parse(argv=None):
     p.add_argument("--mini-causal", default="256:6,256:3,128:3,64:3",
                    help="LoRA-Mini configurations a:k (outer size a = b, inner rank k) for the causal task.")
     p.add_argument("--mini-cls", default="256:5,192:3,96:3,48:3", help="The same for the cls task.")
+    p.add_argument("--tp-rounds", type=int, default=8,
+                   help="Interleaved throughput steps per method (causal; 0: skip).")
     p.add_argument("--device", default="cpu", choices=["auto", "cuda", "cpu"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", default="/tmp/bench-scratch")
@@ -541,6 +597,10 @@ def main(argv=None) -> None:
         spec = args.mini_causal if task == "causal" else args.mini_cls
         return [tuple(int(x) for x in c.split(":")) for c in spec.split(",") if c]
 
+    if args.worker == "throughput":
+        files = json.loads((Path(args.workdir) / "causal-files.json").read_text())
+        print(json.dumps(throughput(args, files, *minis("causal")[1 if len(minis("causal")) > 1 else 0])))
+        return
     if args.worker:
         task_args = task_view(args)
         method = next(m for m in methods(args.task, minis(args.task)) if m["name"] == args.worker)
@@ -574,8 +634,20 @@ def main(argv=None) -> None:
         rows = summarise(task, runs, base_loss)
         text = describe(task, args, files, runs, base_loss) + "\n" + table(task, rows, {}) + "\n" + sweep_table(runs)
         print(text, flush=True)
-        texts.append(text)
         report["tasks"][task] = {"files": files, "base_loss": base_loss, "rows": rows, "runs": runs}
+        if task == "causal" and args.tp_rounds:
+            cmd = [sys.executable, __file__, "--worker", "throughput"] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k not in ("worker", "task", "tasks") and v is not None]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            if proc.returncode:
+                raise SystemExit("throughput worker failed")
+            tp = report["throughput"] = json.loads(proc.stdout.strip().splitlines()[-1])
+            text += (f"\ninterleaved training steps ({tp['rounds']} each, same batch of {tp['tokens_per_step']} tokens, "
+                     f"one process): PEFT LoRA r=16 {tp['lora_tokens_per_s']:,.0f} tokens/s, LoRA-Mini "
+                     f"{tp['config']} {tp['mini_tokens_per_s']:,.0f} tokens/s ({tp['mini_over_lora']:.2f}x)")
+            print(text.splitlines()[-1], flush=True)
+        texts.append(text)
     report["seconds"] = time.perf_counter() - t_all
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -587,7 +659,9 @@ def main(argv=None) -> None:
 def task_view(args):
     """Worker arguments with the task's batch size and length (cls has its own)."""
     if args.task == "cls":
-        args.batch_size, args.max_len, args.test_sequences = args.cls_batch_size, args.cls_max_len, 0
+        args.batch_size, args.max_len, args.test_sequences, args.val_sequences = (args.cls_batch_size,
+                                                                                  args.cls_max_len, 0, 0)
+        args.seeds, args.steps = args.cls_seeds or args.seeds, args.cls_steps or args.steps
     return args
 
 
@@ -610,7 +684,8 @@ def prepare(task: str, args, work: Path) -> dict:
 
 
 def describe(task: str, args, files: dict, runs: list[dict], base_loss: float | None) -> str:
-    seeds = args.seeds
+    seeds = args.seeds if task == "causal" else args.cls_seeds or args.seeds
+    steps = args.steps if task == "causal" else args.cls_steps or args.steps
     if task == "causal":
         return (f"causal: SmolLM2-135M-Instruct (fp32), LoRA on q_proj,v_proj (alpha = 2r; LoRA-Mini alpha = 2k), "
                 f"CPython language reference text; {args.steps} steps x {args.batch_size} x {args.max_len} tokens, "
@@ -619,7 +694,7 @@ def describe(task: str, args, files: dict, runs: list[dict], base_loss: float | 
     n = {k: sum(1 for _ in open(files[k], encoding="utf-8")) for k in ("train", "val", "test")}
     return (f"cls: all-MiniLM-L6-v2 + new head, LoRA on query,value; which of {len(CLS_PACKAGES)} stdlib packages "
             f"({', '.join(CLS_PACKAGES)}) a docstring comes from; {n['train']}/{n['val']}/{n['test']} train/val/test; "
-            f"{args.steps} steps x {args.cls_batch_size} x <= {args.cls_max_len} tokens, seeds {seeds}; "
+            f"{steps} steps x {args.cls_batch_size} x <= {args.cls_max_len} tokens, seeds {seeds}; "
             f"baseline: the head alone (linear probe), test loss {base_loss:.4f}")
 
 
