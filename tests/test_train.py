@@ -246,6 +246,7 @@ def test_cli_train_eval_every_and_errors(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["after"]["best_step"] % 3 == 0 and len(doc["after"]["evals"]) >= 1
+    assert doc["training"]["lr"] == 0.3
     jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "a"},
                                                   {"role": "assistant", "content": "b"}]}] * 4)
     for extra, why in ((["--data", str(tmp_path / "chat.jsonl")], "no chat template"),
@@ -255,3 +256,18 @@ def test_cli_train_eval_every_and_errors(tmp_path):
         res = CliRunner().invoke(main, bad)
         last = res.output.strip().splitlines()[-1]  # (transformers may print a loading bar first)
         assert res.exit_code == 2 and why in last and "Traceback" not in res.output, res.output
+
+
+def test_default_learning_rate_falls_with_the_outer_size(tmp_path):
+    from lora_convert.recovery.scratch import default_lr
+
+    rates = [default_lr((a, a)) for a in (16, 48, 96, 128, 256, 512)]
+    assert rates == sorted(rates, reverse=True) and rates[0] == 3e-2 and rates[-1] == 1e-2
+    assert default_lr(None) == default_lr(64)  # the default outer size
+    base = tiny_llama_dir(tmp_path / "base", chat=False)
+    (tmp_path / "t.txt").write_text("\n".join("the cat sat on a mat." for _ in range(20)))
+    res = CliRunner().invoke(main, ["train", "--base", str(base), "--data", str(tmp_path / "t.txt"), "-o",
+                                    str(tmp_path / "o"), "--outer-dim", "128", "--steps", "1", "--max-len", "16",
+                                    "--device", "cpu", "--no-progress", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["training"]["lr"] == default_lr((128, 128))

@@ -46,7 +46,8 @@ def _train_options(f):
         click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps."),
         click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per step."),
         click.option("--lr", type=float, default=None,
-                     help="Peak learning rate (AdamW; default 1e-2 for recover, 2e-3 for train)."),
+                     help="Peak learning rate (AdamW; default 1e-2 for recover; for train 1e-2 to 3e-2 by "
+                          "outer size, smaller outers higher)."),
         click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine",
                      show_default=True),
         click.option("--warmup-steps", type=int, default=None, help="Default: 5% of --steps."),
@@ -104,7 +105,7 @@ def _require_training_extras() -> None:
 
 def _training_summary(result) -> dict:
     t = result.training
-    return {"steps": t.steps, "resumed_at": t.start_step, "seconds": round(t.seconds, 2), "tokens": t.tokens,
+    return {"steps": t.steps, "resumed_at": t.start_step, "lr": t.lr, "seconds": round(t.seconds, 2), "tokens": t.tokens,
             "tokens_per_second": round(t.tokens_per_second, 1), "final_loss": t.losses[-1] if t.losses else None}
 
 
@@ -166,9 +167,6 @@ def eval_(mini, teacher, data, **kw):
     click.echo(json.dumps(summary, indent=2) if kw["as_json"] else format_eval(summary, f"{mini} vs {teacher}"))
 
 
-TRAIN_LR = 2e-3  # see docs/RECOVERY.md, "Training from scratch"
-
-
 @click.command()
 @click.option("-o", "--output", required=True, help="Output LoRA-Mini directory (or .safetensors file).")
 @click.option("--target-modules", default=None,
@@ -200,10 +198,12 @@ def train(output, target_modules, rank, alpha, outer, outer_dim, dtype, **kw):
     if not kw["base"]:
         raise click.UsageError("train needs --base (the model to train the adapter for)")
     targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
+    from ..recovery.scratch import default_lr
+
     log = None if kw["as_json"] else click.echo
-    result = run(output, _data_opts(kw), _model_opts(kw), _train_opts(kw, TRAIN_LR), target_modules=targets,
-                 rank=rank, alpha=alpha, outer_dim=parse_outer_dim(outer_dim), outer_seed=kw["seed"], dtype=dtype,
-                 log=log)
+    dims = parse_outer_dim(outer_dim)
+    result = run(output, _data_opts(kw), _model_opts(kw), _train_opts(kw, default_lr(dims)), target_modules=targets,
+                 rank=rank, alpha=alpha, outer_dim=dims, outer_seed=kw["seed"], dtype=dtype, log=log)
     _echo_result(result, kw["as_json"])
 
 

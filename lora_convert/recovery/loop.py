@@ -87,6 +87,7 @@ class TrainResult:
     best_step: int | None = None
     best_loss: float | None = None
     stopped_at: int | None = None  # the step early stopping ended the run at
+    lr: float = 0.0  # the peak learning rate used
 
     @property
     def tokens_per_second(self) -> float:
@@ -137,7 +138,7 @@ def train_inner(accelerator, model, layers: dict[str, MiniLayer], seqs: list[lis
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts))
     optimizer = accelerator.prepare(optimizer)  # skips steps between accumulation boundaries
     identity = {"run": run, "options": opts.identity(), "world": accelerator.num_processes}
-    result = TrainResult(steps=opts.steps, start_step=0)
+    result = TrainResult(steps=opts.steps, start_step=0, lr=opts.lr)
     if opts.resume:
         result.start_step = load_latest(opts.checkpoint_dir, state, optimizer, scheduler, identity, result)
     plan = BatchPlan(len(seqs), opts.batch_size, opts.seed, accelerator.num_processes, accelerator.process_index)

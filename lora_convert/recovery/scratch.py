@@ -18,6 +18,17 @@ from ..outer import random as random_outer
 from .layers import base_shape, layer_kind, rms_norm
 
 
+def default_lr(outer_dim) -> float:
+    """Default peak learning rate of `train` for outers of size a (the first of --outer-dim; default 64).
+
+    In the layers' normalised coordinates an optimizer step on X moves U·X by about √a times the step
+    (a sum of a unit-norm columns), so the best rate falls as a grows: benchmarks/bench_scratch.py
+    found 1e-2 best at a = 192-256 (3e-2 diverged at 256) and 3e-2 best at a = 48-96.
+    """
+    a = (outer_dim[0] if isinstance(outer_dim, (tuple, list)) else outer_dim) or 64
+    return min(3e-2, max(1e-2, 1e-2 * (256 / a) ** 0.5))
+
+
 def default_targets(model: nn.Module) -> list[str]:
     """PEFT's default target modules for the model type (e.g. q_proj, v_proj for Llama)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
