@@ -137,6 +137,7 @@ def test_collate_carries_loss_mask_and_labels_and_train_loss_uses_them():
 # ------------------------------------------------------------------ the loop: evaluation, early stopping, best state
 
 def _linear_layer() -> MiniLayer:
+    torch.manual_seed(0)  # the base Linear's weights
     g = torch.Generator().manual_seed(0)
     m = MiniModule(name="lin", kind="linear", kernel={}, rank=2, alpha=2.0, use_rslora=False, dtype="float32",
                    outer={"source": "random", "a": 4, "b": 4}, U=torch.randn(6, 4, generator=g),
@@ -271,3 +272,36 @@ def test_default_learning_rate_falls_with_the_outer_size(tmp_path):
                                     "--device", "cpu", "--no-progress", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["training"]["lr"] == default_lr((128, 128))
+
+
+def test_resume_continues_the_evaluation_history_and_best_state(tmp_path):
+    import shutil
+
+    emb = nn.Embedding(8, 5)
+    seqs = [[i % 7 + 1, (i * 3) % 7 + 1, 2] for i in range(16)]
+
+    def run(ckpt, resume):
+        layer = _linear_layer()
+        layer.base.requires_grad_(False)
+
+        def step_loss(batch):
+            return (layer(emb(batch["input_ids"])) - 1.0).pow(2).mean()
+
+        def evaluate():  # a function of the state, so a resumed run sees the same numbers
+            return float((layer.X.detach() - 0.3).pow(2).sum()) + (layer.X.detach().abs().sum() > 0.8) * 5.0
+
+        opts = TrainOptions(steps=12, batch_size=4, lr=5e-2, progress=False, eval_every=2, checkpoint_every=4,
+                            keep_checkpoints=5, checkpoint_dir=str(ckpt), resume=resume)
+        res = train_inner(make_accelerator("cpu", 1), layer, {"lin": layer}, seqs, 0, step_loss, opts, {},
+                          evaluate=evaluate)
+        return res, layer.X.detach().clone()
+
+    full, x_full = run(tmp_path / "a", False)
+    assert full.best_step is not None and len(full.evals) == 6
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for step in (8, 12):
+        shutil.rmtree(tmp_path / "b" / f"step-{step:08d}")
+    resumed, x_resumed = run(tmp_path / "b", True)
+    assert resumed.start_step == 4
+    assert resumed.evals == full.evals and resumed.best_step == full.best_step
+    assert torch.equal(x_resumed, x_full)
