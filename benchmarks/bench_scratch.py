@@ -493,7 +493,7 @@ def summarise(task: str, runs: list[dict], base_loss: float | None) -> list[dict
     ref = by.get("LoRA r=16")
     ref_params = ref[0]["trainable_params"] if ref else None
     for name, rs in by.items():
-        row = {"method": name, "lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs],
+        row = {"method": name, "kind_head": rs[0]["kind"] == "head", "lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs],
                "trainable_params": rs[0]["trainable_params"], "head_params": rs[0]["head_params"],
                "fewer_than_r16": ref_params / rs[0]["trainable_params"] if rs[0]["trainable_params"] else None,
                "stored_bytes": rs[0]["stored_bytes"], "test_loss": mean_sd([r["test_loss"] for r in rs]),
@@ -543,6 +543,29 @@ def table(task: str, rows: list[dict], base: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(task: str, rows: list[dict]) -> str:
+    """The summary as a Markdown table (docs/RECOVERY.md, benchmarks/README.md)."""
+    pm = lambda ms, f, k=1: f"{k * ms[0]:{f}} ± {k * ms[1]:{f}}"  # noqa: E731
+    if task == "causal":
+        out = ["| method | lr | trainable | fewer than r=16 | stored bytes | test loss | gain over base | of r=16 gain "
+               "| effect of r=16 kept (KL) | tokens/s | peak RSS MiB |", "|" + "---|" * 11]
+    else:
+        out = ["| method | lr | trainable | fewer than r=16 | stored bytes | test accuracy % | vs r=16 (points) "
+               "| test loss | of r=16 gain over the probe | tokens/s | peak RSS MiB |", "|" + "---|" * 11]
+    for r in rows:
+        few = f"{r['fewer_than_r16']:.1f}x" if r["fewer_than_r16"] else "–"
+        cells = [r["method"], f"{r['lr']:g}", f"{r['trainable_params']:,}", few, f"{r['stored_bytes']:,}"]
+        if task == "causal":
+            cells += [pm(r["test_loss"], ".3f"), pm(r["improvement"], ".3f"), pm(r["improvement_vs_r16"], ".0f", 100) + "%",
+                      (pm(r["kept_of_r16"], ".1f", 100) + "%") if "kept_of_r16" in r else "–"]
+        else:
+            cells += [pm(r["accuracy"], ".1f", 100), pm(r["accuracy_vs_r16"], ".1f", 100), pm(r["test_loss"], ".3f"),
+                      (pm(r["improvement_vs_r16"], ".0f", 100) + "%") if r["kind_head"] is False else "–"]
+        cells += [f"{r['tokens_per_s']:,.0f}", f"{r['peak_rss_mib']:,.0f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def sweep_table(runs: list[dict]) -> str:
     lines = ["learning-rate sweep (first seed; chosen by validation loss, marked *):"]
     by = {}
@@ -586,6 +609,7 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", default="/tmp/bench-scratch")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--markdown", default=None, help="Only print Markdown tables from this scratch.json.")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--task", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -597,6 +621,12 @@ def main(argv=None) -> None:
         spec = args.mini_causal if task == "causal" else args.mini_cls
         return [tuple(int(x) for x in c.split(":")) for c in spec.split(",") if c]
 
+    if args.markdown:
+        doc = json.loads(Path(args.markdown).read_text())
+        for task, res in doc["tasks"].items():
+            rows = summarise(task, res["runs"], res["base_loss"])
+            print(f"{task}:\n\n{markdown(task, rows)}\n")
+        return
     if args.worker == "throughput":
         files = json.loads((Path(args.workdir) / "causal-files.json").read_text())
         print(json.dumps(throughput(args, files, *minis("causal")[1 if len(minis("causal")) > 1 else 0])))
