@@ -22,7 +22,6 @@ import argparse
 import ast
 import hashlib
 import json
-import math
 import os
 import sys
 import sysconfig
@@ -177,11 +176,12 @@ def eval_losses(model, tok, eval_len: int, eval_seq: int) -> dict[str, float]:
 
 def save_fp16(pm, out_dir: Path) -> None:
     """PEFT's own save_pretrained, then the factors rewritten as fp16 (the config is PEFT's)."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     pm.save_pretrained(out_dir)
     st = out_dir / "adapter_model.safetensors"
-    tensors = {k: v.to(__import__("torch").float16).contiguous() for k, v in load_file(st).items()}
+    tensors = {k: v.to(torch.float16).contiguous() for k, v in load_file(st).items()}
     tmp = st.with_suffix(".tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.chmod(tmp, 0o644)
