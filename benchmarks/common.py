@@ -296,6 +296,8 @@ def baseline_adapter(teacher_dir, out_dir, rank: int, bits: int | None) -> Basel
         tensors[prefix + ".lora_A.weight"] = ak_s.float().contiguous()
         tensors[prefix + ".lora_B.weight"] = bk_s.float().contiguous()
     new_cfg = dict(cfg, r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
+    if isinstance(new_cfg.get("target_modules"), list):
+        new_cfg["target_modules"] = sorted(new_cfg["target_modules"])
     cfg_text = json.dumps(new_cfg, indent=2, sort_keys=True) + "\n"
     (out_dir / "adapter_config.json").write_text(cfg_text)
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})

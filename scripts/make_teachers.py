@@ -184,10 +184,12 @@ def save_fp16(pm, out_dir: Path) -> None:
     tensors = {k: v.to(__import__("torch").float16).contiguous() for k, v in load_file(st).items()}
     tmp = st.with_suffix(".tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, st)
     cfg_path = out_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT writes a set's (hash-seeded) order
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -223,6 +225,10 @@ def write_card(out_dir: Path, name: str, info: dict) -> None:
         f"| held-out, other distribution (`heldout_other.txt`) | {b['heldout_other']:.3f} | {t['heldout_other']:.3f} |",
         "",
     ]
+    if t["heldout_same"] > b["heldout_same"] or t["heldout_other"] > b["heldout_other"]:
+        lines += ["The adapter raises the loss on held-out text (it has memorised its training text), so the",
+                  "share of loss improvement kept means nothing for it; compare copies of it by effect kept,",
+                  "1 - KL(teacher || copy) / KL(teacher || base), as benchmarks/common.py does.", ""]
     (out_dir / "README.md").write_text("\n".join(lines))
     (out_dir / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
