@@ -23,7 +23,7 @@ lora_convert points go compress → save (bytes = the LoRA-Mini file) → load �
 
 Every finished point (file, bytes, effect kept per text) is cached under benchmarks/cache/frontier/
 (git-ignored), so an interrupted run resumes where it stopped. Outputs:
-benchmarks/results/frontier.txt, frontier.json, frontier.png.
+benchmarks/results/frontier.txt, frontier.json, frontier.md (the README's tables), frontier.png.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -177,8 +178,9 @@ def plan_points(args) -> list[dict]:
 
 
 def fingerprint(path: Path) -> str:
+    """The teacher's weights and config (its model card may change without invalidating results)."""
     h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*")):
+    for f in (Path(path) / "adapter_config.json", Path(path) / "adapter_model.safetensors"):
         if f.is_file():
             h.update(f.name.encode())
             h.update(f.read_bytes())
@@ -274,7 +276,7 @@ def run_teacher(name: str, teacher: Path, args, base: Path) -> dict:
             log(f"{name}: scored {len(todo)} points on {text_name} in {time.time() - t0:.0f} s")
 
     # cheap points first, scored, then recovery (slow), scored: an interrupted run still has a frontier
-    plan = plan_points(args)
+    plan = [p for p in plan_points(args) if not args.only or p["family"] in args.only]
     for slow in (False, True):
         phase = [p for p in plan if (p["family"] == "lc +recovery") == slow]
         build(phase)
@@ -287,6 +289,11 @@ def rel(path: Path) -> str:
         return str(Path(path).resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
+
+
+def short_error(msg: str) -> str:
+    """An error message without the machine's absolute paths."""
+    return re.sub(r"(?<![\w.])/\S+: ", "", msg)
 
 
 def chunked(items, n):
@@ -343,7 +350,7 @@ def report(all_cache: dict, args) -> tuple[str, dict]:
                              if e["family"] == "baseline" and t in e.get("effect", {})]) for t in args.heldout}
         for e in pts:
             if e.get("error"):
-                lines.append(f"{e['label']:30s} {'—':>11s} {'':>8s} not available: {e['error']}")
+                lines.append(f"{e['label']:30s} {'—':>11s} {'':>8s} not available: {short_error(e['error'])}")
                 continue
             eff = {t: e["effect"].get(t, {}).get("effect_kept") for t in args.heldout}
             row = f"{e['label']:30s} {e['bytes']:>11,} {tb / e['bytes']:>7.1f}x " + " ".join(
@@ -393,11 +400,34 @@ def report(all_cache: dict, args) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def markdown(all_cache: dict, args) -> str:
+    """One table per teacher for benchmarks/README.md."""
+    out = []
+    for name, cache in all_cache.items():
+        tb = cache["_teacher_bytes"]
+        out.append(f"\n**{name}** ({rel(args.teacher_paths[name])}, {tb:,} B)\n")
+        out.append("| point | bytes | smaller | " + " | ".join(f"effect kept, {t}" for t in args.heldout) + " |")
+        out.append("|---|---:|---:|" + "---:|" * len(args.heldout))
+        pts = [e for k, e in cache.items() if not k.startswith("_")]
+        pts.sort(key=lambda e: (-(e.get("bytes") or 0), e["label"]))
+        for e in pts:
+            if e.get("error"):
+                out.append(f"| {e['label']} | — | — | " + " | ".join("refused" for _ in args.heldout) + " |")
+                continue
+            cells = []
+            for t in args.heldout:
+                v = e["effect"].get(t, {}).get("effect_kept")
+                cells.append("?" if v is None else f"{100 * v:.1f}%")
+            out.append(f"| {e['label']} | {e['bytes']:,} | {tb / e['bytes']:.1f}x | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def plot(all_cache: dict, args, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     styles = {"svd fp32": ("tab:gray", "s", "-"), "baseline": ("black", "o", "-"), "lc svd": ("tab:blue", "^", "-"),
               "lc svd+cal": ("tab:green", "v", "-"), "lc +recovery": ("tab:red", "*", "")}
@@ -417,6 +447,8 @@ def plot(all_cache: dict, args, path: Path) -> None:
                             linestyle=ls, label=fam)
             ax.axhline(95, color="tab:orange", lw=0.8, ls=":")
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_ylim(max(0, ax.get_ylim()[0]), 101)
             ax.set_xlabel("times smaller than the teacher's safetensors")
             ax.set_ylabel("effect kept, %")
@@ -453,6 +485,9 @@ def main() -> None:
     ap.add_argument("--cal-ranks", default="1,2",
                     help="also calibrated svd at these fixed ranks, fp16 (calibration without a budget)")
     ap.add_argument("--cache-dir", type=Path, default=CACHE)
+    ap.add_argument("--only", default="", help="build only these families (comma-separated, e.g. 'lc +recovery')")
+    ap.add_argument("--merge-cache", type=Path, action="append", default=[],
+                    help="with --report-only: also report the points of another cache directory")
     ap.add_argument("--report-only", action="store_true", help="tables and plot from the cache; build nothing")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -462,6 +497,7 @@ def main() -> None:
     args.cal_ranks = [int(x) for x in args.cal_ranks.split(",") if x]
     args.recover = [x for x in args.recover.split(",") if x]
     args.cache_dir = args.cache_dir.resolve()
+    args.only = [x for x in args.only.split(",") if x]
     torch.set_num_threads(args.threads)
 
     names = args.teachers.split(",")
@@ -478,6 +514,10 @@ def main() -> None:
             continue
         if args.report_only:
             cache = load_cache(args.cache_dir / n / "points.json")
+            for extra in args.merge_cache:
+                more = load_cache(extra.resolve() / n / "points.json")
+                if cache and more.get("_teacher") == cache.get("_teacher") and more.get("_eval") == cache.get("_eval"):
+                    cache.update({k: v for k, v in more.items() if not k.startswith("_") and v.get("peft")})
             if cache:
                 all_cache[n] = cache
             continue
@@ -500,8 +540,9 @@ def main() -> None:
                         for n, c in all_cache.items()},
            "summary": summary}
     (RESULTS / "frontier.json").write_text(json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n")
+    (RESULTS / "frontier.md").write_text(markdown(all_cache, args))
     plot(all_cache, args, RESULTS / "frontier.png")
-    log("wrote benchmarks/results/frontier.{txt,json,png}")
+    log("wrote benchmarks/results/frontier.{txt,json,md,png}")
 
 
 if __name__ == "__main__":
