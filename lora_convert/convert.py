@@ -126,7 +126,13 @@ def compress_window(modules: list[LoraModule], source: str | CompressConfig = "r
     src = outer.get(cfg.outer)
     opts = _outer_options(cfg)
     if cfg.quantized:
-        return [_compress_quantized(m, src, cfg, opts, (plan or {}).get(m.name)) for m in modules]
+        out = []
+        for m in modules:
+            stats = calibration.get(m.name) if calibration else None
+            choice = (plan or {}).get(m.name)
+            out.append(_compress_quantized(m, src, cfg, opts, choice) if stats is None else
+                       calibrated.compress_quantized(m, src, opts, cfg.bits, cfg.group_size, stats.factor(), choice))
+        return out
     shapes: dict[tuple, list[int]] = {}
     done: dict[int, MiniModule] = {}
     for i, m in enumerate(modules):
@@ -323,14 +329,11 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibr
     """
     cfg = _config(outer, options)
     calibrated.check_modules(adapter, calibration)
-    if calibration and cfg.quantized:
-        raise BadInputError("calibration applies to unquantized compress for now; drop --bits / --target-size / "
-                            "--min-fidelity, or --calibration")
     original = source_bytes(adapter.source)
     plan, max_bytes = None, None
     if cfg.budgeted:
         max_bytes = cfg.budget_bytes(original)
-        curves, fixed = plan_curves(adapter, cfg, max_bytes)
+        curves, fixed = plan_curves(adapter, cfg, max_bytes, whitening=calibrated_whitening(adapter, calibration))
         try:
             plan = budget.allocate(curves, max_bytes, cfg.min_fidelity, fixed).choice
         except budget.BudgetError as exc:
@@ -364,7 +367,7 @@ class BudgetError(BadInputError):
 
 @one_thread
 def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = None,
-                whitening: Callable[[str], np.ndarray | None] | None = None) -> tuple[list[budget.Curve], int]:
+                whitening: Callable[[str], torch.Tensor | None] | None = None) -> tuple[list[budget.Curve], int]:
     """Every module's (rank, bits) error curve, one module at a time, and the bytes of the file
     that do not depend on the choice (header with every number at its longest, passthrough
     tensors, summary file). `whitening(name)`: the module's input whitening factor, or None."""
@@ -379,10 +382,17 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
             outers = (U, V)
         else:
             ospec = {"source": src.name, "a": m.rank, "b": m.rank}
+        L = whitening(name) if whitening else None
+        if L is not None:
+            calibrated.check_width(m, L)
+        # calibrated modules: output-space errors, input-side factor rounded with error feedback,
+        # and two more fidelity figures in the header
+        extra = {} if L is None else {"input_rounding": calibrated.input_rounding(L, outers and outers[1]),
+                                      "overhead": calibrated.fidelity_overhead()}
         try:
             curves.append(budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits,
                                              group=cfg.group_size, outers=outers,
-                                             whitening=whitening(name) if whitening else None))
+                                             whitening=None if L is None else L.numpy(), **extra))
         except ValueError as exc:
             raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
         specs[name] = module_spec(m.kind, m.kernel, m.rank, m.alpha, m.use_rslora,
@@ -394,7 +404,22 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
                         original_bytes=source_bytes(adapter.source))
     digits = len(str(max_bytes)) if max_bytes else 15
     fixed = size_bound(probe, specs, {f"{n}.q": ("U8", 1) for n in specs}, digits=max(digits, 4))
+    if whitening:
+        fixed += calibrated.summary_overhead()
     return curves, fixed
+
+
+def calibrated_whitening(adapter: Adapter, calibration) -> Callable[[str], torch.Tensor] | None:
+    """plan_curves' `whitening` from calibration statistics: every module's factor L, so that the
+    budget allocates by output error (one metric for all modules, or the sums would mix units)."""
+    if not calibration:
+        return None
+    missing = [n for n in adapter.module_names if n not in calibration]
+    if missing:
+        raise BadInputError(f"a budget with calibration needs statistics for every module; {len(missing)} have none "
+                            f"(e.g. {missing[0]!r}: conv or embedding updates); drop --calibration or the budget",
+                            adapter.source or None)
+    return lambda name: calibration[name].factor()
 
 
 def source_bytes(source: str) -> int | None:

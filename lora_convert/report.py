@@ -21,6 +21,14 @@ class ModuleFidelity:
     energy: float  # ||s·B·A||_F² of the original module
     recovered: bool = False  # inner matrices re-fitted in function space (`lora-convert recover`)
     bits: float | None = None  # stored bits per factor value, quantization scales included
+    # compress --calibration: relative output error on the calibration data and s²·||B A L||²_F
+    calibrated_rel_error: float | None = None
+    calibrated_energy: float | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return (self.calibrated_rel_error is not None and math.isfinite(self.calibrated_rel_error)
+                and self.calibrated_energy is not None and math.isfinite(self.calibrated_energy))
 
     @property
     def known(self) -> bool:
@@ -34,7 +42,9 @@ class ModuleFidelity:
         return {"name": self.name, "shape": list(self.shape), "rank": self.rank,
                 "inner_rank": self.inner_rank, "outer": self.outer, "a": self.a, "b": self.b,
                 "rel_error": _finite(self.rel_error), "retained_energy": self.retained_energy,
-                "recovered": self.recovered, "bits": self.bits}
+                "recovered": self.recovered, "bits": self.bits,
+                **({"calibrated_rel_error": self.calibrated_rel_error,
+                    "calibrated_retained": max(0.0, 1.0 - self.calibrated_rel_error ** 2)} if self.calibrated else {})}
 
 
 @dataclass
@@ -72,6 +82,18 @@ class FidelityReport:
         return None if err is None else max(0.0, 1.0 - err**2)
 
     @property
+    def calibrated_retained(self) -> float | None:
+        """Share of the update's output energy on the calibration data that the compressed adapter
+        keeps, 1 − Σ e²·E / Σ E over modules (e: relative output error, E: output energy): what
+        compress --min-fidelity refers to with --calibration. None unless every module has both."""
+        if not self.modules or not all(m.calibrated for m in self.modules):
+            return None
+        total = sum(m.calibrated_energy for m in self.modules)
+        if total == 0.0:
+            return 1.0
+        return max(0.0, 1.0 - sum(m.calibrated_energy * m.calibrated_rel_error ** 2 for m in self.modules) / total)
+
+    @property
     def recovered(self) -> bool:
         """Whether the inner matrices were re-fitted to the original's outputs (recover), so that
         weight-space energy no longer measures how well the adapter stands in for the original."""
@@ -91,6 +113,8 @@ class FidelityReport:
                "worst_rel_error": worst.rel_error if worst else None,
                "modules_without_fidelity": self.unknown,
                "low_energy": self.low_energy, "recovered": self.recovered}
+        if self.calibrated_retained is not None:
+            out["calibrated_retained"] = self.calibrated_retained
         if self.original_bytes and self.compressed_bytes:
             out.update(original_bytes=self.original_bytes, compressed_bytes=self.compressed_bytes,
                        ratio=self.original_bytes / self.compressed_bytes)
@@ -146,6 +170,9 @@ class FidelityReport:
         else:
             lines.append(f"whole adapter: {s['modules']} modules, relative error {s['rel_error']:.3e}, "
                          f"retained energy {100 * s['retained_energy']:.2f}%")
+        if "calibrated_retained" in s:
+            lines.append(f"calibrated (output on the calibration text): {100 * s['calibrated_retained']:.2f}% of the "
+                         "update's output energy kept")
         if "ratio" in s:
             lines.append(f"size: {s['original_bytes']:,} B -> {s['compressed_bytes']:,} B "
                          f"({s['ratio']:.1f}x smaller)")
