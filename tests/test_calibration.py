@@ -361,3 +361,9 @@ def test_cli_calibrated_budget_reports_the_calibrated_share(setup, tmp_path):
     assert doc["summary"]["compressed_bytes"] <= doc["budget_bytes"]
     text = CliRunner().invoke(main, ["verify", str(tmp_path / "mini")])
     assert text.exit_code == 0 and "calibrated" in text.output
+    plan = CliRunner().invoke(main, ["compress", str(setup / "teacher"), "--outer", "svd", "--plan", "--json",
+                                     "--calibration", str(setup / "calib.txt"), "--base", str(setup / "base"),
+                                     "--offline"])
+    assert plan.exit_code == 0, plan.output
+    points = json.loads(plan.stdout)
+    assert points["calibrated"] and points["points"][-1]["fidelity"] > points["points"][0]["fidelity"]
