@@ -167,6 +167,8 @@ def parse(argv=None):
     p.add_argument("--quantized", default="", help="Target sizes (ratios, e.g. 16,32,64): budgeted svd compress "
                                                    "with and without calibration instead of the rank rows.")
     p.add_argument("--quantized-cal", default="licenses", help="Calibration text of the --quantized rows.")
+    p.add_argument("--no-quantized-controls", dest="quantized_controls", action="store_false",
+                   help="Skip the rows without error feedback.")
     return p.parse_args(argv)
 
 
@@ -263,12 +265,19 @@ def quantized_rows(args, teacher, stats, row) -> None:
         row("svd budget", target, lc.compress(teacher, "svd", target_size=target))
         row(f"svd budget + calib {args.quantized_cal}", target, lc.compress(teacher, "svd", target_size=target,
                                                                              calibration=stats))
-        calibrated.EF_ROUNDING = False
+        if args.quantized_controls:
+            calibrated.EF_ROUNDING = False
+            try:
+                row("  same, no error feedback", target, lc.compress(teacher, "svd", target_size=target,
+                                                                      calibration=stats))
+            finally:
+                calibrated.EF_ROUNDING = True
+        calibrated.ALLOCATE_BY = "relative"
         try:
-            row("  same, no error feedback", target, lc.compress(teacher, "svd", target_size=target,
-                                                                  calibration=stats))
+            row("  same, weight-weighted alloc.", target, lc.compress(teacher, "svd", target_size=target,
+                                                                       calibration=stats))
         finally:
-            calibrated.EF_ROUNDING = True
+            calibrated.ALLOCATE_BY = "output"
 
 
 def write_table(args, rows, record, ref, original_bytes, timing, t_start, stem: str) -> None:

@@ -126,6 +126,11 @@ _FEEDBACK = BytesLRU(256 << 20, size=lambda v: v[1].nbytes + v[0].numel() * 8)
 # Error feedback on (EF_ROUNDING) or plain rounding of the input-side factor: a switch for the
 # benchmark that decides it (benchmarks/bench_calibration.py --quantized)
 EF_ROUNDING = True
+# How a calibrated budget weighs modules against each other: "output" sums absolute output errors on
+# the calibration text; "relative" sums each module's relative output error times its weight-space
+# energy (the data shapes the fit within a module, not the weight across modules). A switch for
+# benchmarks/bench_calibration.py --quantized.
+ALLOCATE_BY = "output"
 
 
 def _feedback(L: torch.Tensor) -> np.ndarray:
@@ -244,3 +249,15 @@ def summary_overhead() -> int:
     worst = -1.2345678901234567e-300
     size = lambda d: len(json.dumps({"fidelity": d}, indent=2))  # noqa: E731
     return size({"modules": 1, "calibrated_retained": worst}) - size({"modules": 1})
+
+
+def reweighted(curve, weight_energy: float):
+    """`curve` (output-space) with every module weighted by its weight-space energy instead of its
+    output energy (ALLOCATE_BY = "relative")."""
+    from .budget import Curve, Option
+
+    if ALLOCATE_BY != "relative" or curve.energy <= 0.0:
+        return curve
+    f = weight_energy / curve.energy
+    return Curve(curve.name, weight_energy, [Option(o.k, o.bits, o.nbytes, o.err2 * f) for o in curve.options],
+                 curve.overhead)

@@ -393,6 +393,8 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
             curves.append(budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits,
                                              group=cfg.group_size, outers=outers,
                                              whitening=None if L is None else L.numpy(), **extra))
+            if L is not None:
+                curves[-1] = calibrated.reweighted(curves[-1], m.scale ** 2 * float(Update(m.up, m.down).energy))
         except ValueError as exc:
             raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
         specs[name] = module_spec(m.kind, m.kernel, m.rank, m.alpha, m.use_rslora,
