@@ -131,8 +131,7 @@ class MiniModule:
                               self.outer["source"], int(self.outer["a"]), int(self.outer["b"]),
                               _number(self.fidelity.get("rel_error")), _number(self.fidelity.get("energy")) or 0.0,
                               recovered=self.recovered, bits=self.bits,
-                              calibrated_rel_error=_number(self.fidelity.get("calibrated_rel_error")),
-                              calibrated_energy=_number(self.fidelity.get("calibrated_energy")))
+                              calibrated_rel_error=_number(self.fidelity.get("calibrated_rel_error")))
 
     @property
     def recovered(self) -> bool:

@@ -21,14 +21,11 @@ class ModuleFidelity:
     energy: float  # ||s·B·A||_F² of the original module
     recovered: bool = False  # inner matrices re-fitted in function space (`lora-convert recover`)
     bits: float | None = None  # stored bits per factor value, quantization scales included
-    # compress --calibration: relative output error on the calibration data and s²·||B A L||²_F
-    calibrated_rel_error: float | None = None
-    calibrated_energy: float | None = None
+    calibrated_rel_error: float | None = None  # compress --calibration: relative output error on the data
 
     @property
     def calibrated(self) -> bool:
-        return (self.calibrated_rel_error is not None and math.isfinite(self.calibrated_rel_error)
-                and self.calibrated_energy is not None and math.isfinite(self.calibrated_energy))
+        return self.calibrated_rel_error is not None and math.isfinite(self.calibrated_rel_error)
 
     @property
     def known(self) -> bool:
@@ -83,15 +80,16 @@ class FidelityReport:
 
     @property
     def calibrated_retained(self) -> float | None:
-        """Share of the update's output energy on the calibration data that the compressed adapter
-        keeps, 1 − Σ e²·E / Σ E over modules (e: relative output error, E: output energy): what
-        compress --min-fidelity refers to with --calibration. None unless every module has both."""
+        """The calibrated share: 1 − Σ e²·E / Σ E over modules, e the relative output error on the
+        calibration data, E the weight-space energy ||s·B·A||² (each module's output-space share,
+        weighted as the weight-space share weighs it): what compress --min-fidelity refers to with
+        --calibration. None unless every module has a calibrated error."""
         if not self.modules or not all(m.calibrated for m in self.modules):
             return None
-        total = sum(m.calibrated_energy for m in self.modules)
+        total = self.total_energy
         if total == 0.0:
             return 1.0
-        return max(0.0, 1.0 - sum(m.calibrated_energy * m.calibrated_rel_error ** 2 for m in self.modules) / total)
+        return max(0.0, 1.0 - sum(m.energy * m.calibrated_rel_error ** 2 for m in self.modules) / total)
 
     @property
     def recovered(self) -> bool:
@@ -171,8 +169,8 @@ class FidelityReport:
             lines.append(f"whole adapter: {s['modules']} modules, relative error {s['rel_error']:.3e}, "
                          f"retained energy {100 * s['retained_energy']:.2f}%")
         if "calibrated_retained" in s:
-            lines.append(f"calibrated (output on the calibration text): {100 * s['calibrated_retained']:.2f}% of the "
-                         "update's output energy kept")
+            lines.append(f"calibrated share (module outputs on the calibration text): "
+                         f"{100 * s['calibrated_retained']:.2f}% kept")
         if "ratio" in s:
             lines.append(f"size: {s['original_bytes']:,} B -> {s['compressed_bytes']:,} B "
                          f"({s['ratio']:.1f}x smaller)")

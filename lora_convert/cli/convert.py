@@ -91,12 +91,13 @@ def collect_calibration(adapter, cal: dict):
 @click.option("--group-size", type=int, default=64, show_default=True, help="Values per quantization scale.")
 @click.option("--target-size", default=None,
               help="Budget: a ratio to the input's size (32x) or a size (600KB, 1.5MB). Rank and bits are "
-                   "chosen per module to keep the most weight-space energy (with --calibration: output energy "
-                   "on the calibration text); the file honours it.")
+                   "chosen per module to keep the most weight-space energy (with --calibration: the calibrated "
+                   "share, module outputs on the calibration text); the file honours it.")
 @click.option("--min-fidelity", type=float, default=None,
               help="Smallest file keeping this share of the update's weight-space energy (e.g. 0.95); with "
-                   "--calibration, of its output energy on the calibration text (the report's calibrated "
-                   "share). With --target-size, refuse when the budget cannot reach it.")
+                   "--calibration, the report's calibrated share: each module's share of its output on the "
+                   "calibration text, weighted by its weight-space energy. With --target-size, refuse when the "
+                   "budget cannot reach it.")
 @click.option("--plan", is_flag=True, help="Print this adapter's predicted size-fidelity curve; write nothing.")
 @click.option("--plot", "plot_file", default=None, help="With --plan: draw the curve into this image (matplotlib).")
 @input_format
@@ -165,7 +166,7 @@ def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None, stats=None) 
         click.echo(f"predicted size-fidelity curve ({cfg.outer} outers; bits {', '.join(map(str, cfg.allowed_bits))}; "
                    f"input {original:,} B)" if original else "predicted size-fidelity curve")
         if stats:
-            click.echo("fidelity: share of the update's output energy on the calibration text")
+            click.echo("fidelity: calibrated share (module outputs on the calibration text)")
         click.echo(f"{'bytes':>12} {'smaller':>8} {'fidelity':>9}")
         for b, f in shown:
             click.echo(f"{b:>12,} {(f'{original / b:.1f}x' if original else '-'):>8} {100 * f:>8.2f}%")
@@ -181,7 +182,7 @@ def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None, stats=None) 
         ax.plot([b for b, _ in points], [100 * f for _, f in points])
         ax.set_xscale("log")
         ax.set_xlabel("file size (bytes)")
-        ax.set_ylabel("output energy kept on the calibration text (%)" if stats else "weight-space energy kept (%)")
+        ax.set_ylabel("calibrated share kept (%)" if stats else "weight-space energy kept (%)")
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         fig.savefig(plot_file)
