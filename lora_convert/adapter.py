@@ -10,9 +10,10 @@ import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-import torch
+if TYPE_CHECKING:  # imported where tensors are made: `inspect` describes adapters without torch
+    import torch
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -99,6 +100,8 @@ def ordered_map(fn: Callable, items: Iterable, workers: int = 1) -> Iterator:
     if workers <= 1:
         yield from map(fn, items)
         return
+    import torch
+
     it = iter(items)
     # torch's OpenMP thread count is per thread and starts at the core count in new threads:
     # left there, every BLAS call of every worker would fan out and they would fight (7x slower)

@@ -67,7 +67,9 @@ def lower_hull(options: list[Option]) -> list[Option]:
 
 
 def _prefix_errors(energy: float, B: np.ndarray, A: np.ndarray, F1: np.ndarray, F2: np.ndarray) -> np.ndarray:
-    """‖BA − F1[:, :k] F2[:k]‖²_F for k = 1..K from small products only (no out×in matrix)."""
+    """‖BA − F1[:, :k] F2[:k]‖²_F for k = 1..K from small products only (no out×in matrix).
+    (One candidate at a time: products of several at once cross OpenBLAS's threading threshold,
+    and its threads wait on a busy machine.)"""
     cross = np.cumsum(np.einsum("ij,ji->i", F1.T @ B, A @ F2.T))
     H = (F1.T @ F1) * (F2 @ F2.T)
     self_ = np.diagonal(np.cumsum(np.cumsum(H, 0), 1))
@@ -75,14 +77,17 @@ def _prefix_errors(energy: float, B: np.ndarray, A: np.ndarray, F1: np.ndarray, 
 
 
 def svd_factors(B: torch.Tensor, A: torch.Tensor, whitening: np.ndarray | None = None,
-                max_rank: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                max_rank: int | None = None, update: Update | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(F1 out×K, F2 K×in, σ): the truncated SVD of B·A (of B·A·L with `whitening`, mapped back:
     F2 = √σ Vᵀ L⁻¹) with the singular values split evenly, columns/rows by decreasing σ; the
-    rank-k optimum is the first k of them. K is the numerical rank (at least 1)."""
-    A64 = A.double()
-    if whitening is not None:
-        A64 = A64 @ torch.from_numpy(np.asarray(whitening, dtype=np.float64))
-    upd = Update(B, A64)
+    rank-k optimum is the first k of them. K is the numerical rank (at least 1). `update`: the
+    caller's Update(B, A·L) when it has one (its Gram products are then not formed again)."""
+    if update is None:
+        A64 = A.double()
+        if whitening is not None:
+            A64 = A64 @ torch.from_numpy(np.asarray(whitening, dtype=np.float64))
+        update = Update(B, A64)
+    upd = update
     s = upd.spectrum
     K = max(int((s > (s[0] if s.size else 0.0) * 1e-12).sum()), 1)
     if max_rank is not None:
@@ -124,9 +129,10 @@ def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bi
     L = None if whitening is None else torch.from_numpy(np.asarray(whitening, dtype=np.float64))
     Aw = A64 if L is None else A64 @ L
     Bn, Awn = B64.numpy(), Aw.numpy()
-    energy = float(Update(B64, Aw).energy)
+    upd = Update(B64, Aw)
+    energy = float(upd.energy)
     if outers is None:
-        S1, S2, _ = svd_factors(B64, A64, whitening)
+        S1, S2, _ = svd_factors(B64, A64, whitening, update=upd)
         maps = (lambda F: F), (lambda F: F if L is None else F @ L.numpy())
     else:
         U, V = outers
@@ -135,14 +141,15 @@ def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bi
         U64, V64 = U.double().numpy(), Vw.numpy()
         maps = (lambda X: U64 @ X), (lambda Y: Y @ V64)
     K = S1.shape[1]
+    Q2s = quant.rounded_widths(S2, bits, group) if input_rounding is None else \
+        [np.asarray(input_rounding(S2, b, group), dtype=np.float64) for b in bits]
+    err2 = [(scale * scale) * _prefix_errors(energy, Bn, Awn, maps[0](Q1), maps[1](Q2))
+            for Q1, Q2 in zip(quant.rounded_widths(S1, bits, group), Q2s)]
     opts = []
-    for b in bits:
-        Q1 = quant.encode(S1, b, group)[1]
-        Q2 = quant.encode(S2, b, group)[1] if input_rounding is None else input_rounding(S2, b, group)
-        err2 = _prefix_errors(energy, Bn, Awn, maps[0](Q1.astype(np.float64)), maps[1](Q2.astype(np.float64)))
+    for w, b in enumerate(bits):
         for k in range(1, K + 1):
             size = quant.nbytes((S1.shape[0], k), b, group) + quant.nbytes((k, S2.shape[1]), b, group)
-            opts.append(Option(k, b, size, scale * scale * float(err2[k - 1])))
+            opts.append(Option(k, b, size, float(err2[w][k - 1])))
     return Curve(name, scale * scale * energy, opts, overhead)
 
 

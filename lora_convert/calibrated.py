@@ -225,14 +225,8 @@ def _short(x: float) -> float:
     return float(f"{x:.{FIDELITY_DIGITS - 1}e}") if math.isfinite(x) else x
 
 
-def fidelity_overhead() -> int:
-    """Header bytes the calibrated figure adds to a quantized module at their longest (the
-    module document is JSON escaped into a JSON string: quotes count twice)."""
-    short = _short(-1.2345678901234567e-300)
-    base = {"rel_error": short, "energy": short}
-    full = {**base, "calibrated_rel_error": short}
-    size = lambda d: len(json.dumps(json.dumps(d, sort_keys=True)))  # noqa: E731
-    return size(full) - size(base)
+# A calibrated module's extra figure at its longest (FIDELITY_DIGITS), as plan_curves counts it in the header
+PLANNED_FIDELITY = {"calibrated_rel_error": float(f"{-1.2345678901234567e-300:.{FIDELITY_DIGITS - 1}e}")}
 
 
 def summary_overhead() -> int:

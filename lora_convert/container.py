@@ -1,11 +1,12 @@
 """The LoRA-Mini container: one safetensors file (docs/CONTAINER.md is the spec).
 
 Tensors: ``<module>.X`` (a×k), ``<module>.Y`` (k×b), and for stored outers
-``<module>.U`` (out×a), ``<module>.V`` (b×in); or, for a quantized module (format version 2),
-one ``<module>.q`` byte tensor holding its stored factors (lora_convert/quant.py);
-passthrough tensors under ``__passthrough__.<original key>``. The ``__metadata__`` holds ``format``
-("lora-mini"), ``format_version`` and ``lora_mini``: a JSON document with the
-source format and config, per-module specs and a SHA-256 of every tensor.
+``<module>.U`` (out×a), ``<module>.V`` (b×in); quantized modules' stored factors
+(lora_convert/quant.py) packed back to back into a few ``__packed__.<i>`` byte tensors (format
+version 3; version 2 gave each its own ``<module>.q`` tensor); passthrough tensors under
+``__passthrough__.<original key>``. The ``__metadata__`` holds ``format`` ("lora-mini"),
+``format_version`` and ``lora_mini``: a JSON document with the source format and config,
+per-module specs and a SHA-256 of every tensor.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import __version__, outer, quant
@@ -24,17 +26,23 @@ from .outer import random as random_outer
 from .adapter import LazyModules, lora_scale
 from .atomic import atomic_output
 from .errors import BadInputError, IntegrityError, UnsupportedError
+from .lru import BytesLRU
 from .report import FidelityReport, ModuleFidelity
 from .st import TORCH_DTYPE, LazyTensors, StreamingWriter, peek, tensor_buffer
 
 FORMAT_NAME = "lora-mini"
-FORMAT_VERSION = 2  # the newest this build reads and writes
-READ_VERSIONS = ("1", "2")
+FORMAT_VERSION = 3  # the newest this build reads and writes
+READ_VERSIONS = ("1", "2", "3")
 # Files without quantized modules are written as version 1, which older readers still read.
 PLAIN_VERSION = 1
 FILE_NAME = "lora_mini.safetensors"
 CONFIG_NAME = "lora_mini_config.json"
 PASSTHROUGH = "__passthrough__."
+PACKED = "__packed__."  # version 3: quantized modules' bytes, back to back, in a few tensors
+# A writer starts a new packed tensor once the current one holds this many bytes: a reader
+# checksums a whole packed tensor before it decodes a module from it (bounded work per module)
+# and a writer holds one in memory.
+CHUNK_BYTES = 1 << 20
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FACTOR_DTYPES = ("F32", "F16", "BF16")  # what X, Y, U, V may be stored as (docs/CONTAINER.md)
 KINDS = ("linear", "conv", "embedding")
@@ -130,7 +138,7 @@ class MiniModule:
         return ModuleFidelity(self.name, (self.out_features, self.in_features), self.rank, self.inner_rank,
                               self.outer["source"], int(self.outer["a"]), int(self.outer["b"]),
                               _number(self.fidelity.get("rel_error")), _number(self.fidelity.get("energy")) or 0.0,
-                              recovered=self.recovered, bits=self.bits,
+                              recovered=self.recovered, bits=self.bits, quantized=bool(self.quant),
                               calibrated_rel_error=_number(self.fidelity.get("calibrated_rel_error")))
 
     @property
@@ -191,11 +199,13 @@ def _is_dir_target(path: Path) -> bool:
 
 
 def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniModule], None] | None = None,
-         max_bytes: int | None = None) -> FidelityReport:
+         max_bytes: int | None = None, format_version: int | None = None) -> FidelityReport:
     """Write `mini` atomically to `path` (a directory, or a single ``.safetensors`` file).
 
     Modules are produced and written one at a time; returns the fidelity report. With
     `max_bytes`, an output (all its files) larger than that is refused before it is published.
+    `format_version` 2 writes quantized modules in the older layout (one tensor each), for
+    readers that predate version 3; by default the file gets the oldest version that holds it.
     """
     path = Path(path)
     max_bytes = mini.max_bytes if max_bytes is None else max_bytes
@@ -208,25 +218,22 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
         reserve = 0 if max_bytes is not None else _header_room(mini, first)
         with StreamingWriter(file, reserve=reserve) as writer:
             del first  # the loop holds each module only while it is written
+            packer = _Packer(writer, hashes) if format_version != 2 else None
             for m in modules:
-                keys = _add_module(writer, m, hashes)
+                shapes = _add_module(writer, m, hashes, packer)
                 specs[m.name] = m.spec()
-                _check_own_spec(m, specs[m.name], {k: writer.shape(k) for k in keys}, path)
+                _check_own_spec(m, specs[m.name], shapes, path)
                 report.add(m.fidelity_row())
                 if progress:
                     progress(m)
+            if packer:
+                packer.flush()
             for name, tensor in mini.passthrough():
                 key = PASSTHROUGH + name
                 hashes[key] = writer.add(key, tensor, digest=True)
-            version = FORMAT_VERSION if any("quant" in sp for sp in specs.values()) else PLAIN_VERSION
-            defaults, stored_specs = compact_specs(specs) if version >= 2 else ({}, specs)
-            doc = {"source_format": mini.source_format, "source_config": mini.source_config,
-                   "source_metadata": mini.source_metadata, "modules": stored_specs,
-                   **({"module_defaults": defaults} if defaults else {}),
-                   "passthrough": list(mini.passthrough_names), "tensor_sha256": hashes,
-                   "original_bytes": mini.original_bytes, "created_by": f"lora_convert {__version__}"}
-            meta = {"format": FORMAT_NAME, "format_version": str(version),
-                    "lora_mini": json.dumps(doc, sort_keys=True, allow_nan=False)}
+            quantized = any("quant" in sp for sp in specs.values())
+            version = (format_version or FORMAT_VERSION) if quantized else PLAIN_VERSION
+            meta = _metadata(mini, version, specs, hashes)
             meta[METADATA_SHA256] = metadata_digest(meta, writer.layout())
             writer.finish(meta)
         report.compressed_bytes = file.stat().st_size
@@ -242,10 +249,60 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
     return report
 
 
+def _document(mini: MiniAdapter, version: int, specs: dict[str, dict], hashes: dict) -> dict:
+    """The ``lora_mini`` document of a file of `version` holding modules with these specs."""
+    if version >= 3:
+        defaults, entries = v3_entries(specs)
+        modules = {"modules": entries, **({"module_defaults": defaults} if defaults else {})}
+    elif version == 2:
+        defaults, stored = compact_specs(specs)
+        modules = {"modules": stored, **({"module_defaults": defaults} if defaults else {})}
+    else:
+        modules = {"modules": specs}
+    return {"source_format": mini.source_format, "source_config": mini.source_config,
+            "source_metadata": mini.source_metadata, **modules,
+            "passthrough": list(mini.passthrough_names), "tensor_sha256": hashes,
+            "original_bytes": mini.original_bytes, "created_by": f"lora_convert {__version__}"}
+
+
+def _metadata(mini: MiniAdapter, version: int, specs: dict[str, dict], hashes: dict) -> dict:
+    """``__metadata__`` without its digest. Version 3 documents have no spaces: in a budgeted
+    file every header byte is taken from the factors."""
+    doc = _document(mini, version, specs, hashes)
+    seps = (",", ":") if version >= 3 else None
+    return {"format": FORMAT_NAME, "format_version": str(version),
+            "lora_mini": json.dumps(doc, sort_keys=True, allow_nan=False, separators=seps)}
+
+
+class _Packer:
+    """Version 3: quantized modules' bytes appended to ``__packed__.<i>`` tensors, a new one
+    started once the current one holds CHUNK_BYTES (a module never spans two)."""
+
+    def __init__(self, writer: StreamingWriter, hashes: dict):
+        self.writer, self.hashes, self.buf, self.count = writer, hashes, bytearray(), 0
+
+    def add(self, blob: bytes) -> None:
+        if len(self.buf) >= CHUNK_BYTES:
+            self.flush()
+        self.buf += blob
+
+    def flush(self) -> None:
+        if self.buf:
+            key = f"{PACKED}{self.count}"
+            self.hashes[key] = self.writer.add(key, torch.frombuffer(self.buf, dtype=torch.uint8), digest=True)
+            self.buf, self.count = bytearray(), self.count + 1
+
+
 # Spec entries fixed by the source adapter (not by compression choices) that version 2 files
 # state once in "module_defaults" when every module has the same value: headers of budgeted
 # files are a large share of their bytes.
 DEFAULT_KEYS = ("kind", "kernel", "rank", "alpha", "use_rslora", "dtype")
+# Version 3 also states the outer spec (svd: {"source": "svd"}, its a = b = k implied) and the
+# quantization group there, when all modules share them.
+V3_DEFAULT_KEYS = DEFAULT_KEYS + ("outer", "group")
+# A version 3 module entry: [name, out_features, in_features, inner_rank, bits or null,
+# rel_error or null, energy or null] and optionally an object of further spec keys.
+V3_FIELDS = 7
 
 
 def compact_specs(specs: dict[str, dict]) -> tuple[dict, dict[str, dict]]:
@@ -258,6 +315,66 @@ def compact_specs(specs: dict[str, dict]) -> tuple[dict, dict[str, dict]]:
     return defaults, {n: {k: v for k, v in sp.items() if k not in defaults} for n, sp in specs.items()}
 
 
+def _v3_split(spec: dict) -> tuple[list, dict]:
+    """A full module spec as (the positional fields of its version 3 entry, its other keys)."""
+    rest = dict(spec)
+    out_f, in_f, k = rest.pop("out_features"), rest.pop("in_features"), rest.pop("inner_rank")
+    q = rest.pop("quant", None)
+    fid = dict(rest.pop("fidelity", None) or {})
+    o = dict(rest.pop("outer"))
+    if q and o.get("source") in outer.names() and outer.get(o["source"]).stored and o.get("a") == o.get("b") == k:
+        del o["a"], o["b"]  # quantized stored outers fold the inner matrices in: a = b = k
+    rest["outer"] = o
+    if q:
+        rest["group"] = q["group"]
+    rel, energy = fid.pop("rel_error", None), fid.pop("energy", None)
+    if fid:
+        rest["fidelity"] = fid
+    return [out_f, in_f, k, q["bits"] if q else None, rel, energy], rest
+
+
+def v3_entries(specs: dict[str, dict]) -> tuple[dict, list[list]]:
+    """(module_defaults, module entries) of a version 3 document, in the specs' order."""
+    split = {name: _v3_split(sp) for name, sp in specs.items()}
+    rests = [rest for _, rest in split.values()]
+    defaults = {} if not rests else {
+        k: rests[0][k] for k in V3_DEFAULT_KEYS
+        if k in rests[0] and all(k in r and json.dumps(r[k]) == json.dumps(rests[0][k]) for r in rests)}
+    entries = []
+    for name, (fields, rest) in split.items():
+        extra = {k: v for k, v in rest.items() if k not in defaults}
+        entries.append([name, *fields, *([extra] if extra else [])])
+    return defaults, entries
+
+
+def v3_spec(entry, defaults: dict) -> tuple[str, dict]:
+    """(name, full spec) of a version 3 module entry. Raises ValueError when it is malformed."""
+    if not isinstance(entry, list) or len(entry) not in (V3_FIELDS, V3_FIELDS + 1) or not isinstance(entry[0], str):
+        raise ValueError(f"a module entry must be [name, out_features, in_features, inner_rank, bits, rel_error, "
+                         f"energy] and optionally an object, got {str(entry)[:80]}")
+    name, out_f, in_f, k, bits, rel, energy = entry[:V3_FIELDS]
+    extra = entry[V3_FIELDS] if len(entry) > V3_FIELDS else {}
+    if not isinstance(extra, dict) or set(extra) & ({"out_features", "in_features", "inner_rank", "quant"}
+                                                    | set(defaults)):
+        raise ValueError(f"module {name!r}: its object may only hold spec keys that are neither positional nor "
+                         "in module_defaults")
+    spec = {**defaults, **extra}
+    group = spec.pop("group", None)
+    fid = spec.get("fidelity", {})
+    if not isinstance(fid, dict):
+        raise ValueError(f"module {name!r}: fidelity must be an object")
+    fid = {**fid, **({"rel_error": rel} if rel is not None else {}), **({"energy": energy} if energy is not None else {})}
+    spec.update(out_features=out_f, in_features=in_f, inner_rank=k, fidelity=fid)
+    if bits is not None:
+        spec["quant"] = {"bits": bits, "group": group}
+        o = spec.get("outer")
+        if isinstance(o, dict) and o.get("source") in outer.names() and outer.get(o["source"]).stored:
+            spec["outer"] = {"a": k, "b": k, **o}
+    elif group is not None:
+        raise ValueError(f"module {name!r}: group without bits")
+    return name, spec
+
+
 def summary_config(mini: MiniAdapter, version: int, outer_sources, fidelity: dict) -> str:
     """The text of ``lora_mini_config.json``, the directory layout's informational summary."""
     summary = {"format": FORMAT_NAME, "format_version": version, "file": FILE_NAME,
@@ -267,48 +384,74 @@ def summary_config(mini: MiniAdapter, version: int, outer_sources, fidelity: dic
     return json.dumps(summary, indent=2) + "\n"
 
 
-# Longest JSON forms of what size_bound cannot know before the fit: a float, a hex digest.
+# Longest JSON form of a float the summary file may hold (its size is not known before the fit).
 _WORST_FLOAT = -1.2345678901234567e-300
-FIDELITY_DIGITS = 6  # significant digits of the (informational) fidelity figures of quantized modules
+FIDELITY_DIGITS = 4  # significant digits of the (informational) fidelity figures of quantized modules
 _WORST_HEX = "f" * 64
 
 
-def size_bound(mini: MiniAdapter, specs: dict[str, dict], tensors: dict[str, tuple[str, int]], digits: int = 15) -> int:
-    """An upper bound on the bytes save() writes for `mini` with these module specs (fidelity
-    figures may be placeholders) and tensors (name -> (safetensors dtype, dimensions)) besides
-    the passthrough ones, excluding their data: the header is built as save builds it, with every
-    number save learns later at its longest, plus the passthrough tensors and the directory
-    layout's summary file."""
-    big = int("9" * digits)
-    short = -1.2345678901234567e-300 if not any("quant" in sp for sp in specs.values()) else \
-        float(f"{-1.2345678901234567e-300:.{FIDELITY_DIGITS - 1}e}")
-    specs = {n: {**sp, "fidelity": {k: short for k in ("rel_error", "energy")}} for n, sp in specs.items()}
-    entries, hashes, data = {}, {}, 0
-    tensors = dict(tensors)
-    for name, tensor in mini.passthrough():
-        tensors[PASSTHROUGH + name] = (TORCH_DTYPE[tensor.dtype], tensor.dim())
-        data += tensor.numel() * tensor.element_size()
-    for key, (dtype, ndim) in tensors.items():
-        entries[key] = {"dtype": dtype, "shape": [big] * ndim, "data_offsets": [big, big]}
-        hashes[key] = _WORST_HEX
-    defaults, specs = compact_specs(specs) if any("quant" in sp for sp in specs.values()) else ({}, specs)
-    doc = {"source_format": mini.source_format, "source_config": mini.source_config,
-           "source_metadata": mini.source_metadata, "modules": specs, "passthrough": list(mini.passthrough_names),
-           **({"module_defaults": defaults} if defaults else {}),
-           "tensor_sha256": hashes, "original_bytes": mini.original_bytes,
-           "created_by": f"lora_convert {__version__}"}
-    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
-            "lora_mini": json.dumps(doc, sort_keys=True, allow_nan=False), METADATA_SHA256: _WORST_HEX}
-    header = len(json.dumps({"__metadata__": meta, **entries}, separators=(",", ":")).encode("utf-8"))
-    summary = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "file": FILE_NAME,
-               "source_format": mini.source_format,
-               "base_model_name_or_path": mini.source_config.get("base_model_name_or_path"),
-               "outer_sources": sorted(outer.names()),
-               "fidelity": {"modules": big, "rel_error": _WORST_FLOAT, "retained_energy": _WORST_FLOAT,
-                            "worst_module": max(specs, key=len, default=""), "worst_rel_error": _WORST_FLOAT,
-                            "modules_without_fidelity": big, "low_energy": False, "recovered": False,
-                            "original_bytes": big, "compressed_bytes": big, "ratio": _WORST_FLOAT}}
-    return 8 + header + 7 + data + len(json.dumps(summary, indent=2)) + 1
+def _escaped_len(text: str) -> int:
+    """Bytes `text` takes inside a JSON string of the safetensors header (escaping is per character)."""
+    return len(json.dumps(text)) - 2
+
+
+class SizePlan:
+    """The bytes save() writes for a version 3 file of quantized modules, as `fixed` plus, per
+    module, entry_bytes(...) (its entry in the header) and its packed data bytes. Exact, except
+    that numbers save learns while writing are counted at their longest: tensor offsets (up to
+    `max_data`), the 8-byte alignment of the data, the number of packed tensors, and the floats
+    of the directory layout's summary file (`directory`: it is written). `specs`: every module's
+    spec at any (k, bits)."""
+
+    def __init__(self, mini: MiniAdapter, specs: dict[str, dict], max_data: int, directory: bool = True):
+        self.defaults, entries = v3_entries(specs)
+        self.entries = {e[0]: e for e in entries}
+        self._heads: dict[str, int] = {}
+        passthrough = [(PASSTHROUGH + name, t) for name, t in mini.passthrough()]
+        data = sum(t.numel() * t.element_size() for _, t in passthrough)
+        big = int("9" * len(str(max(max_data, 1) + data)))
+        entries_st, hashes = {}, {}
+        chunks = [f"{PACKED}{i}" for i in range(max(1, -(-max_data // CHUNK_BYTES)))] if specs else []
+        for key in chunks:
+            entries_st[key] = {"dtype": "U8", "shape": [big], "data_offsets": [big, big]}
+            hashes[key] = _WORST_HEX
+        for key, t in passthrough:
+            entries_st[key] = {"dtype": TORCH_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [big, big]}
+            hashes[key] = _WORST_HEX
+        doc = {"source_format": mini.source_format, "source_config": mini.source_config,
+               "source_metadata": mini.source_metadata, "modules": [],
+               **({"module_defaults": self.defaults} if self.defaults else {}),
+               "passthrough": list(mini.passthrough_names), "tensor_sha256": hashes,
+               "original_bytes": mini.original_bytes, "created_by": f"lora_convert {__version__}"}
+        meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                "lora_mini": json.dumps(doc, sort_keys=True, allow_nan=False, separators=(",", ":")),
+                METADATA_SHA256: _WORST_HEX}
+        header = len(json.dumps({"__metadata__": meta, **entries_st}, separators=(",", ":")).encode("utf-8"))
+        # "[]" -> "[e1,...,en]": entry_bytes counts one comma per entry, one too many
+        self.fixed = 8 + header + 7 + data - (1 if specs else 0) + (self._summary(mini, specs) if directory else 0)
+
+    def entry_bytes(self, name: str, k: int, bits: int, rel_error: float | None, energy: float | None) -> int:
+        """Header bytes of module `name`'s entry at (k, bits) with these fidelity figures."""
+        if name not in self._heads:  # the entry with one-character numbers, less those (numbers are not escaped)
+            e = self.entries[name]
+            entry = [name, e[1], e[2], 0, 0, 0, 0, *e[V3_FIELDS:]]
+            self._heads[name] = _escaped_len(json.dumps(entry, sort_keys=True, allow_nan=False,
+                                                        separators=(",", ":"))) + 1 - 4
+        return self._heads[name] + sum(len("null" if v is None else repr(v)) for v in (k, bits, rel_error, energy))
+
+    @staticmethod
+    def _summary(mini: MiniAdapter, specs: dict) -> int:
+        """Bytes of the directory layout's summary file at its longest."""
+        big = 10**15 - 1
+        summary = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "file": FILE_NAME,
+                   "source_format": mini.source_format,
+                   "base_model_name_or_path": mini.source_config.get("base_model_name_or_path"),
+                   "outer_sources": sorted(outer.names()),
+                   "fidelity": {"modules": big, "rel_error": _WORST_FLOAT, "retained_energy": _WORST_FLOAT,
+                                "worst_module": max(specs, key=len, default=""), "worst_rel_error": _WORST_FLOAT,
+                                "modules_without_fidelity": big, "low_energy": False, "recovered": False,
+                                "original_bytes": big, "compressed_bytes": big, "ratio": _WORST_FLOAT}}
+        return len(json.dumps(summary, indent=2)) + 1
 
 
 def _header_room(mini: MiniAdapter, first: MiniModule | None) -> int:
@@ -332,31 +475,42 @@ def quantized_blob(m: MiniModule) -> bytes:
     """The ``.q`` bytes of a quantized module, encoded from its tensors as they are now (a
     module whose inner matrices were changed, e.g. by recover, is folded and re-quantized; the
     values that came from a file encode back to the same bytes)."""
-    f = torch.float64
     if outer.get(m.outer["source"]).stored:
         k = m.inner_rank
-        eye = torch.eye(k, dtype=f)
-        same = (m.X.shape == (k, k) and m.Y.shape == (k, k)
-                and torch.equal(m.X.to(f), eye) and torch.equal(m.Y.to(f), eye))
-        mats = [m.U.to(f), m.V.to(f)] if same else [m.U.to(f) @ m.X.to(f), m.Y.to(f) @ m.V.to(f)]
+        X, Y = _f64(m.X), _f64(m.Y)
+        eye = np.eye(k)
+        same = X.shape == (k, k) and Y.shape == (k, k) and np.array_equal(X, eye) and np.array_equal(Y, eye)
+        mats = [_f64(m.U), _f64(m.V)] if same else [_f64(m.U) @ X, Y @ _f64(m.V)]
     else:
-        mats = [m.X.to(f), m.Y.to(f)]
-    raw, _ = quant.encode_many([t.numpy() for t in mats], m.quant["bits"], m.quant["group"])
+        mats = [_f64(m.X), _f64(m.Y)]
+    raw, _ = quant.encode_many(mats, m.quant["bits"], m.quant["group"])
     return raw
 
 
-def _add_module(writer: StreamingWriter, m: MiniModule, hashes: dict) -> list[str]:
+def _f64(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a float64 array. Through numpy where it can: save runs this on the caller's
+    thread, where torch's thread pool makes every small conversion an OpenMP region."""
+    if t.dtype in (torch.float32, torch.float16, torch.float64):
+        return t.detach().numpy().astype(np.float64)
+    return t.to(torch.float64).numpy()
+
+
+def _add_module(writer: StreamingWriter, m: MiniModule, hashes: dict, packer: _Packer | None) -> dict:
+    """Write one module's data; returns {tensor name: shape} as _validate_spec reads them (a
+    packed module: ``<name>.q`` with its byte length)."""
     if m.quant:
-        key = f"{m.name}.q"
-        blob = torch.frombuffer(bytearray(quantized_blob(m)), dtype=torch.uint8)
-        hashes[key] = writer.add(key, blob, digest=True)
-        return [key]
+        key, blob = f"{m.name}.q", quantized_blob(m)
+        if packer is not None:
+            packer.add(blob)
+        else:
+            hashes[key] = writer.add(key, torch.frombuffer(bytearray(blob), dtype=torch.uint8), digest=True)
+        return {key: (len(blob),)}
     tensors = {"X": m.X, "Y": m.Y}
     if outer.get(m.outer["source"]).stored:
         tensors.update(U=m.U, V=m.V)
     for role, t in tensors.items():
         hashes[f"{m.name}.{role}"] = writer.add(f"{m.name}.{role}", t, digest=True)
-    return [f"{m.name}.{role}" for role in tensors]
+    return {f"{m.name}.{role}": writer.shape(f"{m.name}.{role}") for role in tensors}
 
 
 def resolve_file(path: str | os.PathLike) -> Path:
@@ -387,19 +541,34 @@ def load(path: str | os.PathLike) -> MiniAdapter:
     lazy = LazyTensors(file)
     doc = _parse_metadata(lazy)
     specs, hashes = doc["modules"], doc["tensor_sha256"]
-    _check_tensor_set(lazy, specs, doc.get("passthrough", []), hashes)
+    _check_tensor_set(lazy, specs, doc.get("passthrough", []), hashes, lazy.metadata["format_version"] == "3")
 
-    def checked(key: str) -> torch.Tensor:
+    def checked(key: str, what: str = "") -> torch.Tensor:
         t = lazy.get(key)
         if not isinstance(hashes.get(key), str) or sha256_tensor(t) != hashes[key]:
-            raise IntegrityError(f"tensor {key!r} does not match its SHA-256 checksum (corrupt or tampered)", file)
+            raise IntegrityError(f"tensor {key!r}{what} does not match its SHA-256 checksum (corrupt or tampered)",
+                                 file)
         return t
 
     shapes = {key: info.shape for key, info in lazy.header.tensors.items()}
     _check_total_work(specs, file)
+    if lazy.metadata["format_version"] == "3":
+        spans = packed_spans(specs, {k: v[0] for k, v in shapes.items() if k.startswith(PACKED)}, file)
+        shapes.update({f"{name}.q": (end - start,) for name, (_, start, end) in spans.items()})
+        chunks = BytesLRU(2 * CHUNK_BYTES, size=len)  # checksummed once, while modules are decoded from them
+
+        def packed(name: str) -> bytes:
+            key, start, end = spans[name]
+            users = [n for n, (k, _, _) in spans.items() if k == key]
+            what = f" (quantized modules {users[0]!r} to {users[-1]!r})" if len(users) > 1 else \
+                f" (quantized module {users[0]!r})"
+            return chunks.get(key, lambda: checked(key, what).numpy().tobytes())[start:end]
+    else:
+        def packed(name: str) -> bytes:
+            return checked(f"{name}.q").numpy().tobytes()
 
     def load_module(name: str) -> MiniModule:
-        return _module_from_spec(name, specs[name], checked, file, shapes)
+        return _module_from_spec(name, specs[name], checked, packed, file, shapes)
 
     return MiniAdapter(source_format=doc["source_format"], module_names=list(specs), load_module=load_module,
                        source_config=doc.get("source_config") or {}, source_metadata=doc.get("source_metadata") or {},
@@ -407,6 +576,47 @@ def load(path: str | os.PathLike) -> MiniAdapter:
                        load_passthrough=lambda n: checked(PASSTHROUGH + n),
                        original_bytes=doc.get("original_bytes"), source=str(file),
                        format_version=int(lazy.metadata["format_version"]))
+
+
+def packed_spans(specs: dict, chunk_sizes: dict[str, int], file: Path) -> dict[str, tuple[str, int, int]]:
+    """Version 3: {module: (packed tensor, start, end)} of every quantized module. Modules fill
+    ``__packed__.0``, ``__packed__.1``, ... in the order of the document, each within one tensor,
+    moving to the next tensor exactly when the current one is full; every byte belongs to a module."""
+    spans, index, at = {}, 0, 0
+    for name, spec in specs.items():
+        if "quant" not in spec:
+            continue
+        try:
+            size = _packed_size(spec)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise BadInputError(f"module {name!r}: malformed spec ({type(exc).__name__}: {exc})", file) from None
+        key = f"{PACKED}{index}"
+        if key in chunk_sizes and at == chunk_sizes[key]:
+            index, at = index + 1, 0
+            key = f"{PACKED}{index}"
+        if key not in chunk_sizes or at + size > chunk_sizes[key]:
+            raise BadInputError(f"module {name!r}: its {size:,} packed bytes do not fit the packed tensors (the "
+                                "document and the tensors disagree)", file)
+        spans[name] = (key, at, at + size)
+        at += size
+    if len(chunk_sizes) != (index + 1 if spans else 0) or (spans and at != chunk_sizes[f"{PACKED}{index}"]):
+        raise BadInputError(f"the packed tensors hold {sum(chunk_sizes.values()):,} bytes, which the quantized "
+                            "modules of the document do not account for exactly", file)
+    return spans
+
+
+def _packed_size(spec: dict) -> int:
+    """Bytes of a quantized module's factors, from its spec (validated as far as the size needs)."""
+    q, o = spec["quant"], spec["outer"]
+    if not isinstance(q, dict) or not isinstance(o, dict):
+        raise ValueError("quant and outer must be objects")
+    bits, group = quant.check_bits(q.get("bits")), quant.check_group(q.get("group"))
+    dims = [_pos_int(spec, key) for key in ("out_features", "in_features")] + [_pos_int(o, "a"), _pos_int(o, "b"),
+                                                                               _pos_int(spec, "inner_rank")]
+    for d in dims:
+        if d > max_matrix_elements():
+            raise ValueError(f"dimension {d} is over the limit of {max_matrix_elements()} elements")
+    return sum(quant.nbytes(s, bits, group) for s in quantized_shapes(outer.get(o.get("source")).name, *dims))
 
 
 def _check_total_work(specs: dict, file: Path) -> None:
@@ -454,8 +664,12 @@ def _parse_metadata(lazy: LazyTensors) -> dict:
         doc = json.loads(meta["lora_mini"])
     except (KeyError, ValueError, RecursionError) as exc:
         raise BadInputError(f"invalid lora_mini metadata ({type(exc).__name__}: {exc})", file) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("modules"), dict) or not isinstance(
+    if not isinstance(doc, dict) or "modules" not in doc or not isinstance(
             doc.get("tensor_sha256"), dict) or not isinstance(doc.get("source_format"), str):
+        raise BadInputError("lora_mini metadata lacks modules, tensor_sha256 or source_format", file)
+    if meta["format_version"] == "3":
+        doc["modules"] = _v3_modules(doc, file)
+    elif not isinstance(doc.get("modules"), dict):
         raise BadInputError("lora_mini metadata lacks modules, tensor_sha256 or source_format", file)
     if not all(isinstance(v, dict) for v in doc["modules"].values()):
         raise BadInputError("lora_mini metadata: every module spec must be an object", file)
@@ -464,6 +678,11 @@ def _parse_metadata(lazy: LazyTensors) -> dict:
     for key in ("source_config", "source_metadata"):
         if not isinstance(doc.get(key) or {}, dict):
             raise BadInputError(f"lora_mini metadata: {key} must be an object", file)
+    ob = doc.get("original_bytes")
+    if ob is not None and (type(ob) is not int or ob < 0):
+        raise BadInputError("lora_mini metadata: original_bytes must be a non-negative integer", file)
+    if meta["format_version"] == "3":
+        return doc
     if meta["format_version"] == "1" and ("module_defaults" in doc or any("quant" in spec for spec in
                                                                           doc["modules"].values())):
         raise BadInputError("quantized modules and module_defaults need format version 2, the file says 1", file)
@@ -473,20 +692,40 @@ def _parse_metadata(lazy: LazyTensors) -> dict:
     if any(set(defaults) & set(spec) for spec in doc["modules"].values()):
         raise BadInputError("lora_mini metadata: a module repeats a key of module_defaults", file)
     doc["modules"] = {name: {**defaults, **spec} for name, spec in doc["modules"].items()}
-    ob = doc.get("original_bytes")
-    if ob is not None and (type(ob) is not int or ob < 0):
-        raise BadInputError("lora_mini metadata: original_bytes must be a non-negative integer", file)
     return doc
 
 
-def _check_tensor_set(lazy: LazyTensors, specs: dict, passthrough: list, hashes: dict) -> None:
+def _v3_modules(doc: dict, file: Path) -> dict[str, dict]:
+    """Version 3's module entries as full specs, in their order."""
+    entries, defaults = doc.get("modules"), doc.get("module_defaults", {})
+    if not isinstance(entries, list):
+        raise BadInputError("lora_mini metadata: version 3 modules must be a list of entries", file)
+    if not isinstance(defaults, dict) or not set(defaults) <= set(V3_DEFAULT_KEYS):
+        raise BadInputError(f"lora_mini metadata: module_defaults may only hold {', '.join(V3_DEFAULT_KEYS)}", file)
+    specs = {}
+    for entry in entries:
+        try:
+            name, spec = v3_spec(entry, defaults)
+        except ValueError as exc:
+            raise BadInputError(f"lora_mini metadata: {exc}", file) from None
+        if name in specs:
+            raise BadInputError(f"lora_mini metadata: module {name!r} is listed twice", file)
+        specs[name] = spec
+    return specs
+
+
+def _check_tensor_set(lazy: LazyTensors, specs: dict, passthrough: list, hashes: dict, chunked: bool) -> None:
     expected = {PASSTHROUGH + n for n in passthrough}
     packed = set()
+    if chunked:  # version 3: __packed__.0, .1, ... (how many: _packed_spans checks against the modules)
+        count = sum(1 for key in lazy.keys() if key.startswith(PACKED))
+        packed = {f"{PACKED}{i}" for i in range(count)}
     for name, spec in specs.items():
         o = spec.get("outer")
         stored = isinstance(o, dict) and o.get("source") in outer.names() and outer.get(o["source"]).stored
         if "quant" in spec:
-            packed.add(f"{name}.q")
+            if not chunked:
+                packed.add(f"{name}.q")
         else:
             expected.update(f"{name}.{r}" for r in ["X", "Y"] + (["U", "V"] if stored else []))
     for key in expected - {PASSTHROUGH + n for n in passthrough}:
@@ -496,9 +735,9 @@ def _check_tensor_set(lazy: LazyTensors, specs: dict, passthrough: list, hashes:
                                 f"must be 2-D {', '.join(FACTOR_DTYPES)}", lazy.path)
     for key in packed:
         info = lazy.header.tensors.get(key)
-        if info is not None and (info.dtype != "U8" or len(info.shape) != 1):
+        if info is not None and (info.dtype != "U8" or len(info.shape) != 1 or info.shape[0] == 0):
             raise BadInputError(f"tensor {key!r} is {info.dtype} {list(info.shape)}; quantized factors "
-                                "must be a 1-D U8 tensor", lazy.path)
+                                "must be a non-empty 1-D U8 tensor", lazy.path)
     expected |= packed
     present = set(lazy.keys())
     if present != expected:
@@ -587,7 +826,7 @@ def _check_own_spec(m: MiniModule, spec: dict, shapes: dict, path: Path) -> None
         raise BadInputError(f"module {m.name!r} cannot be stored: {exc}", path) from None
 
 
-def _module_from_spec(name: str, spec: dict, checked, file: Path, shapes: dict) -> MiniModule:
+def _module_from_spec(name: str, spec: dict, checked, packed, file: Path, shapes: dict) -> MiniModule:
     try:
         _validate_spec(name, spec, shapes)
         o = spec["outer"]
@@ -596,7 +835,7 @@ def _module_from_spec(name: str, spec: dict, checked, file: Path, shapes: dict) 
         if "quant" in spec:
             q, k = spec["quant"], spec["inner_rank"]
             shapes_q = quantized_shapes(src.name, out_f, in_f, int(o["a"]), int(o["b"]), k)
-            blob = checked(f"{name}.q").numpy().tobytes()
+            blob = packed(name)
             first, second = (torch.from_numpy(t) for t in quant.decode_many(blob, shapes_q, q["bits"], q["group"]))
             if src.stored:
                 stored, X, Y = {"U": first, "V": second}, torch.eye(k), torch.eye(k)

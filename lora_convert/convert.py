@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from . import budget, calibrated, outer, quant
-from .adapter import Adapter, LoraModule, lora_scale
+from .adapter import Adapter, LoraModule, lora_scale, ordered_map
 from .budget import Option
 from .config import CompressConfig
-from .container import DTYPES, FIDELITY_DIGITS, MiniAdapter, MiniModule, module_spec, size_bound
+from .container import DTYPES, FIDELITY_DIGITS, MiniAdapter, MiniModule, SizePlan, module_spec
 from .errors import BadInputError
 from .lru import BytesLRU
 from .mathcore import (OuterBasis, Update, Updates, choose_rank, difference_norm, fit_projected_stack,
@@ -115,7 +115,7 @@ def compress_module(m: LoraModule, source: str = "random", **options) -> MiniMod
 
 @one_thread
 def compress_window(modules: list[LoraModule], source: str | CompressConfig = "random", *,
-                    plan: dict[str, Option] | None = None, calibration=None, **options) -> list[MiniModule]:
+                    plan: dict[str, Planned] | None = None, calibration=None, **options) -> list[MiniModule]:
     """compress_module for each of `modules`, in order; same-shaped ones are fitted as a stack.
     `source` is an outer source name (with CompressConfig fields as `options`) or a config;
     `plan` gives quantized modules their (rank, bits) (budgets). Modules with `calibration`
@@ -168,17 +168,29 @@ def _stored_factors(m: LoraModule, src, opts: dict):
     (svd: the truncated-SVD factors; random: the inner matrices for the regenerated outers U, V),
     float64 numpy, and ||B A||²_F."""
     B, A = m.up.double(), m.down.double()
-    energy = float(Update(B, A).energy)
+    upd = Update(B, A)
+    energy = float(upd.energy)
     if src.stored:
-        F1, F2, s = budget.svd_factors(B, A)
+        F1, F2, s = budget.svd_factors(B, A, update=upd)
         return F1, F2, s, energy, None
     U, V, spec = src.make(m, opts)
     X, Y, s = budget.random_inner(B, A, U, V)
     return X, Y, s, energy, (U, V, spec)
 
 
-def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, choice: Option | None) -> MiniModule:
-    """One module stored quantized (container: one ``.q`` tensor): rank and bits from the budget's
+@dataclass(frozen=True)
+class Planned:
+    """A budget's choice for one module, with the fidelity figures its file entry records (the
+    plan's, so that the header is exactly as long as the plan counted)."""
+
+    k: int
+    bits: int
+    rel_error: float
+    energy: float
+
+
+def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, choice: Planned | None) -> MiniModule:
+    """One module stored quantized (container: packed bytes): rank and bits from the budget's
     plan, else --rank / --keep-energy and --bits."""
     F1, F2, s, energy, outers = _stored_factors(m, src, opts)
     if choice is not None:
@@ -186,7 +198,7 @@ def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, cho
     else:
         k, bits = max(min(choose_rank(s, energy, cfg.rank, cfg.keep_energy), F1.shape[1]), 1), cfg.bits
     try:
-        _, (Q1, Q2) = quant.encode_many([F1[:, :k], F2[:k]], bits, cfg.group_size)
+        Q1, Q2 = quant.rounded(F1[:, :k], bits, cfg.group_size), quant.rounded(F2[:k], bits, cfg.group_size)
     except ValueError as exc:
         raise BadInputError(f"module {m.name!r}: cannot store its factors at {bits} bits ({exc})") from None
     Q1, Q2 = torch.from_numpy(Q1), torch.from_numpy(Q2)
@@ -196,13 +208,23 @@ def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, cho
     else:
         U, V, spec = outers
         X, Y = Q1, Q2
-    diff = difference_norm(m.up.double(), m.down.double(), U.double() @ X.double(), Y.double() @ V.double())
-    ref = energy ** 0.5
-    rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
+    if choice is not None:  # the plan's error is that of these very codes (budget.error_curve)
+        fidelity = {"rel_error": choice.rel_error, "energy": choice.energy}
+    else:
+        diff = difference_norm(m.up.double(), m.down.double(), U.double() @ X.double(), Y.double() @ V.double())
+        ref = energy ** 0.5
+        rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
+        fidelity = {"rel_error": _short(rel), "energy": _short(m.scale**2 * energy)}
     return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha, use_rslora=m.use_rslora,
-                      dtype=dtype_name(m.dtype), outer=dict(spec), U=U, V=V, X=X, Y=Y,
-                      fidelity={"rel_error": _short(rel), "energy": _short(m.scale**2 * energy)},
+                      dtype=dtype_name(m.dtype), outer=dict(spec), U=U, V=V, X=X, Y=Y, fidelity=fidelity,
                       quant={"bits": bits, "group": cfg.group_size})
+
+
+def _planned_fidelity(err2: float, energy: float) -> tuple[float, float]:
+    """(rel_error, energy) as a planned module's entry records them (plan_curves counts their
+    bytes the same way)."""
+    rel = (err2 * (1.0 / energy)) ** 0.5 if energy > 0 else 0.0
+    return _short(rel), _short(energy)
 
 
 def _short(x: float) -> float:
@@ -309,6 +331,7 @@ def _check_finite(ms, store, X, Y, Xd, Yd) -> None:
 
 
 def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibration=None,
+             output: str | os.PathLike | None = None,
              **options) -> MiniAdapter:
     """LoRA-Mini form of `adapter` (lazy: modules are fitted when iterated or saved).
 
@@ -318,7 +341,9 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibr
     allocated across modules; a budget that cannot be met raises BudgetError naming the best.
 
     `outer_stream` (random outers): "shared" keys the generator on the seed alone, so modules
-    of one shape share U and V; "module" keys it on each module's name as well.
+    of one shape share U and V; "module" keys it on each module's name as well. `output`: where
+    the result will be saved; a budget counts the directory layout's summary file unless it is
+    a ``.safetensors`` file.
     `calibration`: {module name: statistics with .factor()} (recovery.calibration.collect_input_stats):
     those modules minimise their output error on the calibration data instead of the weight error.
 
@@ -333,11 +358,15 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibr
     plan, max_bytes = None, None
     if cfg.budgeted:
         max_bytes = cfg.budget_bytes(original)
-        curves, fixed = plan_curves(adapter, cfg, max_bytes, whitening=calibrated_whitening(adapter, calibration))
+        directory = output is None or Path(output).suffix != ".safetensors"
+        curves, fixed = plan_curves(adapter, cfg, max_bytes, whitening=calibrated_whitening(adapter, calibration),
+                                    directory=directory)
         try:
-            plan = budget.allocate(curves, max_bytes, cfg.min_fidelity, fixed).choice
+            choice = budget.allocate(curves, max_bytes, cfg.min_fidelity, fixed).choice
         except budget.BudgetError as exc:
             raise BudgetError(str(exc), adapter.source or None, exc.best) from None
+        energy = {c.name: c.energy for c in curves}
+        plan = {name: Planned(o.k, o.bits, *_planned_fidelity(o.err2, energy[name])) for name, o in choice.items()}
 
     @one_thread  # reading the factors too
     def load_window(names: list[str]) -> list[MiniModule]:
@@ -367,48 +396,72 @@ class BudgetError(BadInputError):
 
 @one_thread
 def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = None,
-                whitening: Callable[[str], torch.Tensor | None] | None = None) -> tuple[list[budget.Curve], int]:
-    """Every module's (rank, bits) error curve, one module at a time, and the bytes of the file
-    that do not depend on the choice (header with every number at its longest, passthrough
-    tensors, summary file). `whitening(name)`: the module's input whitening factor, or None."""
+                whitening: Callable[[str], torch.Tensor | None] | None = None,
+                directory: bool = True) -> tuple[list[budget.Curve], int]:
+    """Every module's (rank, bits) error curve (modules on `workers()` threads), each option's
+    bytes counting its entry in the header, and the bytes of the file that do not depend on the
+    choice (container.SizePlan; `directory`: the summary file of the directory layout too).
+    `whitening(name)`: the module's input whitening factor L (calibrated_whitening), or None."""
     src = outer.get(cfg.outer)
     opts = _outer_options(cfg)
-    curves, specs = [], {}
-    for name in adapter.module_names:
+
+    @one_thread
+    def curve(name: str) -> tuple[budget.Curve, dict, bool]:
         m = adapter.module(name)
         outers = None
         if not src.stored:
             U, V, ospec = src.make(m, opts)
             outers = (U, V)
         else:
-            ospec = {"source": src.name, "a": m.rank, "b": m.rank}
+            ospec = {"source": src.name, "a": 1, "b": 1}
         L = whitening(name) if whitening else None
-        if L is not None:
-            calibrated.check_width(m, L)
-        # calibrated modules: output-space errors, input-side factor rounded with error feedback,
-        # and two more fidelity figures in the header
-        extra = {} if L is None else {"input_rounding": calibrated.input_rounding(L, outers and outers[1]),
-                                      "overhead": calibrated.fidelity_overhead()}
+        fidelity = {}
         try:
-            curves.append(budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits,
-                                             group=cfg.group_size, outers=outers,
-                                             whitening=None if L is None else L.numpy(), **extra))
-            if L is not None:
-                curves[-1] = calibrated.reweighted(curves[-1], m.scale ** 2 * float(Update(m.up, m.down).energy))
+            if L is None:
+                c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
+                                       outers=outers)
+            else:  # output-space errors, input-side factor rounded with error feedback (calibrated.py)
+                calibrated.check_width(m, L)
+                c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
+                                       outers=outers, whitening=L.numpy(),
+                                       input_rounding=calibrated.input_rounding(L, outers and outers[1]))
+                c = calibrated.reweighted(c, m.scale ** 2 * float(Update(m.up, m.down).energy))
+                fidelity = calibrated.PLANNED_FIDELITY  # its entry's extra figure, at its longest
         except ValueError as exc:
             raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
-        specs[name] = module_spec(m.kind, m.kernel, m.rank, m.alpha, m.use_rslora,
-                                  dtype_name(m.dtype), m.out_features, m.in_features, m.rank,
-                                  ospec, {}, {"bits": max(cfg.allowed_bits), "group": cfg.group_size})
+        spec = module_spec(m.kind, m.kernel, m.rank, m.alpha, m.use_rslora, dtype_name(m.dtype), m.out_features,
+                           m.in_features, 1, ospec, dict(fidelity), {"bits": max(cfg.allowed_bits), "group": cfg.group_size})
+        return c, spec, L is not None
+
+    curves, specs, whitened = [], {}, set()
+    for c, spec, w in ordered_map(curve, adapter.module_names, workers()):
+        curves.append(c)
+        specs[c.name] = spec
+        if w:
+            whitened.add(c.name)
     probe = MiniAdapter(source_format=adapter.format, module_names=[], load_module=None,
                         source_config=adapter.config, source_metadata=adapter.metadata,
                         passthrough_names=list(adapter.passthrough_names), load_passthrough=adapter.load_passthrough,
                         original_bytes=source_bytes(adapter.source))
-    digits = len(str(max_bytes)) if max_bytes else 15
-    fixed = size_bound(probe, specs, {f"{n}.q": ("U8", 1) for n in specs}, digits=max(digits, 4))
-    if whitening:
-        fixed += calibrated.summary_overhead()
-    return curves, fixed
+    max_data = max_bytes or sum(max(o.nbytes for o in c.options) for c in curves)
+    sizes = SizePlan(probe, specs, max_data, directory)
+    fixed = sizes.fixed + (calibrated.summary_overhead() if whitened and directory else 0)
+    worst = -1.234e15  # the longest figure _short gives: whitened curves' weight-space figures are not known yet
+    out = []
+    for c in curves:
+        if c.name in whitened:
+            costs = [sizes.entry_bytes(c.name, o.k, o.bits, worst, worst) for o in c.options]
+        else:  # entry_bytes at the first option, plus how much longer each option's numbers are
+            o0 = c.options[0]
+            e0 = _planned_fidelity(o0.err2, c.energy)
+            base = sizes.entry_bytes(c.name, o0.k, o0.bits, *e0) - len(repr(o0.k)) - len(repr(o0.bits)) - \
+                len(repr(e0[0]))
+            inv = 1.0 / c.energy if c.energy > 0 else 0.0
+            costs = [base + len(repr(o.k)) + len(repr(o.bits)) + len(repr(_short((o.err2 * inv) ** 0.5)))
+                     for o in c.options]
+        out.append(budget.Curve(c.name, c.energy, [Option(o.k, o.bits, o.nbytes + n, o.err2)
+                                                   for o, n in zip(c.options, costs)]))
+    return out, fixed
 
 
 def calibrated_whitening(adapter: Adapter, calibration) -> Callable[[str], torch.Tensor] | None:
@@ -506,7 +559,7 @@ def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityRepo
         rel, ref = _module_error(m, o)
         report.add(ModuleFidelity(m.name, (m.out_features, m.in_features), m.rank, m.inner_rank,
                                   m.outer["source"], int(m.outer["a"]), int(m.outer["b"]), rel, ref**2,
-                                  recovered=m.recovered, bits=m.bits))
+                                  recovered=m.recovered, bits=m.bits, quantized=bool(m.quant)))
         if progress:
             progress(m)
     _check_passthrough(mini)

@@ -1,24 +1,56 @@
-"""`inspect`: a description of an adapter or a LoRA-Mini file (text and JSON)."""
+"""`inspect`: a description of an adapter or a LoRA-Mini file (text and JSON).
+
+Adapters are described from their headers, configs and stored bytes (formats.scan), with every
+check reading them makes, without importing torch; LyCORIS files (converted by an SVD) and PEFT
+pickles are read. LoRA-Mini files are opened with the container (torch).
+"""
 from __future__ import annotations
 
-from . import container, formats
-from .st import dtype_name
+from pathlib import Path
+
+from . import formats
+from .errors import BadInputError
+from .st import dtype_name, read_header
+
+# container.FILE_NAME and FORMAT_NAME, hub.HF_SCHEME: known here without importing those (torch,
+# the Hub client) for a local adapter
+MINI_FILE_NAME = "lora_mini.safetensors"
+MINI_FORMAT_NAME = "lora-mini"
+HF_SCHEME = "hf://"
 
 
 def describe(path, fmt=None, allow_pickle=False) -> dict:
-    from .hub import local_path  # as in api.load_adapter: the Hub client loads when first needed
+    local = Path(path)
+    if isinstance(path, str) and path.startswith(HF_SCHEME):
+        from .hub import local_path  # as in api.load_adapter: the Hub client loads when first needed
 
-    local = local_path(path)
-    if fmt is None and container.is_mini(local):
+        local = local_path(path)
+    if fmt is None and is_mini(local):
         return _describe_mini(local)
     return _describe_adapter(local, fmt, allow_pickle)
 
 
+def is_mini(path) -> bool:
+    """container.is_mini from the header alone (the container imports torch)."""
+    path = Path(path)
+    file = path / MINI_FILE_NAME if path.is_dir() else path
+    if not file.is_file():
+        return False
+    if file.name == MINI_FILE_NAME:
+        return True
+    try:
+        return read_header(file).metadata.get("format") == MINI_FORMAT_NAME
+    except BadInputError:
+        return False
+
+
 def _describe_adapter(path, fmt, allow_pickle) -> dict:
-    adapter = formats.read(path, fmt, allow_pickle=allow_pickle)
+    adapter = formats.scan(path, fmt, allow_pickle=allow_pickle)
+    if adapter is None:  # this layout (or file) needs tensors to be described
+        adapter = formats.read(path, fmt, allow_pickle=allow_pickle)
     label = formats.label(adapter)
     rows = []
-    for m in adapter.modules():
+    for m in adapter.modules if isinstance(adapter, formats.AdapterHeader) else adapter.modules():
         row = {"name": m.name, "kind": m.kind, "shape": [m.out_features, m.in_features], "rank": m.rank,
                "alpha": m.alpha, "scale": m.scale, "dtype": dtype_name(m.dtype)}
         if getattr(m, "conversion_error", None) is not None:  # LyCORIS -> LoRA by factored SVD
@@ -39,6 +71,8 @@ def _describe_adapter(path, fmt, allow_pickle) -> dict:
 
 
 def _describe_mini(path) -> dict:
+    from . import container
+
     mini = container.load(path)
     specs = mini.module_names
     lines = [f"{path}: LoRA-Mini file from a {mini.source_format} adapter, {len(specs)} modules"]

@@ -124,6 +124,50 @@ def quantize(M: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarr
     return np.ascontiguousarray(q), scales
 
 
+def rounded(M: np.ndarray, bits: int, group: int, dtype=np.float32) -> np.ndarray:
+    """The float32 matrix a reader decodes from encode(M, bits, group), without packing any
+    bytes (the same numbers: each value q·s is exact in float32 and in float64, `dtype`)."""
+    return rounded_widths(M, (bits,), group, dtype)[0]
+
+
+def rounded_widths(M: np.ndarray, widths, group: int, dtype=np.float64) -> list[np.ndarray]:
+    """rounded(M, bits, group) for each of `widths`, sharing the grouping and each group's
+    largest magnitude between them."""
+    M = np.asarray(M, dtype=np.float64)
+    for bits in widths:
+        check_bits(bits)
+    T = _vectors(M)
+    S, L = T.shape
+    ng = -(-L // group)
+    if L % group:
+        G = np.zeros((S, ng * group))
+        G[:, :L] = T
+    else:
+        G = np.ascontiguousarray(T)
+    G = G.reshape(S, ng, group)
+    maxabs = np.abs(G).max(axis=2, keepdims=True) if G.size else np.zeros((S, ng, 1))
+    if not np.isfinite(maxabs).all():
+        raise ValueError("cannot quantize non-finite values")
+    out = []
+    for bits in widths:
+        if bits == 16:
+            if (maxabs > FP16_MAX).any():
+                raise ValueError("values overflow float16")
+            out.append(M.astype(np.float16).astype(dtype))
+            continue
+        top = qmax(bits)
+        if (maxabs / top > FP16_MAX).any():
+            raise ValueError(f"values up to {maxabs.max():.3g} overflow the float16 scales")
+        scales = (maxabs / top).astype(np.float16).astype(np.float64)
+        q = np.divide(G, scales, out=np.zeros_like(G), where=scales > 0)
+        np.rint(q, out=q)
+        np.clip(q, -top, top, out=q)
+        q *= scales
+        vals = q.reshape(S, ng * group)[:, :L].astype(dtype, copy=False)
+        out.append(np.ascontiguousarray(_from_vectors(vals, M.shape)))
+    return out
+
+
 def dequantize(q: np.ndarray, scales: np.ndarray, shape: tuple[int, int], group: int) -> np.ndarray:
     """The float32 matrix (rows × cols) that codes and scales stand for."""
     S, L = q.shape

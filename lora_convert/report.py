@@ -21,6 +21,7 @@ class ModuleFidelity:
     energy: float  # ||s·B·A||_F² of the original module
     recovered: bool = False  # inner matrices re-fitted in function space (`lora-convert recover`)
     bits: float | None = None  # stored bits per factor value, quantization scales included
+    quantized: bool = False  # integer codes (rank and bits chosen by --bits or a budget)
     calibrated_rel_error: float | None = None  # compress --calibration: relative output error on the data
 
     @property
@@ -135,6 +136,11 @@ class FidelityReport:
                     "in weight space. Its inner matrices were re-fitted by `lora-convert recover` to match the "
                     "original's outputs, which this figure does not measure: compare outputs with "
                     "`lora-convert eval` instead.")
+        budgeted = any(m.quantized for m in self.modules)
+        if self.low_energy and budgeted:
+            return (f"WARNING: the compressed adapter keeps only {100 * self.retained_energy:.1f}% of the "
+                    "update's energy in weight space; a larger --target-size (see --plan for the curve) "
+                    "keeps more.")
         if self.low_energy:
             return (f"WARNING: the compressed adapter keeps only {100 * self.retained_energy:.1f}% of the "
                     "update's energy. Random outers much smaller than the layer keep a few percent of a "
@@ -147,8 +153,9 @@ class FidelityReport:
         whole = ("the adapter as a whole keeps more" if self.retained_energy is not None
                  else "the whole adapter's figure is unknown")
         return (f"NOTE: {len(low)} of {len(self.modules)} modules keep under {LOW_ENERGY:.0%} of their own "
-                f"update's energy (worst: {worst.name}, {100 * worst.retained_energy:.1f}%); {whole}. A "
-                "larger --rank, --keep-energy or --outer-dim raises them.")
+                f"update's energy (worst: {worst.name}, {100 * worst.retained_energy:.1f}%); {whole}. "
+                + ("The budget gives each byte where it keeps the most; a larger --target-size raises them."
+                   if budgeted else "A larger --rank, --keep-energy or --outer-dim raises them."))
 
     def table(self, max_rows: int = 40) -> str:
         lines = [f"{'module':<56} {'shape':>13} {'r':>4} {'k':>4} {'a×b':>9} {'bits':>5} {'rel.err':>9} {'energy':>8}"]

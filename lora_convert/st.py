@@ -7,6 +7,7 @@ malformed file gets the same one-line BadInputError naming the file.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -16,33 +17,57 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import BadInputError
+
+if TYPE_CHECKING:
+    import numpy
+    import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference limit
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4,
             "U64": 8}
-TORCH_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-               torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
-               torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
-                     ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):  # every dtype read_header accepts can be written back
-        TORCH_DTYPE[getattr(torch, _name)] = _code
+# safetensors dtype -> torch's name for it (dtype_name's form): what `inspect` reports from a
+# header alone. This module imports torch only where tensors are made (`inspect` runs without it).
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
+               "U64": "uint64"}
+# Floating-point dtypes: (unsigned integer view, mask of the bits that are all set exactly in
+# NaN and Inf). float8_e4m3fn has no Inf and one NaN pattern per sign (S.1111.111).
+_NONFINITE_BITS = {"F64": ("<u8", 0x7FF0000000000000, 0x7FF0000000000000), "F32": ("<u4", 0x7F800000, 0x7F800000),
+                   "F16": ("<u2", 0x7C00, 0x7C00), "BF16": ("<u2", 0x7F80, 0x7F80),
+                   "F8_E4M3": ("u1", 0x7F, 0x7F), "F8_E5M2": ("u1", 0x7C, 0x7C)}
+FLOAT_DTYPES = tuple(_NONFINITE_BITS)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_dtypes() -> dict:
+    import torch
+
+    table = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+             torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+             torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+    for name, code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                       ("uint32", "U32"), ("uint64", "U64")):
+        if hasattr(torch, name):  # every dtype read_header accepts can be written back
+            table[getattr(torch, name)] = code
+    return table
+
+
+def __getattr__(name: str):
+    # TORCH_DTYPE (torch dtype -> safetensors dtype) is built on first use: it needs torch
+    if name == "TORCH_DTYPE":
+        return _torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """A dtype as files and reports name it: torch's own name without the module ("float16"),
     which getattr(torch, name) resolves."""
     return str(dtype).removeprefix("torch.")
-
-
-_ISFINITE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -154,24 +179,73 @@ class LazyTensors:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.header.tensors[key].shape
 
+    def dtype(self, key: str) -> str:
+        """The tensor's safetensors dtype ("F16", ...)."""
+        return self.header.tensors[key].dtype
+
     def get(self, key: str) -> torch.Tensor:
         info = self.header.tensors.get(key)
         if info is None:
             raise BadInputError(f"missing tensor {key!r}", self.path)
-        dtype = _NATIVE.get(info.dtype)
+        dtype = _native().get(info.dtype)
         if dtype is not None and sys.byteorder == "little":
             return self._read(key, info, dtype)
+        from safetensors import safe_open
+
         try:
             with safe_open(self.path, framework="pt") as fh:
                 return fh.get_tensor(key)
         except Exception as exc:  # safetensors raises several untyped errors
             raise BadInputError(f"cannot load tensor {key!r} ({exc})", self.path) from None
 
+    def raw(self, key: str) -> bytearray:
+        """The tensor's data bytes (little-endian, row-major) without torch."""
+        info = self.header.tensors.get(key)
+        if info is None:
+            raise BadInputError(f"missing tensor {key!r}", self.path)
+        buf = bytearray(info.end - info.start)
+        try:
+            got = _read_into(self.path, memoryview(buf), self.header.data_start + info.start)
+        except OSError as exc:
+            raise BadInputError(f"cannot read tensor {key!r} ({exc.strerror})", self.path) from None
+        if got != len(buf):
+            raise BadInputError(f"tensor {key!r}: file ends inside its data (changed while reading?)", self.path)
+        return buf
+
+    def require_finite(self, key: str, what: str) -> None:
+        """require_finite on the stored values, without torch: NaN and Inf are the bit patterns
+        whose exponent bits are all set (numpy on an integer view of the raw bytes)."""
+        view = _NONFINITE_BITS.get(self.dtype(key))
+        if view is None or not self.header.tensors[key].end - self.header.tensors[key].start:
+            return
+        import numpy as np
+
+        bits = np.frombuffer(self.raw(key), dtype=view[0])
+        if bool(((bits & view[1]) == view[2]).any()):
+            raise BadInputError(f"{what} contains NaN or Inf values", self.path)
+
+    def array(self, key: str) -> numpy.ndarray:
+        """The tensor's values as a float64 numpy array of its shape (for scalars such as alpha)."""
+        import numpy as np
+
+        info = self.header.tensors[key]
+        raw = self.raw(key)
+        if info.dtype == "BF16":  # numpy has no bfloat16: its bits are a float32's upper half
+            values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view("<f4")
+        elif info.dtype in ("F8_E4M3", "F8_E5M2"):
+            values = _float8_table(info.dtype)[np.frombuffer(raw, "u1")]
+        else:
+            values = np.frombuffer(raw, _NUMPY_DTYPES[info.dtype])
+        with np.errstate(invalid="ignore"):  # NaN payloads widen as NaN
+            return values.astype(np.float64).reshape(info.shape)
+
     def _read(self, key: str, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
         """One positioned read into an uninitialised tensor: no mmap left mapped (file pages
         would count in RSS as the adapter is streamed), no per-tensor safe_open (~0.5 ms each)
         and no zero-filled bytearray (calloc'd buffers page-fault on every read, and threads
         reading at once then contend for the process's page tables)."""
+        import torch
+
         size = info.end - info.start
         out = torch.empty(size // dtype.itemsize, dtype=dtype)
         try:
@@ -229,16 +303,50 @@ def _append(src, dst, count: int, start: int = 0) -> None:
     shutil.copyfileobj(src, dst, 1 << 20)
 
 
-# safetensors data is little-endian; on such hosts these dtypes are read with one positioned read
-_NATIVE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                 "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?"}
+
+
+def _float8_table(dtype: str) -> numpy.ndarray:
+    """float32 value of each of the 256 float8 codes (e4m3fn: bias 7, no Inf, S.1111.111 NaN;
+    e5m2: bias 15, IEEE-style Inf/NaN)."""
+    import numpy as np
+
+    exp_bits, bias = (4, 7) if dtype == "F8_E4M3" else (5, 15)
+    man_bits = 7 - exp_bits
+    codes = np.arange(256)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    e, m = (codes >> man_bits) & ((1 << exp_bits) - 1), codes & ((1 << man_bits) - 1)
+    with np.errstate(over="ignore"):
+        values = sign * np.where(e == 0, m / (1 << man_bits) * 2.0 ** (1 - bias),
+                                 (1 + m / (1 << man_bits)) * 2.0 ** (e - bias))
+    top = (1 << exp_bits) - 1
+    if dtype == "F8_E4M3":
+        values[(e == top) & (m == (1 << man_bits) - 1)] = np.nan
+    else:
+        values[(e == top) & (m == 0)] = sign[(e == top) & (m == 0)] * np.inf
+        values[(e == top) & (m != 0)] = np.nan
+    return values.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _native() -> dict:
+    """safetensors dtype -> torch dtype read with one positioned read (safetensors data is
+    little-endian; on such hosts)."""
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
 
 
 def require_finite(tensor: torch.Tensor, what: str, path) -> torch.Tensor:
     """Reject NaN/Inf in a factor: they would silently poison every fit."""
+    import torch
+
     if not tensor.is_floating_point():
         return tensor
-    probe = tensor if tensor.dtype in _ISFINITE_DTYPES else tensor.to(torch.float32)  # float8: no isfinite
+    isfinite_dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    probe = tensor if tensor.dtype in isfinite_dtypes else tensor.to(torch.float32)  # float8: no isfinite
     # A NaN or Inf anywhere makes the sum non-finite; the sum is ~30x cheaper than isfinite().all()
     # (in the tensor's own dtype: torch accumulates in float32 either way, and widening the result
     # costs 3x the sum). A finite tensor whose sum overflows gets the exact elementwise check.
@@ -263,6 +371,8 @@ def peek(items: Iterator) -> tuple[object | None, Iterator]:
 
 def tensor_buffer(tensor: torch.Tensor) -> memoryview:
     """The tensor's raw little-endian bytes, row-major, without a copy when already contiguous."""
+    import torch
+
     t = tensor.detach().to("cpu").contiguous()
     if not t.numel():
         return memoryview(b"")
@@ -299,11 +409,11 @@ class StreamingWriter:
         """Append a tensor; with `digest`, return the SHA-256 hex of its data bytes."""
         if name in self._entries:
             raise ValueError(f"duplicate tensor name {name!r}")
-        if tensor.dtype not in TORCH_DTYPE:
+        if tensor.dtype not in _torch_dtypes():
             raise ValueError(f"unsupported dtype {tensor.dtype} for {name!r}")
         data = tensor_buffer(tensor)
         self._spool.write(data)
-        self._entries[name] = {"dtype": TORCH_DTYPE[tensor.dtype], "shape": list(tensor.shape),
+        self._entries[name] = {"dtype": _torch_dtypes()[tensor.dtype], "shape": list(tensor.shape),
                                "data_offsets": [self._offset, self._offset + data.nbytes]}
         self._offset += data.nbytes
         return hashlib.sha256(data).hexdigest() if digest else None

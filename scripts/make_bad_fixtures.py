@@ -141,12 +141,12 @@ def peft_with_st(dest: Path, blob: bytes) -> None:
 
 # ---------------------------------------------------------------- LoRA-Mini helpers
 
-def mini_bytes(outer: str = "random", **opts) -> bytes:
+def mini_bytes(outer: str = "random", version: int | None = None, **opts) -> bytes:
     outer_dim = opts.pop("outer_dim", 4) if outer == "random" else None
     mini = lc.compress(base_adapter(), outer, seed=7, outer_dim=outer_dim, rank=2, **opts)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "m.safetensors"
-        lc.save(mini, out)
+        container.save(mini, out, format_version=version)
         return out.read_bytes()
 
 
@@ -744,11 +744,11 @@ def _(f):
     write_mini(f, edit_mini(bytes(blob), edit))
 
 
-@mini_case("mini_format_version_3", "verify", ["format version", "not supported"])
+@mini_case("mini_format_version_4", "verify", ["format version", "not supported"])
 def _(f):
-    """format_version "3" (re-signed)"""
+    """format_version "4" (re-signed)"""
     header, meta, doc, data = mini_parts(mini())
-    meta["format_version"] = "3"
+    meta["format_version"] = "4"
     write_mini(f, mini_assemble(header, meta, None, data))
 
 
@@ -777,8 +777,8 @@ def _(f):
 
 @mini_case("mini_quant_tampered_scale", "verify", ["SHA-256 checksum", ".q"])
 def _(f):
-    """the first fp16 scale of a quantized module's packed tensor doubled"""
-    blob = bytearray(mini_bytes("svd", bits=4))
+    """version 2: the first fp16 scale of a quantized module's packed tensor doubled"""
+    blob = bytearray(mini_bytes("svd", version=2, bits=4))
     s, e = data_span(bytes(blob), f"{MOD0}.q")
     blob[s + 1] ^= 0x04  # exponent bit of the first (little-endian) fp16 scale
     write_mini(f, bytes(blob))
@@ -786,9 +786,43 @@ def _(f):
 
 @mini_case("mini_quant_unknown_bits", "verify", ["malformed spec", "bits"])
 def _(f):
-    """quant bits 5 in a module spec (re-signed)"""
+    """version 2: quant bits 5 in a module spec (re-signed)"""
     def edit(doc, header, meta):
         doc["modules"][MOD0]["quant"]["bits"] = 5
+    write_mini(f, edit_mini(mini_bytes("svd", version=2, bits=4), edit))
+
+
+@mini_case("mini_packed_tampered_scale", "verify", ["SHA-256 checksum", "__packed__.0", MOD0])
+def _(f):
+    """version 3: the first fp16 scale of the packed tensor (the first module's) doubled"""
+    blob = bytearray(mini_bytes("svd", bits=4))
+    s, e = data_span(bytes(blob), "__packed__.0")
+    blob[s + 1] ^= 0x04
+    write_mini(f, bytes(blob))
+
+
+@mini_case("mini_packed_unknown_bits", "verify", ["malformed spec", "bits"])
+def _(f):
+    """version 3: bits 5 in the first module's entry (re-signed)"""
+    def edit(doc, header, meta):
+        doc["modules"][0][4] = 5
+    write_mini(f, edit_mini(mini_bytes("svd", bits=4), edit))
+
+
+@mini_case("mini_packed_length_mismatch", "verify", ["packed", "do not account"])
+def _(f):
+    """version 3: the first module's entry says inner rank 1 where its packed bytes hold 2 (re-signed):
+    the packed tensor then holds bytes no module accounts for"""
+    def edit(doc, header, meta):
+        doc["modules"][0][3] = 1
+    write_mini(f, edit_mini(mini_bytes("svd", bits=4), edit))
+
+
+@mini_case("mini_packed_entry_malformed", "verify", ["module entry"])
+def _(f):
+    """version 3: a module entry that is an object, not a list (re-signed)"""
+    def edit(doc, header, meta):
+        doc["modules"][0] = {"name": doc["modules"][0][0]}
     write_mini(f, edit_mini(mini_bytes("svd", bits=4), edit))
 
 

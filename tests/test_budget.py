@@ -170,6 +170,26 @@ def test_target_size_is_honoured_by_the_output(fixtures, tmp_path, target):
     assert lc.verify(out, fixtures / SRC).retained_energy == pytest.approx(doc["summary"]["retained_energy"], rel=1e-6)
 
 
+@pytest.mark.parametrize("outer", ["svd", "random"])
+@pytest.mark.parametrize("single_file", [True, False])
+def test_planned_bytes_are_the_written_bytes(fixtures, tmp_path, outer, single_file):
+    """The plan counts the header exactly (module entries, defaults, packed tensors), up to the
+    digits of offsets and the data's 8-byte alignment: the budget is spent, not guessed at."""
+    from lora_convert.convert import plan_curves
+    adapter = lc.load_adapter(fixtures / SRC)
+    extra = {"outer_dim": 32} if outer == "random" else {}
+    for budget_bytes in ((5000, 9000, 14000) if outer == "svd" else (9000, 14000, 20000)):
+        out = tmp_path / (f"m{budget_bytes}.safetensors" if single_file else f"m{budget_bytes}")
+        cfg = CompressConfig(outer=outer, target_size=budget_bytes, **extra)
+        curves, fixed = plan_curves(adapter, cfg, budget_bytes, directory=not single_file)
+        planned = allocate(curves, budget_bytes, None, fixed)
+        report = lc.save(lc.compress(adapter, cfg, output=out), out)
+        written = out.stat().st_size if single_file else sum(f.stat().st_size for f in out.iterdir())
+        slack = 16 if single_file else 16 + 150  # the summary file's floats are counted at their longest
+        assert planned.nbytes - slack <= written <= planned.nbytes <= budget_bytes
+        assert report.retained_energy == pytest.approx(planned.fidelity, abs=1e-3)
+
+
 def test_more_budget_keeps_more(fixtures):
     adapter = lc.load_adapter(fixtures / SRC)
     from lora_convert.convert import stored_report
@@ -273,4 +293,4 @@ def test_quantized_error_is_exact(fixtures):
         B2, A2 = m.factors()
         rel = difference_norm(o.up.double(), o.down.double(), B2, A2) / float(
             torch.linalg.matrix_norm(o.up.double() @ o.down.double()))
-        assert m.fidelity["rel_error"] == pytest.approx(rel, rel=1e-5)
+        assert m.fidelity["rel_error"] == pytest.approx(rel, rel=5.01e-4)  # recorded to 4 significant digits

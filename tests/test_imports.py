@@ -152,3 +152,49 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("module", sorted(set(MODULES) - EXCLUDED))
 def test_no_private_imports(module):
     assert graph()[module].private == [], f"{module} uses private names of other modules"
+
+
+# The layers of docs/ARCHITECTURE.md, bottom first: a module may import its own layer and those
+# below it, never one above (the package itself, whose exports are lazy, sits outside them).
+LAYERS = [
+    ["errors", "st", "atomic", "lru"],
+    ["mathcore", "whiten", "quant"],
+    ["adapter", "report", "outer", "formats"],
+    ["container", "config", "budget", "calibrated", "convert"],
+    ["hub"],
+    ["api", "inspect"],
+    ["recovery"],
+    ["modeling"],
+    ["cli"],
+]
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1] if module != PACKAGE else ""
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise KeyError(module)
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in MODULES if m != PACKAGE and not _has_layer(m)] == []
+
+
+def _has_layer(module: str) -> bool:
+    try:
+        layer_of(module)
+    except KeyError:
+        return False
+    return True
+
+
+def test_no_import_runs_up_a_layer():
+    up = [f"{m} -> {e}" for m, imp in graph().items() if m != PACKAGE
+          for e in sorted(imp.edges) if e != PACKAGE and layer_of(e) > layer_of(m)]
+    assert up == [], "imports that run up a layer (docs/ARCHITECTURE.md): " + "; ".join(up)
+
+
+def test_layer_check_can_fail():
+    assert layer_of("lora_convert.cli.convert") > layer_of("lora_convert.container")
+    assert layer_of("lora_convert.formats.peft") < layer_of("lora_convert.convert")

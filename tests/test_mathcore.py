@@ -200,3 +200,18 @@ def test_gram_error_formula_refuses_what_it_cannot_resolve(lowrank):
     Xp = X * (1 + 1e-3)
     expect = float(torch.linalg.matrix_norm(B @ A - U @ Xp @ Y @ V))
     assert mini_difference_norm(*args, Xp, Y) == pytest.approx(expect, rel=1e-6)
+
+
+def test_low_energy_advice_of_budgeted_files_names_the_budget():
+    """Rank and bits of quantized modules were chosen by the budget: the lever is --target-size,
+    not --rank / --outer-dim (which a budget overrides)."""
+    from lora_convert.report import FidelityReport, ModuleFidelity
+
+    def rows(quantized: bool):
+        return [ModuleFidelity("big", (8, 8), 4, 4, "svd", 4, 4, 0.1, 100.0, bits=4.25, quantized=quantized),
+                ModuleFidelity("weak", (8, 8), 4, 1, "svd", 1, 1, 0.9, 1.0, bits=4.25, quantized=quantized)]
+
+    assert "--target-size" in FidelityReport(rows(True)).warning()
+    assert "--outer-dim" in FidelityReport(rows(False)).warning()
+    low = [ModuleFidelity("m", (8, 8), 4, 1, "svd", 1, 1, 0.9, 1.0, bits=3.25, quantized=True)]
+    assert FidelityReport(low).warning().startswith("WARNING") and "--target-size" in FidelityReport(low).warning()

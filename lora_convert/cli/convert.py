@@ -22,7 +22,13 @@ def _streams():
 @allow_pickle
 @json_flag
 def inspect(path, fmt, allow_pickle, as_json):
-    """Show what is in an adapter or a LoRA-Mini file."""
+    """Show what is in an adapter or a LoRA-Mini file.
+
+    Adapters are checked as every command reads them (shapes, ranks, config, NaN/Inf values) from
+    their headers and stored bytes, quickly and without torch; LyCORIS LoHa/LoKr files (converted
+    by an SVD, which reports its error) and PEFT pickles load torch. LoRA-Mini files are opened
+    as `verify` opens them: checksums, regenerated outers and their fingerprints.
+    """
     from ..inspect import describe
 
     doc = describe(path, fmt, allow_pickle)
@@ -133,7 +139,7 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
     if plan:
         _print_plan(adapter, cfg, as_json, plot_file, stats)
         return
-    mini = api.compress(adapter, cfg, calibration=stats)
+    mini = api.compress(adapter, cfg, output=output, calibration=stats)
     with progress_bar(len(mini), "compressing") as tick:
         report = api.save(mini, output, progress=tick)
     extra = {"output": output}

@@ -20,8 +20,9 @@ def _model_options(f):
         click.option("--gguf-file", default=None, help="GGUF file name inside --base."),
         click.option("--revision", default=None, help="Hub revision of the base model."),
         click.option("--offline", is_flag=True, help="Never download (also: HF_HUB_OFFLINE=1)."),
-        click.option("--task", type=click.Choice(["auto", "causal-lm", "hidden"]), default="auto",
-                     show_default=True, help="causal-lm: KL on next tokens; hidden: last-hidden-state MSE."),
+        click.option("--task", type=click.Choice(["auto", "causal-lm", "hidden", "seq-cls"]), default="auto",
+                     show_default=True, help="causal-lm: KL on next tokens; hidden: last-hidden-state MSE; "
+                                             "seq-cls (train only, labelled data): a classifier."),
         click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True),
         click.option("--model-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="Base weights (auto: bf16 on CUDA, fp32 on CPU)."),
@@ -37,13 +38,16 @@ def _model_options(f):
 
 def _train_options(f):
     opts = [
-        click.option("--data", required=True, help="Training text: .txt (lines or paragraphs) or .jsonl (\"text\")."),
+        click.option("--data", required=True,
+                     help="Training text: .txt (lines or paragraphs) or .jsonl (\"text\"; train also takes "
+                          "\"messages\", \"prompt\"/\"completion\" or \"text\"/\"label\" rows)."),
         click.option("--eval-data", default=None, help="Held-out text (default: the last --eval-fraction of --data)."),
         click.option("--eval-fraction", type=float, default=0.1, show_default=True),
         click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps."),
         click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per step."),
         click.option("--lr", type=float, default=None,
-                     help="Peak learning rate (AdamW; default 1e-2 for recover, 2e-3 for train)."),
+                     help="Peak learning rate (AdamW; default 1e-2 for recover; for train 1e-2 to 3e-2 by "
+                          "outer size, smaller outers higher)."),
         click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine",
                      show_default=True),
         click.option("--warmup-steps", type=int, default=None, help="Default: 5% of --steps."),
@@ -81,7 +85,14 @@ def _train_opts(kw, default_lr: float):
     return TrainOptions(steps=kw["steps"], batch_size=kw["batch_size"], grad_accum=kw["grad_accum"],
                         lr=kw["lr"] or default_lr, warmup_steps=kw["warmup_steps"], schedule=kw["schedule"],
                         seed=kw["seed"], checkpoint_every=kw["checkpoint_every"],
-                        checkpoint_dir=kw["checkpoint_dir"], resume=kw["resume"], progress=not kw["no_progress"])
+                        checkpoint_dir=kw["checkpoint_dir"], resume=kw["resume"], progress=not kw["no_progress"],
+                        eval_every=kw.get("eval_every") or 0, early_stopping=kw.get("early_stopping") or 0,
+                        keep_best=not kw.get("last", False))
+
+
+def _no_seq_cls(kw) -> None:
+    if kw["task"] == "seq-cls":
+        raise click.UsageError("--task seq-cls is for train (labelled data)")
 
 
 def _require_training_extras() -> None:
@@ -94,7 +105,7 @@ def _require_training_extras() -> None:
 
 def _training_summary(result) -> dict:
     t = result.training
-    return {"steps": t.steps, "resumed_at": t.start_step, "seconds": round(t.seconds, 2), "tokens": t.tokens,
+    return {"steps": t.steps, "resumed_at": t.start_step, "lr": t.lr, "seconds": round(t.seconds, 2), "tokens": t.tokens,
             "tokens_per_second": round(t.tokens_per_second, 1), "final_loss": t.losses[-1] if t.losses else None}
 
 
@@ -128,6 +139,7 @@ def recover(mini, teacher, output, layer_weight, **kw):
 
     for source in (mini, teacher):
         refuse_to_replace_input(source, output)
+    _no_seq_cls(kw)
     _require_training_extras()
     from ..recovery.run import recover as run
 
@@ -143,6 +155,7 @@ def recover(mini, teacher, output, layer_weight, **kw):
 @_model_options
 def eval_(mini, teacher, data, **kw):
     """KL, top-1 agreement and loss of base / teacher / LoRA-Mini on held-out text."""
+    _no_seq_cls(kw)
     _require_training_extras()
     from ..recovery.run import evaluate_files, format_eval
 
@@ -164,19 +177,33 @@ def eval_(mini, teacher, data, **kw):
 @click.option("--outer-dim", default=None, help="Outer sizes a[,b] (default 64, capped by each module).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Storage dtype of the inner matrices.")
+@click.option("--eval-every", type=int, default=0, show_default=True,
+              help="Evaluate the held-out loss every N steps (0: only before and after); the best state is "
+                   "exported.")
+@click.option("--early-stopping", type=int, default=0, show_default=True,
+              help="Stop after N evaluations without a better held-out loss (0: never).")
+@click.option("--last", is_flag=True, help="With --eval-every: export the last state, not the best.")
 @_train_options
 @_model_options
 def train(output, target_modules, rank, alpha, outer, outer_dim, dtype, **kw):
-    """Train a LoRA-Mini adapter from scratch on task text (causal-LM loss), random outers from --seed."""
+    """Train a LoRA-Mini adapter from scratch, random outers from --seed.
+
+    \b
+    Text or chat/instruction JSONL trains a causal LM (chat: rendered with the tokenizer's chat
+    template, loss on the assistant's tokens); {"text", "label"} JSONL trains a classifier.
+    """
     _require_training_extras()
     from ..recovery.run import train as run
 
     if not kw["base"]:
         raise click.UsageError("train needs --base (the model to train the adapter for)")
     targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
+    from ..recovery.scratch import default_lr
+
     log = None if kw["as_json"] else click.echo
-    result = run(output, _data_opts(kw), _model_opts(kw), _train_opts(kw, 2e-3), target_modules=targets, rank=rank,
-                 alpha=alpha, outer_dim=parse_outer_dim(outer_dim), outer_seed=kw["seed"], dtype=dtype, log=log)
+    dims = parse_outer_dim(outer_dim)
+    result = run(output, _data_opts(kw), _model_opts(kw), _train_opts(kw, default_lr(dims)), target_modules=targets,
+                 rank=rank, alpha=alpha, outer_dim=dims, outer_seed=kw["seed"], dtype=dtype, log=log)
     _echo_result(result, kw["as_json"])
 
 

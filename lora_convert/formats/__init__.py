@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Iterator
 
 from ..atomic import atomic_output
 from ..errors import BadInputError, FormatDetectionError
-from .base import AdapterFormat, register, registered
+from .base import AdapterFormat, AdapterHeader, ModuleHeader, register, registered
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
 
-__all__ = ["AdapterFormat", "REGISTRY", "register", "names", "detect", "read", "write", "label"]
+__all__ = ["AdapterFormat", "AdapterHeader", "ModuleHeader", "REGISTRY", "register", "names", "detect", "read", "scan",
+           "write", "label"]
 
 _HELPERS = {"base", "naming", "flux"}  # modules of this package that are not layouts
 
@@ -91,6 +92,21 @@ def read(path: str | os.PathLike, fmt: str | None = None, **options) -> Adapter:
     adapter = _format(fmt).read(Path(path), **options)
     adapter.load_module = _checked(adapter.load_module, adapter.source or str(path))
     return adapter
+
+
+def scan(path: str | os.PathLike, fmt: str | None = None, **options) -> AdapterHeader | None:
+    """What `read` and loading every module would find, checked the same way, without torch
+    (AdapterFormat.scan); None where the layout (or this file: a PEFT pickle) needs read()."""
+    fmt = fmt or detect(path)
+    header = _format(fmt).scan(Path(path), **options)
+    if header is not None:  # each module's scale checked before the next is scanned, as read() does
+        header.modules = [m for m in header.modules if _check_scale(m, header.source or str(path)) is None]
+    return header
+
+
+def _check_scale(m, path) -> None:
+    if not math.isfinite(m.alpha) or not math.isfinite(m.scale):
+        raise BadInputError(f"module {m.name!r}: alpha/scale is not a finite number", path)
 
 
 def _checked(load, path: str):

@@ -7,11 +7,13 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import BadInputError
 from ..st import read_header
+
+if TYPE_CHECKING:  # the helpers that make tensors import it: layouts are detected and inspected without it
+    import torch
 
 
 @functools.lru_cache(maxsize=32)
@@ -73,6 +75,8 @@ def fold_scale(up: torch.Tensor, down: torch.Tensor, factor: float):
 
 def scalar_tensor(value: float) -> torch.Tensor:
     """A 0-d alpha tensor: float32 when that holds `value` exactly, else float64 (scale stays exact)."""
+    import torch
+
     t = torch.tensor(value, dtype=torch.float32)
     return t if float(t) == value else torch.tensor(value, dtype=torch.float64)
 

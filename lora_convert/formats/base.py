@@ -7,12 +7,52 @@ with no edit elsewhere. This module imports neither torch nor the layouts (CLI s
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Iterable
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
+
+
+@dataclass(frozen=True)
+class ModuleHeader:
+    """A LoRA module as its file's header and config describe it, checked as a reader checks it
+    (shapes, pairing, rank, alpha, finite values) but with no factor loaded. Readers build their
+    LoraModule from it, so `inspect` (which stops here, without torch) and `read` agree."""
+
+    name: str
+    kind: str  # "linear" | "conv" | "embedding"
+    kernel: dict
+    rank: int
+    out_features: int
+    in_features: int
+    alpha: float
+    use_rslora: bool
+    dtype: str  # the factors' dtype as torch names it ("float16"), as LoraModule.dtype would be
+
+    @property
+    def scale(self) -> float:
+        # PEFT's rule, as adapter.lora_scale
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+
+@dataclass
+class AdapterHeader:
+    """An adapter as `AdapterFormat.scan` finds it: the fields of adapter.Adapter that describe
+    it (so `describe` labels either) and every module's ModuleHeader, in module_names order
+    (a layout's scan may give an iterator that checks each module as it goes; formats.scan
+    makes it a list)."""
+
+    format: str
+    module_names: list[str]
+    modules: Iterable[ModuleHeader]
+    config: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    passthrough_names: list[str] = field(default_factory=list)
+    source: str = ""
 
 
 class AdapterFormat(ABC):
@@ -34,6 +74,12 @@ class AdapterFormat(ABC):
     @abstractmethod
     def write(self, adapter: Adapter, dest: Path) -> None:
         """Write into `dest`, a temporary path (directory or file, see writes_dir) published atomically."""
+
+    def scan(self, path: Path, **options) -> AdapterHeader | None:
+        """The adapter's description with every check `read` and loading each module make, from
+        the header, configs and stored values without torch (`inspect`); None where this layout
+        needs tensor arithmetic to describe a module (inspect then reads it)."""
+        return None
 
     def describe(self, adapter: Adapter) -> str:
         """The label with the detected variant, e.g. "kohya (SDXL)"."""

@@ -15,17 +15,18 @@ that ignore the metadata.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
-from ..st import LazyTensors, StreamingWriter, require_finite
+from ..st import DTYPE_NAMES, LazyTensors, StreamingWriter, require_finite
 from . import flux, naming
 from ._util import (check_kernel_known, check_no_passthrough, fold_scale, is_safetensors_file, most_common, safetensors_keys,
                     unknown_keys_error)
-from .base import AdapterFormat, register
-from .peft import module_rank_alpha
+from .base import AdapterFormat, AdapterHeader, ModuleHeader, register
+from .peft import factor_kind, module_rank_alpha
 
 NAME = "diffusers"
 LABEL = "diffusers LoRA"
@@ -143,7 +144,8 @@ def component_configs(metadata: dict, path) -> dict:
     return configs
 
 
-def read(path: Path, **_) -> Adapter:
+def _open(path: Path):
+    """(tensors, module index, component configs, the Adapter's config)."""
     path = Path(path)
     file = weights_path(path)
     if file is None:
@@ -154,15 +156,35 @@ def read(path: Path, **_) -> Adapter:
         raise BadInputError("no LoRA modules found", file)
     model_level = _model_level(lazy.keys())
     configs = {None: _model_config(lazy.metadata, file)} if model_level else component_configs(lazy.metadata, file)
+    config = {"components": {k: v for k, v in configs.items() if k is not None}}
+    if model_level:
+        config.update(model_level=True, model_config=configs[None])
+    return lazy, modules, configs, config
+
+
+def read(path: Path, **_) -> Adapter:
+    lazy, modules, configs, config = _open(path)
 
     def load(name: str) -> LoraModule:
         return _load(lazy, name, modules[name], configs)
 
-    config = {"components": {k: v for k, v in configs.items() if k is not None}}
-    if model_level:
-        config.update(model_level=True, model_config=configs[None])
     return Adapter(format=NAME, module_names=sorted(modules), load_module=load, config=config,
-                   metadata=dict(lazy.metadata), source=str(path))
+                   metadata=dict(lazy.metadata), source=str(Path(path)))
+
+
+def scan(path: Path, **_) -> AdapterHeader:
+    """read() and loading every module, without making tensors."""
+    lazy, modules, configs, config = _open(path)
+
+    def scan_module(name: str) -> ModuleHeader:
+        entry = modules[name]
+        lazy.require_finite(entry["A"], f"module {name!r} lora_A")
+        lazy.require_finite(entry["B"], f"module {name!r} lora_B")
+        return module_header(name, entry, configs, lazy.shape(entry["A"]), lazy.shape(entry["B"]),
+                             DTYPE_NAMES[lazy.dtype(entry["A"])], lazy.array, lazy.path)
+
+    return AdapterHeader(format=NAME, module_names=sorted(modules), modules=map(scan_module, sorted(modules)),
+                         config=config, metadata=dict(lazy.metadata), source=str(Path(path)))
 
 
 def _model_config(metadata: dict, path) -> dict:
@@ -180,37 +202,43 @@ def _model_config(metadata: dict, path) -> dict:
 
 
 def _load(lazy: LazyTensors, name: str, entry: dict, configs: dict) -> LoraModule:
-    from .peft import factor_kind  # the same PEFT tensor layout: conv factors are 4-D, up is 1x1
-
     A = require_finite(lazy.get(entry["A"]), f"module {name!r} lora_A", lazy.path)
     B = require_finite(lazy.get(entry["B"]), f"module {name!r} lora_B", lazy.path)
-    r = A.shape[0]
-    if A.dim() < 2 or B.dim() != A.dim() or B.shape[1] != r or r == 0:
-        raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form "
-                            "a low-rank pair", lazy.path)
-    kind, kernel = factor_kind(name, A, B, lazy.path)
-    alpha, rslora = _alpha(lazy, name, entry, configs, r)
-    return LoraModule(name=name, down=A.reshape(r, -1), up=B.reshape(B.shape[0], r), alpha=alpha,
-                      use_rslora=rslora, kind=kind, kernel=kernel)
+    h = module_header(name, entry, configs, tuple(A.shape), tuple(B.shape), "", lazy.get, lazy.path)
+    return LoraModule(name=name, down=A.reshape(h.rank, -1), up=B.reshape(h.out_features, h.rank), alpha=h.alpha,
+                      use_rslora=h.use_rslora, kind=h.kind, kernel=h.kernel)
 
 
-def _alpha(lazy, name, entry, configs, r) -> tuple[float, bool]:
+def module_header(name: str, entry: dict, configs: dict, a_shape: tuple, b_shape: tuple, dtype: str, values,
+                  path) -> ModuleHeader:
+    """A module from its factors' shapes (the PEFT tensor layout: conv factors are 4-D, up is 1x1)
+    and its scale (`values(key)`: a stored alpha's values)."""
+    r = a_shape[0] if a_shape else 0
+    if len(a_shape) < 2 or len(b_shape) != len(a_shape) or b_shape[1] != r or r == 0:
+        raise BadInputError(f"module {name!r}: lora_A {a_shape} and lora_B {b_shape} do not form "
+                            "a low-rank pair", path)
+    kind, kernel = factor_kind(name, a_shape, b_shape, path)
+    alpha, rslora = _alpha(name, entry, configs, r, values, path)
+    return ModuleHeader(name=name, kind=kind, kernel=kernel, rank=r, out_features=b_shape[0],
+                        in_features=math.prod(a_shape[1:]), alpha=alpha, use_rslora=rslora, dtype=dtype)
+
+
+def _alpha(name, entry, configs, r, values, path) -> tuple[float, bool]:
     if None in configs:  # model-level: one flat config, patterns relative to the model
-        comp, path, cfg = None, entry["path"], configs[None]
+        comp, mpath, cfg = None, entry["path"], configs[None]
     else:
-        comp, path = naming.split_component(name)
+        comp, mpath = naming.split_component(name)
         cfg = configs.get(comp)
     if "alpha" in entry:
-        return float(lazy.get(entry["alpha"]).reshape(-1)[0]), bool(cfg and cfg.get("use_rslora"))
+        return float(values(entry["alpha"]).reshape(-1)[0]), bool(cfg and cfg.get("use_rslora"))
     if cfg:
         try:
-            cfg_r, alpha = module_rank_alpha(cfg, path)
+            cfg_r, alpha = module_rank_alpha(cfg, mpath)
         except (TypeError, ValueError, re.error, RecursionError) as exc:
             raise BadInputError(f"module {name!r}: {METADATA_KEY} r/lora_alpha/patterns are malformed ({exc})",
-                                lazy.path) from None
+                                path) from None
         if cfg_r != r:
-            raise BadInputError(f"module {name!r}: tensors have rank {r} but {METADATA_KEY} says {cfg_r}",
-                                lazy.path)
+            raise BadInputError(f"module {name!r}: tensors have rank {r} but {METADATA_KEY} says {cfg_r}", path)
         return alpha, bool(cfg.get("use_rslora"))
     return float(r), False
 
@@ -308,6 +336,9 @@ class DiffusersFormat(AdapterFormat):
 
     def read(self, path, **options):
         return read(path, **options)
+
+    def scan(self, path, **options):
+        return scan(path, **options)
 
     def write(self, adapter, dest):
         write(adapter, dest)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import functools
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..adapter import Adapter, LoraModule
 from ..errors import UnsupportedError
 from . import naming
+
+if TYPE_CHECKING:
+    import torch
 
 _DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
            "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
@@ -91,6 +93,8 @@ def is_diffusers_flux(names, metadata: dict | None = None) -> bool:
 
 
 def _swap_halves(up: torch.Tensor) -> torch.Tensor:
+    import torch
+
     a, b = up.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
 
@@ -175,6 +179,8 @@ def to_bfl(adapter: Adapter) -> Adapter:
             if m.in_features != first.in_features or m.out_features != widths[i] or m.kind != "linear":
                 raise UnsupportedError(f"module {m.name!r} ({m.out_features}x{m.in_features}) does not fit Flux's "
                                        f"fused {g['path']} of a {first.in_features}-wide block")
+        import torch
+
         dtype = torch.promote_types(first.dtype, torch.float32)
         rank = sum(m.rank for m in ms.values())
         down = torch.cat([m.down.double() * m.scale for m in ms.values()]).to(dtype)

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
-from ..st import LazyTensors, StreamingWriter, require_finite, tensor_buffer
+from ..st import DTYPE_NAMES, LazyTensors, StreamingWriter, require_finite, tensor_buffer
 from . import flux, naming
 from ._util import (check_kernel_known, check_no_passthrough, is_safetensors_file, most_common, safetensors_keys,
                     scalar_tensor, unknown_keys_error)
-from .base import AdapterFormat, register
+from .base import AdapterFormat, AdapterHeader, ModuleHeader, register
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "kohya"
 LABEL = "kohya/A1111/ComfyUI LoRA"
@@ -91,8 +94,8 @@ def check_unique(names: dict, path) -> None:
         seen[name] = stem
 
 
-def read(path: Path, **_) -> Adapter:
-    """Read a kohya LoRA file lazily."""
+def _open(path: Path):
+    """(tensors, stem -> {role: key}, in-memory name -> stem, config)."""
     path = Path(path)
     lazy = LazyTensors(path)
     entries, names, rest = index_keys(lazy.keys(), path)
@@ -102,15 +105,54 @@ def read(path: Path, **_) -> Adapter:
         raise BadInputError("no LoRA modules found", path)
     check_unique(names, path)
     by_name = {names[s]: s for s in entries}
-    variant = naming.variant_of(by_name, lazy.metadata)
+    te_prefixes = sorted({naming.kohya_to_module(s)[1] for s in entries if s.startswith("lora_te")})
+    return lazy, entries, by_name, {"variant": naming.variant_of(by_name, lazy.metadata), "te_prefixes": te_prefixes}
+
+
+def read(path: Path, **_) -> Adapter:
+    """Read a kohya LoRA file lazily."""
+    lazy, entries, by_name, config = _open(path)
 
     def load(name: str) -> LoraModule:
         return load_module(lazy, name, entries[by_name[name]])
 
-    te_prefixes = sorted({naming.kohya_to_module(s)[1] for s in entries if s.startswith("lora_te")})
-    return Adapter(format=NAME, module_names=sorted(by_name), load_module=load,
-                   config={"variant": variant, "te_prefixes": te_prefixes}, metadata=dict(lazy.metadata),
-                   source=str(path))
+    return Adapter(format=NAME, module_names=sorted(by_name), load_module=load, config=config,
+                   metadata=dict(lazy.metadata), source=str(Path(path)))
+
+
+def scan(path: Path, **_) -> AdapterHeader:
+    """read() and loading every module, without making tensors."""
+    lazy, entries, by_name, config = _open(path)
+    return AdapterHeader(format=NAME, module_names=sorted(by_name), config=config, metadata=dict(lazy.metadata),
+                         modules=(scan_module(lazy, n, entries[by_name[n]]) for n in sorted(by_name)),
+                         source=str(Path(path)))
+
+
+def scan_module(lazy: LazyTensors, name: str, entry: dict) -> ModuleHeader:
+    """load_module's checks on the stored bytes; a Tucker core is folded (numpy, float64) only to
+    check that the folded factor is finite, as formats.read checks every converted factor."""
+    for role in ROLES:
+        if role in entry:
+            lazy.require_finite(entry[role], f"module {name!r} {role}")
+    shapes = {role: lazy.shape(key) for role, key in entry.items()}
+    alpha = lazy.array(entry["alpha"]) if "alpha" in entry else None
+    h = module_header(name, shapes, alpha, _down_dtype(lazy.dtype(entry["lora_down.weight"]), "lora_mid.weight" in entry),
+                      lazy.path)
+    if "lora_mid.weight" in entry:
+        import numpy as np
+
+        mid, down = lazy.array(entry["lora_mid.weight"]), lazy.array(entry["lora_down.weight"])
+        with np.errstate(over="ignore", invalid="ignore"):
+            folded = np.einsum("abhw,bi->aihw", mid, down[:, :, 0, 0]).astype(np.float32 if h.dtype == "float32" else
+                                                                             np.float64)
+        if not np.isfinite(folded).all():
+            raise BadInputError(f"module {name!r} down factor (as converted) contains NaN or Inf values", lazy.path)
+    return h
+
+
+def _down_dtype(code: str, tucker: bool) -> str:
+    """Torch's name for the in-memory down factor's dtype: a Tucker fold promotes it to at least float32."""
+    return ("float64" if code == "F64" else "float32") if tucker else DTYPE_NAMES[code]
 
 
 def load_module(lazy: LazyTensors, name: str, entry: dict) -> LoraModule:
@@ -118,29 +160,47 @@ def load_module(lazy: LazyTensors, name: str, entry: dict) -> LoraModule:
     def get(role):
         return require_finite(lazy.get(entry[role]), f"module {name!r} {role}", lazy.path)
 
-    down, up = get("lora_down.weight"), get("lora_up.weight")
+    t = {role: get(role) for role in ROLES if role in entry}
+    down, up = t["lora_down.weight"], t["lora_up.weight"]
+    h = module_header(name, {role: tuple(v.shape) for role, v in t.items()}, t.get("alpha"), None, lazy.path)
     if "lora_mid.weight" in entry:
-        down = fold_tucker(down, get("lora_mid.weight"), name, lazy.path)
-    r = down.shape[0]
-    if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != r or r == 0:
-        raise BadInputError(f"module {name!r}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
-                            "do not form a low-rank pair", lazy.path)
-    alpha = _scalar_alpha(get("alpha"), name, lazy.path) if "alpha" in entry else float(r)
-    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-        raise UnsupportedError(f"module {name!r}: lora_up with a {tuple(up.shape[2:])} kernel is not supported "
-                               "(expected 1x1)", lazy.path)
-    kind, kernel = ("conv", {"down_shape": list(down.shape), "up_shape": list(up.shape)}) if down.dim() == 4 \
-        else ("linear", {})
-    return LoraModule(name=name, down=down.reshape(r, -1), up=up.reshape(up.shape[0], r), alpha=alpha,
-                      kind=kind, kernel=kernel)
+        down = fold_tucker(down, t["lora_mid.weight"])
+    return LoraModule(name=name, down=down.reshape(h.rank, -1), up=up.reshape(h.out_features, h.rank), alpha=h.alpha,
+                      kind=h.kind, kernel=h.kernel)
 
 
-def fold_tucker(down: torch.Tensor, mid: torch.Tensor, name: str, path) -> torch.Tensor:
+def module_header(name: str, shapes: dict, alpha, dtype: str | None, path) -> ModuleHeader:
+    """A kohya module from its tensors' shapes (role -> shape) and alpha (a tensor or array, or
+    None): the factors checked to form a low-rank pair, a Tucker core to fit lora_down."""
+    down, up = shapes["lora_down.weight"], shapes["lora_up.weight"]
+    if "lora_mid.weight" in shapes:
+        mid = shapes["lora_mid.weight"]
+        if len(down) != 4 or len(mid) != 4 or tuple(down[2:]) != (1, 1) or mid[1] != down[0]:
+            raise BadInputError(f"module {name!r}: lora_mid {mid} does not fit lora_down {down}", path)
+        down = (mid[0], down[1], *mid[2:])  # the folded down: r × in × kh × kw
+    r = down[0]
+    if len(down) not in (2, 4) or len(up) != len(down) or up[1] != r or r == 0:
+        raise BadInputError(f"module {name!r}: lora_down {down} and lora_up {up} "
+                            "do not form a low-rank pair", path)
+    if alpha is not None:
+        if math.prod(shapes["alpha"]) != 1:
+            raise BadInputError(f"module {name!r}: .alpha must be a scalar, got shape {shapes['alpha']}", path)
+        alpha = float(alpha.reshape(()))
+    if len(up) == 4 and tuple(up[2:]) != (1, 1):
+        raise UnsupportedError(f"module {name!r}: lora_up with a {tuple(up[2:])} kernel is not supported "
+                               "(expected 1x1)", path)
+    kind, kernel = ("conv", {"down_shape": list(down), "up_shape": list(up)}) if len(down) == 4 else ("linear", {})
+    return ModuleHeader(name=name, kind=kind, kernel=kernel, rank=r, out_features=up[0],
+                        in_features=math.prod(down[1:]), alpha=float(r) if alpha is None else alpha,
+                        use_rslora=False, dtype=dtype or "")
+
+
+def fold_tucker(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
     """LoCon Tucker: x -> 1x1 conv (down, r×in) -> kh×kw conv (mid, r×r) -> 1x1 conv (up).
-    The first two compose into one kh×kw conv r×in: down'[a,i] = Σ_b mid[a,b] down[b,i]."""
-    if down.dim() != 4 or mid.dim() != 4 or tuple(down.shape[2:]) != (1, 1) or mid.shape[1] != down.shape[0]:
-        raise BadInputError(f"module {name!r}: lora_mid {tuple(mid.shape)} does not fit lora_down "
-                            f"{tuple(down.shape)}", path)
+    The first two compose into one kh×kw conv r×in: down'[a,i] = Σ_b mid[a,b] down[b,i]
+    (module_header checked the shapes)."""
+    import torch
+
     dtype = torch.promote_types(down.dtype, torch.float32)
     return torch.einsum("abhw,bi->aihw", mid.to(torch.float64), down[:, :, 0, 0].to(torch.float64)).to(dtype)
 
@@ -247,12 +307,6 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _scalar_alpha(t, name: str, path) -> float:
-    if t.numel() != 1:
-        raise BadInputError(f"module {name!r}: .alpha must be a scalar, got shape {tuple(t.shape)}", path)
-    return float(t.reshape(()))
-
-
 class KohyaFormat(AdapterFormat):
     """kohya's single-file layout: this module's functions, registered."""
 
@@ -263,6 +317,9 @@ class KohyaFormat(AdapterFormat):
 
     def read(self, path, **options):
         return read(path, **options)
+
+    def scan(self, path, **options):
+        return scan(path, **options)
 
     def write(self, adapter, dest):
         write(adapter, dest)

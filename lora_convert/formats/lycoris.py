@@ -29,16 +29,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
-from ..mathcore import factored_svd, relative_error
 from ..st import LazyTensors, require_finite
 from . import kohya, naming
 from ._util import is_safetensors_file, safetensors_keys, unknown_keys_error
 from .base import AdapterFormat, register
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and mathcore load when a module is converted: the registry imports every layout to
+# detect one, and `inspect` of other layouts runs without torch.
 
 NAME = "lycoris"
 LABEL = "LyCORIS LoHa/LoKr"
@@ -174,6 +178,8 @@ def _in_width(lazy: LazyTensors, entry: dict, algo: str) -> int | None:
 
 
 def _convert(lazy: LazyTensors, name: str, entry: dict, algo: str, tol: float, layer=None) -> LoraModule:
+    import torch
+
     def get(role):
         if role not in entry:
             return None
@@ -197,6 +203,8 @@ def _convert(lazy: LazyTensors, name: str, entry: dict, algo: str, tol: float, l
 
 def _tucker(t, a, b):
     """Tucker factor (t: r×r×kh×kw, a: r×out, b: r×in) as P (out×r), Q (r×in·kh·kw); kernel (in, kh, kw)."""
+    import torch
+
     Q = torch.einsum("ijhw,jq->iqhw", t, b)
     return a.T, Q.reshape(Q.shape[0], -1), tuple(Q.shape[1:])
 
@@ -209,6 +217,8 @@ def _hada_factor(get, n: int):
 
 
 def _loha(get):
+    from ..mathcore import factored_svd
+
     P1, Q1, k1 = _hada_factor(get, 1)
     P2, Q2, k2 = _hada_factor(get, 2)
     if P1.shape[0] != P2.shape[0] or Q1.shape[1] != Q2.shape[1]:
@@ -224,6 +234,10 @@ def _loha(get):
 
 def _lokr_factor(get, n: int):
     """SVD (U, S, V) of w1 or w2 flattened to 2-D, its decomposed rank (None if full), kernel."""
+    import torch
+
+    from ..mathcore import factored_svd
+
     full, a, b, t = get(f"lokr_w{n}"), get(f"lokr_w{n}_a"), get(f"lokr_w{n}_b"), get(f"lokr_t{n}")
     if full is not None:
         kernel = tuple(full.shape[1:]) if full.dim() == 4 else None
@@ -236,6 +250,8 @@ def _lokr_factor(get, n: int):
 
 
 def _lokr(get):
+    import torch
+
     (U1, S1, V1), rank1, _ = _lokr_factor(get, 1)
     (U2, S2, V2), rank2, kernel2 = _lokr_factor(get, 2)
     dim = rank2 if rank2 is not None else rank1
@@ -261,6 +277,10 @@ def _kron(a, b):
 
 
 def _lora_from_svd(name, U, S, V, ref, scale, kernel, tol) -> LoraModule:
+    import torch
+
+    from ..mathcore import relative_error
+
     k = _keep(S, tol)
     root = S[:k].sqrt()
     up, down = (U[:, :k] * root).to(torch.float32), (V[:, :k] * root).T.contiguous().to(torch.float32)
@@ -275,6 +295,8 @@ def _lora_from_svd(name, U, S, V, ref, scale, kernel, tol) -> LoraModule:
 
 def _keep(S: torch.Tensor, tol: float) -> int:
     """Smallest k whose dropped tail ||S[k:]|| is within tol·||S||."""
+    import torch
+
     energy = S.pow(2)
     total = float(energy.sum())
     if total == 0.0:

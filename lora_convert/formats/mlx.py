@@ -18,15 +18,13 @@ import math
 import re
 from pathlib import Path
 
-import torch
-
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
-from ..st import LazyTensors, StreamingWriter, require_finite
+from ..st import DTYPE_NAMES, LazyTensors, StreamingWriter, require_finite
 from . import naming
 from ._util import (check_kernel_known, check_no_passthrough, fold_scale, int_if_whole, most_common,
                     read_json_config, unknown_keys_error)
-from .base import AdapterFormat, register
+from .base import AdapterFormat, AdapterHeader, ModuleHeader, register
 
 NAME = "mlx"
 LABEL = "MLX-LM LoRA"
@@ -61,7 +59,8 @@ def load_config(d: Path) -> dict:
     return cfg
 
 
-def read(path: Path, **_) -> Adapter:
+def _open(path: Path):
+    """(directory, config, tensors, module -> {role: key})."""
     d = _dir(Path(path))
     cfg = load_config(d)
     lazy = LazyTensors(d / WEIGHTS_FILE)
@@ -79,6 +78,11 @@ def read(path: Path, **_) -> Adapter:
             raise BadInputError(f"module {mod!r} is incomplete (needs lora_a and lora_b)", lazy.path)
     if not modules:
         raise BadInputError("no LoRA modules found", lazy.path)
+    return d, cfg, lazy, modules
+
+
+def read(path: Path, **_) -> Adapter:
+    d, cfg, lazy, modules = _open(path)
     scale = float(cfg["lora_parameters"]["scale"])
 
     def load(name: str) -> LoraModule:
@@ -88,16 +92,39 @@ def read(path: Path, **_) -> Adapter:
                    metadata=dict(lazy.metadata), source=str(d))
 
 
+def scan(path: Path, **_) -> AdapterHeader:
+    """read() and loading every module, without making tensors."""
+    d, cfg, lazy, modules = _open(path)
+    scale = float(cfg["lora_parameters"]["scale"])
+
+    def scan_module(name: str) -> ModuleHeader:
+        entry = modules[name]
+        lazy.require_finite(entry["lora_a"], f"module {name!r} lora_a")
+        lazy.require_finite(entry["lora_b"], f"module {name!r} lora_b")
+        return module_header(name, lazy.shape(entry["lora_a"]), lazy.shape(entry["lora_b"]), scale,
+                             DTYPE_NAMES[lazy.dtype(entry["lora_a"])], lazy.path)
+
+    return AdapterHeader(format=NAME, module_names=sorted(modules), modules=map(scan_module, sorted(modules)),
+                         config=cfg, metadata=dict(lazy.metadata), source=str(d))
+
+
 def _load(lazy: LazyTensors, name: str, entry: dict, scale: float) -> LoraModule:
     a = require_finite(lazy.get(entry["lora_a"]), f"module {name!r} lora_a", lazy.path)
     b = require_finite(lazy.get(entry["lora_b"]), f"module {name!r} lora_b", lazy.path)
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or a.shape[1] == 0:
-        what = "mixture-of-experts (SwitchLinear) LoRA is not supported" if a.dim() == 3 else "not a low-rank pair"
-        raise BadInputError(f"module {name!r}: lora_a {tuple(a.shape)}, lora_b {tuple(b.shape)}: {what}", lazy.path)
-    r = a.shape[1]
+    h = module_header(name, tuple(a.shape), tuple(b.shape), scale, "", lazy.path)
+    return LoraModule(name=name, down=a.T.contiguous(), up=b.T.contiguous(), alpha=h.alpha, kind=h.kind)
+
+
+def module_header(name: str, a_shape: tuple, b_shape: tuple, scale: float, dtype: str, path) -> ModuleHeader:
+    """A module from the shapes of lora_a (in×r) and lora_b (r×out)."""
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != b_shape[0] or a_shape[1] == 0:
+        what = "mixture-of-experts (SwitchLinear) LoRA is not supported" if len(a_shape) == 3 else "not a low-rank pair"
+        raise BadInputError(f"module {name!r}: lora_a {a_shape}, lora_b {b_shape}: {what}", path)
+    r = a_shape[1]
     # MLX embeddings: ΔE = lora_a @ lora_b (num_embeddings × dims), the transpose of PEFT's B @ A.
     kind = "embedding" if name.rsplit(".", 1)[-1] in EMBEDDING_LEAVES else "linear"
-    return LoraModule(name=name, down=a.T.contiguous(), up=b.T.contiguous(), alpha=scale * r, kind=kind)
+    return ModuleHeader(name=name, kind=kind, kernel={}, rank=r, out_features=b_shape[1], in_features=a_shape[0],
+                        alpha=scale * r, use_rslora=False, dtype=dtype)
 
 
 # ---------------------------------------------------------------- writing
@@ -122,6 +149,8 @@ def _scan(adapter: Adapter):
 
 
 def write(adapter: Adapter, dest: Path) -> None:
+    import torch
+
     check_no_passthrough(adapter, NAME)
     ranks, scales = _scan(adapter)
     if not ranks:
@@ -177,6 +206,9 @@ class MlxFormat(AdapterFormat):
 
     def read(self, path, **options):
         return read(path, **options)
+
+    def scan(self, path, **options):
+        return scan(path, **options)
 
     def write(self, adapter, dest):
         write(adapter, dest)

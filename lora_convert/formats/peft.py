@@ -19,13 +19,11 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
-from ..st import LazyTensors, StreamingWriter, require_finite
+from ..st import DTYPE_NAMES, FLOAT_DTYPES, LazyTensors, StreamingWriter, dtype_name, require_finite
 from ._util import check_kernel_known, read_json_config
-from .base import AdapterFormat, register
+from .base import AdapterFormat, AdapterHeader, ModuleHeader, register
 
 NAME = "peft"
 LABEL = "PEFT LoRA"
@@ -155,6 +153,8 @@ class _Tensors:
                                 "torch.load(weights_only=True)", self.path)
         self.lazy = None
         _check_pickle_archive(self.path)
+        import torch
+
         try:
             with warnings.catch_warnings():  # torch warns on stderr about odd protocols: one line only
                 warnings.simplefilter("ignore")
@@ -166,7 +166,7 @@ class _Tensors:
             raise BadInputError("pickle does not hold a flat dict of tensors", self.path)
         self.state, self.keys = state, list(state)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str):
         return self.lazy.get(key) if self.lazy is not None else self.state[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -256,8 +256,8 @@ def module_rank_alpha(cfg: dict, module: str) -> tuple[int, float]:
     return r, float(alpha)
 
 
-def read(path: Path, allow_pickle: bool = False, **_) -> Adapter:
-    """Read a PEFT LoRA directory lazily (factors load per module)."""
+def _open(path: Path, allow_pickle: bool):
+    """(directory, config, tensors, module index, passthrough keys, (r, alpha) per module)."""
     path = Path(path)
     if path.is_file() and path.name in (WEIGHTS_FILE, PICKLE_FILE, CONFIG_FILE):
         path = path.parent
@@ -266,7 +266,12 @@ def read(path: Path, allow_pickle: bool = False, **_) -> Adapter:
     modules, passthrough = _index_keys(tensors, cfg)
     if not modules:
         raise BadInputError("no LoRA modules found", tensors.path)
-    rank_alpha = resolve_patterns(cfg, modules, path / CONFIG_FILE)
+    return path, cfg, tensors, modules, passthrough, resolve_patterns(cfg, modules, path / CONFIG_FILE)
+
+
+def read(path: Path, allow_pickle: bool = False, **_) -> Adapter:
+    """Read a PEFT LoRA directory lazily (factors load per module)."""
+    path, cfg, tensors, modules, passthrough, rank_alpha = _open(path, allow_pickle)
 
     def load(name: str) -> LoraModule:
         return _load_module(tensors, cfg, name, modules[name], rank_alpha[name])
@@ -275,43 +280,76 @@ def read(path: Path, allow_pickle: bool = False, **_) -> Adapter:
                    passthrough_names=passthrough, load_passthrough=tensors.get, source=str(path))
 
 
+def scan(path: Path, **_) -> AdapterHeader | None:
+    """read() and loading every module, without making tensors (None for a pickle: torch reads it)."""
+    path = Path(path)
+    folder = path.parent if path.is_file() and path.name in (WEIGHTS_FILE, PICKLE_FILE, CONFIG_FILE) else path
+    if not (folder / WEIGHTS_FILE).is_file():
+        return None
+    path, cfg, tensors, modules, passthrough, rank_alpha = _open(path, False)
+    lazy = tensors.lazy
+
+    def scan_module(name: str) -> ModuleHeader:
+        entry = modules[name]
+        for what, key in (("lora_A", entry["A"]), ("lora_B", entry["B"])):
+            if lazy.dtype(key) not in FLOAT_DTYPES:
+                _not_float(name, what, f"torch.{DTYPE_NAMES[lazy.dtype(key)]}", tensors.path)
+            lazy.require_finite(key, f"module {name!r} {what}")
+        return module_header(name, lazy.shape(entry["A"]), lazy.shape(entry["B"]), entry["emb"],
+                             DTYPE_NAMES[lazy.dtype(entry["A"])], cfg, rank_alpha[name], tensors.path)
+
+    return AdapterHeader(format=NAME, module_names=sorted(modules), modules=map(scan_module, sorted(modules)),
+                         config=cfg, passthrough_names=passthrough, source=str(path))
+
+
+def _not_float(name: str, what: str, dtype, path):
+    raise BadInputError(f"module {name!r}: {what} has dtype {dtype}; LoRA factors must be floating point", path)
+
+
 def _load_module(tensors: _Tensors, cfg: dict, name: str, entry: dict, rank_alpha=None) -> LoraModule:
     A, B = tensors.get(entry["A"]), tensors.get(entry["B"])
     for what, t in (("lora_A", A), ("lora_B", B)):
         if not t.is_floating_point():
-            raise BadInputError(f"module {name!r}: {what} has dtype {t.dtype}; LoRA factors must be floating point",
-                                tensors.path)
+            _not_float(name, what, t.dtype, tensors.path)
         require_finite(t, f"module {name!r} {what}", tensors.path)
+    h = module_header(name, tuple(A.shape), tuple(B.shape), entry["emb"], dtype_name(A.dtype), cfg, rank_alpha,
+                      tensors.path)
+    return LoraModule(name=name, down=A.reshape(h.rank, h.in_features), up=B.reshape(h.out_features, h.rank),
+                      alpha=h.alpha, use_rslora=h.use_rslora, kind=h.kind, kernel=h.kernel, checked_finite=True)
+
+
+def module_header(name: str, a_shape: tuple, b_shape: tuple, emb: bool, dtype: str, cfg: dict, rank_alpha,
+                  path) -> ModuleHeader:
+    """A lora_A/lora_B pair of these shapes checked against each other and the config."""
     r, alpha = rank_alpha or module_rank_alpha(cfg, name)
-    if A.dim() < 2 or B.dim() < 2:
-        raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
-                            "do not form a low-rank pair (factors must be at least 2-D)", tensors.path)
-    kind, kernel = ("embedding", {}) if entry["emb"] else factor_kind(name, A, B, tensors.path)
-    down = A.reshape(A.shape[0], math.prod(A.shape[1:]))
-    up = B.reshape(B.shape[0], math.prod(B.shape[1:]))
-    if up.shape[1] != down.shape[0]:
-        raise BadInputError(f"module {name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
-                            "do not form a low-rank pair (rank mismatch)", tensors.path)
-    if down.shape[0] == 0:
-        raise BadInputError(f"module {name!r}: rank 0", tensors.path)
-    if down.shape[1] == 0 or up.shape[0] == 0:
-        raise BadInputError(f"module {name!r}: empty factor (lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)})",
-                            tensors.path)
-    if down.shape[0] != r:
-        raise BadInputError(f"module {name!r}: tensors have rank {down.shape[0]} but the config "
-                            f"(r / rank_pattern) says {r}", tensors.path)
-    return LoraModule(name=name, down=down, up=up, alpha=alpha, use_rslora=bool(cfg.get("use_rslora")),
-                      kind=kind, kernel=kernel, checked_finite=True)
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        raise BadInputError(f"module {name!r}: lora_A {a_shape} and lora_B {b_shape} "
+                            "do not form a low-rank pair (factors must be at least 2-D)", path)
+    kind, kernel = ("embedding", {}) if emb else factor_kind(name, a_shape, b_shape, path)
+    down = (a_shape[0], math.prod(a_shape[1:]))
+    up = (b_shape[0], math.prod(b_shape[1:]))
+    if up[1] != down[0]:
+        raise BadInputError(f"module {name!r}: lora_A {a_shape} and lora_B {b_shape} "
+                            "do not form a low-rank pair (rank mismatch)", path)
+    if down[0] == 0:
+        raise BadInputError(f"module {name!r}: rank 0", path)
+    if down[1] == 0 or up[0] == 0:
+        raise BadInputError(f"module {name!r}: empty factor (lora_A {a_shape}, lora_B {b_shape})", path)
+    if down[0] != r:
+        raise BadInputError(f"module {name!r}: tensors have rank {down[0]} but the config "
+                            f"(r / rank_pattern) says {r}", path)
+    return ModuleHeader(name=name, kind=kind, kernel=kernel, rank=down[0], out_features=up[0], in_features=down[1],
+                        alpha=alpha, use_rslora=bool(cfg.get("use_rslora")), dtype=dtype)
 
 
-def factor_kind(name: str, A: torch.Tensor, B: torch.Tensor, path=None):
-    """(kind, kernel) of a lora_A/lora_B pair in PEFT's tensor layout: 2-D linear, or conv with a 1x1 up."""
-    if A.dim() <= 2 and B.dim() <= 2:
+def factor_kind(name: str, a_shape: tuple, b_shape: tuple, path=None):
+    """(kind, kernel) of lora_A/lora_B shapes in PEFT's tensor layout: 2-D linear, or conv with a 1x1 up."""
+    if len(a_shape) <= 2 and len(b_shape) <= 2:
         return "linear", {}
-    if B.dim() > 2 and any(d != 1 for d in B.shape[2:]):
-        raise UnsupportedError(f"module {name!r}: conv lora_B with a {tuple(B.shape[2:])} kernel is not supported "
+    if len(b_shape) > 2 and any(d != 1 for d in b_shape[2:]):
+        raise UnsupportedError(f"module {name!r}: conv lora_B with a {tuple(b_shape[2:])} kernel is not supported "
                                "(expected 1x1)", path)
-    return "conv", {"down_shape": list(A.shape), "up_shape": list(B.shape)}
+    return "conv", {"down_shape": list(a_shape), "up_shape": list(b_shape)}
 
 
 # ---------------------------------------------------------------- writing
@@ -445,6 +483,9 @@ class PeftFormat(AdapterFormat):
 
     def read(self, path, **options):
         return read(path, **options)
+
+    def scan(self, path, **options):
+        return scan(path, **options)
 
     def write(self, adapter, dest):
         write(adapter, dest)

@@ -6,6 +6,7 @@ CLI lists the sources without importing them (or torch, numpy): adding a source 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 
@@ -17,10 +18,15 @@ __all__ = ["OuterSource", "register", "names", "get", "sources"]
 _HELPERS = {"base", "rng"}  # modules of this package that are not sources
 
 
+@functools.cache
+def _module_names() -> frozenset[str]:
+    """The source modules' names, scanned once: get() runs per module of every adapter."""
+    return frozenset(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name not in _HELPERS)
+
+
 def names() -> list[str]:
     """Every source's name, without importing the source modules."""
-    found = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name not in _HELPERS}
-    return sorted(found | set(registered()))
+    return sorted(_module_names() | set(registered()))
 
 
 def sources() -> dict[str, OuterSource]:

@@ -133,8 +133,10 @@ class MiniLayer(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """scale · U X Y V applied to `x` as the base module consumes it (the student's update)."""
-        down, up = self.Y @ self.V, self.U @ self.X  # k×in and out×k; see the module docstring
-        return self.scale * self._mix(self._down(x, down), up)
+        # k×in and out×k (see the module docstring); the scale goes into the out×k factor, not onto
+        # the tokens×out product, which saves a full pass over the output and its backward.
+        down, up = self.Y @ self.V, self.U @ (self.X * self.scale)
+        return self._mix(self._down(x, down), up)
 
     def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U X, Y V) in the file's coordinates: the update is scale · (U X)(Y V), out×k by k×in."""

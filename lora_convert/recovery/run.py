@@ -35,7 +35,8 @@ from .inject import inject
 from .layers import MiniLayer, use_mode
 from .loop import TrainOptions, TrainResult, make_accelerator, train_inner
 from .models import ModelSource, load_model, model_dtype, pick_device
-from .objectives import FidelityStats, distill_loss, layer_matching_loss, lm_loss, model_output, tap_outputs
+from .objectives import (FidelityStats, distill_loss, layer_matching_loss, lm_loss, model_output, tap_outputs,
+                         token_ce)
 
 
 @dataclass
@@ -306,36 +307,134 @@ def evaluate_files(mini_path: str, teacher_path: str, dopts: DataOptions, mopts:
 
 # ------------------------------------------------------------------ train from scratch
 
+TRAIN_TASKS = ("causal-lm", "seq-cls")
+MODEL_INPUTS = ("input_ids", "attention_mask")  # loss_mask / labels stay out of the model's forward
+
+
 def train(output: str, dopts: DataOptions, mopts: ModelOptions, topts: TrainOptions, *,
           target_modules: list[str] | None = None, rank: int = 8, alpha: float | None = None,
           outer_dim=None, outer_seed: int = 0, dtype: str = "fp32", log=print) -> RunResult:
-    """Train a LoRA-Mini adapter from scratch (random outers from `outer_seed`) with the causal-LM loss."""
-    from .scratch import scratch_adapter
+    """Train a LoRA-Mini adapter from scratch (random outers from `outer_seed`).
+
+    Text and chat/instruction data train a causal LM (next-token loss; on chat data only the
+    assistant's tokens count); labelled data ({"text", "label"} JSONL) trains a sequence
+    classifier, whose new head trains in full beside the inners. With topts.eval_every the
+    held-out loss is tracked and the best state is exported.
+    """
+    from .scratch import classification_head, load_classifier, scratch_adapter
 
     topts.checkpoint_dir = topts.checkpoint_dir or default_checkpoint_dir(output)
     topts.validate()
-    texts = read_data(dopts)
+    records = D.read_samples(dopts.data)
+    held_records = D.read_samples(dopts.eval_data) if dopts.eval_data else None
+    if held_records is not None and held_records.kind != records.kind:
+        raise BadInputError(f"held-out data is {held_records.kind} but the training data is {records.kind}",
+                            dopts.eval_data)
+    task = "seq-cls" if records.kind == "labelled" else "causal-lm"
+    if mopts.task not in ("auto", task):
+        raise BadInputError(f"{records.kind} data trains a {task} model, not --task {mopts.task}", dopts.data)
     device = pick_device(mopts.device)
     src = ModelSource.parse(mopts.base, mopts.gguf_file, mopts.revision, mopts.offline)
-    model, tokenizer, task = load_model(src, mopts.task, model_dtype(device, mopts.dtype))
-    if task != "causal-lm":
-        raise BadInputError("train needs a causal LM (the loss is next-token prediction)", mopts.base)
-    mini = scratch_adapter(model, mopts.base, target_modules, rank, alpha, outer_dim, outer_seed, dtype)
+    labels, head = None, None
+    if task == "seq-cls":
+        labels = D.label_names(records)
+        model, tokenizer = load_classifier(src, labels, model_dtype(device, mopts.dtype), outer_seed)
+        head = classification_head(model)
+    else:
+        model, tokenizer, found = load_model(src, "auto" if mopts.task == "auto" else task,
+                                             model_dtype(device, mopts.dtype))
+        if found != "causal-lm":
+            raise BadInputError("text data trains a causal LM, and this model is not one (labelled JSONL "
+                                "rows train a classifier)", mopts.base)
+    mini = scratch_adapter(model, mopts.base, target_modules, rank, alpha, outer_dim, outer_seed, dtype, head)
     accelerator = make_accelerator(device, topts.grad_accum)
     layers = inject(model, mini)
+    extra = dict(head[1]) if head else {}
+    for p in extra.values():
+        p.requires_grad_(True)
     session = Session(accelerator, accelerator.prepare(model), tokenizer, task, layers, mopts.base)
-    seqs, held = load_sequences(session, dopts, texts)
-    before = {"loss_base": heldout_loss(session, held, "base", topts.batch_size)}
-    _log(session, log, f"held-out loss of the base model: {before['loss_base']:.4f}")
-    run = {"data": file_digest(dopts.data), "base": mopts.base, "max_len": dopts.max_len, "rank": rank,
-           "alpha": alpha, "outer_dim": outer_dim, "outer_seed": outer_seed, "targets": list(mini.module_names)}
+    seqs, held = train_sequences(tokenizer, dopts, records, held_records, labels)
+    bs = topts.batch_size
+    before = {f"{k}_base": v for k, v in train_metrics(session, held, "base", bs).items()}
+    _log(session, log, "held-out base model: " + _fmt_metrics(before, "_base"))
+    run = {"data": file_digest(dopts.data), "eval_data": file_digest(dopts.eval_data) if dopts.eval_data else None,
+           "base": mopts.base, "max_len": dopts.max_len, "rank": rank, "alpha": alpha, "outer_dim": outer_dim,
+           "outer_seed": outer_seed, "targets": list(mini.module_names), "task": task, "labels": labels}
 
     def step_loss(batch: dict) -> torch.Tensor:
-        return lm_loss(session.model(**batch).logits, batch)
+        return train_loss(session.model(**{k: batch[k] for k in MODEL_INPUTS}).logits, batch, task)
 
-    training = train_inner(accelerator, session.model, layers, seqs, session.pad_id, step_loss, topts, run)
-    after = {"loss_student": heldout_loss(session, held, "student", topts.batch_size)}
-    _log(session, log, f"held-out loss after training: {after['loss_student']:.4f} "
-                       f"(base {before['loss_base']:.4f})")
-    report = _export(session, mini, output, None, {"train_steps": topts.steps})
+    def held_out() -> float:
+        return train_metrics(session, held, "student", bs)["loss"]
+
+    training = train_inner(accelerator, session.model, layers, seqs, session.pad_id, step_loss, topts, run,
+                           evaluate=held_out if topts.eval_every else None, extra_params=extra)
+    after = {f"{k}_student": v for k, v in train_metrics(session, held, "student", bs).items()}
+    if training.best_step is not None:
+        after |= {"best_step": training.best_step, "evals": training.evals}
+        if training.stopped_at is not None:
+            after["stopped_at"] = training.stopped_at
+    _log(session, log, "held-out after training: " + _fmt_metrics(after, "_student")
+         + (f" (best of {len(training.evals)} evaluations, step {training.best_step})" if training.evals else ""))
+    report = _export(session, mini, output, None, {"train_steps": training.best_step or topts.steps})
     return RunResult(before, after, training, output, report, accelerator.is_main_process)
+
+
+def train_sequences(tokenizer, dopts: DataOptions, records, held_records, labels) -> tuple[list, list]:
+    """(training, held-out) samples. Plain text is packed into full blocks and held out from its end;
+    chat and labelled rows are one sample each, held out in a seeded shuffle (so no class or
+    source is left out by the file's order)."""
+    pack = records.kind == "text"
+    seqs = D.tokenize_samples(tokenizer, records, dopts.max_len, pack, labels)
+    if held_records is not None:
+        held = D.tokenize_samples(tokenizer, held_records, dopts.max_len, pack, labels)
+    else:
+        seqs, held = D.split_holdout(seqs, dopts.eval_fraction, shuffle=not pack)
+    if not seqs or not held:
+        raise BadInputError("not enough data for training and evaluation after tokenization", dopts.data)
+    return seqs, held[:dopts.max_eval_sequences] if dopts.max_eval_sequences else held
+
+
+def train_loss(logits: torch.Tensor, batch: dict, task: str, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the class (seq-cls) or of every target token (causal LM: the assistant's tokens
+    only when the batch has a loss_mask); `reduction="sum"` for evaluation sums."""
+    if task == "seq-cls":
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction=reduction)
+    valid = batch["attention_mask"][:, 1:].bool()
+    if "loss_mask" in batch:
+        valid &= batch["loss_mask"][:, 1:].bool()
+    ce = token_ce(logits, batch)[valid]
+    return ce.sum() if reduction == "sum" else ce.mean()
+
+
+@torch.no_grad()
+def train_metrics(session: Session, seqs: list, mode: str, batch_size: int = 8) -> dict:
+    """Held-out loss (and accuracy for classifiers) of the model in `mode` ("base" or "student")."""
+    acc, task = session.accelerator, session.task
+    raw = acc.unwrap_model(session.model)
+    sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, targets, correct
+    for batch in D.eval_batches(seqs, batch_size, session.pad_id)[acc.process_index::acc.num_processes]:
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        with use_mode(session.layers.values(), mode), acc.autocast():
+            logits = raw(**{k: batch[k] for k in MODEL_INPUTS}).logits
+        sums[0] += train_loss(logits, batch, task, "sum").double()
+        if task == "seq-cls":
+            sums[1] += len(batch["labels"])
+            sums[2] += (logits.argmax(-1) == batch["labels"]).sum()
+        else:
+            valid = batch["attention_mask"][:, 1:].bool()
+            if "loss_mask" in batch:
+                valid &= batch["loss_mask"][:, 1:].bool()
+            sums[1] += valid.sum()
+    sums = acc.reduce(sums, reduction="sum")
+    out = {"loss": float(sums[0] / sums[1].clamp_min(1))}
+    if task == "seq-cls":
+        out["accuracy"] = float(sums[2] / sums[1].clamp_min(1))
+    return out
+
+
+def _fmt_metrics(m: dict, suffix: str) -> str:
+    text = f"loss {m['loss' + suffix]:.4f}"
+    if "accuracy" + suffix in m:
+        text += f", accuracy {100 * m['accuracy' + suffix]:.1f}%"
+    return text

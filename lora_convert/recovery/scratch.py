@@ -1,4 +1,9 @@
-"""A fresh LoRA-Mini adapter for training from scratch: random outers from a seed, LoRA-style inner init."""
+"""A fresh LoRA-Mini adapter for training from scratch: random outers from a seed, LoRA-style inner init.
+
+For sequence classification the new head (PEFT's modules_to_save: "classifier" or "score")
+trains in full beside the inners and is stored as passthrough tensors under PEFT's key names,
+so `reconstruct` writes an adapter that PeftModel loads onto AutoModelForSequenceClassification.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +19,17 @@ from ..st import dtype_name
 from .layers import base_shape, layer_kind, rms_norm
 
 
+def default_lr(outer_dim) -> float:
+    """Default peak learning rate of `train` for outers of size a (the first of --outer-dim; default 64).
+
+    In the layers' normalised coordinates an optimizer step on X moves U·X by about √a times the step
+    (a sum of a unit-norm columns), so the best rate falls as a grows: benchmarks/bench_scratch.py
+    found 1e-2 best at a = 192-256 (3e-2 diverged at 256) and 3e-2 best at a = 48-96.
+    """
+    a = (outer_dim[0] if isinstance(outer_dim, (tuple, list)) else outer_dim) or 64
+    return min(3e-2, max(1e-2, 1e-2 * (256 / a) ** 0.5))
+
+
 def default_targets(model: nn.Module) -> list[str]:
     """PEFT's default target modules for the model type (e.g. q_proj, v_proj for Llama)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
@@ -25,15 +41,16 @@ def default_targets(model: nn.Module) -> list[str]:
     return list(targets)
 
 
-def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
+def find_targets(model: nn.Module, targets: list[str], exclude: tuple[str, ...] = ()) -> list[str]:
     """Module paths whose name matches a target as PEFT matches strings (exact, or ends with '.target').
 
-    "all-linear" means every Linear except the output head, as in PEFT.
+    "all-linear" means every Linear except the output head (and the modules under `exclude`, e.g. a
+    classification head that trains in full), as in PEFT.
     """
     out = []
     head = _output_head(model)
     for path, module in model.named_modules():
-        if not path:
+        if not path or any(path == e or path.startswith(e + ".") for e in exclude):
             continue
         if targets == ["all-linear"]:
             hit = isinstance(module, nn.Linear) and path != head
@@ -80,29 +97,80 @@ def scratch_module(name: str, base: nn.Module, rank: int, alpha: float, outer_di
                       dtype=dtype_name(store), outer=spec, U=U, V=V, X=X.to(store), Y=Y.to(store))
 
 
-def peft_config(base: str, targets: list[str], rank: int, alpha: float) -> dict:
+def peft_config(base: str, targets: list[str], rank: int, alpha: float, task_type: str = "CAUSAL_LM",
+                modules_to_save: list[str] | None = None) -> dict:
     """adapter_config.json for what `reconstruct` writes: a plain PEFT LoRA of rank r."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+    return {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base,
             "target_modules": sorted(targets), "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
             "bias": "none", "use_rslora": False, "fan_in_fan_out": False, "inference_mode": True,
-            "modules_to_save": None, "init_lora_weights": True, "use_dora": False}
+            "modules_to_save": modules_to_save, "init_lora_weights": True, "use_dora": False}
+
+
+PEFT_PREFIX = "base_model.model."  # how PEFT names modules_to_save tensors in adapter_model.safetensors
+HEAD_NAMES = ("classifier", "score")  # PEFT's modules_to_save for SEQ_CLS
+
+
+def classification_head(model: nn.Module) -> tuple[str, dict[str, nn.Parameter]]:
+    """(module name, {PEFT key: parameter}) of a sequence-classification model's head."""
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return name, {f"{PEFT_PREFIX}{name}.{p}": param for p, param in head.named_parameters()}
+    raise UnsupportedError(f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}")
+
+
+def load_classifier(src, labels: list, dtype: torch.dtype, seed: int):
+    """(AutoModelForSequenceClassification with a new head for `labels`, initialised from `seed`; tokenizer)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    names = [str(x) for x in labels]
+    try:
+        with torch.random.fork_rng(devices=[]):  # the new head's initialisation, without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                src.path, num_labels=len(names), id2label=dict(enumerate(names)),
+                label2id={n: i for i, n in enumerate(names)}, dtype=dtype, **src.kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"cannot load the base model as a classifier ({first[:300]})", src.path) from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise BadInputError("the tokenizer has neither a pad nor an eos token", src.path)
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out of every loss
+    if model.config.pad_token_id is None:  # classifiers over decoders find the last token by the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    _, head = classification_head(model)
+    for p in head.values():
+        p.data = p.data.float()  # trained in full: float32 master weights even over a bf16 base
+    return model.eval(), tokenizer
 
 
 def scratch_adapter(model: nn.Module, base: str, targets: list[str] | None, rank: int, alpha: float | None,
-                    outer_dim, seed: int, dtype: str = "fp32") -> MiniAdapter:
-    """A MiniAdapter over the model's target modules that starts as a no-op (X = 0)."""
+                    outer_dim, seed: int, dtype: str = "fp32",
+                    head: tuple[str, dict[str, nn.Parameter]] | None = None) -> MiniAdapter:
+    """A MiniAdapter over the model's target modules that starts as a no-op (X = 0).
+
+    With `head` (classification_head's result) the adapter is a SEQ_CLS one whose passthrough
+    tensors are the head's current values (read when the adapter is saved).
+    """
     from ..container import DTYPES
 
     if rank <= 0:
         raise BadInputError(f"--rank must be positive, got {rank}")
     alpha = float(alpha if alpha is not None else 8)  # PEFT's default lora_alpha
     targets = targets or default_targets(model)
-    paths = find_targets(model, targets)
+    paths = find_targets(model, targets, exclude=(head[0],) if head else ())
     store = DTYPES[dtype]
     modules = {p: scratch_module(p, model.get_submodule(p), rank, alpha, outer_dim, seed, store) for p in paths}
     cfg_targets = targets if targets != ["all-linear"] else sorted({p.rsplit(".", 1)[-1] for p in paths})
+    task_type, to_save, tensors = "CAUSAL_LM", None, {}
+    if head:
+        task_type, to_save, tensors = "SEQ_CLS", [head[0]], head[1]
     return MiniAdapter(source_format="peft", module_names=list(modules), load_module=modules.__getitem__,
-                       source_config=peft_config(base, cfg_targets, rank, _int_if_whole(alpha)))
+                       source_config=peft_config(base, cfg_targets, rank, _int_if_whole(alpha), task_type, to_save),
+                       passthrough_names=list(tensors),
+                       load_passthrough=lambda key: tensors[key].detach().to("cpu", torch.float32).contiguous())
 
 
 def _int_if_whole(x: float):
