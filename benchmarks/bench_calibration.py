@@ -16,6 +16,12 @@ module's output on the calibration text), at equal bytes; plus random outers wit
 calibration (closed form, no training).
 
     nice -n 10 python benchmarks/bench_calibration.py            # ~10 min on 2 CPU cores (teacher cached after)
+    nice -n 10 python benchmarks/bench_calibration.py --quantized 16,32,64   # budgets with / without calibration
+
+--quantized: `compress --outer svd --target-size Nx` (rank and bits per module by weight-space error)
+beside the same budget with `calibration=` (whitened factors, allocation by output error on the
+calibration text), with the input-side factor rounded with error feedback and, as a control at
+the same budget, rounded to nearest (calibrated.EF_ROUNDING off). Outputs calibration_quantized.txt/json.
     python benchmarks/bench_calibration.py --teacher-steps 20 --cal-sequences 8 --ranks 1   # smoke
 
 The trained teacher (and a plain transformers copy of the base) are cached under
@@ -158,6 +164,11 @@ def parse(argv=None):
     p.add_argument("--cache", default=str(CACHE))
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--teacher-only", action="store_true", help="Train and cache the teacher, then stop.")
+    p.add_argument("--quantized", default="", help="Target sizes (ratios, e.g. 16,32,64): budgeted svd compress "
+                                                   "with and without calibration instead of the rank rows.")
+    p.add_argument("--quantized-cal", default="licenses", help="Calibration text of the --quantized rows.")
+    p.add_argument("--no-quantized-controls", dest="quantized_controls", action="store_false",
+                   help="Skip the rows without error feedback.")
     return p.parse_args(argv)
 
 
@@ -196,7 +207,7 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
     teacher = lc.load_adapter(teacher_dir)
     original_bytes = file_bytes(teacher_dir)
     stats, timing = {}, {}
-    for cal in ("licenses", "stdlib"):
+    for cal in ((args.quantized_cal,) if args.quantized else ("licenses", "stdlib")):
         t0 = time.perf_counter()
         batches = D.eval_batches(seqs[cal][:args.cal_sequences], args.batch_size, tok.pad_token_id or 0)
         stats[cal] = collect_input_stats(model, linear_inputs(teacher, model), batches, damping=args.damping)
@@ -216,15 +227,20 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
     def row(method: str, label: str, mini) -> None:
         t0 = time.perf_counter()
         path = out_dir / f"{method}-{label}".replace(" ", "_").replace("=", "").replace(",", "")
-        lc.save(mini, path)
+        report = lc.save(mini, path)
         secs = time.perf_counter() - t0
         set_modules(session.layers, lc.load(path))
         e = heldout.score()
         rows.append({"method": method, "variant": label, "bytes": file_bytes(path), "compress_s": secs,
                      "effect_kept": 1 - e["kl_student"] / e["kl_base"], "kl": e["kl_student"],
-                     "loss": e["loss_student"], "top1": e["agree_student"]})
-        print(f"  {method:<22} {label:<12} {100 * rows[-1]['effect_kept']:6.1f}%  ({secs:.1f} s)", flush=True)
+                     "loss": e["loss_student"], "top1": e["agree_student"],
+                     "weight_kept": report.retained_energy, "calibrated_kept": report.calibrated_retained})
+        print(f"  {method:<30} {label:<12} {100 * rows[-1]['effect_kept']:6.1f}%  ({secs:.1f} s)", flush=True)
 
+    if args.quantized:
+        quantized_rows(args, teacher, stats[args.quantized_cal], row)
+        write_table(args, rows, record, ref, original_bytes, timing, t_start, "calibration_quantized")
+        return
     for r in [int(x) for x in args.ranks.split(",")]:
         row("svd", f"rank {r}", lc.compress(teacher, "svd", rank=r, dtype="fp32"))
         for cal in stats:
@@ -236,7 +252,37 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
         for cal in stats:
             row(f"random + calib {cal}", f"a={a} k={k}", lc.compress(teacher, "random", outer_dim=a, rank=k,
                                                                      dtype="fp32", calibration=stats[cal]))
-    head = f"{'method':<24} {'variant':<12} {'bytes':>10} {'smaller':>8} {'KL':>8} {'top-1':>7} {'effect kept':>12}"
+    write_table(args, rows, record, ref, original_bytes, timing, t_start, "calibration")
+
+
+def quantized_rows(args, teacher, stats, row) -> None:
+    """Budgeted svd compress at each target size: plain, calibrated, and calibrated with the input-side
+    factor rounded to nearest (the control that decides whether error feedback stays)."""
+    from lora_convert import calibrated
+
+    for t in args.quantized.split(","):
+        target = f"{t.strip().rstrip('x')}x"
+        row("svd budget", target, lc.compress(teacher, "svd", target_size=target))
+        row(f"svd budget + calib {args.quantized_cal}", target, lc.compress(teacher, "svd", target_size=target,
+                                                                             calibration=stats))
+        if args.quantized_controls:
+            calibrated.EF_ROUNDING = False
+            try:
+                row("  same, no error feedback", target, lc.compress(teacher, "svd", target_size=target,
+                                                                      calibration=stats))
+            finally:
+                calibrated.EF_ROUNDING = True
+        calibrated.ALLOCATE_BY = "relative"
+        try:
+            row("  same, weight-weighted alloc.", target, lc.compress(teacher, "svd", target_size=target,
+                                                                       calibration=stats))
+        finally:
+            calibrated.ALLOCATE_BY = "output"
+
+
+def write_table(args, rows, record, ref, original_bytes, timing, t_start, stem: str) -> None:
+    head = f"{'method':<30} {'variant':<12} {'bytes':>10} {'smaller':>8} {'KL':>8} {'top-1':>7} {'effect kept':>12}"
+    head += f" {'weight kept':>12} {'calib. kept':>12}"
     lines = [f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32), CPU, {torch.get_num_threads()} threads. Teacher: "
              f"PEFT LoRA r={args.teacher_rank} on all projections, {record['steps']} steps on {record['sequences']} "
              f"sequences of {record['max_len']} tokens: training loss {record['train_loss_last20']:.3f} (last 20 steps), "
@@ -245,17 +291,18 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
              f"{ref['kl_base']:.4f}. Calibration: {args.cal_sequences} sequences of licence texts / stdlib source; "
              f"damping {args.damping}. Wall time {time.perf_counter() - t_start:.0f} s.",
              "", head, "-" * len(head),
-             f"{'original':<24} {'PEFT r=' + str(args.teacher_rank):<12} {original_bytes:>10,} {1.0:>7.1f}x "
+             f"{'original':<30} {'PEFT r=' + str(args.teacher_rank):<12} {original_bytes:>10,} {1.0:>7.1f}x "
              f"{0.0:>8.4f} {100.0:>6.1f}% {100.0:>11.1f}%"]
     for r in rows:
-        lines.append(f"{r['method']:<24} {r['variant']:<12} {r['bytes']:>10,} {original_bytes / r['bytes']:>7.1f}x "
-                     f"{r['kl']:>8.4f} {100 * r['top1']:>6.1f}% {100 * r['effect_kept']:>11.1f}%")
+        kept = [f"{100 * r[k]:>11.1f}%" if r.get(k) is not None else f"{'-':>12}" for k in ("weight_kept", "calibrated_kept")]
+        lines.append(f"{r['method']:<30} {r['variant']:<12} {r['bytes']:>10,} {original_bytes / r['bytes']:>7.1f}x "
+                     f"{r['kl']:>8.4f} {100 * r['top1']:>6.1f}% {100 * r['effect_kept']:>11.1f}% {' '.join(kept)}")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration.txt").write_text(text + "\n", encoding="utf-8")
-    (out / "calibration.json").write_text(json.dumps({"rows": rows, "reference": ref, "teacher": record,
+    (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
+    (out / f"{stem}.json").write_text(json.dumps({"rows": rows, "reference": ref, "teacher": record,
                                                       "timing": timing, "original_bytes": original_bytes,
                                                       "args": vars(args)}, indent=2) + "\n", encoding="utf-8")
 

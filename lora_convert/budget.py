@@ -117,12 +117,14 @@ def random_inner(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Ten
 
 def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bits: tuple[int, ...],
                 group: int, outers: tuple[torch.Tensor, torch.Tensor] | None = None,
-                whitening: np.ndarray | None = None, overhead: int = 0) -> Curve:
+                whitening: np.ndarray | None = None, overhead: int = 0, input_rounding=None) -> Curve:
     """Options (k, bits) of one module. Without `outers` (svd): the stored factors are the
     truncated SVD factors F1 (out×k), F2 (k×in). With random `outers` (U, V): the stored factors
     are the inner X (a×k), Y (k×b). Each factor is quantized once per width: its groups run along
     its long side, within one column of F1 / X or one row of F2 / Y, so the quantized rank-k
-    factors are the first k columns / rows of the quantized full ones."""
+    factors are the first k columns / rows of the quantized full ones. `input_rounding(F, bits,
+    group)`: the decoded values stored for the input-side factor (F2 / Y), if not plain rounding;
+    it must round rows independently (calibrated.input_rounding)."""
     B64, A64 = B.double(), A.double()
     L = None if whitening is None else torch.from_numpy(np.asarray(whitening, dtype=np.float64))
     Aw = A64 if L is None else A64 @ L
@@ -134,14 +136,15 @@ def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bi
         maps = (lambda F: F), (lambda F: F if L is None else F @ L.numpy())
     else:
         U, V = outers
-        if whitening is not None:
-            raise NotImplementedError("whitened fits for random outers")  # calibration plugs in here
-        S1, S2, _ = random_inner(B64, A64, U, V)
-        U64, V64 = U.double().numpy(), V.double().numpy()
+        Vw = V.double() if L is None else V.double() @ L  # Y multiplies V: its fit and error see V L
+        S1, S2, _ = random_inner(B64, Aw, U, Vw)
+        U64, V64 = U.double().numpy(), Vw.numpy()
         maps = (lambda X: U64 @ X), (lambda Y: Y @ V64)
     K = S1.shape[1]
+    Q2s = quant.rounded_widths(S2, bits, group) if input_rounding is None else \
+        [np.asarray(input_rounding(S2, b, group), dtype=np.float64) for b in bits]
     err2 = [(scale * scale) * _prefix_errors(energy, Bn, Awn, maps[0](Q1), maps[1](Q2))
-            for Q1, Q2 in zip(quant.rounded_widths(S1, bits, group), quant.rounded_widths(S2, bits, group))]
+            for Q1, Q2 in zip(quant.rounded_widths(S1, bits, group), Q2s)]
     opts = []
     for w, b in enumerate(bits):
         for k in range(1, K + 1):

@@ -7,21 +7,32 @@ turns the output error on the data into a Frobenius norm, ||(ΔW' − ΔW) L||_F
 * random outers: the same regenerated U, V; X, Y minimise the whitened error (A → A L, V → V L).
 The file format is unchanged: readers need no calibration to use the result.
 
+Quantized (--bits, budgets): the same whitened factors, then the input-side factor (svd: the k×in
+right factor; random: Y, which multiplies V x) is rounded with error feedback against the second
+moment of what it reads (whiten.error_feedback_round with the format's own quantizer) and the
+output-side factor is rounded to nearest. Budget curves (`input_rounding`) use the same rounding.
+
 One module at a time (each has its own L, so stacks would share nothing). Fidelity records the
 weight-space `rel_error` as always (so verify --against agrees) plus `calibrated_rel_error`, the
-relative output error on the calibration data.
+relative output error on the calibration data. The whole-adapter calibrated share weighs modules
+by their weight-space `energy`, as a calibrated budget does (ALLOCATE_BY).
 """
 from __future__ import annotations
+
+import json
+import math
 
 import numpy as np
 import torch
 
 from .adapter import LoraModule
-from .container import MiniModule
+from . import quant
+from .container import FIDELITY_DIGITS, MiniModule
 from .errors import BadInputError
 from .lru import BytesLRU
 from .mathcore import OuterBasis, choose_rank, difference_norm, frobenius
-from .whiten import fit_inner_whitened, whitened_basis, whitened_relative_error, whitened_truncation
+from .whiten import (error_feedback_round, feedback_factor, fit_inner_whitened, whitened_basis,
+                     whitened_relative_error, whitened_truncation)
 
 
 def check_modules(adapter, calibration) -> None:
@@ -97,3 +108,141 @@ def _svd_outers(B, A, L, options: dict):
         V = torch.linalg.solve_triangular(L.double(), t.Vw[:k], upper=False, left=False)  # Vw L⁻¹
     root = torch.diag(torch.from_numpy(np.sqrt(s).copy()))
     return U, V, root, root.clone(), {"source": "svd", "a": k, "b": k}
+
+
+# ------------------------------------------------------------------ quantized storage
+
+# error-feedback factors of inputs (in×in, one per distinct input: q/k/v share theirs), by identity of L
+_FEEDBACK = BytesLRU(256 << 20, size=lambda v: v[1].nbytes + v[0].numel() * 8)
+# Error feedback on (EF_ROUNDING) or plain rounding of the input-side factor: a switch for the
+# benchmark that decides it (benchmarks/bench_calibration.py --quantized)
+EF_ROUNDING = True
+# How a calibrated budget weighs modules against each other: "relative" sums each module's squared
+# relative output error times its weight-space energy (the data shapes the fit within a module, the
+# update's own energy weighs modules); "output" sums absolute output errors on the calibration text,
+# which spends the budget on the few modules with huge activations: 79.6% effect kept against 91.9%
+# at 16x (benchmarks/README.md). Kept as a switch for benchmarks/bench_calibration.py --quantized.
+ALLOCATE_BY = "relative"
+
+
+def _feedback(L: torch.Tensor) -> np.ndarray:
+    hit = _FEEDBACK.get(("R", id(L)), lambda: (L, feedback_factor(L)))
+    return hit[1] if hit[0] is L else feedback_factor(L)
+
+
+def input_metric(L: torch.Tensor, V: torch.Tensor | None) -> torch.Tensor:
+    """Lower-triangular factor of the second moment the input-side factor reads: L itself (svd:
+    the factor multiplies x) or a Cholesky factor of (V L)(V L)ᵀ (random: Y multiplies V x)."""
+    if V is None:
+        return L
+    VL = V.double() @ L.double()
+    G = VL @ VL.T
+    G.diagonal().add_(1e-12 * float(G.diagonal().mean() or 1.0))  # V L has full row rank; guard round-off
+    return torch.linalg.cholesky(G)
+
+
+def input_rounding(L: torch.Tensor, V: torch.Tensor | None = None):
+    """(F, bits, group) -> the decoded values the file stores for the input-side factor F (k×n):
+    error-feedback rounding against the metric of input_metric(L, V), then encoded as the writer
+    encodes it. Rows are rounded independently, so rank-k prefixes stay prefixes."""
+    metric = input_metric(L, V)
+    state = {}
+
+    def rounding(F: np.ndarray, bits: int, group: int) -> np.ndarray:
+        if bits == 16 or F.shape[0] >= F.shape[1] or not EF_ROUNDING:  # tall: groups run along the rows
+            return quant.encode(F, bits, group)[1]
+        if "R" not in state:
+            state["R"] = _feedback(metric) if V is None else feedback_factor(metric)
+        ef = error_feedback_round(F, quantizer=quant.GroupQuantizer(bits, group), feedback=state["R"])
+        return quant.encode(ef.values.numpy(), bits, group)[1]  # the writer re-encodes these values
+
+    return rounding
+
+
+def whitened_factors(m: LoraModule, src, options: dict, L: torch.Tensor):
+    """(F1, F2, σ, outers): the full-rank factors a quantized module stores prefixes of, fitted to the
+    output (svd: F1 = U_K S^½, F2 = S^½ Vw L⁻¹ of the whitened SVD; random: X, Y for the regenerated
+    U, V with A → A L, V → V L), float64 numpy, columns/rows by decreasing whitened singular value."""
+    from .budget import random_inner
+
+    check_width(m, L)
+    B, A = m.up.detach().double(), m.down.detach().double()
+    if src.stored:
+        t = whitened_truncation(B, A, L, B.shape[1])
+        if t.rank == 0:  # an all-zero update keeps one zero direction
+            return np.zeros((B.shape[0], 1)), np.zeros((1, A.shape[1])), np.zeros(1), None
+        return t.B.numpy(), t.A.numpy(), t.spectrum[:t.rank], None
+    U, V, spec = src.make(m, options)
+    L64 = L.double()
+    X, Y, s = random_inner(B, A @ L64, U, V.double() @ L64)  # Y multiplies V: the same Y for V and V L
+    return X, Y, s, (U, V, spec)
+
+
+def check_width(m: LoraModule, L: torch.Tensor) -> None:
+    """The statistics must describe this module's input (same width)."""
+    if L.shape != (m.in_features, m.in_features):
+        raise BadInputError(f"module {m.name!r}: calibration statistics are {L.shape[0]} wide, the module reads "
+                            f"{m.in_features} inputs (statistics of another base model?)")
+
+
+def compress_quantized(m: LoraModule, src, options: dict, bits: int, group: int, L: torch.Tensor,
+                       choice=None) -> MiniModule:
+    """One module stored quantized and fitted to its output: rank and bits from the budget's
+    `choice` (budget.Option), else options' rank / keep_energy (on the whitened spectrum) and `bits`."""
+    F1, F2, s, outers = whitened_factors(m, src, options, L)
+    if choice is not None:
+        k, bits = min(choice.k, F1.shape[1]), choice.bits
+    else:
+        energy = float((s ** 2).sum())
+        k = max(min(choose_rank(s, energy, options.get("rank"), options.get("keep_energy")), F1.shape[1]), 1)
+    try:
+        Q1 = quant.encode(F1[:, :k], bits, group)[1]
+        Q2 = input_rounding(L, None if outers is None else outers[1])(F2[:k], bits, group)
+    except ValueError as exc:
+        raise BadInputError(f"module {m.name!r}: cannot store its factors at {bits} bits ({exc})") from None
+    Q1, Q2 = torch.from_numpy(np.ascontiguousarray(Q1)), torch.from_numpy(np.ascontiguousarray(Q2))
+    if outers is None:
+        U, V, X, Y = Q1, Q2, torch.eye(k), torch.eye(k)
+        spec = {"source": src.name, "a": k, "b": k}
+    else:
+        U, V, spec = outers
+        X, Y = Q1, Q2
+    B, A = m.up.detach().double(), m.down.detach().double()
+    B2, A2 = U.double() @ X.double(), Y.double() @ V.double()
+    ref = frobenius(B, A)
+    diff = difference_norm(B, A, B2, A2)
+    rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
+    cal = whitened_relative_error(B, A, B2, A2, L)
+    return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha, use_rslora=m.use_rslora,
+                      dtype=str(m.dtype).removeprefix("torch."), outer=dict(spec), U=U, V=V, X=X, Y=Y,
+                      fidelity={"rel_error": _short(rel), "energy": _short(m.scale ** 2 * ref ** 2),
+                                "calibrated_rel_error": _short(cal)},
+                      quant={"bits": bits, "group": group})
+
+
+def _short(x: float) -> float:
+    """FIDELITY_DIGITS significant digits: every byte of a budgeted file's header counts."""
+    return float(f"{x:.{FIDELITY_DIGITS - 1}e}") if math.isfinite(x) else x
+
+
+# A calibrated module's extra figure at its longest (FIDELITY_DIGITS), as plan_curves counts it in the header
+PLANNED_FIDELITY = {"calibrated_rel_error": float(f"{-1.2345678901234567e-300:.{FIDELITY_DIGITS - 1}e}")}
+
+
+def summary_overhead() -> int:
+    """Bytes the whole-adapter calibrated share adds to the directory layout's summary file."""
+    worst = -1.2345678901234567e-300
+    size = lambda d: len(json.dumps({"fidelity": d}, indent=2))  # noqa: E731
+    return size({"modules": 1, "calibrated_retained": worst}) - size({"modules": 1})
+
+
+def reweighted(curve, weight_energy: float):
+    """`curve` (output-space) with every module weighted by its weight-space energy instead of its
+    output energy (ALLOCATE_BY = "relative")."""
+    from .budget import Curve, Option
+
+    if ALLOCATE_BY != "relative" or curve.energy <= 0.0:
+        return curve
+    f = weight_energy / curve.energy
+    return Curve(curve.name, weight_energy, [Option(o.k, o.bits, o.nbytes, o.err2 * f) for o in curve.options],
+                 curve.overhead)

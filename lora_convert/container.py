@@ -138,7 +138,8 @@ class MiniModule:
         return ModuleFidelity(self.name, (self.out_features, self.in_features), self.rank, self.inner_rank,
                               self.outer["source"], int(self.outer["a"]), int(self.outer["b"]),
                               _number(self.fidelity.get("rel_error")), _number(self.fidelity.get("energy")) or 0.0,
-                              recovered=self.recovered, bits=self.bits, quantized=bool(self.quant))
+                              recovered=self.recovered, bits=self.bits, quantized=bool(self.quant),
+                              calibrated_rel_error=_number(self.fidelity.get("calibrated_rel_error")))
 
     @property
     def recovered(self) -> bool:

@@ -126,7 +126,13 @@ def compress_window(modules: list[LoraModule], source: str | CompressConfig = "r
     src = outer.get(cfg.outer)
     opts = _outer_options(cfg)
     if cfg.quantized:
-        return [_compress_quantized(m, src, cfg, opts, (plan or {}).get(m.name)) for m in modules]
+        out = []
+        for m in modules:
+            stats = calibration.get(m.name) if calibration else None
+            choice = (plan or {}).get(m.name)
+            out.append(_compress_quantized(m, src, cfg, opts, choice) if stats is None else
+                       calibrated.compress_quantized(m, src, opts, cfg.bits, cfg.group_size, stats.factor(), choice))
+        return out
     shapes: dict[tuple, list[int]] = {}
     done: dict[int, MiniModule] = {}
     for i, m in enumerate(modules):
@@ -348,15 +354,13 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibr
     """
     cfg = _config(outer, options)
     calibrated.check_modules(adapter, calibration)
-    if calibration and cfg.quantized:
-        raise BadInputError("calibration applies to unquantized compress for now; drop --bits / --target-size / "
-                            "--min-fidelity, or --calibration")
     original = source_bytes(adapter.source)
     plan, max_bytes = None, None
     if cfg.budgeted:
         max_bytes = cfg.budget_bytes(original)
         directory = output is None or Path(output).suffix != ".safetensors"
-        curves, fixed = plan_curves(adapter, cfg, max_bytes, directory=directory)
+        curves, fixed = plan_curves(adapter, cfg, max_bytes, whitening=calibrated_whitening(adapter, calibration),
+                                    directory=directory)
         try:
             choice = budget.allocate(curves, max_bytes, cfg.min_fidelity, fixed).choice
         except budget.BudgetError as exc:
@@ -392,12 +396,12 @@ class BudgetError(BadInputError):
 
 @one_thread
 def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = None,
-                whitening: Callable[[str], np.ndarray | None] | None = None,
+                whitening: Callable[[str], torch.Tensor | None] | None = None,
                 directory: bool = True) -> tuple[list[budget.Curve], int]:
     """Every module's (rank, bits) error curve (modules on `workers()` threads), each option's
     bytes counting its entry in the header, and the bytes of the file that do not depend on the
     choice (container.SizePlan; `directory`: the summary file of the directory layout too).
-    `whitening(name)`: the module's input whitening factor, or None."""
+    `whitening(name)`: the module's input whitening factor L (calibrated_whitening), or None."""
     src = outer.get(cfg.outer)
     opts = _outer_options(cfg)
 
@@ -410,15 +414,24 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
             outers = (U, V)
         else:
             ospec = {"source": src.name, "a": 1, "b": 1}
-        w = whitening(name) if whitening else None
+        L = whitening(name) if whitening else None
+        fidelity = {}
         try:
-            c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
-                                   outers=outers, whitening=w)
+            if L is None:
+                c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
+                                       outers=outers)
+            else:  # output-space errors, input-side factor rounded with error feedback (calibrated.py)
+                calibrated.check_width(m, L)
+                c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
+                                       outers=outers, whitening=L.numpy(),
+                                       input_rounding=calibrated.input_rounding(L, outers and outers[1]))
+                c = calibrated.reweighted(c, m.scale ** 2 * float(Update(m.up, m.down).energy))
+                fidelity = calibrated.PLANNED_FIDELITY  # its entry's extra figure, at its longest
         except ValueError as exc:
             raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
         spec = module_spec(m.kind, m.kernel, m.rank, m.alpha, m.use_rslora, dtype_name(m.dtype), m.out_features,
-                           m.in_features, 1, ospec, {}, {"bits": max(cfg.allowed_bits), "group": cfg.group_size})
-        return c, spec, w is not None
+                           m.in_features, 1, ospec, dict(fidelity), {"bits": max(cfg.allowed_bits), "group": cfg.group_size})
+        return c, spec, L is not None
 
     curves, specs, whitened = [], {}, set()
     for c, spec, w in ordered_map(curve, adapter.module_names, workers()):
@@ -432,7 +445,7 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
                         original_bytes=source_bytes(adapter.source))
     max_data = max_bytes or sum(max(o.nbytes for o in c.options) for c in curves)
     sizes = SizePlan(probe, specs, max_data, directory)
-    fixed = sizes.fixed
+    fixed = sizes.fixed + (calibrated.summary_overhead() if whitened and directory else 0)
     worst = -1.234e15  # the longest figure _short gives: whitened curves' weight-space figures are not known yet
     out = []
     for c in curves:
@@ -449,6 +462,19 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
         out.append(budget.Curve(c.name, c.energy, [Option(o.k, o.bits, o.nbytes + n, o.err2)
                                                    for o, n in zip(c.options, costs)]))
     return out, fixed
+
+
+def calibrated_whitening(adapter: Adapter, calibration) -> Callable[[str], torch.Tensor] | None:
+    """plan_curves' `whitening` from calibration statistics: every module's factor L, so that the
+    budget allocates by output error (one metric for all modules, or the sums would mix units)."""
+    if not calibration:
+        return None
+    missing = [n for n in adapter.module_names if n not in calibration]
+    if missing:
+        raise BadInputError(f"a budget with calibration needs statistics for every module; {len(missing)} have none "
+                            f"(e.g. {missing[0]!r}: conv or embedding updates); drop --calibration or the budget",
+                            adapter.source or None)
+    return lambda name: calibration[name].factor()
 
 
 def source_bytes(source: str) -> int | None:

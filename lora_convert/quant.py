@@ -67,6 +67,45 @@ def nbytes(shape: tuple[int, int], bits: int, group: int) -> int:
     return 2 * n_groups(shape, group) + -(-count * bits // 8)
 
 
+def group_scales(maxabs: np.ndarray, bits: int) -> np.ndarray:
+    """fp16 scales of groups whose largest |x| is `maxabs` (float64): fp16(maxabs / qmax)."""
+    top = qmax(bits)
+    if not np.isfinite(maxabs).all():
+        raise ValueError("cannot quantize non-finite values")
+    if (maxabs / top > FP16_MAX).any():
+        raise ValueError(f"values up to {maxabs.max():.3g} overflow the float16 scales")
+    return (maxabs / top).astype(np.float16)
+
+
+def round_codes(x: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (float64) of values x with their groups' scales (float64, broadcast against x):
+    round half to even, clamped to ±qmax; 0 where the scale is 0."""
+    top = qmax(bits)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(scales > 0, np.rint(x / np.where(scales > 0, scales, 1.0)), 0.0)
+    return np.clip(q, -top, top)
+
+
+class GroupQuantizer:
+    """The spec's rounding, one group at a time, for callers that choose values group by group
+    (error-feedback rounding, lora_convert.whiten): `scales(block)` of a rows×g block whose rows
+    are vectors (float64 values of the fp16 scales, one per row) and `round(x, scales)`, the
+    decoded values. A wide matrix (rows < cols) processed this way in groups of `group` columns
+    encodes to exactly these values (its vectors are its rows)."""
+
+    def __init__(self, bits: int, group: int = DEFAULT_GROUP):
+        self.bits, self.group = check_bits(bits), check_group(group)
+        if bits == 16:
+            raise ValueError("bits 16 is float16 storage, not quantized")
+        self.qmax = qmax(bits)
+
+    def scales(self, block: np.ndarray) -> np.ndarray:
+        return group_scales(np.abs(np.asarray(block, dtype=np.float64)).max(axis=1), self.bits).astype(np.float64)
+
+    def round(self, x: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        return round_codes(np.asarray(x, dtype=np.float64), scales, self.bits) * scales
+
+
 def quantize(M: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
     """(codes q as int8 in the matrix's vector order (vectors × long side), scales as float16
     (vectors × groups per vector)). M is read as float64; it must be finite."""
@@ -79,17 +118,9 @@ def quantize(M: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarr
     pad = np.zeros((S, ng * group))
     pad[:, :L] = T
     G = pad.reshape(S, ng, group)
-    top = qmax(bits)
-    maxabs = np.abs(G).max(axis=2)
-    if not np.isfinite(maxabs).all():
-        raise ValueError("cannot quantize non-finite values")
-    if (maxabs / top > FP16_MAX).any():
-        raise ValueError(f"values up to {maxabs.max():.3g} overflow the float16 scales")
-    scales = (maxabs / top).astype(np.float16)
-    s64 = scales.astype(np.float64)[:, :, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s64 > 0, np.rint(G / np.where(s64 > 0, s64, 1.0)), 0.0)
-    q = np.clip(q, -top, top).astype(np.int8).reshape(S, ng * group)[:, :L]
+    scales = group_scales(np.abs(G).max(axis=2), bits)
+    q = round_codes(G, scales.astype(np.float64)[:, :, None], bits)
+    q = q.astype(np.int8).reshape(S, ng * group)[:, :L]
     return np.ascontiguousarray(q), scales
 
 

@@ -22,6 +22,11 @@ class ModuleFidelity:
     recovered: bool = False  # inner matrices re-fitted in function space (`lora-convert recover`)
     bits: float | None = None  # stored bits per factor value, quantization scales included
     quantized: bool = False  # integer codes (rank and bits chosen by --bits or a budget)
+    calibrated_rel_error: float | None = None  # compress --calibration: relative output error on the data
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibrated_rel_error is not None and math.isfinite(self.calibrated_rel_error)
 
     @property
     def known(self) -> bool:
@@ -35,7 +40,9 @@ class ModuleFidelity:
         return {"name": self.name, "shape": list(self.shape), "rank": self.rank,
                 "inner_rank": self.inner_rank, "outer": self.outer, "a": self.a, "b": self.b,
                 "rel_error": _finite(self.rel_error), "retained_energy": self.retained_energy,
-                "recovered": self.recovered, "bits": self.bits}
+                "recovered": self.recovered, "bits": self.bits,
+                **({"calibrated_rel_error": self.calibrated_rel_error,
+                    "calibrated_retained": max(0.0, 1.0 - self.calibrated_rel_error ** 2)} if self.calibrated else {})}
 
 
 @dataclass
@@ -73,6 +80,19 @@ class FidelityReport:
         return None if err is None else max(0.0, 1.0 - err**2)
 
     @property
+    def calibrated_retained(self) -> float | None:
+        """The calibrated share: 1 − Σ e²·E / Σ E over modules, e the relative output error on the
+        calibration data, E the weight-space energy ||s·B·A||² (each module's output-space share,
+        weighted as the weight-space share weighs it): what compress --min-fidelity refers to with
+        --calibration. None unless every module has a calibrated error."""
+        if not self.modules or not all(m.calibrated for m in self.modules):
+            return None
+        total = self.total_energy
+        if total == 0.0:
+            return 1.0
+        return max(0.0, 1.0 - sum(m.energy * m.calibrated_rel_error ** 2 for m in self.modules) / total)
+
+    @property
     def recovered(self) -> bool:
         """Whether the inner matrices were re-fitted to the original's outputs (recover), so that
         weight-space energy no longer measures how well the adapter stands in for the original."""
@@ -92,6 +112,8 @@ class FidelityReport:
                "worst_rel_error": worst.rel_error if worst else None,
                "modules_without_fidelity": self.unknown,
                "low_energy": self.low_energy, "recovered": self.recovered}
+        if self.calibrated_retained is not None:
+            out["calibrated_retained"] = self.calibrated_retained
         if self.original_bytes and self.compressed_bytes:
             out.update(original_bytes=self.original_bytes, compressed_bytes=self.compressed_bytes,
                        ratio=self.original_bytes / self.compressed_bytes)
@@ -153,6 +175,9 @@ class FidelityReport:
         else:
             lines.append(f"whole adapter: {s['modules']} modules, relative error {s['rel_error']:.3e}, "
                          f"retained energy {100 * s['retained_energy']:.2f}%")
+        if "calibrated_retained" in s:
+            lines.append(f"calibrated share (module outputs on the calibration text): "
+                         f"{100 * s['calibrated_retained']:.2f}% kept")
         if "ratio" in s:
             lines.append(f"size: {s['original_bytes']:,} B -> {s['compressed_bytes']:,} B "
                          f"({s['ratio']:.1f}x smaller)")

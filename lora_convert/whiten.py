@@ -8,7 +8,7 @@ for fixed outers U, V is fit_inner with A → A L and V → V L, and results are
 L⁻¹ by a triangular solve. Only r×in, k×in and b×in products with L are formed: never out×in.
 
 Error-feedback rounding (GPTQ-style) of an input-side factor given C is here too; it takes the
-quantizer as an argument (see `GroupQuantizer`).
+quantizer as an argument (lora_convert.quant.GroupQuantizer: the storage format's own rounding).
 
 Math core: float64, no I/O, no torch.nn.
 """
@@ -150,29 +150,6 @@ def whitened_relative_error(B, A, B2, A2, L) -> float:
 
 # ------------------------------------------------------------------ rounding with error feedback
 
-@dataclass(frozen=True)
-class GroupQuantizer:
-    """Symmetric integer rounding in groups of `group_size` consecutive columns, one scale per row and
-    group (max |w| / (2^(bits−1) − 1), rounded to fp16 as it would be stored). A stand-in with the
-    interface error-feedback rounding needs: `scales(block)` and `round(column, scales)`."""
-
-    bits: int = 4
-    group_size: int = 64
-
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1
-
-    def scales(self, block: torch.Tensor) -> torch.Tensor:
-        s = block.abs().amax(dim=1) / self.qmax
-        s = s.to(torch.float16).to(block.dtype)
-        return torch.where(s > 0, s, torch.ones_like(s))
-
-    def round(self, column: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """The dequantized values of one column (one value per row)."""
-        return torch.clamp(torch.round(column / scales), -self.qmax, self.qmax) * scales
-
-
 @dataclass
 class Rounded:
     """Dequantized values (rows×cols, float64) and the scale of each row and group (rows×groups)."""
@@ -182,37 +159,50 @@ class Rounded:
 
 
 def round_to_nearest(W, quantizer) -> Rounded:
-    """W (rows×cols) rounded column by column with each group's scales from W itself (float64)."""
-    W = _f64(W).clone()
-    g = quantizer.group_size
-    scales = []
+    """W (rows×cols) rounded with each row and group's scale from W itself (float64): for a wide W
+    (rows < cols) the values quant.encode stores, with quantizer = quant.GroupQuantizer."""
+    W = _f64(W).numpy()
+    g = quantizer.group
+    Q, scales = np.empty_like(W), []
     for start in range(0, W.shape[1], g):
-        block = W[:, start:start + g]
-        scales.append(quantizer.scales(block))
-        for j in range(block.shape[1]):
-            block[:, j] = quantizer.round(block[:, j], scales[-1])
-    return Rounded(W, torch.stack(scales, dim=1))
+        scales.append(quantizer.scales(W[:, start:start + g]))
+        Q[:, start:start + g] = quantizer.round(W[:, start:start + g], scales[-1][:, None])
+    return Rounded(torch.from_numpy(Q), torch.from_numpy(np.stack(scales, axis=1)))
 
 
-def error_feedback_round(W, C, quantizer, damping: float = DEFAULT_DAMPING) -> Rounded:
+def feedback_factor(L) -> np.ndarray:
+    """The upper Cholesky factor R of (L Lᵀ)⁻¹ = Rᵀ R that error-feedback rounding runs on (in×in,
+    float64): computed once per input and shared by every factor that reads it."""
+    L = _f64(L)
+    H_inv = torch.cholesky_solve(torch.eye(L.shape[0], dtype=F64), L)
+    H_inv = 0.5 * (H_inv + H_inv.T)
+    R, info = torch.linalg.cholesky_ex(H_inv, upper=True)
+    if int(info):
+        raise ValueError("the damped second moment is too ill-conditioned for error-feedback rounding")
+    return R.numpy()
+
+
+def error_feedback_round(W, C=None, quantizer=None, damping: float = DEFAULT_DAMPING, *, factor=None,
+                         feedback: np.ndarray | None = None) -> Rounded:
     """W (rows×in) rounded column by column, each column's rounding error pushed onto the columns
-    not yet rounded so that the output error tr(E C Eᵀ), E = W_q − W, stays small (GPTQ's update
-    with the upper Cholesky factor of (C + λI)⁻¹). Scales of a group are set when its first column
-    is reached, from the already-corrected values."""
-    W = _f64(W).clone()
+    not yet rounded so that the output error tr(E H Eᵀ), E = W_q − W, H = C + λI, stays small
+    (GPTQ's update with the upper Cholesky factor of H⁻¹). Scales of a group are set when its first
+    column is reached, from the already-corrected values. H comes from C (damped here), or from its
+    damped Cholesky factor `factor` (H = L Lᵀ), or `feedback` = feedback_factor(L) itself.
+    Rows are independent: the first k rows of the result are the result for W's first k rows."""
+    W = _f64(W).numpy().copy()
     n = W.shape[1]
-    L = whitening_factor(C, damping)  # C + λI = L Lᵀ
-    eye = torch.eye(n, dtype=F64)
-    H_inv = torch.cholesky_solve(eye, L)  # (C + λI)⁻¹
-    Uinv = torch.linalg.cholesky(H_inv, upper=True)  # H⁻¹ = Uᵀ U
-    g = quantizer.group_size
-    Q = torch.zeros_like(W)
+    if feedback is None:
+        feedback = feedback_factor(whitening_factor(C, damping) if factor is None else factor)
+    R = feedback
+    g = quantizer.group
+    Q = np.empty_like(W)
     scales = []
     for j in range(n):
         if j % g == 0:
             scales.append(quantizer.scales(W[:, j:j + g]))
         q = quantizer.round(W[:, j], scales[-1])
         Q[:, j] = q
-        err = (W[:, j] - q) / Uinv[j, j]
-        W[:, j + 1:] -= err[:, None] * Uinv[j, j + 1:][None, :]
-    return Rounded(Q, torch.stack(scales, dim=1))
+        err = (W[:, j] - q) / R[j, j]
+        W[:, j + 1:] -= np.outer(err, R[j, j + 1:])
+    return Rounded(torch.from_numpy(Q), torch.from_numpy(np.stack(scales, axis=1)))

@@ -266,3 +266,110 @@ def test_eval_command_reports_effect_kept(setup, tmp_path):
         doc = json.loads(res.stdout[res.stdout.index("{"):])
         assert doc["effect_kept"] == pytest.approx(1 - doc["kl_student"] / doc["kl_base"])
         assert lo <= doc["effect_kept"] <= hi
+
+
+# ---------------------------------------------------------------- calibration with quantized storage
+
+def total_output_error2(adapter, mini, stats) -> float:
+    return sum(output_error(adapter, mini, stats, n) ** 2 for n in adapter.module_names)
+
+
+@pytest.fixture(scope="module")
+def tiny_stats(setup):
+    model = tiny_llama()
+    adapter = lc.load_adapter(setup / "teacher")
+    return adapter, collect_input_stats(model, linear_inputs(adapter, model), batches_for(setup))
+
+
+@pytest.mark.parametrize("outer,kw", [("svd", {"rank": 2, "bits": 3}), ("svd", {"rank": 3, "bits": 4}),
+                                      ("random", {"outer_dim": 24, "rank": 3, "bits": 3, "seed": 3})])
+def test_calibrated_quantized_beats_plain_quantized_at_equal_bytes(setup, tiny_stats, tmp_path, outer, kw):
+    adapter, stats = tiny_stats
+    lc.save(lc.compress(adapter, outer, **kw), tmp_path / "plain")
+    lc.save(lc.compress(adapter, outer, calibration=stats, **kw), tmp_path / "cal")
+    plain, cal = lc.load(tmp_path / "plain"), lc.load(tmp_path / "cal")
+    for name in adapter.module_names:  # the same rank and width everywhere: the same packed bytes
+        assert (cal.module(name).inner_rank, cal.module(name).bits) == (plain.module(name).inner_rank,
+                                                                        plain.module(name).bits)
+    assert total_output_error2(adapter, cal, stats) < 0.9 * total_output_error2(adapter, plain, stats)
+    report = lc.verify(tmp_path / "cal", setup / "teacher")
+    for name in adapter.module_names:
+        m, o = cal.module(name), adapter.module(name)
+        assert m.bits is not None and m.inner_rank == kw["rank"]
+        # recorded figures: weight-space as verify --against measures it, output-space as the data does
+        row = next(r for r in report.modules if r.name == name)
+        assert m.fidelity["rel_error"] == pytest.approx(row.rel_error, rel=1e-3, abs=1e-7)  # 4 digits stored
+        W = o.scale * o.up.double() @ o.down.double()
+        ref = float(torch.trace(W @ stats[name].second_moment() @ W.T)) ** 0.5
+        assert m.fidelity["calibrated_rel_error"] == pytest.approx(output_error(adapter, cal, stats, name) / ref,
+                                                                   rel=0.1, abs=1e-3)
+    stored = lc.verify(tmp_path / "cal")  # the figures in the file, shown with the calibrated share
+    assert stored.calibrated_retained is not None and 0 < stored.calibrated_retained < 1
+    rows = stored.modules  # the whole-adapter share weighs modules by their weight-space energy
+    assert stored.calibrated_retained == pytest.approx(
+        1 - sum(r.energy * r.calibrated_rel_error ** 2 for r in rows) / sum(r.energy for r in rows))
+    assert stored.as_dict()["summary"]["calibrated_retained"] == stored.calibrated_retained
+
+
+def test_error_feedback_helps_the_input_side_factor(tiny_stats, monkeypatch):
+    """The quantized calibrated fit with error feedback against the input moment beats the same fit
+    with plain rounding of that factor (same rank, bits and bytes) on the calibration data."""
+    from lora_convert import calibrated
+
+    adapter, stats = tiny_stats
+    with_ef = lc.compress(adapter, "svd", rank=3, bits=3, calibration=stats)
+    e_ef = total_output_error2(adapter, with_ef, stats)
+    monkeypatch.setattr(calibrated, "EF_ROUNDING", False)
+    e_rtn = total_output_error2(adapter, lc.compress(adapter, "svd", rank=3, bits=3, calibration=stats), stats)
+    assert e_ef < e_rtn
+
+
+@pytest.mark.parametrize("outer", ["svd", "random"])
+def test_budgeted_calibrated_compress_honours_budget_and_floor(setup, tiny_stats, tmp_path, outer):
+    adapter, stats = tiny_stats
+    kw = {"outer_dim": 24, "seed": 3} if outer == "random" else {}
+    from lora_convert.convert import source_bytes
+    budget_bytes = int(source_bytes(str(setup / "teacher")) / 2)  # a tiny adapter: the header is most of it
+    mini = lc.compress(adapter, outer, target_size=budget_bytes, calibration=stats, **kw)
+    report = lc.save(mini, tmp_path / "small")
+    written = sum(f.stat().st_size for f in (tmp_path / "small").iterdir())
+    assert written <= budget_bytes
+    assert report.calibrated_retained is not None
+    # a calibrated floor is a floor on the calibrated share, met with the fewest bytes along the path
+    floor = min(0.9, 0.98 * report.calibrated_retained)  # below the best: figures are stored to 4 digits
+    report2 = lc.save(lc.compress(adapter, outer, min_fidelity=floor, calibration=stats, **kw), tmp_path / "floor")
+    assert report2.calibrated_retained >= floor - 1e-5
+    # the reported share is the share on the data (dense reference; the damping of L aside)
+    assert calibrated_share(adapter, lc.load(tmp_path / "small"), stats) == pytest.approx(report.calibrated_retained,
+                                                                                         abs=0.02)
+
+
+def calibrated_share(adapter, mini, stats) -> float:
+    """Dense reference of the calibrated share: relative output errors weighted by weight energy."""
+    num = den = 0.0
+    for n in adapter.module_names:
+        o = adapter.module(n)
+        W = o.scale * o.up.double() @ o.down.double()
+        ref2 = float(torch.trace(W @ stats[n].second_moment() @ W.T))
+        energy = float((W ** 2).sum())
+        num += energy * output_error(adapter, mini, stats, n) ** 2 / ref2
+        den += energy
+    return 1 - num / den
+
+
+def test_cli_calibrated_budget_reports_the_calibrated_share(setup, tmp_path):
+    res = CliRunner().invoke(main, ["compress", str(setup / "teacher"), "-o", str(tmp_path / "mini"), "--outer", "svd",
+                                    "--target-size", "2x", "--calibration", str(setup / "calib.txt"),
+                                    "--base", str(setup / "base"), "--offline", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert 0 < doc["summary"]["calibrated_retained"] <= 1
+    assert doc["summary"]["compressed_bytes"] <= doc["budget_bytes"]
+    text = CliRunner().invoke(main, ["verify", str(tmp_path / "mini")])
+    assert text.exit_code == 0 and "calibrated" in text.output
+    plan = CliRunner().invoke(main, ["compress", str(setup / "teacher"), "--outer", "svd", "--plan", "--json",
+                                     "--calibration", str(setup / "calib.txt"), "--base", str(setup / "base"),
+                                     "--offline"])
+    assert plan.exit_code == 0, plan.output
+    points = json.loads(plan.stdout)
+    assert points["calibrated"] and points["points"][-1]["fidelity"] > points["points"][0]["fidelity"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lora_convert.mathcore import fit_inner
-from lora_convert.whiten import (GroupQuantizer, error_feedback_round, fit_inner_whitened, round_to_nearest,
+from lora_convert.quant import GroupQuantizer, encode
+from lora_convert.whiten import (error_feedback_round, fit_inner_whitened, round_to_nearest,
                                  unwhiten_rows, whiten_rows, whitened_error, whitened_relative_error,
                                  whitened_truncation, whitening_factor)
 
@@ -141,7 +142,7 @@ def test_whitened_error_matches_dense():
 
 def on_grid(r, quant: GroupQuantizer) -> bool:
     """Every value is an integer multiple of its row and group's fp16 scale, within ±qmax."""
-    scales = r.scales.repeat_interleave(quant.group_size, dim=1)[:, :r.values.shape[1]]
+    scales = r.scales.repeat_interleave(quant.group, dim=1)[:, :r.values.shape[1]]
     codes = r.values / scales
     fp16 = torch.equal(r.scales, r.scales.half().double())
     return fp16 and torch.allclose(codes, codes.round(), atol=1e-9) and float(codes.abs().max()) <= quant.qmax
@@ -153,7 +154,7 @@ def test_error_feedback_rounding_beats_round_to_nearest_in_output_error(bits):
     W = torch.randn(6, 48, generator=g, dtype=F64)
     X = correlated_inputs(3000, 48, seed=16, decay=0.85)
     C = X.T @ X / 3000
-    quant = GroupQuantizer(bits=bits, group_size=16)
+    quant = GroupQuantizer(bits, 16)
     rtn = round_to_nearest(W, quant)
     ef = error_feedback_round(W, C, quant, damping=1e-4)
     assert on_grid(rtn, quant) and on_grid(ef, quant)
@@ -165,7 +166,25 @@ def test_error_feedback_rounding_beats_round_to_nearest_in_output_error(bits):
 
 def test_round_to_nearest_is_within_half_a_step():
     W = torch.randn(5, 40, dtype=F64)
-    quant = GroupQuantizer(bits=4, group_size=8)
+    quant = GroupQuantizer(4, 8)
     Q = round_to_nearest(W, quant).values
     step = W.reshape(5, 5, 8).abs().amax(-1, keepdim=True) / quant.qmax
     assert ((Q - W).reshape(5, 5, 8).abs() <= step * 0.5 * (1 + 1e-2) + 1e-12).all()
+
+
+def test_round_to_nearest_is_the_stored_encoding_and_error_feedback_encodes_to_itself():
+    """One quantizer: plain rounding of a wide factor gives exactly the values quant.encode stores,
+    and error-feedback values re-encode (as the writer does) to values at least as good."""
+    g = torch.Generator().manual_seed(21)
+    W = torch.randn(4, 70, generator=g, dtype=F64)
+    quant = GroupQuantizer(4, 16)
+    _, stored = encode(W.numpy(), 4, 16)
+    assert np.array_equal(round_to_nearest(W, quant).values.numpy(), stored.astype(np.float64))
+    X = correlated_inputs(2000, 70, seed=22, decay=0.85)
+    C = X.T @ X / 2000
+    ef = error_feedback_round(W, C, quant, damping=1e-4)
+    _, again = encode(ef.values.numpy(), 4, 16)
+    assert output_error(torch.from_numpy(again.astype(np.float64)), W, X) < \
+        output_error(round_to_nearest(W, quant).values, W, X)
+    # rows are independent: the first rows' rounding is that of the first rows alone
+    assert torch.equal(error_feedback_round(W[:2], C, quant, damping=1e-4).values, ef.values[:2])

@@ -97,10 +97,13 @@ def collect_calibration(adapter, cal: dict):
 @click.option("--group-size", type=int, default=64, show_default=True, help="Values per quantization scale.")
 @click.option("--target-size", default=None,
               help="Budget: a ratio to the input's size (32x) or a size (600KB, 1.5MB). Rank and bits are "
-                   "chosen per module to keep the most weight-space energy; the file honours it.")
+                   "chosen per module to keep the most weight-space energy (with --calibration: the calibrated "
+                   "share, module outputs on the calibration text); the file honours it.")
 @click.option("--min-fidelity", type=float, default=None,
               help="Smallest file keeping this share of the update's weight-space energy (e.g. 0.95); with "
-                   "--target-size, refuse when the budget cannot reach it.")
+                   "--calibration, the report's calibrated share: each module's share of its output on the "
+                   "calibration text, weighted by its weight-space energy. With --target-size, refuse when the "
+                   "budget cannot reach it.")
 @click.option("--plan", is_flag=True, help="Print this adapter's predicted size-fidelity curve; write nothing.")
 @click.option("--plot", "plot_file", default=None, help="With --plan: draw the curve into this image (matplotlib).")
 @input_format
@@ -132,10 +135,11 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
     except ConfigError as exc:  # the library names parameters; here they are flags
         raise BadInputError(f"{flag(exc.param)}: {exc.detail}") from None
     adapter = api.load_adapter(path, fmt, allow_pickle=allow_pickle)
+    stats = collect_calibration(adapter, cal)
     if plan:
-        _print_plan(adapter, cfg, as_json, plot_file)
+        _print_plan(adapter, cfg, as_json, plot_file, stats)
         return
-    mini = api.compress(adapter, cfg, output=output, calibration=collect_calibration(adapter, cal))
+    mini = api.compress(adapter, cfg, output=output, calibration=stats)
     with progress_bar(len(mini), "compressing") as tick:
         report = api.save(mini, output, progress=tick)
     extra = {"output": output}
@@ -146,12 +150,14 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
         click.echo(f"budget: {mini.max_bytes:,} B; written: {report.compressed_bytes:,} B")
 
 
-def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None) -> None:
-    """The predicted size-fidelity curve: the allocator's path from the smallest file up."""
+def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None, stats=None) -> None:
+    """The predicted size-fidelity curve: the allocator's path from the smallest file up (with
+    calibration statistics: the calibrated share)."""
     from ..budget import frontier
-    from ..convert import plan_curves, source_bytes
+    from ..convert import calibrated_whitening, plan_curves, source_bytes
 
-    curves, fixed = plan_curves(adapter, cfg.replace(target_size=None, min_fidelity=None) if cfg.budgeted else cfg)
+    curves, fixed = plan_curves(adapter, cfg.replace(target_size=None, min_fidelity=None) if cfg.budgeted else cfg,
+                                whitening=calibrated_whitening(adapter, stats))
     points = frontier(curves, fixed)
     original = source_bytes(adapter.source)
     shown, last = [], None
@@ -160,11 +166,13 @@ def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None) -> None:
             shown.append((nbytes, fid))
             last = nbytes
     if as_json:
-        click.echo(json.dumps({"original_bytes": original, "points": [
+        click.echo(json.dumps({"original_bytes": original, "calibrated": bool(stats), "points": [
             {"bytes": b, "fidelity": f, "ratio": original / b if original else None} for b, f in shown]}, indent=2))
     else:
         click.echo(f"predicted size-fidelity curve ({cfg.outer} outers; bits {', '.join(map(str, cfg.allowed_bits))}; "
                    f"input {original:,} B)" if original else "predicted size-fidelity curve")
+        if stats:
+            click.echo("fidelity: calibrated share (module outputs on the calibration text)")
         click.echo(f"{'bytes':>12} {'smaller':>8} {'fidelity':>9}")
         for b, f in shown:
             click.echo(f"{b:>12,} {(f'{original / b:.1f}x' if original else '-'):>8} {100 * f:>8.2f}%")
@@ -180,7 +188,7 @@ def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None) -> None:
         ax.plot([b for b, _ in points], [100 * f for _, f in points])
         ax.set_xscale("log")
         ax.set_xlabel("file size (bytes)")
-        ax.set_ylabel("weight-space energy kept (%)")
+        ax.set_ylabel("calibrated share kept (%)" if stats else "weight-space energy kept (%)")
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         fig.savefig(plot_file)
