@@ -67,12 +67,13 @@ def main(argv=None) -> dict:
             r = rows[-1]
             print(f"{name} {label:8s} {r['bytes']:>10,} B {r['smaller']:6.1f}x  "
                   + "  ".join(f"{t} {r[t]['effect_kept']:.1%}" for t in TEXTS), flush=True)
+        write(rows, args, time.perf_counter() - t0, quiet=True)  # a killed run keeps the teachers done
     seconds = time.perf_counter() - t0
     write(rows, args, seconds)
     return {"rows": rows}
 
 
-def write(rows: list[dict], args, seconds: float) -> None:
+def write(rows: list[dict], args, seconds: float, quiet: bool = False) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     head = [
         "Baseline: SVD truncation of s*B*A to rank k per module (float64, from the factors), then both",
@@ -101,7 +102,8 @@ def write(rows: list[dict], args, seconds: float) -> None:
     (args.out / "baseline.txt").write_text(text)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "baseline.json").write_text(json.dumps({"args": meta, "seconds": seconds, "rows": rows}, indent=1) + "\n")
-    print(text)
+    if not quiet:
+        print(text)
 
 
 if __name__ == "__main__":
