@@ -1,21 +1,19 @@
-"""`inspect`: a description of an adapter or a LoRA-Mini file (text and JSON).
+"""`inspect`: a description of an adapter or a LoRA-Mini file (text and JSON), without torch.
 
 Adapters are described from their headers, configs and stored bytes (formats.scan), with every
-check reading them makes, without importing torch; LyCORIS files (converted by an SVD) and PEFT
-pickles are read. LoRA-Mini files are opened with the container (torch).
+check reading them makes; LyCORIS modules are converted as reading converts them (numpy); PEFT
+pickles are read (torch.load). LoRA-Mini files are checked as loading checks them
+(containerspec: checksums, regenerated outers and their fingerprints), without making tensors.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from . import formats
-from .errors import BadInputError
-from .st import dtype_name, read_header
+from .containerspec import is_mini, open_mini, stored_bits
+from .st import dtype_name
 
-# container.FILE_NAME and FORMAT_NAME, hub.HF_SCHEME: known here without importing those (torch,
-# the Hub client) for a local adapter
-MINI_FILE_NAME = "lora_mini.safetensors"
-MINI_FORMAT_NAME = "lora-mini"
+# hub.HF_SCHEME, known here without importing the Hub client for a local adapter
 HF_SCHEME = "hf://"
 
 
@@ -28,20 +26,6 @@ def describe(path, fmt=None, allow_pickle=False) -> dict:
     if fmt is None and is_mini(local):
         return _describe_mini(local)
     return _describe_adapter(local, fmt, allow_pickle)
-
-
-def is_mini(path) -> bool:
-    """container.is_mini from the header alone (the container imports torch)."""
-    path = Path(path)
-    file = path / MINI_FILE_NAME if path.is_dir() else path
-    if not file.is_file():
-        return False
-    if file.name == MINI_FILE_NAME:
-        return True
-    try:
-        return read_header(file).metadata.get("format") == MINI_FORMAT_NAME
-    except BadInputError:
-        return False
 
 
 def _describe_adapter(path, fmt, allow_pickle) -> dict:
@@ -71,20 +55,20 @@ def _describe_adapter(path, fmt, allow_pickle) -> dict:
 
 
 def _describe_mini(path) -> dict:
-    from . import container
-
-    mini = container.load(path)
-    specs = mini.module_names
-    lines = [f"{path}: LoRA-Mini file from a {mini.source_format} adapter, {len(specs)} modules"]
+    f = open_mini(path)
+    source_format = f.doc["source_format"]
+    lines = [f"{path}: LoRA-Mini file from a {source_format} adapter, {len(f.specs)} modules"]
     rows = []
-    for m in mini.modules():
-        o = m.outer
-        rows.append({"name": m.name, "shape": [m.out_features, m.in_features], "rank": m.rank,
-                     "inner_rank": m.inner_rank, "outer": o, "fidelity": m.fidelity, "bits": m.bits,
-                     "quant": m.quant or None})
+    for name in f.specs:
+        spec = f.check_module(name)
+        o, fid, q = spec["outer"], spec.get("fidelity") or {}, dict(spec.get("quant") or {})
+        out_f, in_f, k = spec["out_features"], spec["in_features"], spec["inner_rank"]
+        bits = stored_bits(o["source"], out_f, in_f, int(o["a"]), int(o["b"]), k, q, f.itemsize(name))
+        rows.append({"name": name, "shape": [out_f, in_f], "rank": spec["rank"], "inner_rank": k, "outer": o,
+                     "fidelity": fid, "bits": bits, "quant": q or None})
         seed = f" seed={o['seed']}" if "seed" in o else ""
-        lines.append(f"  {m.name:<60} {m.out_features}x{m.in_features} r={m.rank} k={m.inner_rank} "
-                     f"outer={o['source']} {o['a']}x{o['b']}{seed} bits={m.bits:.2f} "
-                     f"rel.err={m.fidelity.get('rel_error', float('nan')):.2e}")
-    return {"path": str(path), "format": "lora-mini", "source_format": mini.source_format, "modules": rows,
+        lines.append(f"  {name:<60} {out_f}x{in_f} r={spec['rank']} k={k} "
+                     f"outer={o['source']} {o['a']}x{o['b']}{seed} bits={bits:.2f} "
+                     f"rel.err={fid.get('rel_error', float('nan')):.2e}")
+    return {"path": str(path), "format": "lora-mini", "source_format": source_format, "modules": rows,
             "_text": "\n".join(lines)}

@@ -224,12 +224,13 @@ class LazyTensors:
         if bool(((bits & view[1]) == view[2]).any()):
             raise BadInputError(f"{what} contains NaN or Inf values", self.path)
 
-    def array(self, key: str) -> numpy.ndarray:
-        """The tensor's values as a float64 numpy array of its shape (for scalars such as alpha)."""
+    def array(self, key: str, raw: bytes | bytearray | None = None) -> numpy.ndarray:
+        """The tensor's values as a float64 numpy array of its shape (for scalars such as alpha);
+        `raw`: its data bytes where the caller has read them already (raw())."""
         import numpy as np
 
         info = self.header.tensors[key]
-        raw = self.raw(key)
+        raw = self.raw(key) if raw is None else raw
         if info.dtype == "BF16":  # numpy has no bfloat16: its bits are a float32's upper half
             values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view("<f4")
         elif info.dtype in ("F8_E4M3", "F8_E5M2"):

@@ -159,7 +159,7 @@ def test_no_private_imports(module):
 LAYERS = [
     ["errors", "st", "atomic", "lru"],
     ["mathcore", "whiten", "quant"],
-    ["adapter", "report", "outer", "formats"],
+    ["adapter", "report", "outer", "formats", "containerspec"],
     ["container", "config", "budget", "calibrated", "convert"],
     ["hub"],
     ["api", "inspect"],

@@ -133,8 +133,7 @@ def test_inspect_refuses_what_reading_refuses():
 def test_inspect_knows_the_names_it_does_not_import():
     from lora_convert.hub import HF_SCHEME
 
-    assert (inspect.MINI_FILE_NAME, inspect.MINI_FORMAT_NAME, inspect.HF_SCHEME) == \
-        (container.FILE_NAME, container.FORMAT_NAME, HF_SCHEME)
+    assert inspect.HF_SCHEME == HF_SCHEME
     assert inspect.is_mini(BAD / "_valid" / "mini_svd.safetensors") and not inspect.is_mini(FX / "peft-tiny-llama")
 
 

@@ -29,6 +29,10 @@ class OuterSource(ABC):
         """(U, V) of a module when loading (`tensors`: its stored U and V, for a stored source);
         raises IntegrityError when a regenerated matrix does not match its fingerprint."""
 
+    def check(self, name: str, spec: dict, out_features: int, in_features: int, path=None) -> None:
+        """restore's checks without making tensors (`inspect`, torch-free): raises what restore
+        would raise. A stored source has none of its own (its tensors carry checksums)."""
+
     def make(self, module, options: dict):
         """(U, V, spec) for one module, without its update: the outers a source regenerates
         (budget planning fits each module against them); stored sources have none."""

@@ -10,19 +10,23 @@ way and are read as such.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import IntegrityError, UnsupportedError
 from ..lru import BytesLRU
 from .base import OuterSource, register
 from .rng import GENERATOR_NAME, GENERATOR_VERSION, fingerprint, random_matrix
 
+if TYPE_CHECKING:  # tensors are made where they are asked for: `inspect` checks fingerprints without torch
+    import numpy as np
+    import torch
+
 NAME = "random"
 STORED = False
 DEFAULT_OUTER_DIM = 64
 SHARED_STREAM = ""
 # float32 outers kept for reuse; a Llama-2-7B-shaped adapter at a=b=64 needs 7.7 MB of them.
-_CACHE = BytesLRU(64 << 20, size=lambda v: v[0].numel() * 4)
+_CACHE = BytesLRU(64 << 20, size=lambda v: v[0].nbytes)
 
 
 def outer_dims(out_features: int, in_features: int, outer_dim) -> tuple[int, int]:
@@ -36,14 +40,23 @@ def outer_dims(out_features: int, in_features: int, outer_dim) -> tuple[int, int
     return min(a, out_features), min(b, in_features)
 
 
-def outer_matrix(seed: int, stream: str, role: str, rows: int, cols: int, cache: bool = True
-                 ) -> tuple[torch.Tensor, str]:
-    """(matrix as float32, its SHA-256 fingerprint); cached unless `cache` is false (an outer used
-    once, as per-module ones are while compressing), so callers must not modify it."""
+def outer_array(seed: int, stream: str, role: str, rows: int, cols: int, cache: bool = True
+                ) -> tuple[np.ndarray, str]:
+    """(matrix as a float32 array, its SHA-256 fingerprint); cached unless `cache` is false (an
+    outer used once, as per-module ones are while compressing), so callers must not modify it."""
     def make():
         m = random_matrix(seed, stream, role, rows, cols)
-        return torch.from_numpy(m), fingerprint(m)
+        return m, fingerprint(m)
     return _CACHE.get((seed, stream, role, rows, cols), make) if cache else make()
+
+
+def outer_matrix(seed: int, stream: str, role: str, rows: int, cols: int, cache: bool = True
+                 ) -> tuple[torch.Tensor, str]:
+    """outer_array as a tensor (sharing the array's memory)."""
+    import torch
+
+    m, digest = outer_array(seed, stream, role, rows, cols, cache)
+    return torch.from_numpy(m), digest
 
 
 def stream_of(name: str, spec: dict) -> str:
@@ -84,20 +97,28 @@ def stack_size(options: dict) -> int | None:
     return 1 if per_module(options) else None
 
 
-def restore(name: str, spec: dict, out_features: int, in_features: int, tensors, path=None):
+def regenerate(name: str, spec: dict, out_features: int, in_features: int, path=None) -> tuple[np.ndarray, np.ndarray]:
+    """A module's outers (U, V) as float32 arrays, checked against their fingerprints."""
     version = spec.get("generator_version")
     if version != GENERATOR_VERSION or spec.get("generator") != GENERATOR_NAME:
         raise UnsupportedError(f"module {name!r}: random outer generator "
                                f"{spec.get('generator')!r} version {version!r} is not supported "
                                f"(this build has {GENERATOR_NAME} v{GENERATOR_VERSION})", path)
     stream, seed = stream_of(name, spec), int(spec["seed"])
-    U, u_sha = outer_matrix(seed, stream, "U", out_features, int(spec["a"]))
-    V, v_sha = outer_matrix(seed, stream, "V", int(spec["b"]), in_features)
+    U, u_sha = outer_array(seed, stream, "U", out_features, int(spec["a"]))
+    V, v_sha = outer_array(seed, stream, "V", int(spec["b"]), in_features)
     for role, digest in (("u", u_sha), ("v", v_sha)):
         if digest != spec.get(f"{role}_sha256"):
             raise IntegrityError(f"module {name!r}: regenerated outer {role.upper()} does not match its "
                                  "SHA-256 fingerprint (wrong seed, generator or tampered metadata)", path)
     return U, V
+
+
+def restore(name: str, spec: dict, out_features: int, in_features: int, tensors, path=None):
+    import torch
+
+    U, V = regenerate(name, spec, out_features, in_features, path)
+    return torch.from_numpy(U), torch.from_numpy(V)
 
 
 class RandomOuter(OuterSource):
@@ -113,6 +134,9 @@ class RandomOuter(OuterSource):
 
     def restore(self, name, spec, out_features, in_features, tensors, path=None):
         return restore(name, spec, out_features, in_features, tensors, path)
+
+    def check(self, name, spec, out_features, in_features, path=None):
+        regenerate(name, spec, out_features, in_features, path)
 
     def stack_size(self, options):
         return stack_size(options)

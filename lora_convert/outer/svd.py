@@ -5,10 +5,14 @@ optimal inner matrices are known in closed form, so compress need not fit them.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from ..mathcore import Updates, choose_rank
 from .base import OuterSource, register
+
+if TYPE_CHECKING:  # mathcore (torch) loads when outers are fitted, not when a file's header is read
+    from ..mathcore import Updates
 
 NAME = "svd"
 STORED = True
@@ -18,6 +22,8 @@ def make_stack(modules, options: dict, updates: Updates, scratch=None):
     """Top-k singular vectors of each update as its outers: U (n×out×kmax), V (n×kmax×in),
     float64, orthonormal in their first k_i columns (rows) and zero beyond. `scratch(role,
     shape)`, when given, supplies the float64 tensors to write them into."""
+    from ..mathcore import choose_rank
+
     ks = [max(choose_rank(s, e, options.get("rank"), options.get("keep_energy")), 1)
           for s, e in zip(updates.spectrum, updates.energy)]
     n, out_f, _ = updates.B.shape
