@@ -11,23 +11,22 @@ modules; `Update` and the single-module functions are stacks of one.
 Tall products run in torch, which releases the GIL, so modules can be processed on
 several threads. The small r×r / a×b algebra runs in numpy and LAPACK: a torch call
 costs ~5 µs of dispatch and releases the GIL for microseconds of work, and two threads
-doing that hand the GIL back and forth so often that they run 3x slower than one.
+doing that hand the GIL back and forth so often that they run 3x slower than one. That
+algebra (Cholesky/QR roots, small SVDs) and the one-module routes are `factored`, which
+imports no torch.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
-from scipy.linalg import lapack
+
+from . import factored
+from .factored import chol_roots, relative, stack_svd
 
 F64 = torch.float64
-# A factor M is "well conditioned" when cond₁(R) <= this for its Cholesky factor R (MᵀM = RᵀR):
-# the Gram route then loses at most ~cond²·eps ≈ 2e-8 of orthogonality (storage rounding is
-# >= 6e-8), else the factor takes Householder QR.
-GRAM_MAX_COND = 1e4
 # Outers use the eigendecomposition of their Gram matrix (it also reveals rank loss):
 # eigenvalue ratio 1e-8 is the same cond(M) < 1e4.
 GRAM_MIN_EIG_RATIO = 1e-8
@@ -42,49 +41,6 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 
 def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _chol_root(G: np.ndarray):
-    """(R, R⁻¹) with G = RᵀR, R upper triangular (Cholesky), or None when G is singular or
-    too ill-conditioned for R to stand in for the R of a QR factorisation."""
-    if not G.size:
-        return None
-    R, info = lapack.dpotrf(G, lower=0, clean=1)
-    if info != 0:
-        return None
-    R_inv, info = lapack.dtrtri(R, lower=0)
-    if info != 0:
-        return None
-    cond = float(np.abs(R).sum(0).max() * np.abs(R_inv).sum(0).max())
-    return (R, R_inv) if cond <= GRAM_MAX_COND else None  # also refuses NaN
-
-
-def _chol_roots(G: np.ndarray):
-    """_chol_root over a stack G (n×r×r): (R, R⁻¹, ok) with ok[i] False where G[i] is singular
-    or too ill-conditioned (R[i] and R⁻¹[i] are then placeholders)."""
-    n, r = G.shape[0], G.shape[-1]
-    if not r:
-        return G.copy(), G.copy(), np.zeros(n, dtype=bool)
-    try:
-        with np.errstate(all="ignore"):
-            R = np.linalg.cholesky(G).swapaxes(1, 2)
-            R_inv = np.linalg.inv(R)
-            cond = np.abs(R).sum(1).max(1) * np.abs(R_inv).sum(1).max(1)
-        return R, R_inv, cond <= GRAM_MAX_COND  # also refuses NaN
-    except np.linalg.LinAlgError:  # one of them is not positive definite: each on its own
-        roots = [_chol_root(g) for g in G]
-        R = np.stack([z[0] if z else np.eye(r) for z in roots])
-        R_inv = np.stack([z[1] if z else np.eye(r) for z in roots])
-        return R, R_inv, np.array([z is not None for z in roots], dtype=bool)
-
-
-def _stack_svd(M: np.ndarray):
-    """Thin SVDs of a stack of small matrices (one LAPACK call per matrix, no Python loop)."""
-    try:
-        return np.linalg.svd(M, full_matrices=False)
-    except np.linalg.LinAlgError:  # gesdd did not converge for one of them
-        parts = [_svd(m) for m in M]
-        return tuple(np.stack(p) for p in zip(*parts))
 
 
 class Updates:
@@ -130,8 +86,8 @@ class Updates:
         R_B⁻¹, R_A⁻¹ (Q = factor·R⁻¹) where the Gram route holds, else Householder QR, kept
         per module in `qr`. Plain data, no closures over self: a reference cycle would keep
         every module's factors alive until the cyclic garbage collector happened to run."""
-        rb, rb_inv, ok_b = _chol_roots(self.gram_b)
-        ra, ra_inv, ok_a = _chol_roots(self.gram_a)
+        rb, rb_inv, ok_b = chol_roots(self.gram_b)
+        ra, ra_inv, ok_a = chol_roots(self.gram_a)
         bad = np.flatnonzero(~(ok_b & ok_a))
         qr = {int(i): self._qr_core(i) for i in bad}
         if len(bad) == len(self):  # shapes can differ from the Cholesky route's (out < r): all by QR
@@ -140,7 +96,7 @@ class Updates:
             core = rb @ ra.swapaxes(1, 2)
             for i, (_, _, c) in qr.items():
                 core[i] = c
-        uc, s, vch = _stack_svd(core)
+        uc, s, vch = stack_svd(core)
         return uc, s, vch, rb_inv, ra_inv, {i: (qb, qa) for i, (qb, qa, _) in qr.items()}
 
     def _qr_core(self, i: int):
@@ -206,34 +162,14 @@ class Update:
         return U[0], V[0]
 
 
-def factored_svd(P: torch.Tensor, Q: torch.Tensor):
-    """Thin SVD of P @ Q (P: m×r, Q: r×n) from the factors.
-
-    Returns (Uk, S, Vk) with P @ Q = Uk @ diag(S) @ Vk.T, S descending.
-    Cost O((m + n) r²): a Cholesky (or, when ill-conditioned, QR) factor of P and Q.T, then
-    an SVD of the small core.
-    """
-    upd = Update(P, Q)
-    u, v = upd.singular_vectors(len(upd.spectrum))
-    return u, _t(upd.spectrum), v.T
-
-
 def frobenius(B: torch.Tensor, A: torch.Tensor) -> float:
     """||B @ A||_F from the factors (via the r×r core)."""
-    return float(np.linalg.norm(Update(B, A).spectrum))
+    return factored.frobenius(_f64(B).numpy(), _f64(A).numpy())
 
 
 def difference_norm(B1, A1, B2, A2) -> float:
-    """||B1 @ A1 - B2 @ A2||_F, accurate even when the difference is tiny.
-
-    Always through Householder QR: [B1, -B2] is nearly rank-deficient exactly when the
-    difference is small, which is where Gram matrices would lose it.
-    """
-    C = torch.cat([_f64(B1), -_f64(B2)], dim=1)
-    D = torch.cat([_f64(A1), _f64(A2)], dim=0)
-    _, rc = torch.linalg.qr(C)
-    _, rd = torch.linalg.qr(D.T)
-    return float(torch.linalg.matrix_norm(rc @ rd.T))
+    """||B1 @ A1 - B2 @ A2||_F, accurate even when the difference is tiny (factored.difference_norm)."""
+    return factored.difference_norm(*(_f64(t).numpy() for t in (B1, A1, B2, A2)))
 
 
 def mini_difference_norms(upd: Updates, UtB, AVt, GU, GV, X, Y) -> np.ndarray:
@@ -337,15 +273,6 @@ class InnerFit:
         return float((self.spectrum[:k] ** 2).sum()) / self.total_energy
 
 
-def _svd(M: np.ndarray):
-    """Thin SVD through LAPACK's dgesdd directly (np.linalg.svd's wrapper costs as much as
-    the work on 16×16 matrices); np.linalg.svd where dgesdd does not converge."""
-    if not M.size:
-        return np.linalg.svd(M, full_matrices=False)
-    u, s, vt, info = lapack.dgesdd(M, full_matrices=0)
-    return (u, s, vt) if info == 0 else np.linalg.svd(M, full_matrices=False)
-
-
 def _small_svds(P: np.ndarray, Q: np.ndarray):
     """Thin SVDs of the stack P_i @ Q_i (P: n×m×r, Q: n×r×p) as (U n×m×r, S n×r, V n×p×r):
     the factored SVD of `Updates`, on small dense factors."""
@@ -407,19 +334,6 @@ def choose_rank(spectrum, total_energy: float, rank: int | None, keep_energy: fl
         k = int(hit[0]) + 1 if hit.size else available
         return min(k, available) if rank is None else min(k, available, rank)
     return available if rank is None else min(rank, available)
-
-
-def relative(diff: float, ref: float) -> float:
-    """diff / ref as a relative error: 0 for a zero update reproduced exactly, inf for any error
-    of a zero update."""
-    if ref == 0.0:
-        return 0.0 if diff == 0.0 else math.inf
-    return diff / ref
-
-
-def relative_error(B, A, B2, A2) -> float:
-    """||B2 A2 - B A||_F / ||B A||_F (see relative)."""
-    return relative(difference_norm(B, A, B2, A2), frobenius(B, A))
 
 
 def scaled_relative_error(B, A, scale: float, B2, A2, scale2: float) -> tuple[float, float]:

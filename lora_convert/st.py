@@ -212,15 +212,16 @@ class LazyTensors:
             raise BadInputError(f"tensor {key!r}: file ends inside its data (changed while reading?)", self.path)
         return buf
 
-    def require_finite(self, key: str, what: str) -> None:
+    def require_finite(self, key: str, what: str, raw: bytes | bytearray | None = None) -> None:
         """require_finite on the stored values, without torch: NaN and Inf are the bit patterns
-        whose exponent bits are all set (numpy on an integer view of the raw bytes)."""
+        whose exponent bits are all set (numpy on an integer view of the raw bytes; `raw`: as
+        in array())."""
         view = _NONFINITE_BITS.get(self.dtype(key))
         if view is None or not self.header.tensors[key].end - self.header.tensors[key].start:
             return
         import numpy as np
 
-        bits = np.frombuffer(self.raw(key), dtype=view[0])
+        bits = np.frombuffer(self.raw(key) if raw is None else raw, dtype=view[0])
         if bool(((bits & view[1]) == view[2]).any()):
             raise BadInputError(f"{what} contains NaN or Inf values", self.path)
 

@@ -47,3 +47,14 @@ def test_stored_outers_are_written_behind_header_room_and_tiny_files_are_not_pad
     assert (padding > 1000) == (source == "svd") and padding < 0.03 * len(raw)
     lc.verify(tmp_path / "m")  # checks every checksum and fingerprint
     assert lc.load(tmp_path / "m").module("layers.3.q_proj").U.shape[0] == 4096
+
+
+def test_the_header_knows_torchs_floating_dtypes_without_torch():
+    """containerspec checks a module's dtype name without importing torch: its list holds every
+    floating-point dtype this torch has, and nothing this torch has that is not one."""
+    from lora_convert.containerspec import FLOAT_DTYPE_NAMES
+
+    have = {n for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype)}
+    assert {n for n in have if getattr(torch, n).is_floating_point} <= set(FLOAT_DTYPE_NAMES)
+    assert all(getattr(torch, n).is_floating_point for n in set(FLOAT_DTYPE_NAMES) & have)
+    assert {"float16", "bfloat16", "float32", "float64"} <= set(FLOAT_DTYPE_NAMES) and "int8" not in FLOAT_DTYPE_NAMES

@@ -128,10 +128,10 @@ def test_a_stack_over_the_byte_cap_is_split_without_changing_results(monkeypatch
 def test_ill_conditioned_members_leave_the_gram_route_and_keep_orthonormal_singular_vectors():
     """Gram matrices square the condition number: past cond 1e4 a member must take QR, or its
     singular vectors lose orthogonality (here by ~1e-2) and its small singular values."""
-    from lora_convert import mathcore
+    from lora_convert import factored, mathcore
     ms = [module(f"m{i}", 300, 200, 8, i, cond=c) for i, c in enumerate([1.0, 1e7, 10.0, 1e9])]
     upd = mathcore.Updates(torch.stack([m.up.double() for m in ms]), torch.stack([m.down.double() for m in ms]))
-    _, _, ok = mathcore._chol_roots(upd.gram_b)
+    _, _, ok = factored.chol_roots(upd.gram_b)
     assert ok.tolist() == [True, False, True, False]
     U, V = upd.singular_vectors(8)
     for i, m in enumerate(ms):

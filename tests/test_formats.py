@@ -20,7 +20,7 @@ from lora_convert.adapter import LoraModule, from_modules
 from lora_convert.errors import BadInputError, FormatDetectionError, UnsupportedError
 from lora_convert.formats import kohya as kohya_format
 from lora_convert.formats import naming
-from lora_convert.mathcore import relative_error
+from lora_convert.factored import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 FX = ROOT / "fixtures" / "formats"
@@ -52,7 +52,8 @@ def one_thread():
 
 def delta_error(a: LoraModule, b: LoraModule) -> float:
     """Relative error between the two modules' updates scale·B·A, from the factors."""
-    return relative_error(a.up.double() * a.scale, a.down, b.up.double() * b.scale, b.down)
+    return relative_error(*(t.numpy() for t in (a.up.double() * a.scale, a.down.double(), b.up.double() * b.scale,
+                                                b.down.double())))
 
 
 def assert_same_updates(expected: lc.Adapter, got: lc.Adapter, tol=None):

@@ -1,5 +1,6 @@
-"""`inspect` describes adapters from headers and stored bytes (formats.scan), without torch, and
-finds exactly what reading them finds: the same modules, and the same refusals."""
+"""`inspect` describes adapters from headers and stored bytes (formats.scan) and LoRA-Mini files
+from their header and stored bytes (containerspec), without torch, and finds exactly what reading
+them finds: the same modules, and the same refusals."""
 import json
 import os
 import subprocess
@@ -20,13 +21,15 @@ from lora_convert.st import DTYPE_NAMES, LazyTensors, dtype_name, require_finite
 ROOT = Path(__file__).resolve().parents[1]
 FX = ROOT / "fixtures"
 BAD = FX / "bad"
+MANIFEST = json.loads((BAD / "manifest.json").read_text())
 # one file of every layout scan describes (kohya-locon has Tucker cores, peft-conv-emb conv and
 # embedding modules, kohya-flux BFL names)
 SCANNED = [FX / "peft-tiny-llama", FX / "peft-tiny-llama-fp16", FX / "peft-tiny-llama-patterns",
            FX / "formats" / "peft-conv-emb", FX / "formats" / "kohya-sd15.safetensors",
            FX / "formats" / "kohya-sdxl.safetensors", FX / "formats" / "kohya-locon.safetensors",
            FX / "formats" / "kohya-flux.safetensors", FX / "formats" / "diffusers-sd15",
-           FX / "formats" / "diffusers-sdxl.safetensors", FX / "formats" / "mlx-tiny-llama"]
+           FX / "formats" / "diffusers-sdxl.safetensors", FX / "formats" / "mlx-tiny-llama",
+           FX / "formats" / "lycoris-loha.safetensors", FX / "formats" / "lycoris-lokr.safetensors"]
 FIELDS = ("name", "kind", "kernel", "rank", "out_features", "in_features", "alpha", "use_rslora", "scale")
 
 
@@ -44,6 +47,23 @@ def comfyui(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("comfy") / "comfy.safetensors"
     save_file(tensors, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def minis(tmp_path_factory) -> list[Path]:
+    """LoRA-Mini files of each kind: plain (version 1, a directory; svd outers in bf16), quantized
+    (version 3: random outers, svd outers, a --target-size budget) and quantized version 2."""
+    d = tmp_path_factory.mktemp("minis")
+    src = lc.load_adapter(FX / "peft-tiny-llama")
+    made = {"plain-random": (lc.compress(src, outer_dim=16, rank=4), {}),
+            "plain-svd-bf16.safetensors": (lc.compress(src, outer="svd", dtype="bf16", rank=3), {}),
+            "q4-random.safetensors": (lc.compress(src, bits=4, outer_stream="module"), {}),
+            "q3-svd.safetensors": (lc.compress(src, outer="svd", bits=3, rank=2), {}),
+            "budget.safetensors": (lc.compress(src, target_size="4x"), {}),
+            "v2-q8.safetensors": (lc.compress(src, bits=8), {"format_version": 2})}
+    for name, (mini, opts) in made.items():
+        container.save(mini, d / name, **opts)
+    return [d / name for name in made]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +87,9 @@ def test_scan_describes_every_module_as_read_does(path):
     assert header is not None and header.module_names == formats.read(path).module_names
     assert [{**{f: getattr(m, f) for f in FIELDS}, "dtype": m.dtype} for m in header.modules] == _read_rows(path)
     assert formats.label(header) == formats.label(formats.read(path))
+    errors = [getattr(m, "conversion_error", None) for m in formats.read(path).modules()]
+    assert [m.conversion_error for m in header.modules] == errors  # LyCORIS: the same conversion
+    assert (path.name.startswith("lycoris")) == all(e is not None and 0 <= e < 1e-6 for e in errors)
 
 
 def test_scan_of_comfyui_and_bf16_files(comfyui, bf16_peft):
@@ -77,11 +100,55 @@ def test_scan_of_comfyui_and_bf16_files(comfyui, bf16_peft):
 
 
 def test_layouts_that_need_tensors_are_read():
-    """LyCORIS modules are converted by an SVD, and a PEFT pickle needs torch.load: no scan."""
-    assert formats.scan(FX / "formats" / "lycoris-loha.safetensors") is None
+    """A PEFT pickle needs torch.load: no scan. LyCORIS modules are converted (numpy) and scanned."""
     assert formats.scan(BAD / "_valid" / "peft-pickle", allow_pickle=True) is None
     doc = inspect.describe(str(FX / "formats" / "lycoris-loha.safetensors"))
     assert doc["modules"] and all("conversion_error" in r for r in doc["modules"])
+
+
+def test_lycoris_tolerance_reaches_the_scan():
+    """--lycoris-tol's option truncates in scan as in read (rank and the error it reports)."""
+    path = FX / "formats" / "lycoris-loha.safetensors"
+    scanned = formats.scan(path, "lycoris", lycoris_tol=0.3).modules
+    read = list(formats.read(path, "lycoris", lycoris_tol=0.3).modules())
+    assert [(m.rank, m.conversion_error) for m in scanned] == [(m.rank, m.conversion_error) for m in read]
+    assert any(m.conversion_error > 1e-3 for m in scanned)
+
+
+def _mini_rows(path) -> list[dict]:
+    """inspect's rows of a LoRA-Mini file as loading its modules (torch) gives them."""
+    return [{"name": m.name, "shape": [m.out_features, m.in_features], "rank": m.rank, "inner_rank": m.inner_rank,
+             "outer": m.outer, "fidelity": m.fidelity, "bits": m.bits, "quant": m.quant or None}
+            for m in container.load(path).modules()]
+
+
+def test_mini_files_are_described_as_loading_describes_them(minis):
+    for path in minis:
+        doc = inspect.describe(path)
+        assert doc["modules"] == _mini_rows(path), path.name
+        assert doc["source_format"] == container.load(path).source_format == "peft"
+    bits = {p.name: {r["bits"] for r in inspect.describe(p)["modules"]} for p in minis}
+    assert bits["plain-random"] == {32.0} and bits["plain-svd-bf16.safetensors"] == {16.0}
+    assert all(4 < b < 5 for b in bits["q4-random.safetensors"]) and len(bits["budget.safetensors"]) > 1
+
+
+MINI_CASES = sorted(n for n in MANIFEST["cases"] if n.startswith("mini_"))
+
+
+@pytest.mark.parametrize("name", MINI_CASES)
+def test_inspect_refuses_a_mini_file_as_loading_does(name):
+    """Every hostile LoRA-Mini file: the same one-line error from inspect (no torch) as from
+    loading each of its modules (container.load), checksums and fingerprints included."""
+    path = BAD / MANIFEST["cases"][name]["path"]
+    if not inspect.is_mini(path):  # no LoRA-Mini header to read: inspected (and refused) as an adapter
+        assert name in ("mini_not_lora_mini", "mini_truncated")
+        return
+    with pytest.raises(lc.BadInputError) as loading:
+        for _ in container.load(path).modules():
+            pass
+    with pytest.raises(lc.BadInputError) as inspecting:
+        inspect.describe(path)
+    assert type(inspecting.value) is type(loading.value) and str(inspecting.value) == str(loading.value)
 
 
 FLOATS = ["float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"]
@@ -143,9 +210,10 @@ _RUN = """
 import sys
 from lora_convert.cli import main
 heavy = ("torch", "transformers")
-for path in sys.argv[1:]:
+for arg in sys.argv[1:]:
+    path, *flags = arg.split("::")
     try:
-        main.main(["inspect", path, "--json"], standalone_mode=False)
+        main.main(["inspect", path, "--json", *flags], standalone_mode=False)
     except SystemExit as exc:
         if exc.code:
             raise
@@ -156,11 +224,12 @@ for path in sys.argv[1:]:
 """
 
 
-def test_inspect_imports_neither_torch_nor_transformers(comfyui):
-    """One interpreter inspects a file of every layout but LyCORIS; after each, neither torch nor
+def test_inspect_imports_neither_torch_nor_transformers(comfyui, minis):
+    """One interpreter inspects a file of every layout (LyCORIS LoHa and LoKr included) and
+    LoRA-Mini files (plain and quantized, random and svd outers); after each, neither torch nor
     transformers is loaded."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    paths = [str(p) for p in [*SCANNED, comfyui]]
+    paths = [str(p) for p in [*SCANNED, comfyui, *minis, BAD / "_valid" / "mini_random.safetensors"]]
     proc = subprocess.run([sys.executable, "-c", _RUN, *paths], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     done = [line.split() for line in proc.stdout.splitlines() if line.startswith("INSPECTED")]
@@ -168,10 +237,11 @@ def test_inspect_imports_neither_torch_nor_transformers(comfyui):
     json.loads(proc.stdout.split("INSPECTED")[0] or "{}")  # the first report is JSON
 
 
-def test_lycoris_inspect_still_loads_torch():
-    """Sanity for the test above: the same probe sees torch when inspect does need it."""
+def test_pickle_inspect_still_loads_torch():
+    """Sanity for the test above: the same probe sees torch when inspect does need it (a PEFT
+    pickle is read with torch.load)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", _RUN, str(FX / "formats" / "lycoris-lokr.safetensors")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    arg = f"{BAD / '_valid' / 'peft-pickle'}::--allow-pickle"
+    proc = subprocess.run([sys.executable, "-c", _RUN, arg], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1].endswith("HEAVY torch")

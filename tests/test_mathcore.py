@@ -6,9 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_convert import mathcore
+from lora_convert import factored, mathcore
 from helpers.fits import fit_inner, svd_outers
-from lora_convert.mathcore import choose_rank, difference_norm, factored_svd, frobenius, relative_error
+from lora_convert.factored import factored_svd, relative_error
+from lora_convert.mathcore import choose_rank, difference_norm, frobenius
 
 D = torch.float64
 # Updates of order one (top singular value 30, spectrum falling 30x): the perturbation test's
@@ -22,10 +23,10 @@ def dense_error(B, A, U, fit, V):
 
 def test_factored_svd_matches_dense_svd(lowrank):
     B, A = lowrank(50, 40, 6, **SPECTRUM)
-    u, s, v = factored_svd(B, A)
-    dense = torch.linalg.svdvals(B @ A)[:6]
-    assert torch.allclose(s, dense, rtol=1e-10)
-    assert torch.allclose(u @ torch.diag(s) @ v.T, B @ A, atol=1e-12)
+    u, s, v = factored_svd(B.numpy(), A.numpy())
+    dense = torch.linalg.svdvals(B @ A)[:6].numpy()
+    assert np.allclose(s, dense, rtol=1e-10)
+    assert np.allclose(u @ np.diag(s) @ v.T, (B @ A).numpy(), atol=1e-12)
 
 
 def test_frobenius_and_difference_norm_from_factors(lowrank):
@@ -172,7 +173,7 @@ def test_cholesky_and_qr_routes_give_the_dense_svd(cond, lowrank):
         B[:, -1] = B[:, 0]  # rank-deficient: Cholesky fails, QR takes over
     upd = mathcore.Update(B, A)
     expect_gram = cond == 1.0
-    assert (mathcore._chol_root(upd.gram_b) is not None) == expect_gram
+    assert (factored.chol_root(upd.gram_b) is not None) == expect_gram
     dense = torch.linalg.svdvals(B @ A).numpy()
     assert upd.spectrum[:5] == pytest.approx(dense[:5], rel=1e-9)
     assert upd.energy == pytest.approx(float((dense**2).sum()), rel=1e-12)
@@ -180,6 +181,22 @@ def test_cholesky_and_qr_routes_give_the_dense_svd(cond, lowrank):
     torch.testing.assert_close(u @ torch.diag(torch.from_numpy(upd.spectrum[:3])) @ v,
                                torch.linalg.svd(B @ A)[0][:, :3] @ torch.diag(torch.from_numpy(dense[:3]))
                                @ torch.linalg.svd(B @ A)[2][:3], atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e6, float("inf")])
+def test_one_module_numpy_route_is_the_stacked_route(cond, lowrank):
+    """factored.factored_svd (numpy, no torch: LyCORIS conversion) takes the route a stack of one
+    takes in mathcore.Updates and lands on the same singular values and vectors."""
+    B, A = lowrank(60, 50, 6, cond=1e3 if cond == float("inf") else cond)
+    if cond == float("inf"):
+        B[:, -1] = B[:, 0]
+    upd = mathcore.Update(B, A)
+    u, s, v = factored_svd(B.numpy(), A.numpy())
+    uu, vv = upd.singular_vectors(len(upd.spectrum))
+    assert np.allclose(s, upd.spectrum, rtol=1e-12, atol=1e-12 * s[0])
+    k = 5  # the rank-deficient case's last direction is noise in either route
+    assert np.allclose(u[:, :k], uu[:, :k].numpy(), atol=1e-10) and np.allclose(v[:, :k], vv[:k].T.numpy(), atol=1e-10)
+    assert factored.frobenius(B.numpy(), A.numpy()) == pytest.approx(float(np.linalg.norm(upd.spectrum)), rel=1e-12)
 
 
 def mini_difference_norm(upd, UtB, AVt, GU, GV, X, Y) -> float | None:

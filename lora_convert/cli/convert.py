@@ -25,9 +25,10 @@ def inspect(path, fmt, allow_pickle, as_json):
     """Show what is in an adapter or a LoRA-Mini file.
 
     Adapters are checked as every command reads them (shapes, ranks, config, NaN/Inf values) from
-    their headers and stored bytes, quickly and without torch; LyCORIS LoHa/LoKr files (converted
-    by an SVD, which reports its error) and PEFT pickles load torch. LoRA-Mini files are opened
-    as `verify` opens them: checksums, regenerated outers and their fingerprints.
+    their headers and stored bytes, quickly and without torch; LyCORIS LoHa/LoKr modules are
+    converted as every command converts them (an SVD, which reports its error); only PEFT pickles
+    load torch. LoRA-Mini files are checked as `verify` opens them: checksums, regenerated outers
+    and their fingerprints.
     """
     from ..inspect import describe
 

@@ -32,6 +32,7 @@ class ModuleHeader:
     alpha: float
     use_rslora: bool
     dtype: str  # the factors' dtype as torch names it ("float16"), as LoraModule.dtype would be
+    conversion_error: float | None = None  # a module converted to a LoRA pair (LyCORIS): its relative error
 
     @property
     def scale(self) -> float:

@@ -14,6 +14,8 @@ forms ΔW: a Hadamard product of rank-r1 and rank-r2 products is P Q with P the 
 Singular values are kept until the dropped tail is below `lycoris_tol` of the norm; the
 measured error of every module is recorded in ``adapter.config["conversion"]`` (and on the
 module as ``conversion_error``). Plain LoRA/LoCon modules in the same file are read as kohya's.
+The conversion is numpy float64 (factored.py), so `scan` (inspect) makes it without torch and
+finds the same modules, errors and refusals as `read`.
 
 Layer kind: Tucker cores and 4-D LoKr factors carry the conv kernel; without them LyCORIS
 stores a conv kernel flattened (r × in·kh·kw, also for 1×1 convs), indistinguishable from a
@@ -28,21 +30,22 @@ and produces the converted LoRA as LoCon pairs (kohya layout, conv kernels 4-D).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
-from ..st import LazyTensors, require_finite
+from ..st import LazyTensors
 from . import kohya, naming
 from ._util import is_safetensors_file, safetensors_keys, unknown_keys_error
-from .base import AdapterFormat, register
+from .base import AdapterFormat, AdapterHeader, ModuleHeader, register
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
-# torch and mathcore load when a module is converted: the registry imports every layout to
-# detect one, and `inspect` of other layouts runs without torch.
+# numpy loads when a module is converted, torch only when read() makes its tensors: the registry
+# imports every layout to detect one.
 
 NAME = "lycoris"
 LABEL = "LyCORIS LoHa/LoKr"
@@ -76,6 +79,39 @@ def read(path: Path, lycoris_tol: float = DEFAULT_TOL, conv_kernels: dict | None
     `conv_kernels` maps module names to their layer's kernel, ``(kh, kw)`` for a conv or ``()``
     for a linear layer, where a LoHa/LoKr module without a Tucker core does not say and the
     known architectures (naming.layer_kernel) do not either."""
+    lazy, by_name, entries, algos, kernels, config = _open(path, lycoris_tol, conv_kernels)
+
+    def load(name: str) -> LoraModule:
+        stem = by_name[name]
+        if algos[stem] == "LoCon":
+            return kohya.load_module(lazy, name, entries[stem])
+        c = _convert(lazy, name, entries[stem], algos[stem], lycoris_tol, kernels.get(name))
+        config["conversion"]["rel_error"][name] = c.error
+        return c.module()
+
+    return Adapter(format=NAME, module_names=sorted(by_name), load_module=load, config=config,
+                   metadata=dict(lazy.metadata), source=str(path))
+
+
+def scan(path: Path, lycoris_tol: float = DEFAULT_TOL, conv_kernels: dict | None = None, **_) -> AdapterHeader:
+    """read() and loading every module, without torch (the same conversion, kept as numbers)."""
+    lazy, by_name, entries, algos, kernels, config = _open(path, lycoris_tol, conv_kernels)
+
+    def header(name: str) -> ModuleHeader:
+        stem = by_name[name]
+        if algos[stem] == "LoCon":
+            return kohya.scan_module(lazy, name, entries[stem])
+        c = _convert(lazy, name, entries[stem], algos[stem], lycoris_tol, kernels.get(name))
+        config["conversion"]["rel_error"][name] = c.error
+        return c.header()
+
+    return AdapterHeader(format=NAME, module_names=sorted(by_name), modules=(header(n) for n in sorted(by_name)),
+                         config=config, metadata=dict(lazy.metadata), source=str(path))
+
+
+def _open(path: Path, lycoris_tol: float, conv_kernels: dict | None):
+    """The file indexed and checked as far as the header goes: (lazy, name -> stem, stem ->
+    role -> key, stem -> algorithm, name -> layer kernel, config)."""
     path = Path(path)
     lazy = LazyTensors(path)
     lora_entries, names, rest = kohya.index_keys(lazy.keys(), path)
@@ -108,22 +144,12 @@ def read(path: Path, lycoris_tol: float = DEFAULT_TOL, conv_kernels: dict | None
     conversion = {"method": "factored SVD (LoHa: face-splitting/Khatri-Rao; LoKr: Kronecker of SVDs)",
                   "tolerance": lycoris_tol, "rel_error": {}}
     kernels = _layer_kernels(lazy, by_name, entries, algos, conv_kernels or {})
-
-    def load(name: str) -> LoraModule:
-        stem = by_name[name]
-        if algos[stem] == "LoCon":
-            return kohya.load_module(lazy, name, entries[stem])
-        m = _convert(lazy, name, entries[stem], algos[stem], lycoris_tol, kernels.get(name))
-        conversion["rel_error"][name] = m.conversion_error
-        return m
-
     config = {"variant": naming.variant_of(by_name, lazy.metadata), "algos": sorted(set(algos.values())),
               "conversion": conversion, "naming": "lycoris" if own == {True} else "kohya"}
     unknown_kernels = sorted(n for n, k in kernels.items() if k is None)
     if unknown_kernels:
         config["kernel_unknown"] = unknown_kernels  # writers refuse these (see _util.check_kernel_known)
-    return Adapter(format=NAME, module_names=sorted(by_name), load_module=load, config=config,
-                   metadata=dict(lazy.metadata), source=str(path))
+    return lazy, by_name, entries, algos, kernels, config
 
 
 def _algo(stem: str, entry: dict, path) -> str:
@@ -177,35 +203,73 @@ def _in_width(lazy: LazyTensors, entry: dict, algo: str) -> int | None:
     return w1 * w2 if w1 and w2 and "lokr_t2" not in entry else None
 
 
-def _convert(lazy: LazyTensors, name: str, entry: dict, algo: str, tol: float, layer=None) -> LoraModule:
-    import torch
+@dataclass
+class _Converted:
+    """A LoHa/LoKr module as a LoRA pair: float32 factors (up out×k, down k×in) and the
+    relative error of the conversion."""
+
+    name: str
+    up: np.ndarray
+    down: np.ndarray
+    alpha: float
+    kind: str
+    kernel: dict
+    error: float
+
+    def module(self) -> LoraModule:
+        import torch
+
+        m = LoraModule(name=self.name, down=torch.from_numpy(self.down), up=torch.from_numpy(self.up),
+                       alpha=self.alpha, kind=self.kind, kernel=self.kernel, checked_finite=True)
+        m.conversion_error = self.error  # LoraModule has no field for it; readers of LyCORIS set this attribute
+        return m
+
+    def header(self) -> ModuleHeader:
+        return ModuleHeader(name=self.name, kind=self.kind, kernel=self.kernel, rank=self.down.shape[0],
+                            out_features=self.up.shape[0], in_features=self.down.shape[1], alpha=self.alpha,
+                            use_rslora=False, dtype="float32", conversion_error=self.error)
+
+
+def _convert(lazy: LazyTensors, name: str, entry: dict, algo: str, tol: float, layer=None) -> _Converted:
+    import numpy as np
+
+    values = {}
 
     def get(role):
         if role not in entry:
             return None
-        return require_finite(lazy.get(entry[role]), f"module {name!r} {role}", lazy.path).to(torch.float64)
+        if role not in values:
+            raw = lazy.raw(entry[role])
+            lazy.require_finite(entry[role], f"module {name!r} {role}", raw)
+            values[role] = lazy.array(entry[role], raw)
+        return values[role]
 
     try:
-        if algo == "LoHa":
-            U, S, V, ref, scale, kernel = _loha(get)
-        else:
-            U, S, V, ref, scale, kernel = _lokr(get)
-    except RuntimeError as exc:  # shape mismatches inside einsum/matmul
+        with np.errstate(all="ignore"):  # overflow shows as non-finite factors, refused below
+            U, S, V, ref, scale, kernel = _loha(get) if algo == "LoHa" else _lokr(get)
+            if kernel is None and layer:  # a flattened conv kernel: the layer's kernel comes from the architecture
+                width = V.shape[0]
+                if width % (layer[0] * layer[1]):
+                    raise BadInputError(f"module {name!r}: its factors are {width} wide, not a multiple of the "
+                                        f"{layer[0]}x{layer[1]} kernel its layer has", lazy.path)
+                kernel = (width // (layer[0] * layer[1]), *layer)
+            c = _lora_from_svd(name, U, S, V, ref, scale, kernel, tol)
+    except np.linalg.LinAlgError as exc:
+        raise BadInputError(f"module {name!r}: factors cannot be decomposed ({str(exc).splitlines()[0][:120]})",
+                            lazy.path) from None
+    except (ValueError, IndexError) as exc:  # shape mismatches inside einsum, products, reshapes
         raise BadInputError(f"module {name!r}: {algo} factor shapes do not fit ({exc})", lazy.path) from None
-    if kernel is None and layer:  # a flattened conv kernel: the layer's kernel comes from the architecture
-        width = V.shape[0]
-        if width % (layer[0] * layer[1]):
-            raise BadInputError(f"module {name!r}: its factors are {width} wide, not a multiple of the "
-                                f"{layer[0]}x{layer[1]} kernel its layer has", lazy.path)
-        kernel = (width // (layer[0] * layer[1]), *layer)
-    return _lora_from_svd(name, U, S, V, ref, scale, kernel, tol)
+    for what, t in (("down", c.down), ("up", c.up)):  # as formats.read checks every converted factor
+        if not np.isfinite(t).all():
+            raise BadInputError(f"module {name!r} {what} factor (as converted) contains NaN or Inf values", lazy.path)
+    return c
 
 
 def _tucker(t, a, b):
     """Tucker factor (t: r×r×kh×kw, a: r×out, b: r×in) as P (out×r), Q (r×in·kh·kw); kernel (in, kh, kw)."""
-    import torch
+    import numpy as np
 
-    Q = torch.einsum("ijhw,jq->iqhw", t, b)
+    Q = np.einsum("ijhw,jq->iqhw", t, b, optimize=True)
     return a.T, Q.reshape(Q.shape[0], -1), tuple(Q.shape[1:])
 
 
@@ -217,12 +281,12 @@ def _hada_factor(get, n: int):
 
 
 def _loha(get):
-    from ..mathcore import factored_svd
+    from ..factored import factored_svd
 
     P1, Q1, k1 = _hada_factor(get, 1)
     P2, Q2, k2 = _hada_factor(get, 2)
     if P1.shape[0] != P2.shape[0] or Q1.shape[1] != Q2.shape[1]:
-        raise RuntimeError(f"w1 is {P1.shape[0]}×{Q1.shape[1]} but w2 is {P2.shape[0]}×{Q2.shape[1]}")
+        raise ValueError(f"w1 is {P1.shape[0]}×{Q1.shape[1]} but w2 is {P2.shape[0]}×{Q2.shape[1]}")
     out, r1, r2 = P1.shape[0], P1.shape[1], P2.shape[1]
     P = (P1[:, :, None] * P2[:, None, :]).reshape(out, r1 * r2)  # face-splitting (row-wise Kronecker)
     Q = (Q1[:, None, :] * Q2[None, :, :]).reshape(r1 * r2, -1)  # Khatri-Rao (column-wise Kronecker)
@@ -234,14 +298,14 @@ def _loha(get):
 
 def _lokr_factor(get, n: int):
     """SVD (U, S, V) of w1 or w2 flattened to 2-D, its decomposed rank (None if full), kernel."""
-    import torch
+    import numpy as np
 
-    from ..mathcore import factored_svd
+    from ..factored import factored_svd
 
     full, a, b, t = get(f"lokr_w{n}"), get(f"lokr_w{n}_a"), get(f"lokr_w{n}_b"), get(f"lokr_t{n}")
     if full is not None:
-        kernel = tuple(full.shape[1:]) if full.dim() == 4 else None
-        u, s, vh = torch.linalg.svd(full.reshape(full.shape[0], -1), full_matrices=False)
+        kernel = tuple(full.shape[1:]) if full.ndim == 4 else None
+        u, s, vh = np.linalg.svd(full.reshape(full.shape[0], -1), full_matrices=False)
         return (u, s, vh.T), None, kernel
     if t is not None:
         P, Q, kernel = _tucker(t, a, b)
@@ -250,7 +314,7 @@ def _lokr_factor(get, n: int):
 
 
 def _lokr(get):
-    import torch
+    import numpy as np
 
     (U1, S1, V1), rank1, _ = _lokr_factor(get, 1)
     (U2, S2, V2), rank2, kernel2 = _lokr_factor(get, 2)
@@ -259,7 +323,7 @@ def _lokr(get):
     scale = float(alpha.reshape(-1)[0]) / dim if alpha is not None and dim is not None else 1.0
     # SVD of kron(w1, w2) = kron(U1,U2) · diag(kron(S1,S2)) · kron(V1,V2)ᵀ: exact, nothing dense formed.
     U, S, V = _kron(U1, U2), _kron(S1, S2), _kron(V1, V2)
-    order = torch.argsort(S, descending=True)
+    order = np.argsort(-S, kind="stable")
     ref = (_kron(U1 * S1, U2 * S2), V.T)
     kernel = None
     if kernel2 is not None:  # in = in1·in2; the kernel belongs to w2's columns
@@ -268,42 +332,38 @@ def _lokr(get):
 
 
 def _kron(a, b):
-    """Kronecker product of two vectors or two matrices, by broadcasting: torch.kron views its
-    inputs, which fails for SVD outputs with a size-1 dimension (strided in a way that
-    .contiguous() leaves alone), e.g. LoKr's (4, 1) w1 of a 4-channel conv_in."""
-    if a.dim() == 1:
+    """Kronecker product of two vectors or two matrices, by broadcasting."""
+    if a.ndim == 1:
         return (a[:, None] * b[None, :]).reshape(-1)
     return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
 
 
-def _lora_from_svd(name, U, S, V, ref, scale, kernel, tol) -> LoraModule:
-    import torch
+def _lora_from_svd(name, U, S, V, ref, scale, kernel, tol) -> _Converted:
+    import numpy as np
 
-    from ..mathcore import relative_error
+    from ..factored import relative_error
 
     k = _keep(S, tol)
-    root = S[:k].sqrt()
-    up, down = (U[:, :k] * root).to(torch.float32), (V[:, :k] * root).T.contiguous().to(torch.float32)
+    root = np.sqrt(S[:k])
+    up, down = (U[:, :k] * root).astype(np.float32), np.ascontiguousarray((V[:, :k] * root).T, dtype=np.float32)
     err = relative_error(ref[0], ref[1], up, down)
     kind, kern = "linear", {}
     if kernel is not None and len(kernel) == 3:
         kind, kern = "conv", {"down_shape": [k, *kernel], "up_shape": [up.shape[0], k, 1, 1]}
-    m = LoraModule(name=name, down=down, up=up, alpha=scale * k, kind=kind, kernel=kern)
-    m.conversion_error = err  # LoraModule has no field for it; readers of LyCORIS set this attribute
-    return m
+    return _Converted(name=name, up=up, down=down, alpha=scale * k, kind=kind, kernel=kern, error=err)
 
 
-def _keep(S: torch.Tensor, tol: float) -> int:
+def _keep(S: np.ndarray, tol: float) -> int:
     """Smallest k whose dropped tail ||S[k:]|| is within tol·||S||."""
-    import torch
+    import numpy as np
 
-    energy = S.pow(2)
+    energy = S ** 2
     total = float(energy.sum())
     if total == 0.0:
         return 1
-    tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[i] = Σ_{j>=i} S_j²
-    ok = (tail <= (tol ** 2) * total).nonzero()
-    return max(1, int(ok[0]) if ok.numel() else S.numel())
+    tail = np.cumsum(energy[::-1])[::-1]  # tail[i] = Σ_{j>=i} S_j²
+    ok = np.flatnonzero(tail <= (tol ** 2) * total)
+    return max(1, int(ok[0]) if ok.size else S.size)
 
 
 def write(adapter: Adapter, dest: Path) -> None:
@@ -332,6 +392,9 @@ class LycorisFormat(AdapterFormat):
 
     def read(self, path, **options):
         return read(path, **options)
+
+    def scan(self, path, **options):
+        return scan(path, **options)
 
     def write(self, adapter, dest):
         write(adapter, dest)
