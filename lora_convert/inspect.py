@@ -83,8 +83,9 @@ def _describe_mini(path) -> dict:
                      "inner_rank": m.inner_rank, "outer": o, "fidelity": m.fidelity, "bits": m.bits,
                      "quant": m.quant or None})
         seed = f" seed={o['seed']}" if "seed" in o else ""
+        codebook = f" ({m.codebook})" if m.codebook else ""
         lines.append(f"  {m.name:<60} {m.out_features}x{m.in_features} r={m.rank} k={m.inner_rank} "
-                     f"outer={o['source']} {o['a']}x{o['b']}{seed} bits={m.bits:.2f} "
+                     f"outer={o['source']} {o['a']}x{o['b']}{seed} bits={m.bits:.2f}{codebook} "
                      f"rel.err={m.fidelity.get('rel_error', float('nan')):.2e}")
     return {"path": str(path), "format": "lora-mini", "source_format": mini.source_format, "modules": rows,
             "_text": "\n".join(lines)}
