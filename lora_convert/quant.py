@@ -82,8 +82,12 @@ _MIDPOINTS = {name: _midpoints(name) for name in CODEBOOKS}
 
 def codebook_codes(t: np.ndarray, name: str) -> np.ndarray:
     """Index of the level nearest to each t (float64, already divided by its scale): the number
-    of midpoints below t, so that a tie goes to the lower index."""
-    return np.searchsorted(_MIDPOINTS[name], t, side="left").astype(np.int8)
+    of midpoints below t, so that a tie goes to the lower index. (Fifteen vectorised comparisons
+    run several times faster than a binary search per element.)"""
+    u = np.zeros(np.shape(t), dtype=np.int8)
+    for m in _MIDPOINTS[name]:
+        u += t > m
+    return u
 
 
 def codebook_values(codes: np.ndarray, scales: np.ndarray, name: str) -> np.ndarray:
