@@ -166,7 +166,7 @@ class GroupQuantizer:
         self.bits, self.group = check_bits(bits), check_group(group)
         if bits == 16:
             raise ValueError("bits 16 is float16 storage, not quantized")
-        self.qmax = _top(bits)  # what a group's largest |x| maps to, in units of its scale
+        self.qmax = 1.0 if is_codebook(bits) else qmax(bits)  # what a group's largest |x| maps to, in scales
 
     def scales(self, block: np.ndarray) -> np.ndarray:
         return group_scales(np.abs(np.asarray(block, dtype=np.float64)).max(axis=1), self.bits).astype(np.float64)
