@@ -19,7 +19,13 @@ benchmarks/bench_core.py (32 layers, r=16, 80 MB), in one process, best of --spe
     nice -n 10 python benchmarks/bench_budget.py                 # ~10 min on 2 busy CPU cores
     nice -n 10 python benchmarks/bench_budget.py --fixtures-only # seconds
     nice -n 10 python benchmarks/bench_budget.py --speed-only    # the timing rows only
-Output: benchmarks/results/budget.txt (and .json)
+    nice -n 10 python benchmarks/bench_budget.py --adapter fixtures/smollm2-r16-all \
+        --adapter fixtures/smollm2-r64-attn --widths              # ~15 min; the shipped teachers
+Output: benchmarks/results/budget.txt (and .json); with --adapter, results/budget_adapters.*
+
+--widths: the same budgets written by `compress --target-size` with the allocator choosing from
+other width sets: 3, 4, 8, 16 bits (before NF4), NF4 in place of int4, and NF4 beside int4; bytes
+written and weight-space energy kept, each set in its own compress run.
 """
 from __future__ import annotations
 
@@ -81,12 +87,12 @@ def baseline_file(adapter, rank: int, bits: int, path: Path) -> tuple[int, float
     return path.stat().st_size, 1 - err2 / energy
 
 
-def ours(adapter, nbytes: int, path: Path) -> tuple[int, float, str]:
-    mini = lc.compress(adapter, "svd", target_size=nbytes, output=path)
+def ours(adapter, nbytes: int, path: Path, **options) -> tuple[int, float, str]:
+    mini = lc.compress(adapter, "svd", target_size=nbytes, output=path, **options)
     report = lc.save(mini, path)
     mix = {}
     for m in report.modules:
-        key = f"{round(m.bits)}b"
+        key = m.codebook or f"{round(m.bits)}b"
         mix[key] = mix.get(key, 0) + 1
     ks = [m.inner_rank for m in report.modules]
     note = f"k {min(ks)}-{max(ks)} (mean {np.mean(ks):.1f}); " + " ".join(f"{v}x{k}" for k, v in sorted(mix.items()))
@@ -154,6 +160,33 @@ def nf4_rounded(M: np.ndarray, group: int) -> np.ndarray:
     x = np.divide(G, s, out=np.zeros_like(G), where=s > 0)
     v = (NF4[np.abs(x[..., None] - NF4).argmin(-1)] * s).reshape(S, ng * group)[:, :L]
     return v.T.copy() if M.shape[0] >= M.shape[1] else v
+
+
+WIDTH_SETS = {"3, 4, 8, 16 (before NF4)": (3, 4, 8, 16), "3, NF4, 8, 16": (3, "nf4", 8, 16),
+              "3, 4, NF4, 8, 16": (3, 4, "nf4", 8, 16)}
+
+
+def widths(name: str, adapter, budgets: list[int], workdir: Path) -> dict:
+    """compress --target-size at each budget with each of WIDTH_SETS as the allocator's widths:
+    (bytes written, energy kept) per set and budget. First checks the library's NF4 rounding
+    against this file's reference (nf4_rounded) on one module's factors."""
+    m = next(iter(adapter.modules()))
+    F1, F2, _ = svd_factors(m.up.double(), m.down.double())
+    diff = max(float(np.abs(quant.rounded(F, "nf4", 64, np.float64) - nf4_rounded(F, 64)).max() / np.abs(F).max())
+               for F in (F1, F2))
+    say(f"{name}: library NF4 rounding vs the reference, largest difference {diff:.1e} of the factor's range "
+        "(float32 rounding of the decoded values)")
+    out = {}
+    say(f"{'widths (' + name + ')':<44}" + "".join(f"{b:>19,}" for b in budgets))
+    for label, allowed in WIDTH_SETS.items():
+        row = []
+        for b in budgets:
+            nbytes, kept, note = ours(adapter, b, workdir / "widths.safetensors", allowed_bits=allowed)
+            row.append({"budget": b, "bytes": nbytes, "kept": kept, "choice": note})
+        out[label] = row
+        say(f"{label:<44}" + "".join(f"{r['bytes']:>10,} {100 * r['kept']:>7.3f}%" for r in row))
+        say(f"{'':<44}" + "  ".join(r["choice"].split("; ")[-1] for r in row))
+    return out
 
 
 def variants(adapter, budgets: list[int]) -> dict:
@@ -231,11 +264,31 @@ def main() -> None:
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--variants", action="store_true",
                    help="Also compare option sets (2 bits, group per module, NF4) on SmolLM2 at equal bytes.")
+    p.add_argument("--adapter", action="append", default=[],
+                   help="Compare on this PEFT adapter (repeatable) instead of the fixture and the trained "
+                        "teacher; no timing rows.")
+    p.add_argument("--widths", action="store_true",
+                   help="Also compress each budget with other allocator width sets (with / without NF4).")
     args = p.parse_args()
     torch.set_num_threads(1)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-budget-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
+    if args.adapter:
+        say(f"{'adapter':<10} {'baseline':<16} {'bytes':>10} {'ratio':>7} {'kept':>9} | "
+            f"{'ours bytes':>10} {'/budget':>8} {'kept':>9}  choice")
+        width_rows = {}
+        for path in map(Path, args.adapter):
+            adapter = lc.load_adapter(path)
+            rows += compare(path.name, adapter, (path / "adapter_model.safetensors").stat().st_size, workdir)
+            if args.widths:
+                budgets = [r["baseline_bytes"] for r in rows if r["adapter"] == path.name]
+                width_rows[path.name] = widths(path.name, adapter, budgets, workdir)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "budget_adapters.json").write_text(json.dumps(
+            {"rows": rows, "widths": width_rows, "args": vars(args)}, indent=2) + "\n")
+        (RESULTS / "budget_adapters.txt").write_text("\n".join(LINES) + "\n")
+        return
     if not args.speed_only:
         say(f"{'adapter':<10} {'baseline':<16} {'bytes':>10} {'ratio':>7} {'kept':>9} | "
             f"{'ours bytes':>10} {'/budget':>8} {'kept':>9}  choice")

@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lora_convert as lc  # noqa: E402
+from lora_convert import quant  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "cache" / "frontier"
@@ -92,7 +93,7 @@ def _mini_to_peft(mini_file: Path, out: Path) -> dict:
     mini = lc.load(mini_file)
     bits, ranks = {}, {}
     for m in mini.modules():
-        key = f"int{m.quant['bits']}" if m.quant else m.dtype
+        key = quant.width_name(m.quant["bits"]) if m.quant else m.dtype
         bits[key] = bits.get(key, 0) + 1
         ranks[m.inner_rank] = ranks.get(m.inner_rank, 0) + 1
     if out.exists():

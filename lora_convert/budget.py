@@ -26,7 +26,7 @@ from .mathcore import OuterBasis, Update, fit_projected_stack
 @dataclass(frozen=True)
 class Option:
     k: int
-    bits: int
+    bits: int | str  # a quant width: integer bits or a codebook name
     nbytes: int  # data bytes of the module's stored factors at (k, bits)
     err2: float  # squared weight-space error, scale included
 
@@ -48,7 +48,7 @@ class Curve:
 def lower_hull(options: list[Option]) -> list[Option]:
     """The options on the lower convex hull of (bytes, error), by increasing bytes and strictly
     decreasing error: every other option is beaten by a mix of two hull options."""
-    pts = sorted(options, key=lambda o: (o.nbytes, o.err2, o.bits, o.k))
+    pts = sorted(options, key=lambda o: (o.nbytes, o.err2, quant.width_key(o.bits), o.k))
     front = []
     for o in pts:  # Pareto front first: each step must lower the error
         if not front or o.err2 < front[-1].err2:
@@ -115,7 +115,7 @@ def random_inner(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Ten
     return fit.X.numpy(), fit.Y.numpy(), fit.spectrum.numpy()
 
 
-def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bits: tuple[int, ...],
+def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bits: tuple[int | str, ...],
                 group: int, outers: tuple[torch.Tensor, torch.Tensor] | None = None,
                 whitening: np.ndarray | None = None, overhead: int = 0, input_rounding=None) -> Curve:
     """Options (k, bits) of one module. Without `outers` (svd): the stored factors are the

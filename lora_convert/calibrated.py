@@ -199,7 +199,8 @@ def compress_quantized(m: LoraModule, src, options: dict, bits: int, group: int,
         Q1 = quant.encode(F1[:, :k], bits, group)[1]
         Q2 = input_rounding(L, None if outers is None else outers[1])(F2[:k], bits, group)
     except ValueError as exc:
-        raise BadInputError(f"module {m.name!r}: cannot store its factors at {bits} bits ({exc})") from None
+        raise BadInputError(f"module {m.name!r}: cannot store its factors as {quant.width_name(bits)} "
+                            f"({exc})") from None
     Q1, Q2 = torch.from_numpy(np.ascontiguousarray(Q1)), torch.from_numpy(np.ascontiguousarray(Q2))
     if outers is None:
         U, V, X, Y = Q1, Q2, torch.eye(k), torch.eye(k)

@@ -51,7 +51,8 @@ class MiniModule:
     X: torch.Tensor
     Y: torch.Tensor
     fidelity: dict = field(default_factory=dict)
-    # {"bits": b, "group": g} when the stored factors are quantized (one ``<name>.q`` tensor);
+    # {"bits": b, "group": g} when the stored factors are quantized (b an integer width or a
+    # codebook name, quant.WIDTHS; one ``<name>.q`` tensor);
     # empty: X, Y (and stored U, V) are float tensors of their own
     quant: dict = field(default_factory=dict)
 
@@ -92,7 +93,14 @@ class MiniModule:
                               self.outer["source"], int(self.outer["a"]), int(self.outer["b"]),
                               _number(self.fidelity.get("rel_error")), _number(self.fidelity.get("energy")) or 0.0,
                               recovered=self.recovered, bits=self.bits, quantized=bool(self.quant),
-                              calibrated_rel_error=_number(self.fidelity.get("calibrated_rel_error")))
+                              calibrated_rel_error=_number(self.fidelity.get("calibrated_rel_error")),
+                              codebook=self.codebook)
+
+    @property
+    def codebook(self) -> str | None:
+        """The codebook name of a module stored as codebook indices ("nf4"), else None."""
+        bits = self.quant.get("bits")
+        return bits if quant.is_codebook(bits) else None
 
     @property
     def recovered(self) -> bool:
@@ -248,6 +256,12 @@ def _escaped_len(text: str) -> int:
     return len(json.dumps(text)) - 2
 
 
+def entry_field_bytes(value) -> int:
+    """Header bytes of one positional field of a version 3 entry (a number, null, or a codebook
+    name, whose quotes are escaped inside the ``lora_mini`` string)."""
+    return _escaped_len(json.dumps(value))
+
+
 class SizePlan:
     """The bytes save() writes for a version 3 file of quantized modules, as `fixed` plus, per
     module, entry_bytes(...) (its entry in the header) and its packed data bytes. Exact, except
@@ -283,14 +297,14 @@ class SizePlan:
         # "[]" -> "[e1,...,en]": entry_bytes counts one comma per entry, one too many
         self.fixed = 8 + header + 7 + data - (1 if specs else 0) + (self._summary(mini, specs) if directory else 0)
 
-    def entry_bytes(self, name: str, k: int, bits: int, rel_error: float | None, energy: float | None) -> int:
+    def entry_bytes(self, name: str, k: int, bits: int | str, rel_error: float | None, energy: float | None) -> int:
         """Header bytes of module `name`'s entry at (k, bits) with these fidelity figures."""
         if name not in self._heads:  # the entry with one-character numbers, less those (numbers are not escaped)
             e = self.entries[name]
             entry = [name, e[1], e[2], 0, 0, 0, 0, *e[V3_FIELDS:]]
             self._heads[name] = _escaped_len(json.dumps(entry, sort_keys=True, allow_nan=False,
                                                         separators=(",", ":"))) + 1 - 4
-        return self._heads[name] + sum(len("null" if v is None else repr(v)) for v in (k, bits, rel_error, energy))
+        return self._heads[name] + sum(entry_field_bytes(v) for v in (k, bits, rel_error, energy))
 
     @staticmethod
     def _summary(mini: MiniAdapter, specs: dict) -> int:

@@ -21,7 +21,7 @@ from . import budget, calibrated, outer, quant
 from .adapter import Adapter, LoraModule, lora_scale, ordered_map
 from .budget import Option
 from .config import CompressConfig
-from .container import DTYPES, FIDELITY_DIGITS, MiniAdapter, MiniModule, SizePlan, module_spec
+from .container import DTYPES, FIDELITY_DIGITS, MiniAdapter, MiniModule, SizePlan, entry_field_bytes, module_spec
 from .errors import BadInputError
 from .lru import BytesLRU
 from .mathcore import (OuterBasis, Update, Updates, choose_rank, difference_norm, fit_projected_stack,
@@ -184,7 +184,7 @@ class Planned:
     plan's, so that the header is exactly as long as the plan counted)."""
 
     k: int
-    bits: int
+    bits: int | str
     rel_error: float
     energy: float
 
@@ -200,7 +200,8 @@ def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, cho
     try:
         Q1, Q2 = quant.rounded(F1[:, :k], bits, cfg.group_size), quant.rounded(F2[:k], bits, cfg.group_size)
     except ValueError as exc:
-        raise BadInputError(f"module {m.name!r}: cannot store its factors at {bits} bits ({exc})") from None
+        raise BadInputError(f"module {m.name!r}: cannot store its factors as {quant.width_name(bits)} "
+                            f"({exc})") from None
     Q1, Q2 = torch.from_numpy(Q1), torch.from_numpy(Q2)
     if outers is None:
         U, V, X, Y = Q1, Q2, torch.eye(k), torch.eye(k)
@@ -430,7 +431,8 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
         except ValueError as exc:
             raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
         spec = module_spec(m.kind, m.kernel, m.rank, m.alpha, m.use_rslora, dtype_name(m.dtype), m.out_features,
-                           m.in_features, 1, ospec, dict(fidelity), {"bits": max(cfg.allowed_bits), "group": cfg.group_size})
+                           m.in_features, 1, ospec, dict(fidelity),
+                           {"bits": cfg.allowed_bits[-1], "group": cfg.group_size})
         return c, spec, L is not None
 
     curves, specs, whitened = [], {}, set()
@@ -454,10 +456,10 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
         else:  # entry_bytes at the first option, plus how much longer each option's numbers are
             o0 = c.options[0]
             e0 = _planned_fidelity(o0.err2, c.energy)
-            base = sizes.entry_bytes(c.name, o0.k, o0.bits, *e0) - len(repr(o0.k)) - len(repr(o0.bits)) - \
+            base = sizes.entry_bytes(c.name, o0.k, o0.bits, *e0) - len(repr(o0.k)) - entry_field_bytes(o0.bits) - \
                 len(repr(e0[0]))
             inv = 1.0 / c.energy if c.energy > 0 else 0.0
-            costs = [base + len(repr(o.k)) + len(repr(o.bits)) + len(repr(_short((o.err2 * inv) ** 0.5)))
+            costs = [base + len(repr(o.k)) + entry_field_bytes(o.bits) + len(repr(_short((o.err2 * inv) ** 0.5)))
                      for o in c.options]
         out.append(budget.Curve(c.name, c.energy, [Option(o.k, o.bits, o.nbytes + n, o.err2)
                                                    for o, n in zip(c.options, costs)]))
@@ -559,7 +561,7 @@ def compare(mini: MiniAdapter, original: Adapter, progress=None) -> FidelityRepo
         rel, ref = _module_error(m, o)
         report.add(ModuleFidelity(m.name, (m.out_features, m.in_features), m.rank, m.inner_rank,
                                   m.outer["source"], int(m.outer["a"]), int(m.outer["b"]), rel, ref**2,
-                                  recovered=m.recovered, bits=m.bits, quantized=bool(m.quant)))
+                                  recovered=m.recovered, bits=m.bits, quantized=bool(m.quant), codebook=m.codebook))
         if progress:
             progress(m)
     _check_passthrough(mini)

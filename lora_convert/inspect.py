@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import formats
+from . import formats, quant
 from .containerspec import is_mini, open_mini, stored_bits
 from .st import dtype_name
 
@@ -67,8 +67,9 @@ def _describe_mini(path) -> dict:
         rows.append({"name": name, "shape": [out_f, in_f], "rank": spec["rank"], "inner_rank": k, "outer": o,
                      "fidelity": fid, "bits": bits, "quant": q or None})
         seed = f" seed={o['seed']}" if "seed" in o else ""
+        codebook = f" ({q['bits']})" if quant.is_codebook(q.get('bits')) else ""
         lines.append(f"  {name:<60} {out_f}x{in_f} r={spec['rank']} k={k} "
-                     f"outer={o['source']} {o['a']}x{o['b']}{seed} bits={bits:.2f} "
+                     f"outer={o['source']} {o['a']}x{o['b']}{seed} bits={bits:.2f}{codebook} "
                      f"rel.err={fid.get('rel_error', float('nan')):.2e}")
     return {"path": str(path), "format": "lora-mini", "source_format": source_format, "modules": rows,
             "_text": "\n".join(lines)}

@@ -1,5 +1,6 @@
-"""Grouped symmetric integer quantization of factor matrices (docs/CONTAINER.md, "Quantized
-factors", is the normative spec; tests/test_quant.py pins it with golden vectors).
+"""Grouped quantization of factor matrices: symmetric integers, or the NF4 codebook
+(docs/CONTAINER.md, "Quantized factors", is the normative spec; tests/test_quant.py pins it with
+golden vectors).
 
 Pure functions on numpy arrays; the math is float64 and every step is exact or specified
 bit-exactly, so any reader recovers the same float32 values on any platform.
@@ -14,6 +15,12 @@ elements (the last one may be shorter). Per group, with qmax = 2^(bits-1) - 1:
 
 Codes are stored offset-binary, u = q + 2^(bits-1) in [1, 2^bits - 1], packed LSB-first into a
 bit stream. bits == 16 stores the matrix as float16 row-major instead (no scales).
+
+A codebook width (bits = "nf4": QLoRA's NormalFloat4 levels c_0 < ... < c_15, c_0 = -1,
+c_15 = 1) groups the same way with scale = fp16(max|x|); a value's code is the index u of the
+level nearest to x / scale (ties to the lower index), 4-bit packed as above, and it decodes to
+float32(c_u · scale). The width is a string so that readers that know only integer widths
+refuse it instead of decoding its codes as integers.
 """
 from __future__ import annotations
 
@@ -21,16 +28,72 @@ import math
 
 import numpy as np
 
-BITS = (2, 3, 4, 8, 16)  # widths a file may use; 16 = plain float16, no scales
+BITS = (2, 3, 4, 8, 16)  # integer widths a file may use; 16 = plain float16, no scales
+NF4 = "nf4"
+# Non-uniform 4-bit codebooks, by the name a file gives as its width: 16 float32 levels, sorted.
+# NF4: QLoRA's NormalFloat4 (Dettmers et al. 2023), the levels bitsandbytes ships; written
+# exactly (float32 bit patterns) in docs/CONTAINER.md.
+CODEBOOKS = {NF4: np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                            -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                            0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                            0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                            0.7229568362236023, 1.0], dtype=np.float32)}
+CODEBOOK_BITS = 4  # bits per code of every codebook (16 levels)
+WIDTHS = (2, 3, 4, NF4, 8, 16)  # every width a file may use, by increasing size
 DEFAULT_GROUP = 64
 MAX_GROUP = 1 << 16
 FP16_MAX = 65504.0
 
 
-def check_bits(bits) -> int:
-    if type(bits) is not int or bits not in BITS:
-        raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+def check_bits(bits) -> int | str:
+    """`bits` when it is a width a file may use: an integer of BITS or a codebook name."""
+    if not (type(bits) is int and bits in BITS) and not (type(bits) is str and bits in CODEBOOKS):
+        raise ValueError(f"bits must be one of {', '.join(map(str, WIDTHS))}, got {bits!r}")
     return bits
+
+
+def is_codebook(bits) -> bool:
+    return type(bits) is str
+
+
+def code_bits(bits) -> int:
+    """Bits one stored code of this width takes (16: a float16 value)."""
+    return CODEBOOK_BITS if is_codebook(bits) else bits
+
+
+def width_key(bits) -> tuple[int, int]:
+    """Sort key of widths: by code bits, a codebook after the integers of its size."""
+    return code_bits(bits), int(is_codebook(bits))
+
+
+def width_name(bits) -> str:
+    """How reports name a width: "int4", "nf4", "fp16"."""
+    return bits if is_codebook(bits) else "fp16" if bits == 16 else f"int{bits}"
+
+
+def _midpoints(name: str) -> np.ndarray:
+    """The 15 decision points of a codebook, (c_i + c_{i+1}) / 2: exact in float64."""
+    c = CODEBOOKS[name].astype(np.float64)
+    return (c[:-1] + c[1:]) / 2
+
+
+_MIDPOINTS = {name: _midpoints(name) for name in CODEBOOKS}
+
+
+def codebook_codes(t: np.ndarray, name: str) -> np.ndarray:
+    """Index of the level nearest to each t (float64, already divided by its scale): the number
+    of midpoints below t, so that a tie goes to the lower index. (Fifteen vectorised comparisons
+    run several times faster than a binary search per element.)"""
+    u = np.zeros(np.shape(t), dtype=np.int8)
+    for m in _MIDPOINTS[name]:
+        u += t > m
+    return u
+
+
+def codebook_values(codes: np.ndarray, scales: np.ndarray, name: str) -> np.ndarray:
+    """float32(c_u · scale), float64 scales broadcast against the codes: the product is exact
+    in float64 and rounded once, to nearest even."""
+    return (CODEBOOKS[name].astype(np.float64)[codes] * scales).astype(np.float32)
 
 
 def check_group(group) -> int:
@@ -59,17 +122,23 @@ def n_groups(shape: tuple[int, int], group: int) -> int:
     return short * -(-long // group) if long else 0
 
 
-def nbytes(shape: tuple[int, int], bits: int, group: int) -> int:
+def nbytes(shape: tuple[int, int], bits: int | str, group: int) -> int:
     """Bytes of one encoded factor: its fp16 scales, then its packed codes (whole bytes)."""
     count = shape[0] * shape[1]
     if bits == 16:
         return 2 * count
-    return 2 * n_groups(shape, group) + -(-count * bits // 8)
+    return 2 * n_groups(shape, group) + -(-count * code_bits(bits) // 8)
 
 
-def group_scales(maxabs: np.ndarray, bits: int) -> np.ndarray:
-    """fp16 scales of groups whose largest |x| is `maxabs` (float64): fp16(maxabs / qmax)."""
-    top = qmax(bits)
+def _top(bits) -> float:
+    """The code value a group's largest |x| maps to: qmax, or a codebook's largest level (1)."""
+    return 1.0 if is_codebook(bits) else float(qmax(bits))
+
+
+def group_scales(maxabs: np.ndarray, bits: int | str) -> np.ndarray:
+    """fp16 scales of groups whose largest |x| is `maxabs` (float64): fp16(maxabs / qmax)
+    (codebooks: fp16(maxabs))."""
+    top = _top(bits)
     if not np.isfinite(maxabs).all():
         raise ValueError("cannot quantize non-finite values")
     if (maxabs / top > FP16_MAX).any():
@@ -93,22 +162,27 @@ class GroupQuantizer:
     decoded values. A wide matrix (rows < cols) processed this way in groups of `group` columns
     encodes to exactly these values (its vectors are its rows)."""
 
-    def __init__(self, bits: int, group: int = DEFAULT_GROUP):
+    def __init__(self, bits: int | str, group: int = DEFAULT_GROUP):
         self.bits, self.group = check_bits(bits), check_group(group)
         if bits == 16:
             raise ValueError("bits 16 is float16 storage, not quantized")
-        self.qmax = qmax(bits)
+        self.qmax = 1.0 if is_codebook(bits) else qmax(bits)  # what a group's largest |x| maps to, in scales
 
     def scales(self, block: np.ndarray) -> np.ndarray:
         return group_scales(np.abs(np.asarray(block, dtype=np.float64)).max(axis=1), self.bits).astype(np.float64)
 
     def round(self, x: np.ndarray, scales: np.ndarray) -> np.ndarray:
-        return round_codes(np.asarray(x, dtype=np.float64), scales, self.bits) * scales
+        x = np.asarray(x, dtype=np.float64)
+        if is_codebook(self.bits):
+            t = np.divide(x, scales, out=np.zeros(np.broadcast(x, scales).shape), where=scales > 0)
+            return codebook_values(codebook_codes(t, self.bits), scales, self.bits).astype(np.float64)
+        return round_codes(x, scales, self.bits) * scales
 
 
-def quantize(M: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize(M: np.ndarray, bits: int | str, group: int) -> tuple[np.ndarray, np.ndarray]:
     """(codes q as int8 in the matrix's vector order (vectors × long side), scales as float16
-    (vectors × groups per vector)). M is read as float64; it must be finite."""
+    (vectors × groups per vector)). M is read as float64; it must be finite. A codebook's codes
+    are its level indices u (0-15)."""
     check_bits(bits)
     if bits == 16:
         raise ValueError("bits 16 is float16 storage, not quantized")
@@ -119,12 +193,16 @@ def quantize(M: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarr
     pad[:, :L] = T
     G = pad.reshape(S, ng, group)
     scales = group_scales(np.abs(G).max(axis=2), bits)
-    q = round_codes(G, scales.astype(np.float64)[:, :, None], bits)
+    s64 = scales.astype(np.float64)[:, :, None]
+    if is_codebook(bits):
+        q = codebook_codes(np.divide(G, s64, out=np.zeros_like(G), where=s64 > 0), bits)
+    else:
+        q = round_codes(G, s64, bits)
     q = q.astype(np.int8).reshape(S, ng * group)[:, :L]
     return np.ascontiguousarray(q), scales
 
 
-def rounded(M: np.ndarray, bits: int, group: int, dtype=np.float32) -> np.ndarray:
+def rounded(M: np.ndarray, bits: int | str, group: int, dtype=np.float32) -> np.ndarray:
     """The float32 matrix a reader decodes from encode(M, bits, group), without packing any
     bytes (the same numbers: each value q·s is exact in float32 and in float64, `dtype`)."""
     return rounded_widths(M, (bits,), group, dtype)[0]
@@ -155,11 +233,15 @@ def rounded_widths(M: np.ndarray, widths, group: int, dtype=np.float64) -> list[
                 raise ValueError("values overflow float16")
             out.append(M.astype(np.float16).astype(dtype))
             continue
-        top = qmax(bits)
+        top = _top(bits)
         if (maxabs / top > FP16_MAX).any():
             raise ValueError(f"values up to {maxabs.max():.3g} overflow the float16 scales")
         scales = (maxabs / top).astype(np.float16).astype(np.float64)
         q = np.divide(G, scales, out=np.zeros_like(G), where=scales > 0)
+        if is_codebook(bits):
+            vals = codebook_values(codebook_codes(q, bits), scales, bits).reshape(S, ng * group)[:, :L]
+            out.append(np.ascontiguousarray(_from_vectors(vals.astype(dtype, copy=False), M.shape)))
+            continue
         np.rint(q, out=q)
         np.clip(q, -top, top, out=q)
         q *= scales
@@ -168,40 +250,55 @@ def rounded_widths(M: np.ndarray, widths, group: int, dtype=np.float64) -> list[
     return out
 
 
-def dequantize(q: np.ndarray, scales: np.ndarray, shape: tuple[int, int], group: int) -> np.ndarray:
-    """The float32 matrix (rows × cols) that codes and scales stand for."""
+def dequantize(q: np.ndarray, scales: np.ndarray, shape: tuple[int, int], group: int,
+               bits: int | str | None = None) -> np.ndarray:
+    """The float32 matrix (rows × cols) that codes and scales stand for (`bits`: needed for a
+    codebook, whose codes are level indices)."""
     S, L = q.shape
     ng = scales.shape[1]
+    if is_codebook(bits):
+        full = np.full((S, ng * group), np.searchsorted(CODEBOOKS[bits], 0.0), dtype=np.int8)
+        full[:, :L] = q
+        vals = codebook_values(full.reshape(S, ng, group), scales.astype(np.float64)[:, :, None], bits)
+        return np.ascontiguousarray(_from_vectors(vals.reshape(S, ng * group)[:, :L], shape))
     full = np.zeros((S, ng * group), dtype=np.float32)
     full[:, :L] = q
     vals = (full.reshape(S, ng, group) * scales.astype(np.float32)[:, :, None]).reshape(S, ng * group)[:, :L]
     return np.ascontiguousarray(_from_vectors(vals, shape))
 
 
-def pack(q: np.ndarray, bits: int) -> bytes:
-    """Offset-binary codes u = q + 2^(bits-1), LSB-first: code i holds stream bits
-    [i·bits, (i+1)·bits), stream bit j is bit (j mod 8) of byte j div 8; zero-padded."""
-    u = (q.reshape(-1).astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+def pack(q: np.ndarray, bits: int | str) -> bytes:
+    """Offset-binary codes u = q + 2^(bits-1) (a codebook's: its level indices u = q),
+    LSB-first: code i holds stream bits [i·bits, (i+1)·bits), stream bit j is bit (j mod 8) of
+    byte j div 8; zero-padded."""
+    if is_codebook(bits):
+        u, bits = q.reshape(-1).astype(np.uint8), CODEBOOK_BITS
+    else:
+        u = (q.reshape(-1).astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
     if bits == 8:
         return u.tobytes()
     stream = np.unpackbits(u[:, None], axis=1, bitorder="little")[:, :bits].reshape(-1)
     return np.packbits(stream, bitorder="little").tobytes()
 
 
-def unpack(buf: bytes, bits: int, count: int) -> np.ndarray:
-    """Inverse of pack: `count` int8 codes. Raises ValueError on the unused code u = 0."""
+def unpack(buf: bytes, bits: int | str, count: int) -> np.ndarray:
+    """Inverse of pack: `count` int8 codes. Raises ValueError on the unused integer code u = 0
+    (every code of a codebook is used)."""
     raw = np.frombuffer(buf, dtype=np.uint8)
-    if bits == 8:
+    width = code_bits(bits)
+    if width == 8:
         u = raw[:count]
     else:
-        stream = np.unpackbits(raw, bitorder="little")[:count * bits].reshape(count, bits)
+        stream = np.unpackbits(raw, bitorder="little")[:count * width].reshape(count, width)
         u = np.packbits(stream, axis=1, bitorder="little")[:, 0]
+    if is_codebook(bits):
+        return u.astype(np.int8)
     if count and not u.all():
         raise ValueError("packed codes hold the unused value 0")
     return (u.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
 
 
-def encode(M: np.ndarray, bits: int, group: int) -> tuple[bytes, np.ndarray]:
+def encode(M: np.ndarray, bits: int | str, group: int) -> tuple[bytes, np.ndarray]:
     """(bytes of one factor, the float32 matrix a reader decodes from them)."""
     shape = tuple(M.shape)
     if bits == 16:
@@ -211,10 +308,10 @@ def encode(M: np.ndarray, bits: int, group: int) -> tuple[bytes, np.ndarray]:
         h = M16.astype("<f2")
         return h.tobytes(), h.astype(np.float32)
     q, scales = quantize(M, bits, group)
-    return scales.astype("<f2").tobytes() + pack(q, bits), dequantize(q, scales, shape, group)
+    return scales.astype("<f2").tobytes() + pack(q, bits), dequantize(q, scales, shape, group, bits)
 
 
-def decode(buf: bytes, shape: tuple[int, int], bits: int, group: int) -> np.ndarray:
+def decode(buf: bytes, shape: tuple[int, int], bits: int | str, group: int) -> np.ndarray:
     """The float32 matrix of one encoded factor; `buf` must be exactly nbytes(...) long."""
     if len(buf) != nbytes(shape, bits, group):
         raise ValueError(f"encoded factor is {len(buf)} bytes, expected {nbytes(shape, bits, group)}")
@@ -230,10 +327,10 @@ def decode(buf: bytes, shape: tuple[int, int], bits: int, group: int) -> np.ndar
     S = min(shape) if ng else 0
     L = max(shape)
     q = unpack(buf[2 * ng:], bits, shape[0] * shape[1]).reshape(S, L) if S else np.zeros((0, L), np.int8)
-    return dequantize(q, scales.reshape(S, -1) if S else scales.reshape(0, 0), shape, group)
+    return dequantize(q, scales.reshape(S, -1) if S else scales.reshape(0, 0), shape, group, bits)
 
 
-def encode_many(mats: list[np.ndarray], bits: int, group: int) -> tuple[bytes, list[np.ndarray]]:
+def encode_many(mats: list[np.ndarray], bits: int | str, group: int) -> tuple[bytes, list[np.ndarray]]:
     """Several factors back to back (a module's blob) and their decoded values."""
     parts, values = [], []
     for M in mats:
@@ -243,7 +340,7 @@ def encode_many(mats: list[np.ndarray], bits: int, group: int) -> tuple[bytes, l
     return b"".join(parts), values
 
 
-def decode_many(buf: bytes, shapes: list[tuple[int, int]], bits: int, group: int) -> list[np.ndarray]:
+def decode_many(buf: bytes, shapes: list[tuple[int, int]], bits: int | str, group: int) -> list[np.ndarray]:
     sizes = [nbytes(s, bits, group) for s in shapes]
     if len(buf) != sum(sizes):
         raise ValueError(f"packed tensor is {len(buf)} bytes, expected {sum(sizes)}")
@@ -254,7 +351,7 @@ def decode_many(buf: bytes, shapes: list[tuple[int, int]], bits: int, group: int
     return out
 
 
-def bits_per_value(shapes: list[tuple[int, int]], bits: int, group: int) -> float:
+def bits_per_value(shapes: list[tuple[int, int]], bits: int | str, group: int) -> float:
     """Average stored bits per matrix element, scales included."""
     count = sum(math.prod(s) for s in shapes)
     return 8 * sum(nbytes(s, bits, group) for s in shapes) / count if count else 0.0

@@ -23,6 +23,7 @@ class ModuleFidelity:
     bits: float | None = None  # stored bits per factor value, quantization scales included
     quantized: bool = False  # integer codes (rank and bits chosen by --bits or a budget)
     calibrated_rel_error: float | None = None  # compress --calibration: relative output error on the data
+    codebook: str | None = None  # factors stored as indices into this codebook ("nf4"), not integers
 
     @property
     def calibrated(self) -> bool:
@@ -41,6 +42,7 @@ class ModuleFidelity:
                 "inner_rank": self.inner_rank, "outer": self.outer, "a": self.a, "b": self.b,
                 "rel_error": _finite(self.rel_error), "retained_energy": self.retained_energy,
                 "recovered": self.recovered, "bits": self.bits,
+                **({"codebook": self.codebook} if self.codebook else {}),
                 **({"calibrated_rel_error": self.calibrated_rel_error,
                     "calibrated_retained": max(0.0, 1.0 - self.calibrated_rel_error ** 2)} if self.calibrated else {})}
 
@@ -164,7 +166,7 @@ class FidelityReport:
         for m in rows:
             name = m.name if len(m.name) <= 56 else "…" + m.name[-55:]
             lines.append(f"{name:<56} {m.shape[0]:>6}×{m.shape[1]:<6} {m.rank:>4} {m.inner_rank:>4} "
-                         f"{f'{m.a}×{m.b}':>9} {_fmt(m.bits, '.1f'):>5} {_fmt(m.rel_error, '.2e'):>9} "
+                         f"{f'{m.a}×{m.b}':>9} {m.codebook or _fmt(m.bits, '.1f'):>5} {_fmt(m.rel_error, '.2e'):>9} "
                          f"{_fmt(m.retained_energy, '.2%'):>8}")
         if len(rows) < len(self.modules):
             lines.append(f"… {len(self.modules) - len(rows)} more modules (worst {max_rows} shown; --json for all)")

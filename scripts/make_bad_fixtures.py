@@ -809,6 +809,22 @@ def _(f):
     write_mini(f, edit_mini(mini_bytes("svd", bits=4), edit))
 
 
+@mini_case("mini_packed_unknown_codebook", "verify", ["malformed spec", "bits", "'nf3'"])
+def _(f):
+    """version 3: an NF4 file whose first entry names the codebook "nf3", which does not exist (re-signed)"""
+    def edit(doc, header, meta):
+        doc["modules"][0][4] = "nf3"
+    write_mini(f, edit_mini(mini_bytes("svd", bits="nf4"), edit))
+
+
+@mini_case("mini_quant_unknown_codebook", "verify", ["malformed spec", "bits", "'fp4'"])
+def _(f):
+    """version 2: an NF4 file whose first module names the codebook "fp4", which does not exist (re-signed)"""
+    def edit(doc, header, meta):
+        doc["modules"][MOD0]["quant"]["bits"] = "fp4"
+    write_mini(f, edit_mini(mini_bytes("svd", version=2, bits="nf4"), edit))
+
+
 @mini_case("mini_packed_length_mismatch", "verify", ["packed", "do not account"])
 def _(f):
     """version 3: the first module's entry says inner rank 1 where its packed bytes hold 2 (re-signed):

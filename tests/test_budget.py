@@ -41,7 +41,7 @@ def test_curve_errors_are_the_errors_of_the_decoded_factors(whitened):
         g = torch.Generator().manual_seed(9)
         M = torch.randn(50, 50, generator=g, dtype=torch.float64)
         L = torch.linalg.cholesky(M @ M.T / 50 + torch.eye(50, dtype=torch.float64)).numpy()
-    curve = error_curve("m", B, A, 0.5, bits=(3, 4, 8, 16), group=16, whitening=L)
+    curve = error_curve("m", B, A, 0.5, bits=(3, 4, "nf4", 8, 16), group=16, whitening=L)
     F1, F2, _ = budget.svd_factors(B, A, L)
     W = torch.eye(50, dtype=torch.float64) if L is None else torch.from_numpy(L)
     for o in curve.options:
@@ -131,6 +131,33 @@ def test_allocation_beats_one_choice_for_all():
         got = allocate(curves, spent)
         assert got.err2 <= sum(o.err2 for o in uniform) * (1 + 1e-12)
         assert got.fidelity >= 1 - sum(o.err2 for o in uniform) / energy
+
+
+def _rank_one(values, seed, out_f=256, in_f=192):
+    """A rank-1 update whose SVD factors hold `values`-distributed entries (u·vᵀ: F1 ∝ u, F2 ∝ vᵀ)."""
+    rng = np.random.default_rng(seed)
+    draw = rng.standard_normal if values == "normal" else (lambda n: rng.uniform(-1, 1, n))
+    return torch.from_numpy(draw(out_f))[:, None], torch.from_numpy(draw(in_f))[None, :]
+
+
+@pytest.mark.parametrize("values,better", [("normal", "nf4"), ("uniform", 4)])
+def test_allocator_picks_nf4_where_it_is_better(values, better, tmp_path):
+    """int4 and NF4 cost the same bytes; the allocation takes whichever decodes closer: NF4 for
+    bell-shaped factors, int4 for flat ones (so it follows the measured error, not a preference)."""
+    B, A = _rank_one(values, 3)
+    curve = error_curve("m", B, A, 1.0, bits=(4, "nf4"), group=64)
+    err = {o.bits: o.err2 for o in curve.options}
+    assert len(curve.options) == 2 and len({o.nbytes for o in curve.options}) == 1
+    assert min(err, key=err.get) == better and err[4] != err["nf4"]
+    assert [o.bits for o in curve.hull] == [better]
+    assert allocate([curve], curve.options[0].nbytes).choice["m"].bits == better
+    # end to end: compress --target-size with both widths allowed stores the better one (the
+    # header names NF4 in 6 bytes more than int4: a budget that affords either)
+    from lora_convert.adapter import LoraModule, from_modules
+    mod = LoraModule(name="model.layers.0.self_attn.q_proj", down=A.float(), up=B.float(), alpha=1.0)
+    adapter = from_modules("peft", [mod], config={"peft_type": "LORA", "r": 1, "lora_alpha": 1})
+    mini = lc.compress(adapter, "svd", target_size="100KB", allowed_bits=(4, "nf4"))
+    assert mini.module(mod.name).quant == {"bits": better, "group": 64}
 
 
 def test_min_fidelity_takes_the_fewest_bytes_along_the_path():
@@ -260,7 +287,9 @@ def test_config_names_parameters():
                           ({"outer": "svd", "outer_dim": 4}, "outer_dim"), ({"outer_dim": (1, 2, 3)}, "outer_dim"),
                           ({"outer": "nope"}, "outer"), ({"dtype": "int8"}, "dtype"), ({"bits": 7}, "bits"),
                           ({"target_size": "0.5x"}, "target_size"), ({"min_fidelity": 0}, "min_fidelity"),
-                          ({"outer": "svd", "outer_stream": "module"}, "outer_stream")]:
+                          ({"outer": "svd", "outer_stream": "module"}, "outer_stream"), ({"bits": "nf3"}, "bits"),
+                          ({"bits": "4"}, "bits"), ({"allowed_bits": (4, "fp4")}, "allowed_bits"),
+                          ({"allowed_bits": "nf4"}, "allowed_bits")]:
         with pytest.raises(ConfigError) as info:
             CompressConfig(**kwargs)
         assert info.value.param == param, kwargs
@@ -276,6 +305,21 @@ def test_config_and_keywords_are_the_same_compress(fixtures, tmp_path):
     assert cfg.replace(bits=8).bits == 8 and cfg.bits == 4
     with pytest.raises(ConfigError):
         cfg.replace(bits=9)
+
+
+def test_nf4_is_a_width_everywhere_bits_is(fixtures, tmp_path):
+    """bits="nf4" in the API, --bits nf4 (any case) on the CLI; budgets allow it by default, and
+    width sets sort with it after int4."""
+    assert CompressConfig(outer="svd", bits="nf4").bits == "nf4"
+    assert CompressConfig(allowed_bits=(16, "nf4", 3, 4)).allowed_bits == (3, 4, "nf4", 16)
+    assert "nf4" in CompressConfig().allowed_bits
+    for flag_value in ("nf4", "NF4"):
+        out = tmp_path / f"{flag_value}.safetensors"
+        res = run("compress", fixtures / SRC, "--outer", "svd", "--rank", 2, "--bits", flag_value, "-o", out)
+        assert res.exit_code == 0, res.output
+        assert all(m.quant["bits"] == "nf4" for m in lc.load(out).modules())
+    res = run("compress", fixtures / SRC, "--outer", "svd", "--plan")
+    assert "bits 3, nf4, 8, 16" in res.stdout
 
 
 def test_ratio_needs_a_known_input_size(fixtures):

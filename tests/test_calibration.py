@@ -282,7 +282,8 @@ def tiny_stats(setup):
 
 
 @pytest.mark.parametrize("outer,kw", [("svd", {"rank": 2, "bits": 3}), ("svd", {"rank": 3, "bits": 4}),
-                                      ("random", {"outer_dim": 24, "rank": 3, "bits": 3, "seed": 3})])
+                                      ("random", {"outer_dim": 24, "rank": 3, "bits": 3, "seed": 3}),
+                                      ("svd", {"rank": 3, "bits": "nf4"})])
 def test_calibrated_quantized_beats_plain_quantized_at_equal_bytes(setup, tiny_stats, tmp_path, outer, kw):
     adapter, stats = tiny_stats
     lc.save(lc.compress(adapter, outer, **kw), tmp_path / "plain")
@@ -311,16 +312,17 @@ def test_calibrated_quantized_beats_plain_quantized_at_equal_bytes(setup, tiny_s
     assert stored.as_dict()["summary"]["calibrated_retained"] == stored.calibrated_retained
 
 
-def test_error_feedback_helps_the_input_side_factor(tiny_stats, monkeypatch):
+@pytest.mark.parametrize("bits", [3, "nf4"])
+def test_error_feedback_helps_the_input_side_factor(tiny_stats, monkeypatch, bits):
     """The quantized calibrated fit with error feedback against the input moment beats the same fit
     with plain rounding of that factor (same rank, bits and bytes) on the calibration data."""
     from lora_convert import calibrated
 
     adapter, stats = tiny_stats
-    with_ef = lc.compress(adapter, "svd", rank=3, bits=3, calibration=stats)
+    with_ef = lc.compress(adapter, "svd", rank=3, bits=bits, calibration=stats)
     e_ef = total_output_error2(adapter, with_ef, stats)
     monkeypatch.setattr(calibrated, "EF_ROUNDING", False)
-    e_rtn = total_output_error2(adapter, lc.compress(adapter, "svd", rank=3, bits=3, calibration=stats), stats)
+    e_rtn = total_output_error2(adapter, lc.compress(adapter, "svd", rank=3, bits=bits, calibration=stats), stats)
     assert e_ef < e_rtn
 
 

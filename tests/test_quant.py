@@ -22,10 +22,14 @@ SRC = "peft-tiny-llama"
 GOLDEN_M = np.array([[0.5, -1.0, 0.25, 0.75, 0.1], [2.0, -0.3, 0.0, 1.5, -2.5], [0, 0, 0, 0, 0]])
 GOLDEN = {4: "923050239234b735000000001cdaff871d888808",
           3: "553544285539ab3a000000004efd930e4912",
-          8: "0820731208240a2500000000c001a0dfffff6d80df018080808080"}
+          8: "0820731208240a2500000000c001a0dfffff6d80df018080808080",
+          "nf4": "003c662e00400041000000000ceaff750e777707"}
+# NF4's levels as float32 bit patterns, as docs/CONTAINER.md writes them
+NF4_HEX = ["bf800000", "bf3239b1", "bf066b30", "beca32a0", "be91a24d", "be3d353f", "bdba7871", "00000000",
+           "3da2faff", "3e24cae3", "3e7c04dd", "3ead033a", "3ee1a4b8", "3f1007ab", "3f3913b3", "3f800000"]
 
 
-@pytest.mark.parametrize("bits", sorted(GOLDEN))
+@pytest.mark.parametrize("bits", list(GOLDEN))
 def test_golden_vectors(bits):
     raw, values = quant.encode(GOLDEN_M, bits, 4)
     assert raw.hex() == GOLDEN[bits]
@@ -46,6 +50,58 @@ def test_golden_group_by_hand():
     assert raw[12] == u[0] | (u[1] << 4) and raw[13] == u[2] | (u[3] << 4)
 
 
+def test_nf4_golden_group_by_hand():
+    """NF4: scale fp16(max|x|), code = index of the nearest level, level indices packed as 4-bit
+    codes are (low nibble first), values float32(level · scale)."""
+    raw = bytes.fromhex(GOLDEN["nf4"])
+    scales = np.frombuffer(raw[:12], dtype="<f2")
+    assert scales.tolist() == [1.0, float(np.float16(0.1)), 2.0, 2.5, 0.0, 0.0]
+    levels = quant.CODEBOOKS["nf4"].astype(np.float64)
+    # row 0, first group (scale 1): 0.5 is below the midpoint of 0.4407 and 0.5626 -> 12, -1 -> 0,
+    # 0.25 -> 0.2461 (10), 0.75 -> 0.7230 (14); its second group 0.1 / fp16(0.1) > 1 -> 15
+    codes = [int(np.abs(levels - x).argmin()) for x in GOLDEN_M[0, :4]] + [15]
+    assert codes == [12, 0, 10, 14, 15]
+    assert raw[12] == codes[0] | (codes[1] << 4) and raw[13] == codes[2] | (codes[3] << 4)
+    assert raw[14] & 0xF == 15 and raw[-1] == 0x07  # the zero row is all index 7 (level 0), zero-padded
+    values = quant.decode(raw, (3, 5), "nf4", 4)
+    assert values[1, 1] == np.float32(levels[5] * 2.0)  # -0.3 / 2 = -0.15 -> level 5
+    s = float(np.float16(0.3))
+    got = quant.decode(quant.encode(np.array([[0.3, 0.17]]), "nf4", 64)[0], (1, 2), "nf4", 64)
+    assert got.dtype == np.float32 and got[0, 1] == np.float32(levels[13] * s)  # one rounding of the exact product
+
+
+def test_nf4_levels_are_the_documented_ones(fixtures):
+    """The codebook is QLoRA's NF4 exactly, and docs/CONTAINER.md states every level's bits."""
+    levels = quant.CODEBOOKS["nf4"]
+    assert levels.dtype == np.float32 and [f"{u:08x}" for u in levels.view("<u4")] == NF4_HEX
+    assert levels[0] == -1 and levels[7] == 0 and levels[15] == 1 and (np.diff(levels) > 0).all()
+    doc = (fixtures.parent / "docs" / "CONTAINER.md").read_text(encoding="utf-8")
+    assert all(f"`{h}`" in doc for h in NF4_HEX)
+    assert GOLDEN["nf4"] in doc
+
+
+def test_codebook_codes_are_the_nearest_level_ties_low():
+    levels = quant.CODEBOOKS["nf4"].astype(np.float64)
+    t = np.random.default_rng(5).uniform(-1.3, 1.3, 20000)
+    assert np.array_equal(quant.codebook_codes(t, "nf4"), np.abs(t[:, None] - levels).argmin(1))
+    mids = (levels[:-1] + levels[1:]) / 2  # exact ties go to the lower index, anything above to the upper
+    assert quant.codebook_codes(mids, "nf4").tolist() == list(range(15))
+    assert quant.codebook_codes(np.nextafter(mids, 2.0), "nf4").tolist() == list(range(1, 16))
+    # through encode: a group of max |x| = 1 (scale exactly 1) holding the midpoints
+    q, scales = quant.quantize(np.concatenate([[1.0], mids])[None, :], "nf4", 16)
+    assert scales.tolist() == [[1.0]] and q[0, 1:].tolist() == list(range(15))
+
+
+def test_nf4_beats_int4_on_normal_values_and_not_on_uniform_ones():
+    """What the allocator weighs: NF4's levels suit bell-shaped groups (factors of real adapters),
+    uniform integer levels suit flat ones; the same bytes either way."""
+    rng = np.random.default_rng(11)
+    for M, nf4_better in ((rng.standard_normal((512, 4)), True), (rng.uniform(-1, 1, (512, 4)), False)):
+        err = {b: np.linalg.norm(quant.rounded(M, b, 64, np.float64) - M) for b in (4, "nf4")}
+        assert (err["nf4"] < err[4]) == nf4_better
+        assert quant.nbytes(M.shape, "nf4", 64) == quant.nbytes(M.shape, 4, 64)
+
+
 def test_three_bit_codes_straddle_bytes():
     # u = q + 4 = 1, 7, 4, 5, 3; LSB-first stream 100 111 001 101 110 (+ one zero bit):
     # byte 0 = bits 0..7 = 1,0,0,1,1,1,0,0 = 0x39; byte 1 = 1,1,0,1,1,1,0,0 = 0x3b
@@ -54,17 +110,17 @@ def test_three_bit_codes_straddle_bytes():
 
 
 @pytest.mark.parametrize("shape", [(100, 3), (3, 130), (64, 64), (1, 1), (7, 200)])
-@pytest.mark.parametrize("bits", quant.BITS)
+@pytest.mark.parametrize("bits", quant.WIDTHS)
 def test_encode_decode_is_stable(shape, bits):
     """Decoding gives what encode said a reader gets; encoding that again gives the same bytes
     (a file loaded and saved again does not drift)."""
-    M = np.random.default_rng(sum(shape) + bits).standard_normal(shape)
+    M = np.random.default_rng(sum(shape) + quant.code_bits(bits)).standard_normal(shape)
     raw, values = quant.encode(M, bits, 64)
     assert len(raw) == quant.nbytes(shape, bits, 64)
     assert np.array_equal(quant.decode(raw, shape, bits, 64), values)
     assert quant.encode(values, bits, 64)[0] == raw
     err = np.linalg.norm(values - M) / np.linalg.norm(M)
-    assert err < {2: 0.9, 3: 0.35, 4: 0.15, 8: 0.01, 16: 1e-3}[bits]
+    assert err < {2: 0.9, 3: 0.35, 4: 0.15, "nf4": 0.15, 8: 0.01, 16: 1e-3}[bits]
 
 
 def test_more_bits_never_worse():
@@ -97,7 +153,8 @@ def _dense(B, A):
 
 @pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("outer,kw", [("svd", {"bits": 4}), ("svd", {"bits": 8, "rank": 3}), ("svd", {"bits": 16}),
-                                      ("random", {"bits": 4, "outer_dim": 16}), ("svd", {"bits": 3, "group_size": 16})])
+                                      ("random", {"bits": 4, "outer_dim": 16}), ("svd", {"bits": 3, "group_size": 16}),
+                                      ("svd", {"bits": "nf4"}), ("random", {"bits": "nf4", "outer_dim": 16})])
 def test_quantized_file_round_trip(adapter, tmp_path, outer, kw, version):
     mini = lc.compress(adapter, outer, **kw)
     out = tmp_path / "q.safetensors"
@@ -114,7 +171,8 @@ def test_quantized_file_round_trip(adapter, tmp_path, outer, kw, version):
     again = lc.verify(out, adapter.source)  # measured anew against the original
     for row, fresh in zip(report.modules, again.modules):
         assert fresh.rel_error == pytest.approx(row.rel_error, rel=5.01e-4)  # recorded to 4 digits
-        assert fresh.bits == row.bits and (fresh.bits > kw["bits"] or kw["bits"] == 16)
+        assert fresh.bits == row.bits and (fresh.bits > quant.code_bits(kw["bits"]) or kw["bits"] == 16)
+        assert fresh.codebook == row.codebook == (kw["bits"] if kw["bits"] == "nf4" else None)
     restored = lc.reconstruct(loaded)
     for name in adapter.module_names:
         o, r, m = adapter.module(name), restored.module(name), loaded.module(name)
@@ -147,9 +205,10 @@ def _tamper(path, key, offset, xor=0x01):
 
 @pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("where", ["scale", "codes"])
-def test_tampered_packed_bytes_are_caught(adapter, tmp_path, where, version):
+@pytest.mark.parametrize("bits", [4, "nf4"])
+def test_tampered_packed_bytes_are_caught(adapter, tmp_path, where, version, bits):
     out = tmp_path / "q.safetensors"
-    container.save(lc.compress(adapter, "svd", bits=4), out, format_version=version)
+    container.save(lc.compress(adapter, "svd", bits=bits), out, format_version=version)
     key = f"{adapter.module_names[0]}.q" if version == 2 else container.PACKED + "0"
     _tamper(out, key, 0 if where == "scale" else 40)
     res = CliRunner().invoke(main, ["verify", str(out)])
@@ -237,6 +296,61 @@ def test_inspect_shows_bits(adapter, tmp_path):
     assert all(r["quant"] == {"bits": 4, "group": 64} and 4 < r["bits"] < 5 for r in rows)
     res = CliRunner().invoke(main, ["verify", str(out)])
     assert " bits " in res.output.splitlines()[0]
+
+
+def test_inspect_and_verify_name_nf4(adapter, tmp_path):
+    out = tmp_path / "q.safetensors"
+    lc.save(lc.compress(adapter, "svd", bits="nf4", rank=3), out)
+    res = CliRunner().invoke(main, ["inspect", str(out), "--json"])
+    rows = json.loads(res.output)["modules"]
+    assert all(r["quant"] == {"bits": "nf4", "group": 64} and 4 < r["bits"] < 5 for r in rows)
+    assert all("(nf4)" in line for line in CliRunner().invoke(main, ["inspect", str(out)]).output.splitlines()[1:])
+    res = CliRunner().invoke(main, ["verify", str(out), "--against", str(adapter.source)])
+    assert res.exit_code == 0 and all(line.split()[5] == "nf4" for line in res.output.splitlines()[1:15])
+    doc = json.loads(CliRunner().invoke(main, ["verify", str(out), "--json"]).output)
+    assert {m["codebook"] for m in doc["modules"]} == {"nf4"}
+
+
+def _pre_nf4_check_bits(bits):
+    """The width check of readers that predate codebooks (integer widths only)."""
+    if type(bits) is not int or bits not in (2, 3, 4, 8, 16):
+        raise ValueError(f"bits must be one of 2, 3, 4, 8, 16, got {bits!r}")
+    return bits
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_readers_without_codebooks_refuse_nf4_files(adapter, tmp_path, monkeypatch, version):
+    """An NF4 module records its width as the string "nf4", which a reader that knows only
+    integer widths refuses (one line, exit 2) rather than decoding its codes as int4."""
+    out = tmp_path / "q.safetensors"
+    container.save(lc.compress(adapter, "svd", bits="nf4", rank=2), out, format_version=version)
+    doc = json.loads(container.LazyTensors(out).metadata["lora_mini"])
+    widths = [e[4] for e in doc["modules"]] if version == 3 else [s["quant"]["bits"] for s in doc["modules"].values()]
+    assert widths == ["nf4"] * len(adapter.module_names)
+    monkeypatch.setattr(quant, "check_bits", _pre_nf4_check_bits)
+    with pytest.raises(BadInputError, match="bits must be one of 2, 3, 4, 8, 16, got 'nf4'"):
+        lc.load(out).module(adapter.module_names[0])
+    res = CliRunner().invoke(main, ["reconstruct", str(out), "-o", str(tmp_path / "r")])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "nf4" in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_codebook_is_refused(adapter, tmp_path):
+    out = tmp_path / "q.safetensors"
+    lc.save(lc.compress(adapter, "svd", bits="nf4", rank=2), out)
+    header = container.LazyTensors(out).header
+    blob = out.read_bytes()
+    raw = json.loads(blob[8:header.data_start])
+    doc = json.loads(raw["__metadata__"]["lora_mini"])
+    doc["modules"][0][4] = "nf3"
+    raw["__metadata__"]["lora_mini"] = json.dumps(doc)
+    layout = {k: (v["dtype"], v["shape"]) for k, v in raw.items() if k != "__metadata__"}
+    raw["__metadata__"][container.METADATA_SHA256] = container.metadata_digest(raw["__metadata__"], layout)
+    new = json.dumps(raw, separators=(",", ":")).encode()
+    new += b" " * (-(8 + len(new)) % 8)
+    out.write_bytes(struct.pack("<Q", len(new)) + new + blob[header.data_start:])
+    res = CliRunner().invoke(main, ["verify", str(out)])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "'nf3'" in res.stderr
 
 
 # ---------------------------------------------------------------- the total regeneration bound
@@ -354,11 +468,11 @@ def test_version_3_holds_unquantized_modules_beside_packed_ones(adapter, tmp_pat
     assert torch.equal(again.module(plain.name).U, plain.U)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("bits", [2, 3, 4, "nf4", 8, 16])
 @pytest.mark.parametrize("shape,group", [((70, 5), 16), ((5, 70), 64), ((3, 128), 64), ((9, 9), 4)])
 def test_rounded_values_are_the_decoded_values(bits, shape, group):
     """quant.rounded (what budgets and compress compute with) gives exactly what a reader decodes."""
-    rng = np.random.default_rng(bits * 100 + group)
+    rng = np.random.default_rng(quant.code_bits(bits) * 100 + group + (bits == "nf4"))
     M = rng.standard_normal(shape) * np.exp(rng.standard_normal(shape))
     M[0, :2] = 0.0
     raw, values = quant.encode(M, bits, group)

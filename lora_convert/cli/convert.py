@@ -6,8 +6,8 @@ import json
 import click
 
 from .. import outer
-from .options import (FORMAT_CHOICES, LazyChoice, allow_pickle, emit, input_format, json_flag, parse_outer_dim,
-                      progress_bar, refuse_to_replace_input)
+from .options import (FORMAT_CHOICES, LazyChoice, allow_pickle, emit, input_format, json_flag, parse_bits,
+                      parse_outer_dim, progress_bar, refuse_to_replace_input)
 
 
 def _streams():
@@ -92,9 +92,10 @@ def collect_calibration(adapter, cal: dict):
                    "full inner rank, and the report shows what it retains.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="Storage dtype of inner (and stored outer) tensors; auto keeps the adapter's.")
-@click.option("--bits", type=int, default=None,
-              help="Store the factors as symmetric integers of this width (2, 3, 4, 8; 16 = float16) with one "
-                   "fp16 scale per group; svd outers store the truncated factors themselves.")
+@click.option("--bits", default=None,
+              help="Store the factors as symmetric integers of this width (2, 3, 4, 8; 16 = float16) or as "
+                   "nf4 (4-bit codes into QLoRA's NormalFloat4 levels), with one fp16 scale per group; svd "
+                   "outers store the truncated factors themselves.")
 @click.option("--group-size", type=int, default=64, show_default=True, help="Values per quantization scale.")
 @click.option("--target-size", default=None,
               help="Budget: a ratio to the input's size (32x) or a size (600KB, 1.5MB). Rank and bits are "
@@ -131,8 +132,8 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
         refuse_to_replace_input(path, output)
     try:
         cfg = CompressConfig(outer=outer, seed=seed, outer_dim=parse_outer_dim(outer_dim), outer_stream=outer_stream,
-                             rank=rank, keep_energy=keep_energy, dtype=dtype, bits=bits, group_size=group_size,
-                             target_size=target_size, min_fidelity=min_fidelity)
+                             rank=rank, keep_energy=keep_energy, dtype=dtype, bits=parse_bits(bits),
+                             group_size=group_size, target_size=target_size, min_fidelity=min_fidelity)
     except ConfigError as exc:  # the library names parameters; here they are flags
         raise BadInputError(f"{flag(exc.param)}: {exc.detail}") from None
     adapter = api.load_adapter(path, fmt, allow_pickle=allow_pickle)

@@ -99,6 +99,14 @@ def parse_outer_dim(value: str | None):
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
+def parse_bits(value: str | None):
+    """--bits: an integer width, or a codebook name ("nf4"); CompressConfig checks which exist."""
+    if value is None:
+        return None
+    text = value.strip()
+    return int(text) if text.isdigit() else text.lower()
+
+
 input_format = click.option("--from", "fmt", type=click.Choice(FORMAT_CHOICES), default=None,
                             help="Input layout (detected when omitted).")
 allow_pickle = click.option("--allow-pickle", is_flag=True,
