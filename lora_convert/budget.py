@@ -13,6 +13,7 @@ of the module's output on that data, and the factors are fitted in that metric.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass, field
 
@@ -33,16 +34,50 @@ class Option:
 
 @dataclass
 class Curve:
-    """One module's options and its update's energy s²‖BA‖²_F (in the whitened metric if any)."""
+    """One module's options and its update's energy s²‖BA‖²_F (in the whitened metric if any).
+
+    A partial curve (error_curve's `exact_bits` / `max_k`) also lists `pending` options whose
+    error is not computed: their `nbytes` and `err2` are lower bounds (the error of any rank-k
+    factors is at least the energy beyond σ_k). Its first `certain` hull steps are those no
+    pending option can change (every pending option lies strictly above the step's line), so an
+    allocation that stays within them is the one the complete curve gives; -1: not even the
+    cheapest option is certain."""
 
     name: str
     energy: float
     options: list[Option]
     overhead: int = 0  # header bytes the module costs whatever its option
-    hull: list[Option] = field(init=False)
+    pending: list[Option] = field(default_factory=list)
+    factors: object = None  # what the fit may reuse (SvdRecipe), opaque here
 
-    def __post_init__(self):
-        self.hull = lower_hull(self.options)
+    @functools.cached_property
+    def hull(self) -> list[Option]:
+        return lower_hull(self.options)
+
+    @functools.cached_property
+    def certain(self) -> int:
+        return _certain_steps(self.hull, self.pending, self.energy)
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending
+
+
+def _certain_steps(hull: list[Option], pending: list[Option], energy: float) -> int:
+    """How many leading hull steps (hull[j] → hull[j+1]) no pending option can change."""
+    if not pending:
+        return len(hull) - 1
+    nb = np.array([p.nbytes for p in pending], dtype=np.float64)
+    lb = np.array([p.err2 for p in pending], dtype=np.float64)
+    tol = 1e-9 * energy  # the computed errors carry ~1e-15·energy of round-off
+    h0 = hull[0]
+    if not ((nb > h0.nbytes) | (lb > h0.err2 + tol)).all():
+        return -1
+    for j, (u, v) in enumerate(zip(hull, hull[1:])):
+        line = u.err2 + (v.err2 - u.err2) * (nb - u.nbytes) / (v.nbytes - u.nbytes)
+        if not (lb > line + tol).all():
+            return j
+    return len(hull) - 1  # beyond the last computed option a pending one may extend the hull
 
 
 def lower_hull(options: list[Option]) -> list[Option]:
@@ -66,22 +101,88 @@ def lower_hull(options: list[Option]) -> list[Option]:
     return hull
 
 
-def _prefix_errors(energy: float, B: np.ndarray, A: np.ndarray, F1: np.ndarray, F2: np.ndarray) -> np.ndarray:
-    """‖BA − F1[:, :k] F2[:k]‖²_F for k = 1..K from small products only (no out×in matrix).
-    (One candidate at a time: products of several at once cross OpenBLAS's threading threshold,
-    and its threads wait on a busy machine.)"""
-    cross = np.cumsum(np.einsum("ij,ji->i", F1.T @ B, A @ F2.T))
-    H = (F1.T @ F1) * (F2 @ F2.T)
-    self_ = np.diagonal(np.cumsum(np.cumsum(H, 0), 1))
-    return np.maximum(energy - 2.0 * cross + self_, 0.0)
+def _prefix_errors(energy: float, Bt: torch.Tensor, A: torch.Tensor, P1: torch.Tensor, P2: torch.Tensor) -> np.ndarray:
+    """‖BA − P1[w, :k]ᵀ P2[w, :k]‖²_F for every candidate w of a stack (P1: W×K×out holds the
+    output-side factors transposed, P2: W×K×in the input-side ones; Bt = Bᵀ) and k = 1..K,
+    from small products only (no out×in matrix). In torch, whose thread count the caller limits:
+    numpy's BLAS spreads products of this size over every core, and on a busy machine its
+    threads wait on each other (the plan ran 20-60x slower that way)."""
+    W, K = P1.shape[:2]
+    # every operand with its long side contiguous: MKL's double products run 2x faster so
+    cross = torch.cumsum(((P1.reshape(W * K, -1) @ Bt.contiguous().T) *
+                          (P2.reshape(W * K, -1) @ A.T)).sum(1).view(W, K), 1)
+    H = torch.bmm(P1, P1.transpose(1, 2)) * torch.bmm(P2, P2.transpose(1, 2))
+    self_ = torch.diagonal(torch.cumsum(torch.cumsum(H, 1), 2), dim1=1, dim2=2)
+    return np.maximum(energy - 2.0 * cross.numpy() + self_.numpy(), 0.0)
+
+
+def _fp16_values(x: torch.Tensor) -> torch.Tensor:
+    """float16(x) as float64, rounded to nearest even as numpy's direct cast does (torch's own
+    cast goes through float32 and can round twice): x / ulp rounded to an integer, times the
+    ulp, with ulp = 2^(e−10) for |x| in [2^e, 2^(e+1)) and 2^−24 (subnormals) below 2^−14.
+    |x| must not exceed float16's largest value. Four times faster than numpy's cast."""
+    expo = x.view(torch.int64) & 0x7FF0000000000000  # the power of two below |x| (sign dropped)
+    ulp = (expo - (10 << 52)).clamp_min_((1023 - 24) << 52).view(torch.float64)
+    return torch.div(x, ulp).round_().mul_(ulp)  # exact: scaling by a power of two
+
+
+_FAST_BITS = frozenset({2, 3, 4, 8, 16})
+
+
+def rounded_vectors(M: np.ndarray, widths, group: int, by_rows: bool = False) -> torch.Tensor:
+    """quant.rounded_widths(M, widths, group), the same values bit for bit, as one float64 tensor
+    (widths × vectors × long side): M's vectors (its columns if it is tall or square, else its
+    rows; `by_rows`: its rows, as a wide matrix's) as rows. The planning path: one thread of torch
+    instead of numpy (division, rounding half to even and float16 are IEEE operations either way;
+    tests/test_budget.py compares them)."""
+    M = np.asarray(M, dtype=np.float64)
+    if not by_rows and M.shape[0] >= M.shape[1]:  # quant's layout: vectors along the long side
+        M = M.T
+    if not set(widths) <= _FAST_BITS:  # widths only quant knows how to round
+        return torch.stack([torch.from_numpy(q.T if M.shape[0] >= M.shape[1] else q)
+                            for q in quant.rounded_widths(M.T if M.shape[0] >= M.shape[1] else M, widths, group)])
+    T = torch.from_numpy(M)
+    S, L = T.shape
+    ng = -(-L // group)
+    if L % group:
+        G = torch.zeros(S, ng * group, dtype=torch.float64)
+        G[:, :L] = T
+    else:
+        G = T.contiguous()
+    G = G.view(S, ng, group)
+    maxabs = G.abs().amax(2).numpy() if G.numel() else np.zeros((S, ng))
+    if not np.isfinite(maxabs).all():
+        raise ValueError("cannot quantize non-finite values")
+    out = torch.empty(len(widths), S, ng, group, dtype=torch.float64)
+    for w, bits in enumerate(widths):
+        quant.check_bits(bits)
+        if bits == 16:
+            if (maxabs > quant.FP16_MAX).any():
+                raise ValueError("values overflow float16")
+            out[w] = _fp16_values(G)
+            continue
+        top = quant.qmax(bits)
+        if (maxabs / top > quant.FP16_MAX).any():
+            raise ValueError(f"values up to {maxabs.max():.3g} overflow the float16 scales")
+        scales = (maxabs / top).astype(np.float16).astype(np.float64)[:, :, None]
+        # a zero scale has an all-zero group or values that round to 0 either way
+        torch.div(G, torch.from_numpy(np.where(scales > 0, scales, 1.0)), out=out[w]).round_()
+        if ((scales > 0) & (scales < 2.0 ** -14)).any():
+            # a subnormal fp16 scale can be far below max|x| / qmax; a normal one is within 2^-11 of
+            # it, so that |x| / scale < qmax + 0.07 rounds to at most qmax
+            out[w].clamp_(-top, top)
+        out[w].mul_(torch.from_numpy(scales))
+    return out.view(len(widths), S, ng * group)[:, :, :L]
 
 
 def svd_factors(B: torch.Tensor, A: torch.Tensor, whitening: np.ndarray | None = None,
-                max_rank: int | None = None, update: Update | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                max_rank: int | None = None, update: Update | None = None, recipe: bool = False):
     """(F1 out×K, F2 K×in, σ): the truncated SVD of B·A (of B·A·L with `whitening`, mapped back:
     F2 = √σ Vᵀ L⁻¹) with the singular values split evenly, columns/rows by decreasing σ; the
     rank-k optimum is the first k of them. K is the numerical rank (at least 1). `update`: the
-    caller's Update(B, A·L) when it has one (its Gram products are then not formed again)."""
+    caller's Update(B, A·L) when it has one (its Gram products are then not formed again).
+    `recipe`: also return the SvdRecipe that recomputes F1, F2 (None when whitened or when the
+    factors needed Householder QR)."""
     if update is None:
         A64 = A.double()
         if whitening is not None:
@@ -92,13 +193,59 @@ def svd_factors(B: torch.Tensor, A: torch.Tensor, whitening: np.ndarray | None =
     K = max(int((s > (s[0] if s.size else 0.0) * 1e-12).sum()), 1)
     if max_rank is not None:
         K = min(K, max_rank)
-    U, V = upd.singular_vectors(K)
+    maps = upd.stack.vector_maps(K)
+    if maps is None:  # Householder route
+        U, V = upd.singular_vectors(K)
+    else:
+        U, V = torch.bmm(upd.stack.B, maps[0])[0], torch.bmm(maps[1], upd.stack.A)[0]
     root = np.sqrt(s[:K])
     F1, F2 = U.numpy() * root, root[:, None] * V.numpy()
     if whitening is not None:
         import scipy.linalg
         F2 = scipy.linalg.solve_triangular(np.asarray(whitening, dtype=np.float64).T, F2.T, lower=False).T
+    if recipe:
+        return F1, F2, s[:K], (None if maps is None or whitening is not None else SvdRecipe(*maps, s[:K]))
     return F1, F2, s[:K]
+
+
+def _numerical_rank(s: np.ndarray) -> int:
+    return max(int((s > (s[0] if s.size else 0.0) * 1e-12).sum()), 1)
+
+
+def _transposed64(B: torch.Tensor) -> torch.Tensor:
+    """Bᵀ as a contiguous float64 tensor: products along B's long side then read both operands
+    along rows (MKL's double products run about twice as fast so)."""
+    return torch.empty(B.shape[1], B.shape[0], dtype=torch.float64).copy_(B.detach().T)
+
+
+@dataclass(frozen=True)
+class SvdRecipe:
+    """The truncated-SVD factors of one unwhitened module (svd outers) from its B and A without
+    their Gram matrices and core SVD: F1ᵀ = M1 Bᵀ, F2 = M2 A with the maps of
+    Updates.vector_maps, √σ folded in. The plan keeps it, so that the fit after allocation recomputes exactly
+    the plan's factors (the same products) at a fraction of the cost."""
+
+    M1: torch.Tensor  # 1×k×r
+    M2: torch.Tensor  # 1×k×r
+    spectrum: np.ndarray  # σ_1..σ_k
+
+    @classmethod
+    def of(cls, upd: Update, k: int) -> SvdRecipe | None:
+        """The recipe of the first k factors; None where the factors needed Householder QR."""
+        maps = upd.stack.vector_maps(k)
+        if maps is None:
+            return None
+        root = torch.from_numpy(np.sqrt(upd.spectrum[:k]))  # √σ folded into the small maps
+        return cls((maps[0] * root).transpose(1, 2).contiguous(), maps[1] * root[:, None], upd.spectrum[:k])
+
+    def factors_t(self, Bt: torch.Tensor, A: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(F1ᵀ k×out, F2 k×in) from Bt = Bᵀ (contiguous float64) and A (float64)."""
+        return torch.bmm(self.M1, Bt[None])[0].numpy(), torch.bmm(self.M2, A[None])[0].numpy()
+
+    def factors(self, B: torch.Tensor, A: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(F1 out×k, F2 k×in) of the module's own factors B, A."""
+        F1t, F2 = self.factors_t(_transposed64(B), A.detach().double())
+        return F1t.T, F2
 
 
 def random_inner(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
@@ -117,40 +264,92 @@ def random_inner(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Ten
 
 def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bits: tuple[int | str, ...],
                 group: int, outers: tuple[torch.Tensor, torch.Tensor] | None = None,
-                whitening: np.ndarray | None = None, overhead: int = 0, input_rounding=None) -> Curve:
+                whitening: np.ndarray | None = None, overhead: int = 0, input_rounding=None,
+                exact_bits: tuple[int, ...] | None = None, max_k: int | None = None) -> Curve:
     """Options (k, bits) of one module. Without `outers` (svd): the stored factors are the
     truncated SVD factors F1 (out×k), F2 (k×in). With random `outers` (U, V): the stored factors
     are the inner X (a×k), Y (k×b). Each factor is quantized once per width: its groups run along
     its long side, within one column of F1 / X or one row of F2 / Y, so the quantized rank-k
     factors are the first k columns / rows of the quantized full ones. `input_rounding(F, bits,
     group)`: the decoded values stored for the input-side factor (F2 / Y), if not plain rounding;
-    it must round rows independently (calibrated.input_rounding)."""
-    B64, A64 = B.double(), A.double()
+    it must round rows independently (calibrated.input_rounding).
+
+    `exact_bits`, `max_k` (svd only): compute the errors of those widths up to rank max_k and
+    leave the other options pending with lower bounds (Curve), for an allocation that needs only
+    the start of each curve. The curve keeps an SvdRecipe for the fit (unwhitened svd)."""
+    A64 = A.detach().double()
     L = None if whitening is None else torch.from_numpy(np.asarray(whitening, dtype=np.float64))
-    Aw = A64 if L is None else A64 @ L
-    Bn, Awn = B64.numpy(), Aw.numpy()
-    upd = Update(B64, Aw)
-    energy = float(upd.energy)
-    if outers is None:
-        S1, S2, _ = svd_factors(B64, A64, whitening, update=upd)
-        maps = (lambda F: F), (lambda F: F if L is None else F @ L.numpy())
+    if (exact_bits is not None or max_k is not None) and outers is not None:
+        raise ValueError("partial curves are for svd outers")
+    recipe = None
+    if outers is None and L is None:
+        Bt = _transposed64(B)
+        upd = Update(Bt.T, A64)
+        K = _numerical_rank(upd.spectrum)
+        k0 = K if max_k is None else max(1, min(K, max_k))
+        recipe = SvdRecipe.of(upd, k0)
+        if recipe is not None:  # only the first k0 factors: the fit recomputes exactly these
+            F1t, S2 = recipe.factors_t(Bt, A64)
+    if recipe is None:
+        B64 = B.detach().double()
+        Aw = A64 if L is None else A64 @ L
+        upd = Update(B64, Aw)
+        Bt = B64.T
+        if outers is None:  # whitened, or factors that needed Householder QR: the whole curve
+            S1, S2, _ = svd_factors(B64, A64, whitening, update=upd)
+            maps = None, L  # the stored factors themselves; F2 is seen through L
+        else:
+            U, V = outers
+            Vw = V.double() if L is None else V.double() @ L  # Y multiplies V: its fit and error see V L
+            S1, S2, _ = random_inner(B64, Aw, U, Vw)
+            maps = U.double(), Vw
+        F1t = S1.T
+        K = k0 = S1.shape[1]
     else:
-        U, V = outers
-        Vw = V.double() if L is None else V.double() @ L  # Y multiplies V: its fit and error see V L
-        S1, S2, _ = random_inner(B64, Aw, U, Vw)
-        U64, V64 = U.double().numpy(), Vw.numpy()
-        maps = (lambda X: U64 @ X), (lambda Y: Y @ V64)
-    K = S1.shape[1]
-    Q2s = quant.rounded_widths(S2, bits, group) if input_rounding is None else \
-        [np.asarray(input_rounding(S2, b, group), dtype=np.float64) for b in bits]
-    err2 = [(scale * scale) * _prefix_errors(energy, Bn, Awn, maps[0](Q1), maps[1](Q2))
-            for Q1, Q2 in zip(quant.rounded_widths(S1, bits, group), Q2s)]
-    opts = []
-    for w, b in enumerate(bits):
+        maps = None, None
+    energy = float(upd.energy)
+    widths = tuple(b for b in bits if exact_bits is None or b in exact_bits) or tuple(bits)
+    # the rounded factors of each width as stacks (widths × k0 × long side) of P1 = F1ᵀ, P2 = F2:
+    # F1 / X is never wide (K <= its rows), its vectors are its columns; F2[:k] / Y[:k] is wide for
+    # every k below its width, its vectors are its rows
+    P1 = rounded_vectors(F1t, widths, group, by_rows=True)
+    if input_rounding is None:
+        P2 = rounded_vectors(S2, widths, group, by_rows=True)
+    else:
+        P2 = torch.stack([torch.from_numpy(np.asarray(input_rounding(S2[:min(k0, S2.shape[1] - 1)], b, group),
+                                                      dtype=np.float64)) for b in widths])
+    if maps[0] is not None:
+        P1 = (maps[0] @ P1.transpose(1, 2)).transpose(1, 2)  # (U X)ᵀ
+    if maps[1] is not None:
+        P2 = P2 @ maps[1]
+    err2 = _prefix_errors(energy, Bt, upd.A, P1[:, :P2.shape[1]].contiguous(), P2.contiguous())
+    if k0 == S2.shape[1]:  # at full rank a square F2 / Y is stored by columns
+        if input_rounding is None:
+            Q2 = rounded_vectors(S2, widths, group).transpose(1, 2)
+        else:
+            Q2 = torch.stack([torch.from_numpy(np.asarray(input_rounding(S2, b, group), dtype=np.float64))
+                              for b in widths])
+        if maps[1] is not None:
+            Q2 = Q2 @ maps[1]
+        err2 = np.concatenate([err2[:, :k0 - 1], _prefix_errors(energy, Bt, upd.A, P1.contiguous(),
+                                                                Q2.contiguous())[:, k0 - 1:]], axis=1)
+    err2 = (scale * scale) * err2
+    s2 = scale * scale
+    spectrum = upd.spectrum
+    out_f, in_f = F1t.shape[1], S2.shape[1]
+    # below every rank-k error (Eckart–Young), with room for the computed errors' round-off
+    tail = np.concatenate([np.cumsum((spectrum ** 2)[::-1])[::-1][1:], [0.0]])
+    floor = np.maximum(s2 * (tail * (1 - 1e-9) - 1e-12 * energy), 0.0)
+    opts, pending = [], []
+    for b in bits:
+        w = widths.index(b) if b in widths else None
         for k in range(1, K + 1):
-            size = quant.nbytes((S1.shape[0], k), b, group) + quant.nbytes((k, S2.shape[1]), b, group)
-            opts.append(Option(k, b, size, float(err2[w][k - 1])))
-    return Curve(name, scale * scale * energy, opts, overhead)
+            size = quant.nbytes((out_f, k), b, group) + quant.nbytes((k, in_f), b, group)
+            if w is not None and k <= k0:
+                opts.append(Option(k, b, size, float(err2[w][k - 1])))
+            else:
+                pending.append(Option(k, b, size, float(floor[k - 1])))
+    return Curve(name, s2 * energy, opts, overhead, pending, recipe)
 
 
 @dataclass
@@ -175,10 +374,11 @@ class BudgetError(ValueError):
 
 class _Greedy:
     """Walks every module's hull from its cheapest option, always taking the step that saves the
-    most error per byte next (a heap keyed on that gain, ties to the earlier module)."""
+    most error per byte next (a heap keyed on that gain, ties to the earlier module). A module
+    whose next step is not certain (a partial curve) stops there and is listed in `requests`."""
 
     def __init__(self, curves: list[Curve], fixed: int):
-        self.curves, self.pos, self.heap = curves, [0] * len(curves), []
+        self.curves, self.pos, self.heap, self.requests = curves, [0] * len(curves), [], []
         self.energy = sum(c.energy for c in curves)
         self.nbytes = fixed + sum(c.overhead + c.hull[0].nbytes for c in curves)
         self.err2 = sum(c.hull[0].err2 for c in curves)
@@ -186,10 +386,14 @@ class _Greedy:
             self._push(i)
 
     def _push(self, i: int) -> None:
-        h, j = self.curves[i].hull, self.pos[i]
-        if j + 1 < len(h):
-            gain = (h[j].err2 - h[j + 1].err2) / max(h[j + 1].nbytes - h[j].nbytes, 1)
-            heapq.heappush(self.heap, (-gain, i))
+        c = self.curves[i]
+        h, j = c.hull, self.pos[i]
+        if j >= c.certain:
+            if c.pending:
+                self.requests.append(i)
+            return
+        gain = (h[j].err2 - h[j + 1].err2) / max(h[j + 1].nbytes - h[j].nbytes, 1)
+        heapq.heappush(self.heap, (-gain, i))
 
     def next_step(self) -> tuple[int, int] | None:
         """(module, extra bytes) of the best step left, removed from the queue; None when done."""
@@ -214,23 +418,47 @@ class _Greedy:
                           max(self.err2, 0.0), self.energy)
 
 
+def _completed(curves: list[Curve], complete, needed: list[int]) -> list[Curve]:
+    if complete is None:
+        raise ValueError(f"curve {curves[needed[0]].name!r} is partial and there is no way to complete it")
+    out = list(curves)
+    for i, c in zip(needed, complete([curves[i] for i in needed])):
+        if not c.complete:
+            raise ValueError(f"curve {c.name!r} came back partial")
+        out[i] = c
+    return out
+
+
 def allocate(curves: list[Curve], budget: int | None = None, min_fidelity: float | None = None,
-             fixed: int = 0) -> Allocation:
+             fixed: int = 0, complete=None) -> Allocation:
     """One option per module: the least total error within `budget` bytes (all of the file:
     `fixed` + per-module overheads + data), or the fewest bytes reaching `min_fidelity`, or
-    both (the budget's allocation, which must reach the fidelity). Raises BudgetError."""
-    g = _Greedy(curves, fixed)
-    if budget is not None and g.nbytes > budget:
-        raise BudgetError(f"the smallest file this adapter allows is {g.nbytes:,} bytes (fidelity "
-                          f"{g.fidelity():.4f}), over the budget of {budget:,} bytes", g.allocation())
-    target = None if min_fidelity is None else (1.0 - min_fidelity) * g.energy
-    while (step := g.next_step()) is not None:
-        if budget is None and g.err2 <= target:
+    both (the budget's allocation, which must reach the fidelity). Raises BudgetError.
+
+    Partial curves: `complete(curves) -> curves` computes the complete curves of the modules whose
+    certain steps the walk leaves, and the walk starts again; the result is the allocation of the
+    complete curves (each step taken is one they have)."""
+    curves = list(curves)
+    while True:
+        needed = [i for i, c in enumerate(curves) if c.certain < 0]
+        if needed:
+            curves = _completed(curves, complete, needed)
+            continue
+        g = _Greedy(curves, fixed)
+        if budget is not None and g.nbytes > budget:
+            raise BudgetError(f"the smallest file this adapter allows is {g.nbytes:,} bytes (fidelity "
+                              f"{g.fidelity():.4f}), over the budget of {budget:,} bytes", g.allocation())
+        target = None if min_fidelity is None else (1.0 - min_fidelity) * g.energy
+        while (step := g.next_step()) is not None:
+            if budget is None and g.err2 <= target:
+                break
+            i, extra = step
+            if budget is not None and g.nbytes + extra > budget:
+                continue  # this module's later steps cost more still; other modules' may fit
+            g.take(i)
+        if not g.requests:
             break
-        i, extra = step
-        if budget is not None and g.nbytes + extra > budget:
-            continue  # this module's later steps cost more still; other modules' may fit
-        g.take(i)
+        curves = _completed(curves, complete, sorted(set(g.requests)))
     best = g.allocation()
     if target is not None and best.err2 > target * (1 + 1e-9):
         within = f" within {budget:,} bytes" if budget is not None else ""
@@ -239,8 +467,11 @@ def allocate(curves: list[Curve], budget: int | None = None, min_fidelity: float
     return best
 
 
-def frontier(curves: list[Curve], fixed: int = 0) -> list[tuple[int, float]]:
+def frontier(curves: list[Curve], fixed: int = 0, complete=None) -> list[tuple[int, float]]:
     """The whole greedy path as (total bytes, fidelity) points, smallest file first."""
+    partial = [i for i, c in enumerate(curves) if not c.complete]
+    if partial:
+        curves = _completed(curves, complete, partial)
     g = _Greedy(curves, fixed)
     points = [(g.nbytes, g.fidelity())]
     while (step := g.next_step()) is not None:

@@ -187,12 +187,17 @@ class Planned:
     bits: int | str
     rel_error: float
     energy: float
+    factors: budget.SvdRecipe | None = None  # the plan's svd factors, recomputed from B and A alone
 
 
 def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, choice: Planned | None) -> MiniModule:
     """One module stored quantized (container: packed bytes): rank and bits from the budget's
     plan, else --rank / --keep-energy and --bits."""
-    F1, F2, s, energy, outers = _stored_factors(m, src, opts)
+    if choice is not None and choice.factors is not None:  # the plan's factors, without a second SVD
+        F1, F2 = choice.factors.factors(m.up, m.down)
+        outers = None
+    else:
+        F1, F2, s, energy, outers = _stored_factors(m, src, opts)
     if choice is not None:
         k, bits = min(choice.k, F1.shape[1]), choice.bits
     else:
@@ -360,14 +365,22 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibr
     if cfg.budgeted:
         max_bytes = cfg.budget_bytes(original)
         directory = output is None or Path(output).suffix != ".safetensors"
-        curves, fixed = plan_curves(adapter, cfg, max_bytes, whitening=calibrated_whitening(adapter, calibration),
-                                    directory=directory)
+        curves, fixed, complete = _plan(adapter, cfg, max_bytes, calibrated_whitening(adapter, calibration),
+                                        directory, partial=True)
+        factors = {c.name: c.factors for c in curves}
+
+        def completed(partial: list[budget.Curve]) -> list[budget.Curve]:
+            done = complete(partial)
+            factors.update((c.name, c.factors) for c in done)  # their factors reach every rank now
+            return done
+
         try:
-            choice = budget.allocate(curves, max_bytes, cfg.min_fidelity, fixed).choice
+            choice = budget.allocate(curves, max_bytes, cfg.min_fidelity, fixed, complete=completed).choice
         except budget.BudgetError as exc:
             raise BudgetError(str(exc), adapter.source or None, exc.best) from None
         energy = {c.name: c.energy for c in curves}
-        plan = {name: Planned(o.k, o.bits, *_planned_fidelity(o.err2, energy[name])) for name, o in choice.items()}
+        plan = {name: Planned(o.k, o.bits, *_planned_fidelity(o.err2, energy[name]), factors[name])
+                for name, o in choice.items()}
 
     @one_thread  # reading the factors too
     def load_window(names: list[str]) -> list[MiniModule]:
@@ -395,7 +408,6 @@ class BudgetError(BadInputError):
         self.best = best
 
 
-@one_thread
 def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = None,
                 whitening: Callable[[str], torch.Tensor | None] | None = None,
                 directory: bool = True) -> tuple[list[budget.Curve], int]:
@@ -403,11 +415,38 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
     bytes counting its entry in the header, and the bytes of the file that do not depend on the
     choice (container.SizePlan; `directory`: the summary file of the directory layout too).
     `whitening(name)`: the module's input whitening factor L (calibrated_whitening), or None."""
+    curves, fixed, _ = _plan(adapter, cfg, max_bytes, whitening, directory)
+    return curves, fixed
+
+
+# A partial plan (compress with a byte budget) first computes the widths up to this many bits ...
+PARTIAL_BITS = 4
+# ... up to rank PARTIAL_SPAN·k + 4, k the rank a module of the adapter's precision keeps at 4 bits
+# in its share of the budget; every other option waits, with a lower bound, until the allocation
+# reaches it (budget.Curve). At 32x on bench_budget's 7B-shaped adapter no module needs the rest.
+PARTIAL_SPAN = 3
+
+
+@one_thread
+def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
+          whitening: Callable[[str], torch.Tensor | None] | None, directory: bool = True, partial: bool = False):
+    """plan_curves, and a function completing partial curves. `partial` (with a byte budget, svd
+    outers, no calibration): each module's curve starts partial (PARTIAL_BITS, PARTIAL_SPAN)."""
     src = outer.get(cfg.outer)
     opts = _outer_options(cfg)
+    original = source_bytes(adapter.source)
+    ratio = original / max_bytes if partial and original and max_bytes and src.stored and whitening is None else None
+
+    def extent(m: LoraModule, K: int) -> dict:
+        """error_curve's exact_bits / max_k for a partial curve of module m (numerical rank K)."""
+        low = tuple(b for b in cfg.allowed_bits if quant.code_bits(b) <= PARTIAL_BITS)
+        share = m.rank * m.up.element_size() / ((PARTIAL_BITS + 16 / cfg.group_size) / 8 * ratio)
+        if not low or low == cfg.allowed_bits and PARTIAL_SPAN * share + 4 >= K or 2 * share >= K:
+            return {}
+        return {"exact_bits": low, "max_k": math.ceil(PARTIAL_SPAN * share) + 4}
 
     @one_thread
-    def curve(name: str) -> tuple[budget.Curve, dict, bool]:
+    def curve(name: str, whole: bool = False) -> tuple[budget.Curve, dict, bool]:
         m = adapter.module(name)
         outers = None
         if not src.stored:
@@ -419,8 +458,9 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
         fidelity = {}
         try:
             if L is None:
+                part = extent(m, min(m.rank, m.out_features, m.in_features)) if ratio and not whole else {}
                 c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
-                                       outers=outers)
+                                       outers=outers, **part)
             else:  # output-space errors, input-side factor rounded with error feedback (calibrated.py)
                 calibrated.check_width(m, L)
                 c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
@@ -435,35 +475,44 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
                            {"bits": cfg.allowed_bits[-1], "group": cfg.group_size})
         return c, spec, L is not None
 
-    curves, specs, whitened = [], {}, set()
+    raw, specs, whitened = [], {}, set()
     for c, spec, w in ordered_map(curve, adapter.module_names, workers()):
-        curves.append(c)
+        raw.append(c)
         specs[c.name] = spec
         if w:
             whitened.add(c.name)
     probe = MiniAdapter(source_format=adapter.format, module_names=[], load_module=None,
                         source_config=adapter.config, source_metadata=adapter.metadata,
                         passthrough_names=list(adapter.passthrough_names), load_passthrough=adapter.load_passthrough,
-                        original_bytes=source_bytes(adapter.source))
-    max_data = max_bytes or sum(max(o.nbytes for o in c.options) for c in curves)
+                        original_bytes=original)
+    max_data = max_bytes or sum(max(o.nbytes for o in c.options + c.pending) for c in raw)
     sizes = SizePlan(probe, specs, max_data, directory)
     fixed = sizes.fixed + (calibrated.summary_overhead() if whitened and directory else 0)
     worst = -1.234e15  # the longest figure _short gives: whitened curves' weight-space figures are not known yet
-    out = []
-    for c in curves:
+
+    def costed(c: budget.Curve) -> budget.Curve:
+        """c with every option's bytes counting its entry in the header (pending ones at least)."""
         if c.name in whitened:
             costs = [sizes.entry_bytes(c.name, o.k, o.bits, worst, worst) for o in c.options]
-        else:  # entry_bytes at the first option, plus how much longer each option's numbers are
-            o0 = c.options[0]
-            e0 = _planned_fidelity(o0.err2, c.energy)
-            base = sizes.entry_bytes(c.name, o0.k, o0.bits, *e0) - len(repr(o0.k)) - entry_field_bytes(o0.bits) - \
-                len(repr(e0[0]))
-            inv = 1.0 / c.energy if c.energy > 0 else 0.0
-            costs = [base + len(repr(o.k)) + entry_field_bytes(o.bits) + len(repr(_short((o.err2 * inv) ** 0.5)))
-                     for o in c.options]
-        out.append(budget.Curve(c.name, c.energy, [Option(o.k, o.bits, o.nbytes + n, o.err2)
-                                                   for o, n in zip(c.options, costs)]))
-    return out, fixed
+            return budget.Curve(c.name, c.energy, [Option(o.k, o.bits, o.nbytes + n, o.err2)
+                                                   for o, n in zip(c.options, costs)])
+        # entry_bytes at the first option, plus how much longer each option's numbers are
+        o0 = c.options[0]
+        e0 = _planned_fidelity(o0.err2, c.energy)
+        base = sizes.entry_bytes(c.name, o0.k, o0.bits, *e0) - len(repr(o0.k)) - entry_field_bytes(o0.bits) - len(repr(e0[0]))
+        inv = 1.0 / c.energy if c.energy > 0 else 0.0
+        head = lambda o: base + len(repr(o.k)) + entry_field_bytes(o.bits)  # noqa: E731
+        return budget.Curve(c.name, c.energy,
+                            [Option(o.k, o.bits, o.nbytes + head(o) + len(repr(_short((o.err2 * inv) ** 0.5))), o.err2)
+                             for o in c.options],
+                            pending=[Option(o.k, o.bits, o.nbytes + head(o) + len("0.0"), o.err2) for o in c.pending],
+                            factors=c.factors)
+
+    def complete(partial_curves: list[budget.Curve]) -> list[budget.Curve]:
+        whole = functools.partial(curve, whole=True)
+        return [costed(c) for c, _, _ in ordered_map(whole, [c.name for c in partial_curves], workers())]
+
+    return [costed(c) for c in raw], fixed, complete
 
 
 def calibrated_whitening(adapter: Adapter, calibration) -> Callable[[str], torch.Tensor] | None:

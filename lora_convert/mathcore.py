@@ -109,6 +109,16 @@ class Updates:
         """Singular values of each B @ A (n×r), descending."""
         return self._core[1]
 
+    def _vector_maps(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        uc, _, vch, rb_inv, ra_inv, _ = self._core
+        return _t(rb_inv @ uc[:, :, :k]), _t((ra_inv @ vch[:, :k].swapaxes(1, 2)).swapaxes(1, 2))
+
+    def vector_maps(self, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(M1 n×r×k, M2 n×k×r) with singular_vectors(k) = (B M1, M2 A) exactly (the same products),
+        so that a caller holding only these small matrices recomputes the vectors from the factors
+        bit for bit; None where a module needed Householder QR (the vectors are not such products)."""
+        return None if self._core[5] else self._vector_maps(k)
+
     def singular_vectors(self, k: int, out=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(U n×out×k, V n×k×in), the top-k singular vectors: B_i@A_i ≈ U_i diag(S_i[:k]) V_i.
         `out`: optional (U, V) float64 tensors of those shapes to write into."""
@@ -116,8 +126,9 @@ class Updates:
         if len(qr) == len(self):
             return (torch.stack([qb @ _t(uc[i, :, :k]) for i, (qb, _) in qr.items()]),
                     torch.stack([_t(vch[i, :k]) @ qa.T for i, (_, qa) in qr.items()]))
-        U = torch.bmm(self.B, _t(rb_inv @ uc[:, :, :k]), out=out and out[0])  # Q_B = B R_B⁻¹
-        V = torch.bmm(_t((ra_inv @ vch[:, :k].swapaxes(1, 2)).swapaxes(1, 2)), self.A, out=out and out[1])  # Q_Aᵀ = R_A⁻ᵀ A
+        M1, M2 = self._vector_maps(k)
+        U = torch.bmm(self.B, M1, out=out and out[0])  # Q_B = B R_B⁻¹
+        V = torch.bmm(M2, self.A, out=out and out[1])  # Q_Aᵀ = R_A⁻ᵀ A
         for i, (qb, qa) in qr.items():
             U[i], V[i] = qb @ _t(uc[i, :, :k]), _t(vch[i, :k]) @ qa.T
         return U, V

@@ -338,3 +338,192 @@ def test_quantized_error_is_exact(fixtures):
         rel = difference_norm(o.up.double(), o.down.double(), B2, A2) / float(
             torch.linalg.matrix_norm(o.up.double() @ o.down.double()))
         assert m.fidelity["rel_error"] == pytest.approx(rel, rel=5.01e-4)  # recorded to 4 significant digits
+
+
+# ---------------------------------------------------------------- the planning fast path
+
+def _rounded_cases():
+    rng = np.random.default_rng(3)
+    for shape in [(70, 6), (6, 50), (300, 16), (16, 1000), (5, 5), (130, 3), (3, 1000)]:
+        for group in (16, 64, 7):
+            yield rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 2, shape), group
+    for scale in (1e-9, 1e-7, 3e-6, 1e-5):  # groups whose float16 scale is subnormal (clamped codes)
+        M = rng.standard_normal((12, 300)) * scale
+        M[:, ::7] *= 1e-3
+        yield M, 16
+
+
+def test_planning_rounding_is_quants_bit_for_bit():
+    """budget.rounded_vectors (torch, the plan) gives exactly quant.rounded_widths' values (numpy,
+    what the writer encodes) at every width, in either vector orientation."""
+    widths = (2, 3, 4, 8, 16)
+    for M, group in _rounded_cases():
+        ref = quant.rounded_widths(M, widths, group)
+        got = budget.rounded_vectors(M, widths, group)
+        tall = M.shape[0] >= M.shape[1]
+        for r, g in zip(ref, got):
+            assert np.array_equal(r.T if tall else r, g.numpy())
+        if tall:  # by rows: the vectors a wide matrix has
+            rows = budget.rounded_vectors(M.T.copy(), widths, group, by_rows=True)
+            assert all(np.array_equal(r.T, g.numpy()) for r, g in zip(ref, rows))
+
+
+def test_float16_rounding_matches_numpy_at_ties_and_subnormals():
+    rng = np.random.default_rng(0)
+    h = rng.integers(0, 0x7BFF, 20000).astype(np.uint16).view(np.float16).astype(np.float64)  # finite halves
+    up = np.nextafter(h.astype(np.float16), np.float16(np.inf)).astype(np.float64)
+    mid = (h + up) / 2  # exact ties, and their neighbours either side
+    x = np.concatenate([h, mid, np.nextafter(mid, 0), np.nextafter(mid, 1e9), -mid, [0.0, -0.0, 2.0 ** -26, 65504.0],
+                        rng.standard_normal(20000) * 10.0 ** rng.uniform(-12, 4, 20000)])
+    x = x[np.abs(x) <= 65504]
+    assert np.array_equal(budget._fp16_values(torch.from_numpy(x.copy())).numpy(), x.astype(np.float16).astype(np.float64))
+
+
+def test_square_input_factor_curve_is_the_written_rounding():
+    """A module reading fewer inputs than its rank: F2[:k] is wide below full rank (groups along
+    its rows) and square at full rank (groups along its columns); the curve follows the writer."""
+    B, A = low_rank(40, 8, 8, 5, decay=0.8)
+    curve = error_curve("m", B, A, 1.0, bits=(3, 4, 8), group=4)
+    F1, F2, _ = budget.svd_factors(B, A)
+    assert F2.shape == (8, 8)
+    for o in curve.options:
+        _, (Q1, Q2) = quant.encode_many([F1[:, :o.k], F2[:o.k]], o.bits, 4)
+        diff = B @ A - torch.from_numpy(Q1).double() @ torch.from_numpy(Q2).double()
+        assert o.err2 == pytest.approx(float((diff ** 2).sum()), rel=1e-9, abs=1e-13)
+
+
+def test_svd_recipe_recomputes_the_planned_factors():
+    """The fit after a plan recomputes the plan's factors bit for bit from B and A alone."""
+    B, A = low_rank(90, 70, 8, 6)
+    B32, A32 = B.float(), A.float()
+    for max_k in (None, 3):
+        curve = error_curve("m", B32, A32, 1.0, bits=(4,), group=16, max_k=max_k)
+        F1, F2 = curve.factors.factors(B32, A32)
+        assert F1.shape[1] == F2.shape[0] == (max_k or 8)
+        Q1, Q2 = quant.rounded(F1, 4, 16, np.float64), quant.rounded(F2, 4, 16, np.float64)
+        for o in curve.options:  # the curve's errors are those of these very factors
+            diff = B32.double() @ A32.double() - torch.from_numpy(Q1[:, :o.k] @ Q2[:o.k])
+            assert o.err2 == pytest.approx(float((diff ** 2).sum()), rel=1e-9)
+
+
+def _partial_modules():
+    g = torch.Generator().manual_seed(11)
+    mods = []
+    for i, (out_f, in_f, r, decay) in enumerate([(96, 64, 12, 0.5), (64, 128, 16, 0.8), (160, 96, 8, 0.95),
+                                                 (80, 80, 16, 0.7), (128, 64, 12, 0.3)]):
+        B = torch.randn(out_f, r, generator=g, dtype=torch.float64) * decay ** torch.arange(r) * (1 + i)
+        mods.append((f"m{i}", B, torch.randn(r, in_f, generator=g, dtype=torch.float64)))
+    return mods
+
+
+def test_partial_curves_bound_and_keep_the_hull():
+    """Pending options lie below their true error and bytes; every certain step of a partial curve
+    is a step of the complete curve's hull."""
+    bits = (3, 4, 8, 16)
+    for name, B, A in _partial_modules():
+        full = error_curve(name, B, A, 0.7, bits=bits, group=16)
+        exact = {(o.k, o.bits): o for o in full.options}
+        for max_k in (1, 2, 4, 7):
+            part = error_curve(name, B, A, 0.7, bits=bits, group=16, exact_bits=(3, 4), max_k=max_k)
+            assert part.pending and len(part.options) + len(part.pending) == len(full.options)
+            for o in part.options:
+                assert o.err2 == pytest.approx(exact[o.k, o.bits].err2, rel=1e-9, abs=1e-12 * full.energy)
+            for p in part.pending:
+                assert p.nbytes <= exact[p.k, p.bits].nbytes and p.err2 <= exact[p.k, p.bits].err2
+            steps = [(o.k, o.bits) for o in part.hull[:part.certain + 1]] if part.certain >= 0 else []
+            assert steps == [(o.k, o.bits) for o in full.hull[:len(steps)]]
+
+
+def test_partial_allocation_is_the_complete_allocation():
+    """allocate() on partial curves, completing those it walks off, picks exactly what it picks
+    on the complete curves, at budgets that need no completion and at budgets that need many."""
+    bits = (3, 4, 8, 16)
+    mods = _partial_modules()
+    full = [error_curve(n, B, A, 1.0, bits=bits, group=16) for n, B, A in mods]
+    by_name = {c.name: c for c in full}
+    asked = []
+
+    def complete(curves):
+        asked.extend(c.name for c in curves)
+        return [by_name[c.name] for c in curves]
+
+    lo = sum(c.hull[0].nbytes for c in full)
+    hi = sum(c.hull[-1].nbytes for c in full)
+    for max_k in (2, 5):
+        part = [error_curve(n, B, A, 1.0, bits=bits, group=16, exact_bits=(3, 4), max_k=max_k) for n, B, A in mods]
+        for budget_bytes in np.linspace(lo, hi, 9).astype(int):
+            asked.clear()
+            want = allocate(full, int(budget_bytes), None, 0)
+            got = allocate(part, int(budget_bytes), None, 0, complete=complete)
+            assert got.choice == want.choice and got.err2 == want.err2
+        assert asked  # the largest budgets walked off the partial curves
+        want = allocate(full, min_fidelity=0.999)
+        assert allocate(part, min_fidelity=0.999, complete=complete).choice == want.choice
+    with pytest.raises(ValueError, match="partial"):
+        allocate(part, hi)  # no way to complete them
+
+
+def _wide_rank_adapter(fixtures, dest, r=32):
+    """The fixture's modules at rank r (decaying spectra, fp32): small budgets leave most of
+    each curve to the partial plan."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    src = fixtures / SRC
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for key, t in load_file(str(src / "adapter_model.safetensors")).items():
+        if key.endswith("lora_A.weight"):
+            tensors[key] = torch.randn(r, t.shape[1], generator=g)
+        else:
+            tensors[key] = torch.randn(t.shape[0], r, generator=g) * 0.85 ** torch.arange(r)
+    dest.mkdir()
+    save_file(tensors, str(dest / "adapter_model.safetensors"))
+    config = json.loads((src / "adapter_config.json").read_text())
+    (dest / "adapter_config.json").write_text(json.dumps({**config, "r": r, "lora_alpha": 2 * r}))
+    shutil.copy(src / "README.md", dest / "README.md")
+    return dest
+
+
+def test_partial_plan_writes_the_same_file(fixtures, tmp_path, monkeypatch):
+    """compress --target-size plans partial curves; the file is byte for byte the one a complete
+    plan gives, whether the allocation stays within the partial curves or has to complete some."""
+    from lora_convert import convert
+    adapter = lc.load_adapter(_wide_rank_adapter(fixtures, tmp_path / "r32"))
+    complete_plan = convert._plan
+    seen = []
+
+    def watched(*args, partial=False):
+        curves, fixed, complete = complete_plan(*args, partial=partial)
+        seen.append(sum(1 for c in curves if c.pending))
+
+        def completing(cs):
+            seen.append(-len(cs))
+            return complete(cs)
+        return curves, fixed, completing
+
+    for target in ("40x", "60x"):
+        a, b = tmp_path / f"a{target}.safetensors", tmp_path / f"b{target}.safetensors"
+        monkeypatch.setattr(convert, "_plan", watched)
+        lc.save(lc.compress(adapter, "svd", target_size=target, output=a), a)
+        monkeypatch.setattr(convert, "_plan", lambda *args, partial=False: complete_plan(*args))
+        lc.save(lc.compress(adapter, "svd", target_size=target, output=b), b)
+        assert a.read_bytes() == b.read_bytes()
+    assert seen[0] == len(adapter.module_names)  # every curve started partial
+
+
+def test_completion_reaches_every_rank(monkeypatch, fixtures, tmp_path):
+    """A partial plan that starts too short is completed where the allocation needs it, and the
+    result is still the complete plan's."""
+    from lora_convert import convert
+    adapter = lc.load_adapter(_wide_rank_adapter(fixtures, tmp_path / "r32"))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    lc.save(lc.compress(adapter, "svd", target_size="25x", output=b), b)
+    monkeypatch.setattr(convert, "PARTIAL_SPAN", 0)  # rank 4 at most: the allocation walks off it
+    completed = []
+    real = budget._completed
+    monkeypatch.setattr(budget, "_completed", lambda curves, complete, needed: completed.append(len(needed)) or
+                        real(curves, complete, needed))
+    lc.save(lc.compress(adapter, "svd", target_size="25x", output=a), a)
+    assert completed and a.read_bytes() == b.read_bytes()
