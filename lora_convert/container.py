@@ -25,7 +25,7 @@ from . import __version__, outer, quant
 from .outer import random as random_outer
 from .adapter import LazyModules, lora_scale
 from .atomic import atomic_output
-from .errors import BadInputError, IntegrityError, UnsupportedError
+from .errors import BadInputError, IntegrityError, OverBudgetError, UnsupportedError
 from .lru import BytesLRU
 from .report import FidelityReport, ModuleFidelity
 from .st import TORCH_DTYPE, LazyTensors, StreamingWriter, peek, tensor_buffer
@@ -243,8 +243,8 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
         if max_bytes is not None:
             written = sum(f.stat().st_size for f in (tmp.iterdir() if _is_dir_target(path) else [tmp]))
             if written > max_bytes:  # raised inside atomic_output: nothing is published
-                raise BadInputError(f"the output would be {written:,} bytes, over the budget of {max_bytes:,}",
-                                    path)
+                raise OverBudgetError(f"the output would be {written:,} bytes, over the budget of {max_bytes:,}",
+                                      path)
             report.compressed_bytes = written
     return report
 
@@ -297,9 +297,13 @@ class _Packer:
 # state once in "module_defaults" when every module has the same value: headers of budgeted
 # files are a large share of their bytes.
 DEFAULT_KEYS = ("kind", "kernel", "rank", "alpha", "use_rslora", "dtype")
-# Version 3 also states the outer spec (svd: {"source": "svd"}, its a = b = k implied) and the
-# quantization group there, when all modules share them.
-V3_DEFAULT_KEYS = DEFAULT_KEYS + ("outer", "group")
+# Version 3 also states the outer spec (svd: {"source": "svd"}, its a = b = k implied), the
+# quantization group and the fidelity object besides rel_error and energy (recover's
+# {"recovery_steps": N}) there, when all modules share them.
+V3_DEFAULT_KEYS = DEFAULT_KEYS + ("outer", "group", "fidelity")
+# SizePlan's modules share a placeholder fidelity figure that the written ones do not: it counts
+# that object in every entry (never fewer bytes than the file takes).
+PLAN_DEFAULT_KEYS = DEFAULT_KEYS + ("outer", "group")
 # A version 3 module entry: [name, out_features, in_features, inner_rank, bits or null,
 # rel_error or null, energy or null] and optionally an object of further spec keys.
 V3_FIELDS = 7
@@ -333,12 +337,13 @@ def _v3_split(spec: dict) -> tuple[list, dict]:
     return [out_f, in_f, k, q["bits"] if q else None, rel, energy], rest
 
 
-def v3_entries(specs: dict[str, dict]) -> tuple[dict, list[list]]:
-    """(module_defaults, module entries) of a version 3 document, in the specs' order."""
+def v3_entries(specs: dict[str, dict], keys: tuple[str, ...] = V3_DEFAULT_KEYS) -> tuple[dict, list[list]]:
+    """(module_defaults, module entries) of a version 3 document, in the specs' order; `keys`: those
+    that may go to module_defaults."""
     split = {name: _v3_split(sp) for name, sp in specs.items()}
     rests = [rest for _, rest in split.values()]
     defaults = {} if not rests else {
-        k: rests[0][k] for k in V3_DEFAULT_KEYS
+        k: rests[0][k] for k in keys
         if k in rests[0] and all(k in r and json.dumps(r[k]) == json.dumps(rests[0][k]) for r in rests)}
     entries = []
     for name, (fields, rest) in split.items():
@@ -387,6 +392,12 @@ def summary_config(mini: MiniAdapter, version: int, outer_sources, fidelity: dic
 # Longest JSON form of a float the summary file may hold (its size is not known before the fit).
 _WORST_FLOAT = -1.2345678901234567e-300
 FIDELITY_DIGITS = 4  # significant digits of the (informational) fidelity figures of quantized modules
+
+
+def short_figure(x: float, digits: int = FIDELITY_DIGITS) -> float:
+    """A fidelity figure to `digits` significant digits: informational, and every byte of a
+    budgeted file's header counts."""
+    return float(f"{x:.{digits - 1}e}") if math.isfinite(x) else x
 _WORST_HEX = "f" * 64
 
 
@@ -404,7 +415,7 @@ class SizePlan:
     spec at any (k, bits)."""
 
     def __init__(self, mini: MiniAdapter, specs: dict[str, dict], max_data: int, directory: bool = True):
-        self.defaults, entries = v3_entries(specs)
+        self.defaults, entries = v3_entries(specs, PLAN_DEFAULT_KEYS)
         self.entries = {e[0]: e for e in entries}
         self._heads: dict[str, int] = {}
         passthrough = [(PASSTHROUGH + name, t) for name, t in mini.passthrough()]
