@@ -119,8 +119,7 @@ def _echo_result(result, as_json: bool) -> None:
         doc |= {"unrounded": result.unrounded, "kept_start": result.kept_start,
                 "qat": None if t is None else {"steps": t.steps, "seconds": round(t.seconds, 2),
                                                "final_loss": t.losses[-1] if t.losses else None},
-                "bytes": {"start": result.start_bytes,
-                          "written": result.report.compressed_bytes if result.report is not None else None}}
+                "bytes": {"start": result.start_bytes, "written": result.written_bytes}}
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return

@@ -36,8 +36,9 @@ def export_inner(layers: nn.Module | Mapping[str, MiniLayer], mini: MiniAdapter,
 
     With `max_bytes` (recover passes the start file's size) the header is kept within it: the
     fidelity figures are written to FIDELITY_DIGITS significant digits and never longer than
-    the start file's, then to fewer digits while the file does not fit. An output that cannot
-    fit even so is written anyway; the report's compressed_bytes says how large it is.
+    the start file's, then rel_error to fewer digits while the file does not fit. An output
+    that cannot fit even so (a file of a few modules cannot absorb the recovery note) is
+    written anyway; the caller measures it.
     """
     layers = find_layers(layers) if isinstance(layers, nn.Module) else dict(layers)
     missing = [n for n in mini.module_names if n not in layers]
@@ -49,8 +50,9 @@ def export_inner(layers: nn.Module | Mapping[str, MiniLayer], mini: MiniAdapter,
             start = mini.module(name)
             m = trained_module(start, layers[name], dtype)
             fid = fidelity(m, teacher.module(name) if teacher else None)
-            if digits is not None:
-                fid = {k: fitted_figure(v, start.fidelity.get(k), digits) for k, v in fid.items()}
+            if digits is not None:  # the energy is the teacher's, unchanged: only rel_error gets shorter
+                fid = {k: fitted_figure(v, start.fidelity.get(k), digits if k == "rel_error" else FIDELITY_DIGITS)
+                       for k, v in fid.items()}
             m.fidelity = fid | (extra_fidelity or {})
             return m
 

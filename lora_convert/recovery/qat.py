@@ -13,6 +13,7 @@ rounding. They are a few numbers per group, and need no gradient.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,13 +39,19 @@ def grid_round(M: torch.Tensor, bits: int, group: int) -> torch.Tensor:
         return M.clone()
     ng = -(-L // group)
     G = F.pad(T, (0, ng * group - L)).reshape(S, ng, group)
-    maxabs = G.abs().amax(dim=2)
-    scales = torch.from_numpy(quant.group_scales(maxabs.cpu().numpy(), bits).astype("float64"))
-    scales = scales.to(M.device)[:, :, None]
     top = quant.qmax(bits)
+    maxabs = G.abs().amax(dim=2).cpu().numpy()
+    # groups a file cannot hold (non-finite values, scales past float16) come out as NaN: a
+    # diverged state is then judged unusable, not refused halfway through a run
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(maxabs) | (maxabs / top > quant.FP16_MAX)
+    scales = torch.from_numpy(quant.group_scales(np.where(bad, 0.0, maxabs), bits).astype(np.float64))
+    scales = scales.to(M.device)[:, :, None]
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.where(scales > 0, torch.round(G / safe), torch.zeros_like(G)).clamp_(-top, top)
-    vals = (q * scales).reshape(S, ng * group)[:, :L]
+    q = torch.where(scales > 0, torch.round(G / safe), torch.zeros_like(G)).clamp_(-top, top) * scales
+    if bad.any():
+        q = torch.where(torch.from_numpy(bad).to(M.device)[:, :, None], torch.full_like(q, float("nan")), q)
+    vals = q.reshape(S, ng * group)[:, :L]
     return vals.T.contiguous() if tall else vals.contiguous()
 
 

@@ -89,6 +89,7 @@ class RunResult:
     qat: TrainResult | None = None  # recover: the quantization-aware phase, when it ran
     kept_start: bool = False  # recover: the start file's factors were written (recovery did not improve them)
     start_bytes: int | None = None  # recover: the start file's size in the output's layout (the size bound)
+    written_bytes: int | None = None  # recover: the output's size (main process)
 
 
 # ------------------------------------------------------------------ setup
@@ -298,7 +299,7 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
                 after = quantized
             else:
                 load_values(layers, trained)
-    kept_start = after["effect_kept"] < before["effect_kept"]
+    kept_start = not after["effect_kept"] >= before["effect_kept"]  # also when training diverged (NaN)
     if kept_start:
         load_values(layers, start)
         _log(session, log, f"the recovered factors keep less of the effect than the start file "
@@ -312,11 +313,12 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
     else:
         marks = {} if kept_start else {"recovery_steps": topts.steps + (qat.steps if qat else 0)}
         report = _export(session, mini, output, teacher, marks, budget)
-    if report is not None and budget is not None and report.compressed_bytes > budget:
-        _log(session, log, f"note: the output is {report.compressed_bytes - budget:,} bytes larger than the start "
-                           f"file ({budget:,} B): its header did not fit (a different layout?)")
+    written = layout_bytes(container.resolve_file(output), output) if report is not None else None
+    if written is not None and budget is not None and written > budget:
+        _log(session, log, f"note: the output is {written - budget:,} bytes larger than the start file ({budget:,} B): "
+                           "the recovery note in its header did not fit (a file of few modules, or another layout)")
     return RunResult(before, after, training, output, report, session.accelerator.is_main_process, unrounded=unrounded,
-                     qat=qat, kept_start=kept_start, start_bytes=budget)
+                     qat=qat, kept_start=kept_start, start_bytes=budget, written_bytes=written)
 
 
 def set_storage_bits(layers, bits: int) -> None:
