@@ -446,6 +446,23 @@ def test_recover_bits_requantizes(quant_setup, tmp_path):
     assert _dir_bytes(tmp_path / "b4") < _dir_bytes(root / "mini")
 
 
+def test_quantization_aware_phase_runs_when_rounding_loses_effect(quant_setup, tmp_path):
+    root = quant_setup
+    lc.save(lc.compress(lc.load_adapter(root / "teacher7"), "svd", rank=3, bits=2), tmp_path / "svd2")
+    runs = {}
+    for qat_steps in (0, 20):
+        d, m, t = options(root, steps=8, checkpoint_dir=str(tmp_path / f"ckpt{qat_steps}"))
+        runs[qat_steps] = recover(str(tmp_path / "svd2"), str(root / "teacher7"), str(tmp_path / f"o{qat_steps}"),
+                                  d, m, t, log=None, qat_steps=qat_steps)
+    plain, qat = runs[0], runs[20]
+    assert plain.qat is None and plain.after == plain.stored
+    assert plain.unrounded["effect_kept"] > plain.stored["effect_kept"] + 0.05  # ternary codes lose a lot
+    assert qat.stored == plain.stored and qat.qat is not None and qat.qat.steps == 20
+    assert qat.after["effect_kept"] > qat.stored["effect_kept"]  # training through the rounding recovers some
+    written = lc.load(tmp_path / "o20")
+    assert all(written.module(n).fidelity["recovery_steps"] == 28 for n in written.module_names)
+
+
 def test_recover_never_writes_a_worse_file(quant_setup, tmp_path):
     root = quant_setup
     lines = []

@@ -86,6 +86,7 @@ class RunResult:
     report: object = None
     main_process: bool = True  # False on the other ranks of a multi-process run (they print nothing)
     unrounded: dict | None = None  # recover: after the float phase, before rounding to the file's storage
+    stored: dict | None = None  # recover: after the float phase, rounded as the file stores it
     qat: TrainResult | None = None  # recover: the quantization-aware phase, when it ran
     kept_start: bool = False  # recover: the start file's factors were written (recovery did not improve them)
     start_bytes: int | None = None  # recover: the start file's size in the output's layout (the size bound)
@@ -277,28 +278,19 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
     training = train_inner(session.accelerator, session.model, session.layers, seqs, session.pad_id, step_loss,
                            topts, run)
     unrounded = evaluate(session, held, topts.batch_size, reference=before)
-    after, qat = unrounded, None
+    stored, qat = unrounded, None  # the float phase's result as the file stores it
     if not all(lossless(layer.storage) for layer in layers):
         with rounded(layers):
-            after = evaluate(session, held, topts.batch_size, reference=before)
-        lost = unrounded["effect_kept"] - after["effect_kept"]
+            stored = evaluate(session, held, topts.batch_size, reference=before)
         _log(session, log, f"rounding the trained factors to the file's storage: effect kept "
-                           f"{100 * unrounded['effect_kept']:.2f}% -> {100 * after['effect_kept']:.2f}%")
-        if qat_steps and lost > QAT_MIN_LOSS:
-            trained = param_values(layers)
-            qopts = dataclasses.replace(topts, steps=qat_steps, seed=topts.seed + 1,
-                                        checkpoint_dir=str(Path(topts.checkpoint_dir) / "qat"))
-            with rounded(layers):
-                qat = train_inner(session.accelerator, session.model, session.layers, seqs, session.pad_id,
-                                  step_loss, qopts, run | {"phase": "qat"})
-                quantized = evaluate(session, held, topts.batch_size, reference=before)
-            better = quantized["effect_kept"] > after["effect_kept"]
-            _log(session, log, f"quantization-aware phase ({qat_steps} steps): effect kept as stored "
-                               f"{100 * quantized['effect_kept']:.2f}% ({'kept' if better else 'not better; dropped'})")
-            if better:
-                after = quantized
-            else:
-                load_values(layers, trained)
+                           f"{100 * unrounded['effect_kept']:.2f}% -> {100 * stored['effect_kept']:.2f}%")
+    after = stored
+    if qat_steps and unrounded["effect_kept"] - stored["effect_kept"] > QAT_MIN_LOSS:
+        qat, quantized, better = _qat_phase(session, seqs, held, step_loss, topts, run, qat_steps, before, stored)
+        _log(session, log, f"quantization-aware phase ({qat_steps} steps): effect kept as stored "
+                           f"{100 * quantized['effect_kept']:.2f}% ({'kept' if better else 'not better; dropped'})")
+        if better:
+            after = quantized
     kept_start = not after["effect_kept"] >= before["effect_kept"]  # also when training diverged (NaN)
     if kept_start:
         load_values(layers, start)
@@ -318,7 +310,27 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
         _log(session, log, f"note: the output is {written - budget:,} bytes larger than the start file ({budget:,} B): "
                            "the recovery note in its header did not fit (a file of few modules, or another layout)")
     return RunResult(before, after, training, output, report, session.accelerator.is_main_process, unrounded=unrounded,
-                     qat=qat, kept_start=kept_start, start_bytes=budget, written_bytes=written)
+                     qat=qat, kept_start=kept_start, start_bytes=budget, written_bytes=written, stored=stored)
+
+
+def _qat_phase(session: Session, seqs, held, step_loss, topts: TrainOptions, run: dict, steps: int,
+               before: dict, stored: dict) -> tuple[TrainResult, dict, bool]:
+    """`steps` steps of quantization-aware training from the float phase's state (the forward sees the
+    factors as stored, gradients pass straight through; fresh batches, its own checkpoints): (the
+    run, its evaluation as stored, whether that beats `stored`, the float phase's). The float
+    phase's state is put back unless it does."""
+    layers = list(session.layers.values())
+    trained = param_values(layers)
+    qopts = dataclasses.replace(topts, steps=steps, seed=topts.seed + 1,
+                                checkpoint_dir=str(Path(topts.checkpoint_dir) / "qat"))
+    with rounded(layers):
+        result = train_inner(session.accelerator, session.model, session.layers, seqs, session.pad_id, step_loss,
+                             qopts, run | {"phase": "qat"})
+        quantized = evaluate(session, held, topts.batch_size, reference=before)
+    better = quantized["effect_kept"] > stored["effect_kept"]
+    if not better:
+        load_values(layers, trained)
+    return result, quantized, better
 
 
 def set_storage_bits(layers, bits: int) -> None:
