@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +27,10 @@ from .adapter import LazyModules, lora_scale
 from .atomic import atomic_output
 # (with names of the header that callers of the container use: hub, recovery, tests)
 from .containerspec import (CHUNK_BYTES, CONFIG_NAME, FILE_NAME, FORMAT_NAME, FORMAT_VERSION, METADATA_SHA256,
-                            NONFINITE_INNER, PACKED, PASSTHROUGH, PLAIN_VERSION, V3_FIELDS, MiniFile, compact_specs,
-                            is_mini, metadata_digest, module_spec, open_mini, packed_spans, quantized_shapes,
+                            NONFINITE_INNER, PACKED, PASSTHROUGH, PLAIN_VERSION, PLAN_DEFAULT_KEYS, V3_FIELDS, MiniFile,
+                            compact_specs, is_mini, metadata_digest, module_spec, open_mini, packed_spans, quantized_shapes,
                             resolve_file, stored_bits, v3_entries, v3_spec, validate_spec)
-from .errors import BadInputError
+from .errors import BadInputError, OverBudgetError
 from .report import FidelityReport, ModuleFidelity
 from .st import TORCH_DTYPE, LazyTensors, StreamingWriter, peek, tensor_buffer
 
@@ -186,8 +187,8 @@ def save(mini: MiniAdapter, path: str | os.PathLike, progress: Callable[[MiniMod
         if max_bytes is not None:
             written = sum(f.stat().st_size for f in (tmp.iterdir() if _is_dir_target(path) else [tmp]))
             if written > max_bytes:  # raised inside atomic_output: nothing is published
-                raise BadInputError(f"the output would be {written:,} bytes, over the budget of {max_bytes:,}",
-                                    path)
+                raise OverBudgetError(f"the output would be {written:,} bytes, over the budget of {max_bytes:,}",
+                                      path)
             report.compressed_bytes = written
     return report
 
@@ -248,6 +249,12 @@ def summary_config(mini: MiniAdapter, version: int, outer_sources, fidelity: dic
 # Longest JSON form of a float the summary file may hold (its size is not known before the fit).
 _WORST_FLOAT = -1.2345678901234567e-300
 FIDELITY_DIGITS = 4  # significant digits of the (informational) fidelity figures of quantized modules
+
+
+def short_figure(x: float, digits: int = FIDELITY_DIGITS) -> float:
+    """A fidelity figure to `digits` significant digits: informational, and every byte of a
+    budgeted file's header counts."""
+    return float(f"{x:.{digits - 1}e}") if math.isfinite(x) else x
 _WORST_HEX = "f" * 64
 
 
@@ -271,7 +278,7 @@ class SizePlan:
     spec at any (k, bits)."""
 
     def __init__(self, mini: MiniAdapter, specs: dict[str, dict], max_data: int, directory: bool = True):
-        self.defaults, entries = v3_entries(specs)
+        self.defaults, entries = v3_entries(specs, PLAN_DEFAULT_KEYS)
         self.entries = {e[0]: e for e in entries}
         self._heads: dict[str, int] = {}
         passthrough = [(PASSTHROUGH + name, t) for name, t in mini.passthrough()]

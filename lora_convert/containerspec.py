@@ -96,9 +96,13 @@ def metadata_digest(meta: dict, layout: dict) -> str:
 # state once in "module_defaults" when every module has the same value: headers of budgeted
 # files are a large share of their bytes.
 DEFAULT_KEYS = ("kind", "kernel", "rank", "alpha", "use_rslora", "dtype")
-# Version 3 also states the outer spec (svd: {"source": "svd"}, its a = b = k implied) and the
-# quantization group there, when all modules share them.
-V3_DEFAULT_KEYS = DEFAULT_KEYS + ("outer", "group")
+# Version 3 also states the outer spec (svd: {"source": "svd"}, its a = b = k implied), the
+# quantization group and the fidelity object besides rel_error and energy (recover's
+# {"recovery_steps": N}) there, when all modules share them.
+V3_DEFAULT_KEYS = DEFAULT_KEYS + ("outer", "group", "fidelity")
+# SizePlan's modules share a placeholder fidelity figure that the written ones do not: it counts
+# that object in every entry (never fewer bytes than the file takes).
+PLAN_DEFAULT_KEYS = DEFAULT_KEYS + ("outer", "group")
 # A version 3 module entry: [name, out_features, in_features, inner_rank, bits or null,
 # rel_error or null, energy or null] and optionally an object of further spec keys.
 V3_FIELDS = 7
@@ -137,12 +141,13 @@ def _v3_split(spec: dict) -> tuple[list, dict]:
     return [out_f, in_f, k, q["bits"] if q else None, rel, energy], rest
 
 
-def v3_entries(specs: dict[str, dict]) -> tuple[dict, list[list]]:
-    """(module_defaults, module entries) of a version 3 document, in the specs' order."""
+def v3_entries(specs: dict[str, dict], keys: tuple[str, ...] = V3_DEFAULT_KEYS) -> tuple[dict, list[list]]:
+    """(module_defaults, module entries) of a version 3 document, in the specs' order; `keys`: those
+    that may go to module_defaults."""
     split = {name: _v3_split(sp) for name, sp in specs.items()}
     rests = [rest for _, rest in split.values()]
     defaults = {} if not rests else {
-        k: rests[0][k] for k in V3_DEFAULT_KEYS
+        k: rests[0][k] for k in keys
         if k in rests[0] and all(k in r and json.dumps(r[k]) == json.dumps(rests[0][k]) for r in rests)}
     entries = []
     for name, (fields, rest) in split.items():

@@ -26,6 +26,10 @@ class BadInputError(LoraConvertError):
     exit_code = 2
 
 
+class OverBudgetError(BadInputError):
+    """An output would be larger than the byte budget it was given (nothing was written)."""
+
+
 class UnsupportedError(BadInputError):
     """The input is well-formed but uses a feature lora_convert does not handle yet."""
 

@@ -331,6 +331,162 @@ def test_cli_train_writes_a_loadable_file(llama_setup, tmp_path):
     torch.testing.assert_close(student, peft_forward(root / "base", tmp_path / "peft", IDS), atol=1e-5, rtol=1e-4)
 
 
+# ------------------------------------------------------------------ recovery of quantized files
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def quant_setup(llama_setup):
+    """A teacher on all seven projections (14 modules) and quantized LoRA-Mini files of it."""
+    from transformers import AutoModelForCausalLM
+
+    root = llama_setup
+    make_teacher(AutoModelForCausalLM.from_pretrained(root / "base").eval(), root / "teacher7", ALL_PROJECTIONS)
+    adapter = lc.load_adapter(root / "teacher7")
+    lc.save(lc.compress(adapter, "svd", rank=2, bits=4), root / "svd4")
+    lc.save(lc.compress(adapter, "random", seed=3, outer_dim=8, bits=4), root / "rnd4")
+    return root
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir())
+
+
+def _packed_sizes(path: Path) -> dict:
+    from lora_convert.st import LazyTensors
+
+    return {k: tuple(v.shape) for k, v in LazyTensors(path / container.FILE_NAME).header.tensors.items()}
+
+
+@pytest.mark.parametrize("start", ["svd4", "rnd4"])
+def test_recover_keeps_storage_and_size_of_a_quantized_file(quant_setup, start, tmp_path):
+    from lora_convert.recovery.run import evaluate_files
+
+    root = quant_setup
+    d, m, t = options(root, steps=8, checkpoint_dir=str(tmp_path / "ckpt"))
+    res = recover(str(root / start), str(root / "teacher7"), str(tmp_path / "out"), d, m, t, log=None, qat_steps=4)
+    assert not res.kept_start and res.after["effect_kept"] > res.before["effect_kept"]
+    assert res.written_bytes == _dir_bytes(tmp_path / "out") <= _dir_bytes(root / start) == res.start_bytes
+    assert _packed_sizes(tmp_path / "out") == _packed_sizes(root / start)  # the same data bytes
+    a, b = lc.load(root / start), lc.load(tmp_path / "out")
+    for name in a.module_names:
+        ma, mb = a.module(name), b.module(name)
+        assert (mb.quant, mb.inner_rank, mb.outer) == (ma.quant, ma.inner_rank, ma.outer) and mb.recovered
+        trained = mb.U if start == "svd4" else mb.X  # svd files train their stored factors
+        assert not torch.equal(trained, ma.U if start == "svd4" else ma.X)
+    # what recover evaluated (the factors as stored) is exactly what the written file holds
+    held = DataOptions(data=str(root / "heldout.txt"), max_len=d.max_len)
+    again = evaluate_files(str(tmp_path / "out"), str(root / "teacher7"), held, m, t.batch_size)
+    assert again["kl_student"] == pytest.approx(res.after["kl_student"], rel=1e-5, abs=1e-9)
+
+
+def test_fake_quant_rounds_as_the_file_stores():
+    import numpy as np
+
+    from lora_convert import quant
+    from lora_convert.recovery.qat import fake_quant, grid_round
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((70, 3), (3, 70), (5, 5), (1, 130)):
+        M = torch.randn(*shape, generator=g, dtype=torch.float64).float().double()
+        M[0, :2] = torch.tensor([0.5, -0.25])  # values on the grid and ties
+        for bits in quant.BITS:
+            for group in (1, 7, 64):
+                want = quant.rounded(M.numpy(), bits, group, dtype=np.float64)
+                assert np.array_equal(grid_round(M, bits, group).numpy(), want), (shape, bits, group)
+    P = torch.randn(6, 40, generator=g, requires_grad=True)
+    out = fake_quant(P, 0.5, {"bits": 3, "group": 16})
+    want = quant.rounded((P.detach().double() / 0.5).float().double().numpy(), 3, 16, dtype=np.float64) * 0.5
+    assert np.array_equal(out.detach().double().numpy(), want)
+    out.mul(torch.arange(40.0)).sum().backward()  # straight through: d out / d P is the identity
+    assert torch.equal(P.grad, torch.arange(40.0).expand(6, 40))
+
+
+def test_rounded_layers_are_what_export_writes(quant_setup, tmp_path):
+    from lora_convert.recovery.layers import rounded
+
+    for start in ("svd4", "rnd4"):
+        model, layers = injected(quant_setup, quant_setup / start, with_teacher=False)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in inner_parameters(layers.values()):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+            with rounded(layers.values()):
+                factors = {n: [f.double() for f in layer.update_factors()] for n, layer in layers.items()}
+                logits = model(input_ids=IDS).logits
+        export_inner(layers, lc.load(quant_setup / start), tmp_path / f"{start}.safetensors")
+        written = lc.load(tmp_path / f"{start}.safetensors")
+        for name, (up, down) in factors.items():
+            B, A = written.module(name).factors()
+            torch.testing.assert_close(B, up, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(A, down, rtol=1e-6, atol=1e-7)
+        model2, _ = injected(quant_setup, tmp_path / f"{start}.safetensors", with_teacher=False)
+        with torch.no_grad():
+            torch.testing.assert_close(model2(input_ids=IDS).logits, logits, rtol=1e-5, atol=1e-6)
+
+
+def test_recover_bits_requantizes(quant_setup, tmp_path):
+    root = quant_setup
+    out = tmp_path / "b8"
+    args = ["recover", str(root / "svd4"), "--teacher", str(root / "teacher7"), "--base", str(root / "base"),
+            "--data", str(root / "calib.txt"), "--eval-data", str(root / "heldout.txt"), "-o", str(out),
+            "--steps", "3", "--max-len", "32", "--device", "cpu", "--no-progress", "--bits", "8", "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["bytes"]["start"] is None and doc["bytes"]["written"] == _dir_bytes(out) > _dir_bytes(root / "svd4")
+    mini = lc.load(out)
+    assert all(mini.module(n).quant == {"bits": 8, "group": 64} for n in mini.module_names)
+    # a float file re-quantized: random outers, X and Y stored at 4 bits
+    d, m, t = options(root, steps=3, checkpoint_dir=str(tmp_path / "ckpt"))
+    recover(str(root / "mini"), str(root / "teacher"), str(tmp_path / "b4"), d, m, t, log=None, bits=4)
+    mini = lc.load(tmp_path / "b4")
+    assert all(mini.module(n).quant == {"bits": 4, "group": 64} for n in mini.module_names)
+    assert _dir_bytes(tmp_path / "b4") < _dir_bytes(root / "mini")
+
+
+def test_quantization_aware_phase_runs_when_rounding_loses_effect(quant_setup, tmp_path):
+    root = quant_setup
+    lc.save(lc.compress(lc.load_adapter(root / "teacher7"), "svd", rank=3, bits=2), tmp_path / "svd2")
+    runs = {}
+    for qat_steps in (0, 20):
+        d, m, t = options(root, steps=8, checkpoint_dir=str(tmp_path / f"ckpt{qat_steps}"))
+        runs[qat_steps] = recover(str(tmp_path / "svd2"), str(root / "teacher7"), str(tmp_path / f"o{qat_steps}"),
+                                  d, m, t, log=None, qat_steps=qat_steps)
+    plain, qat = runs[0], runs[20]
+    assert plain.qat is None and plain.after == plain.stored
+    assert plain.unrounded["effect_kept"] > plain.stored["effect_kept"] + 0.05  # ternary codes lose a lot
+    assert qat.stored == plain.stored and qat.qat is not None and qat.qat.steps == 20
+    assert qat.after["effect_kept"] > qat.stored["effect_kept"]  # training through the rounding recovers some
+    written = lc.load(tmp_path / "o20")
+    assert all(written.module(n).fidelity["recovery_steps"] == 28 for n in written.module_names)
+
+
+def test_recover_never_writes_a_worse_file(quant_setup, tmp_path):
+    root = quant_setup
+    lines = []
+    d, m, t = options(root, steps=4, lr=50.0, checkpoint_dir=str(tmp_path / "ckpt"))  # a step that ruins it
+    res = recover(str(root / "svd4"), str(root / "teacher7"), str(tmp_path / "out"), d, m, t, log=lines.append)
+    assert res.kept_start and res.after == res.before
+    assert any("writing the start file's factors" in line for line in lines)
+    a, b = lc.load(root / "svd4"), lc.load(tmp_path / "out")
+    for name in a.module_names:
+        assert container.quantized_blob(b.module(name)) == container.quantized_blob(a.module(name))
+        assert not b.module(name).recovered
+    assert _dir_bytes(tmp_path / "out") <= _dir_bytes(root / "svd4")
+
+
+def test_recover_refuses_bad_bits_in_one_line(quant_setup, tmp_path):
+    root = quant_setup
+    for flag, value in (("--bits", "5"), ("--qat-steps", "-1")):
+        res = CliRunner().invoke(main, ["recover", str(root / "svd4"), "--teacher", str(root / "teacher7"), "--base",
+                                        str(root / "base"), "--data", str(root / "calib.txt"), "-o",
+                                        str(tmp_path / "o"), "--device", "cpu", flag, value])
+        assert res.exit_code == 2 and res.output.count("\n") == 1 and flag in res.output, res.output
+        assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------ data and model sources
 
 def test_text_data_lines_paragraphs_and_jsonl(tmp_path):

@@ -114,12 +114,22 @@ def _echo_result(result, as_json: bool) -> None:
         return
     doc = {"output": result.output, "before": result.before, "after": result.after,
            "training": _training_summary(result)}
+    if result.unrounded is not None:  # recover
+        t = result.qat
+        doc |= {"unrounded": result.unrounded, "stored": result.stored, "kept_start": result.kept_start,
+                "qat": None if t is None else {"steps": t.steps, "seconds": round(t.seconds, 2),
+                                               "final_loss": t.losses[-1] if t.losses else None},
+                "bytes": {"start": result.start_bytes, "written": result.written_bytes}}
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
     t = doc["training"]
+    size = ""
+    if doc.get("bytes") and doc["bytes"]["written"] is not None:
+        b = doc["bytes"]
+        size = f" ({b['written']:,} B" + (f"; the input: {b['start']:,} B)" if b["start"] is not None else ")")
     click.echo(f"trained {t['steps'] - t['resumed_at']} steps in {t['seconds']:.1f} s "
-               f"({t['tokens_per_second']:,.0f} tokens/s); wrote {result.output}")
+               f"({t['tokens_per_second']:,.0f} tokens/s); wrote {result.output}{size}")
 
 
 @click.command()
@@ -128,9 +138,15 @@ def _echo_result(result, as_json: bool) -> None:
 @click.option("-o", "--output", required=True, help="Output LoRA-Mini directory (or .safetensors file).")
 @click.option("--layer-weight", type=float, default=0.0, show_default=True,
               help="Weight of per-layer output matching added to the output loss.")
+@click.option("--bits", type=int, default=None,
+              help="Store every module at this width (2, 3, 4, 8, or 16 for float16) instead of the file's own "
+                   "precision; without it the output keeps each module's storage and is no larger than the input.")
+@click.option("--qat-steps", type=int, default=20, show_default=True,
+              help="Quantization-aware steps after the float phase, run only when rounding the trained factors "
+                   "to the file's storage loses effect on the held-out data (0: never).")
 @_train_options
 @_model_options
-def recover(mini, teacher, output, layer_weight, **kw):
+def recover(mini, teacher, output, layer_weight, bits, qat_steps, **kw):
     """Re-fit a LoRA-Mini file's inner matrices to match the original adapter on unlabelled text.
 
     \b
@@ -144,7 +160,8 @@ def recover(mini, teacher, output, layer_weight, **kw):
     from ..recovery.run import recover as run
 
     log = None if kw["as_json"] else click.echo
-    result = run(mini, teacher, output, _data_opts(kw), _model_opts(kw), _train_opts(kw, 1e-2), layer_weight, log=log)
+    result = run(mini, teacher, output, _data_opts(kw), _model_opts(kw), _train_opts(kw, 1e-2), layer_weight, log=log,
+                 bits=bits, qat_steps=qat_steps)
     _echo_result(result, kw["as_json"])
 
 

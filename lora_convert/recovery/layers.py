@@ -15,6 +15,17 @@ this, an optimizer step on X moves the output c_U·c_V (~300x) more than the sam
 LoRA factor, and one learning rate could not suit layers of different widths. SVD outers
 are orthonormal (c = 1). `inner_matrices()` converts back to the file's coordinates.
 
+Stored outers (svd) are part of the file anyway, so for them the layer trains the stored factors
+themselves: B' = U·X (out×k) and A' = Y·V (k×in) are the parameters (held as X and Y, divided by
+a power of two near their RMS entry, so an optimizer step is a relative change and the division
+is exact), and the file gets U = B', V = A', X = Y = I: the same shapes and bytes. A k×k inner
+alone could only mix the k stored directions (one number per module at k = 1); the factors can
+turn them.
+
+`fake_quant` (quantization-aware training, recovery.qat) makes the forward use the factors as the
+file will store them (`storage`: the module's quant spec, or its float dtype), with gradients
+passed straight through to the unrounded parameters.
+
 A layer can also hold the original LoRA pair (the teacher) as frozen buffers and
 switch between three modes on the same base weights, so recovery needs one copy of
 the base model, not three:
@@ -25,15 +36,18 @@ the base model, not three:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import outer
 from ..adapter import LoraModule
 from ..container import MiniModule
 from ..errors import BadInputError, UnsupportedError
+from .qat import fake_quant, lossless
 
 MODES = ("student", "teacher", "base")
 
@@ -83,23 +97,43 @@ class MiniLayer(nn.Module):
         return next(self.base.parameters()).device
 
     def set_module(self, module: MiniModule) -> None:
-        """Load outers (frozen) and inners (trainable, float32 master copies) from `module`."""
+        """Load outers (frozen) and inners (trainable, float32 master copies) from `module`; stored
+        outers: the factors U·X, Y·V are the trainable parameters (see the module docstring)."""
         self._check(module.out_features, module.in_features, f"LoRA-Mini module {module.name!r}")
         dev = self.device
         U, V, X, Y = (t.to(dev, torch.float64) for t in (module.U, module.V, module.X, module.Y))
-        self.c_u, self.c_v = rms_norm(U, dim=0), rms_norm(V, dim=1)
-        # Outers are derived data (seed or file): non-persistent, so model.state_dict() stays the base's.
-        self.register_buffer("U", (U / self.c_u).float(), persistent=False)
-        self.register_buffer("V", (V / self.c_v).float(), persistent=False)
+        self.factored = outer.get(module.outer["source"]).stored
+        # how the file will store the factors: quantized, or float tensors of their dtype
+        self.storage = dict(module.quant) if module.quant else {"dtype": module.X.dtype}
+        self.fake_quant = False
+        if self.factored:
+            B, A = U @ X, Y @ V
+            self.c_u, self.c_v = 1.0 / pow2_rms(B), 1.0 / pow2_rms(A)
+            self.register_buffer("U", None, persistent=False)
+            self.register_buffer("V", None, persistent=False)
+            X, Y = B, A
+        else:
+            self.c_u, self.c_v = rms_norm(U, dim=0), rms_norm(V, dim=1)
+            # Outers are derived data (seed or file): non-persistent, so model.state_dict() stays the base's.
+            self.register_buffer("U", (U / self.c_u).float(), persistent=False)
+            self.register_buffer("V", (V / self.c_v).float(), persistent=False)
         self.X = nn.Parameter((X * self.c_u).float())
         self.Y = nn.Parameter((Y * self.c_v).float())
         self.scale = float(module.scale)
 
     def inner_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(X, Y) in the file's coordinates (for the original outers), float64 on the CPU."""
+        """(X, Y) in the file's coordinates (for the original outers), float64 on the CPU; for stored
+        outers the trained factors (U·X, Y·V), which the file stores as U, V with X = Y = I."""
         X = self.X.detach().to("cpu", torch.float64) / self.c_u
         Y = self.Y.detach().to("cpu", torch.float64) / self.c_v
         return X, Y
+
+    def stored_inners(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """X, Y (parameter coordinates) as the forward uses them: rounded as the file will store
+        them while `fake_quant` is on (straight-through gradients), else the parameters."""
+        if not self.fake_quant or lossless(self.storage):
+            return self.X, self.Y
+        return fake_quant(self.X, self.c_u, self.storage), fake_quant(self.Y, self.c_v, self.storage)
 
     def attach_teacher(self, teacher: LoraModule) -> None:
         """Keep the original LoRA pair as frozen buffers for the "teacher" mode."""
@@ -135,12 +169,19 @@ class MiniLayer(nn.Module):
         """scale · U X Y V applied to `x` as the base module consumes it (the student's update)."""
         # k×in and out×k (see the module docstring); the scale goes into the out×k factor, not onto
         # the tokens×out product, which saves a full pass over the output and its backward.
-        down, up = self.Y @ self.V, self.U @ (self.X * self.scale)
+        X, Y = self.stored_inners()
+        if self.factored:
+            down, up = Y / self.c_v, X * (self.scale / self.c_u)
+        else:
+            down, up = Y @ self.V, self.U @ (X * self.scale)
         return self._mix(self._down(x, down), up)
 
     def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U X, Y V) in the file's coordinates: the update is scale · (U X)(Y V), out×k by k×in."""
-        return self.U @ self.X, self.Y @ self.V
+        X, Y = self.stored_inners()
+        if self.factored:
+            return X / self.c_u, Y / self.c_v
+        return self.U @ X, Y @ self.V
 
     def _down(self, x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
         """Apply an r×in down-projection the way the base module consumes its input."""
@@ -161,7 +202,8 @@ class MiniLayer(nn.Module):
         return F.linear(h, M)
 
     def extra_repr(self) -> str:
-        a, k, b = self.X.shape[0], self.X.shape[1], self.Y.shape[1]
+        k = self.X.shape[1]
+        a, b = (k, k) if self.factored else (self.X.shape[0], self.Y.shape[1])
         return f"name={self.name!r}, kind={self.kind}, a={a}, k={k}, b={b}, scale={self.scale:g}, mode={self.mode}"
 
 
@@ -169,6 +211,31 @@ def rms_norm(M: torch.Tensor, dim: int) -> float:
     """Root-mean-square norm of M's columns (dim=0) or rows (dim=1); 1.0 for an all-zero matrix."""
     n = float(M.pow(2).sum(dim).mean().sqrt())
     return n if n > 0 else 1.0
+
+
+def pow2_rms(M: torch.Tensor) -> float:
+    """The power of two nearest (in log) to the root-mean-square entry of M; 1.0 for an all-zero
+    matrix. Dividing by it is exact, so the parameters give back the file's values bit for bit."""
+    r = float(M.pow(2).mean().sqrt()) if M.numel() else 0.0
+    return float(2.0 ** round(math.log2(r))) if r > 0 and math.isfinite(r) else 1.0
+
+
+def set_fake_quant(layers: Iterable[MiniLayer], on: bool) -> None:
+    for layer in layers:
+        layer.fake_quant = on
+
+
+@contextlib.contextmanager
+def rounded(layers: Iterable[MiniLayer], on: bool = True) -> Iterator[None]:
+    """Temporarily run the students with their factors as the file will store them."""
+    layers = list(layers)
+    previous = [layer.fake_quant for layer in layers]
+    set_fake_quant(layers, on)
+    try:
+        yield
+    finally:
+        for layer, f in zip(layers, previous):
+            layer.fake_quant = f
 
 
 def inner_parameters(layers: Iterable[MiniLayer]) -> list[nn.Parameter]:

@@ -18,6 +18,7 @@ on CUDA, gradient accumulation and multi-GPU data parallelism come from accelera
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -25,14 +26,15 @@ from pathlib import Path
 
 import torch
 
-from .. import container
+from .. import container, quant
 from ..adapter import Adapter
 from ..container import MiniAdapter
-from ..errors import BadInputError
+from ..errors import BadInputError, OverBudgetError
 from . import data as D
 from .export import export_inner
 from .inject import inject
-from .layers import MiniLayer, use_mode
+from .layers import MiniLayer, rounded, use_mode
+from .qat import lossless
 from .loop import TrainOptions, TrainResult, make_accelerator, train_inner
 from .models import ModelSource, load_model, model_dtype, pick_device
 from .objectives import (FidelityStats, distill_loss, layer_matching_loss, lm_loss, model_output, tap_outputs,
@@ -83,6 +85,12 @@ class RunResult:
     output: str
     report: object = None
     main_process: bool = True  # False on the other ranks of a multi-process run (they print nothing)
+    unrounded: dict | None = None  # recover: after the float phase, before rounding to the file's storage
+    stored: dict | None = None  # recover: after the float phase, rounded as the file stores it
+    qat: TrainResult | None = None  # recover: the quantization-aware phase, when it ran
+    kept_start: bool = False  # recover: the start file's factors were written (recovery did not improve them)
+    start_bytes: int | None = None  # recover: the start file's size in the output's layout (the size bound)
+    written_bytes: int | None = None  # recover: the output's size (main process)
 
 
 # ------------------------------------------------------------------ setup
@@ -223,28 +231,133 @@ def format_eval(s: dict, title: str) -> str:
 
 # ------------------------------------------------------------------ recover
 
+QAT_STEPS = 20  # default length of the quantization-aware phase (--qat-steps)
+# Effect kept (a share, 0.001 = 0.1 points) that rounding the trained factors to the file's
+# storage may lose before the quantization-aware phase runs.
+QAT_MIN_LOSS = 0.001
+
+
 def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, mopts: ModelOptions,
-            topts: TrainOptions, layer_weight: float = 0.0, log=print) -> RunResult:
-    """Re-fit the inners of the LoRA-Mini file at `mini_path` against the teacher adapter; write `output`."""
+            topts: TrainOptions, layer_weight: float = 0.0, log=print, *, bits: int | None = None,
+            qat_steps: int = QAT_STEPS) -> RunResult:
+    """Re-fit the LoRA-Mini file at `mini_path` against the teacher adapter; write `output`.
+
+    The output keeps every module's storage (quant spec or float dtype; `bits` re-quantizes all
+    modules to that width) and so its data bytes; without `bits` it is no larger than the start
+    file (export_inner's max_bytes). After the float phase the factors are evaluated as the file
+    will store them; when rounding loses more than QAT_MIN_LOSS of the effect kept, `qat_steps`
+    steps of quantization-aware training follow, and the better rounded state is kept. If the
+    result is worse on the held-out data than the start file (rounded likewise), the start file's
+    factors are written instead.
+    """
     from ..api import load_adapter
 
+    if bits is not None and (type(bits) is not int or bits not in quant.BITS):
+        raise BadInputError(f"--bits must be one of {', '.join(map(str, quant.BITS))}, got {bits!r}")
+    if type(qat_steps) is not int or qat_steps < 0:
+        raise BadInputError(f"--qat-steps must be a non-negative integer, got {qat_steps!r}")
     mini, teacher, texts = container.load(mini_path), load_adapter(teacher_path), read_data(dopts)
     topts.checkpoint_dir = topts.checkpoint_dir or default_checkpoint_dir(output)
     topts.validate()
     session = open_session(mini, teacher, mopts, topts.grad_accum)
+    layers = list(session.layers.values())
+    start_storage = [dict(layer.storage) for layer in layers]
+    if bits is not None:
+        set_storage_bits(layers, bits)
+    same_storage = start_storage == [layer.storage for layer in layers]
     seqs, held = load_sequences(session, dopts, texts)
-    before = evaluate(session, held, topts.batch_size)
-    _log(session, log, format_eval(before, "before recovery"))
+    start = param_values(layers)
+    with rounded(layers):  # the start file as it is stored (with --bits: as it would be stored at that width)
+        before = evaluate(session, held, topts.batch_size)
+    _log(session, log, format_eval(before, "before recovery" if same_storage else
+                                   f"before recovery (the start file rounded to {bits} bits)"))
     run = {"mini": file_digest(container.resolve_file(mini_path)), "teacher": file_digest(teacher.source),
            "data": file_digest(dopts.data), "base": session.base, "max_len": dopts.max_len, "task": session.task,
-           "layer_weight": layer_weight}
+           "layer_weight": layer_weight, "bits": bits}
     step_loss = distill_step(session, layer_weight)
     training = train_inner(session.accelerator, session.model, session.layers, seqs, session.pad_id, step_loss,
                            topts, run)
-    after = evaluate(session, held, topts.batch_size, reference=before)
-    _log(session, log, format_eval(after, "after recovery"))
-    report = _export(session, mini, output, teacher, {"recovery_steps": topts.steps})
-    return RunResult(before, after, training, output, report, session.accelerator.is_main_process)
+    unrounded = evaluate(session, held, topts.batch_size, reference=before)
+    stored, qat = unrounded, None  # the float phase's result as the file stores it
+    if not all(lossless(layer.storage) for layer in layers):
+        with rounded(layers):
+            stored = evaluate(session, held, topts.batch_size, reference=before)
+        _log(session, log, f"rounding the trained factors to the file's storage: effect kept "
+                           f"{100 * unrounded['effect_kept']:.2f}% -> {100 * stored['effect_kept']:.2f}%")
+    after = stored
+    if qat_steps and unrounded["effect_kept"] - stored["effect_kept"] > QAT_MIN_LOSS:
+        qat, quantized, better = _qat_phase(session, seqs, held, step_loss, topts, run, qat_steps, before, stored)
+        _log(session, log, f"quantization-aware phase ({qat_steps} steps): effect kept as stored "
+                           f"{100 * quantized['effect_kept']:.2f}% ({'kept' if better else 'not better; dropped'})")
+        if better:
+            after = quantized
+    kept_start = not after["effect_kept"] >= before["effect_kept"]  # also when training diverged (NaN)
+    if kept_start:
+        load_values(layers, start)
+        _log(session, log, f"the recovered factors keep less of the effect than the start file "
+                           f"({100 * after['effect_kept']:.2f}% < {100 * before['effect_kept']:.2f}% as stored): "
+                           "writing the start file's factors")
+        after = before
+    _log(session, log, format_eval(after, "after recovery (as stored)"))
+    budget = layout_bytes(container.resolve_file(mini_path), output) if same_storage else None
+    if kept_start and same_storage:
+        report = _save_start(session, mini, output, budget)
+    else:
+        marks = {} if kept_start else {"recovery_steps": topts.steps + (qat.steps if qat else 0)}
+        report = _export(session, mini, output, teacher, marks, budget)
+    written = layout_bytes(container.resolve_file(output), output) if report is not None else None
+    if written is not None and budget is not None and written > budget:
+        _log(session, log, f"note: the output is {written - budget:,} bytes larger than the start file ({budget:,} B): "
+                           "the recovery note in its header did not fit (a file of few modules, or another layout)")
+    return RunResult(before, after, training, output, report, session.accelerator.is_main_process, unrounded=unrounded,
+                     qat=qat, kept_start=kept_start, start_bytes=budget, written_bytes=written, stored=stored)
+
+
+def _qat_phase(session: Session, seqs, held, step_loss, topts: TrainOptions, run: dict, steps: int,
+               before: dict, stored: dict) -> tuple[TrainResult, dict, bool]:
+    """`steps` steps of quantization-aware training from the float phase's state (the forward sees the
+    factors as stored, gradients pass straight through; fresh batches, its own checkpoints): (the
+    run, its evaluation as stored, whether that beats `stored`, the float phase's). The float
+    phase's state is put back unless it does."""
+    layers = list(session.layers.values())
+    trained = param_values(layers)
+    qopts = dataclasses.replace(topts, steps=steps, seed=topts.seed + 1,
+                                checkpoint_dir=str(Path(topts.checkpoint_dir) / "qat"))
+    with rounded(layers):
+        result = train_inner(session.accelerator, session.model, session.layers, seqs, session.pad_id, step_loss,
+                             qopts, run | {"phase": "qat"})
+        quantized = evaluate(session, held, topts.batch_size, reference=before)
+    better = quantized["effect_kept"] > stored["effect_kept"]
+    if not better:
+        load_values(layers, trained)
+    return result, quantized, better
+
+
+def set_storage_bits(layers, bits: int) -> None:
+    """Store every module at `bits` (keeping a quantized module's group, else the default group)."""
+    for layer in layers:
+        layer.storage = {"bits": bits, "group": layer.storage.get("group", quant.DEFAULT_GROUP)}
+
+
+def param_values(layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.X.detach().clone(), layer.Y.detach().clone()) for layer in layers]
+
+
+@torch.no_grad()
+def load_values(layers, values) -> None:
+    for layer, (X, Y) in zip(layers, values):
+        layer.X.copy_(X)
+        layer.Y.copy_(Y)
+
+
+def layout_bytes(start_file: Path, output: str) -> int:
+    """Bytes of the start file in the output's layout: its safetensors file, plus its summary file
+    when both are directories (what container.save writes there)."""
+    total = start_file.stat().st_size
+    config = start_file.parent / container.CONFIG_NAME
+    if start_file.name == container.FILE_NAME and Path(output).suffix != ".safetensors" and config.is_file():
+        total += config.stat().st_size
+    return total
 
 
 def distill_step(session: Session, layer_weight: float = 0.0):
@@ -271,14 +384,29 @@ def default_checkpoint_dir(output: str) -> str:
     return str(Path(output)) + ".checkpoints"
 
 
-def _export(session: Session, mini: MiniAdapter, output: str, teacher: Adapter | None, marks: dict):
+def _export(session: Session, mini: MiniAdapter, output: str, teacher: Adapter | None, marks: dict,
+            max_bytes: int | None = None):
     """Write the trained inners (main process). `marks` (numbers only, per the format) are added to every
     module's fidelity record so readers can tell a function-space fit from a weight-space one."""
     acc = session.accelerator
     acc.wait_for_everyone()
     report = None
     if acc.is_main_process:
-        report = export_inner(session.layers, mini, output, teacher, extra_fidelity=marks)
+        report = export_inner(session.layers, mini, output, teacher, extra_fidelity=marks, max_bytes=max_bytes)
+    acc.wait_for_everyone()
+    return report
+
+
+def _save_start(session: Session, mini: MiniAdapter, output: str, max_bytes: int | None):
+    """Write the start file's modules unchanged (main process), without header room to spare."""
+    acc = session.accelerator
+    acc.wait_for_everyone()
+    report = None
+    if acc.is_main_process:
+        try:
+            report = container.save(mini, output, max_bytes=max_bytes)
+        except OverBudgetError:
+            report = container.save(mini, output)
     acc.wait_for_everyone()
     return report
 
