@@ -18,7 +18,7 @@ benchmarks/bench_core.py (32 layers, r=16, 80 MB), in one process, best of --spe
 
     nice -n 10 python benchmarks/bench_budget.py                 # ~10 min on 2 busy CPU cores
     nice -n 10 python benchmarks/bench_budget.py --fixtures-only # seconds
-    nice -n 10 python benchmarks/bench_budget.py --speed-only    # the timing rows only
+    nice -n 10 python benchmarks/bench_budget.py --speed-only    # the timing rows only (replaced in results/)
     nice -n 10 python benchmarks/bench_budget.py --adapter fixtures/smollm2-r16-all \
         --adapter fixtures/smollm2-r64-attn --widths              # ~15 min; the shipped teachers
 Output: benchmarks/results/budget.txt (and .json); with --adapter, results/budget_adapters.*
@@ -304,9 +304,13 @@ def main() -> None:
         option_sets = variants(lc.load_adapter(teacher), [r["baseline_bytes"] for r in rows if r["adapter"] == "smollm2"])
     timing = None if args.fixtures_only else speed(workdir, args.speed_repeats)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "budget.json").write_text(json.dumps({"rows": rows, "option_sets": option_sets, "speed": timing, "args": vars(args)}, indent=2)
-                                         + "\n")
-    (RESULTS / "budget.txt").write_text("\n".join(LINES) + "\n")
+    doc = {"rows": rows, "option_sets": option_sets, "speed": timing, "args": vars(args)}
+    lines = LINES
+    if args.speed_only and (RESULTS / "budget.json").is_file():  # replace the timing rows only
+        doc = {**json.loads((RESULTS / "budget.json").read_text()), "speed": timing, "speed_args": vars(args)}
+        lines = [x for x in (RESULTS / "budget.txt").read_text().splitlines() if not x.startswith("speed (")] + LINES
+    (RESULTS / "budget.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / "budget.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
