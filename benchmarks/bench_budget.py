@@ -18,7 +18,7 @@ benchmarks/bench_core.py (32 layers, r=16, 80 MB), in one process, best of --spe
 
     nice -n 10 python benchmarks/bench_budget.py                 # ~10 min on 2 busy CPU cores
     nice -n 10 python benchmarks/bench_budget.py --fixtures-only # seconds
-    nice -n 10 python benchmarks/bench_budget.py --speed-only    # the timing row only (kept rows stay)
+    nice -n 10 python benchmarks/bench_budget.py --speed-only    # the timing rows only (replaced in results/)
     nice -n 10 python benchmarks/bench_budget.py --adapter fixtures/smollm2-r16-all \
         --adapter fixtures/smollm2-r64-attn --widths              # ~15 min; the shipped teachers
 Output: benchmarks/results/budget.txt (and .json); with --adapter, results/budget_adapters.*
@@ -305,11 +305,12 @@ def main() -> None:
     timing = None if args.fixtures_only else speed(workdir, args.speed_repeats)
     RESULTS.mkdir(exist_ok=True)
     doc = {"rows": rows, "option_sets": option_sets, "speed": timing, "args": vars(args)}
-    if args.speed_only and (RESULTS / "budget.json").is_file():  # keep the last full run's rows
-        doc = {**json.loads((RESULTS / "budget.json").read_text()), "speed": timing}
-        LINES[:0] = [line for line in (RESULTS / "budget.txt").read_text().splitlines() if not line.startswith("speed")]
+    lines = LINES
+    if args.speed_only and (RESULTS / "budget.json").is_file():  # replace the timing rows only
+        doc = {**json.loads((RESULTS / "budget.json").read_text()), "speed": timing, "speed_args": vars(args)}
+        lines = [x for x in (RESULTS / "budget.txt").read_text().splitlines() if not x.startswith("speed (")] + LINES
     (RESULTS / "budget.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / "budget.txt").write_text("\n".join(LINES) + "\n")
+    (RESULTS / "budget.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
