@@ -33,7 +33,7 @@ differences measured; fixed, freed tensors go back to the system and the peak re
     python benchmarks/bench_scratch.py --steps 300 --seeds 0,1,2,3,4 --batch-size 8 --max-len 256 \\
         --device cuda                                             # full size on a GPU
     python benchmarks/bench_scratch.py --tasks cls --steps 20 --seeds 0 --lr-lora 3e-3 --lr-mini 1e-2  # smoke
-Outputs: benchmarks/results/scratch.json, scratch.txt
+Outputs: benchmarks/results/scratch.json, scratch.txt (--name changes the stem)
 """
 from __future__ import annotations
 
@@ -154,9 +154,9 @@ def dequantize_smollm2(gguf: Path, out: Path) -> Path:
 
 # ------------------------------------------------------------------ methods
 
-def methods(task: str, minis: list[tuple[int, int]]) -> list[dict]:
+def methods(task: str, minis: list[tuple[int, int]], ranks: tuple[int, ...] = (16, 8)) -> list[dict]:
     out = [] if task == "causal" else [{"name": "head only", "kind": "head"}]
-    out += [{"name": f"LoRA r={r}", "kind": "lora", "r": r} for r in (16, 8)]
+    out += [{"name": f"LoRA r={r}", "kind": "lora", "r": r} for r in ranks]
     out += [{"name": f"LoRA-Mini a=b={a} k={k}", "kind": "mini", "a": a, "k": k} for a, k in minis]
     return out
 
@@ -206,7 +206,7 @@ def worker(args, method: dict) -> list[dict]:
         importlib.import_module(name)
     work = Path(args.workdir)
     files = json.loads((work / f"{args.task}-files.json").read_text())
-    lrs = [float(x) for x in (args.lr_mini if method["kind"] == "mini" else args.lr_lora).split(",")]
+    lrs = [parse_lr(x, method) for x in (args.lr_mini if method["kind"] == "mini" else args.lr_lora).split(",")]
     if method["kind"] == "head":
         lrs = [float(x) for x in args.lr_head.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -228,6 +228,15 @@ def worker(args, method: dict) -> list[dict]:
         print(f"  {method['name']} lr {best_lr:g} seed {seed}: val {runs[-1]['val_loss']:.4f} "
               f"test {runs[-1]['test_loss']:.4f}", file=sys.stderr, flush=True)
     return runs
+
+
+def parse_lr(text: str, method: dict) -> float:
+    """A learning rate; "default" is `lora-convert train`'s default for a LoRA-Mini configuration's outer size."""
+    if text.strip() == "default" and method["kind"] == "mini":
+        from lora_convert.recovery.scratch import default_lr
+
+        return default_lr((method["a"], method["a"]))
+    return float(text)
 
 
 def ref_path(work: Path, task: str, seed: int, lr: float | None = None) -> Path:
@@ -618,7 +627,8 @@ def parse(argv=None):
     p.add_argument("--test-sequences", type=int, default=24, help="Causal test sequences (0: all).")
     p.add_argument("--val-sequences", type=int, default=32, help="Causal validation sequences (0: all).")
     p.add_argument("--lr-lora", default="1e-3,3e-3,1e-2", help="Sweep for PEFT LoRA.")
-    p.add_argument("--lr-mini", default="3e-3,1e-2,3e-2", help="Sweep for LoRA-Mini.")
+    p.add_argument("--lr-mini", default="3e-3,1e-2,3e-2",
+                   help="Sweep for LoRA-Mini (\"default\": train's default rate for each configuration's outer size).")
     p.add_argument("--lr-head", default="3e-3,1e-2,3e-2", help="Sweep for the head alone (cls).")
     # About 5x, 10x, 20x, 40x fewer trainable parameters than LoRA r=16 on each model (q/v are 576x576 and
     # 192x576 in SmolLM2-135M, 384x384 in MiniLM; an outer is capped by its side of the module).
@@ -634,6 +644,8 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", default="/tmp/bench-scratch")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default="scratch", help="Output file names: NAME.json, NAME.txt in --out.")
+    p.add_argument("--lora-ranks", default="16,8", help="PEFT LoRA ranks to run (16 first: the reference).")
     p.add_argument("--markdown", default=None, help="Only print Markdown tables from this scratch.json.")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--task", default=None, help=argparse.SUPPRESS)
@@ -645,6 +657,12 @@ def main(argv=None) -> None:
     def minis(task):
         spec = args.mini_causal if task == "causal" else args.mini_cls
         return [tuple(int(x) for x in c.split(":")) for c in spec.split(",") if c]
+
+    def ranks():
+        out = tuple(int(r) for r in args.lora_ranks.split(",") if r)
+        if not out or out[0] != 16:
+            raise SystemExit("--lora-ranks must start with 16 (LoRA r=16 is the reference every method is compared to)")
+        return out
 
     if args.markdown:
         doc = json.loads(Path(args.markdown).read_text())
@@ -658,7 +676,7 @@ def main(argv=None) -> None:
         return
     if args.worker:
         task_args = task_view(args)
-        method = next(m for m in methods(args.task, minis(args.task)) if m["name"] == args.worker)
+        method = next(m for m in methods(args.task, minis(args.task), ranks()) if m["name"] == args.worker)
         print(json.dumps(worker(task_args, method)))
         return
     work = Path(args.workdir)
@@ -669,7 +687,7 @@ def main(argv=None) -> None:
     for task in args.tasks.split(","):
         files = prepare(task, args, work)
         runs = []
-        for m in methods(task, minis(task)):  # LoRA r=16 first: its test logits are the KL reference
+        for m in methods(task, minis(task), ranks()):  # LoRA r=16 first: its test logits are the KL reference
             cmd = [sys.executable, __file__, "--worker", m["name"], "--task", task] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k not in ("worker", "task", "tasks") and v is not None]
@@ -706,8 +724,8 @@ def main(argv=None) -> None:
     report["seconds"] = time.perf_counter() - t_all
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scratch.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    (out / "scratch.txt").write_text("\n\n".join(texts) + f"\n\n(whole run {report['seconds']:.0f} s)\n",
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / f"{args.name}.txt").write_text("\n\n".join(texts) + f"\n\n(whole run {report['seconds']:.0f} s)\n",
                                      encoding="utf-8")
 
 
