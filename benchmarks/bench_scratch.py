@@ -19,13 +19,21 @@ split): trainable parameters, stored bytes (PEFT adapter_model.safetensors / LoR
 loss and its improvement over the base (causal: the base model; cls: the linear probe),
 accuracy (cls), the share of the LoRA r=16 model's effect kept (causal: 1 - KL(r16 || x) /
 KL(r16 || base), against the r=16 run of the same seed), training tokens/s (median step) and
-the peak RSS of loading plus training (each method runs in its own worker process).
+the peak RSS of loading plus training.
+
+Memory is measured so that methods compare fairly: each method runs in its own worker process,
+which imports everything either method uses (torch, transformers, peft, accelerate, lora_convert)
+before its first run; the table shows that first run's peak RSS and the part of it above the
+RSS the run started from (the model, activations, adapter and optimizer state). Workers run with
+glibc's mmap threshold fixed (--mmap-threshold): with its default, sliding threshold, freed
+tensors stay in the heap by chance, and the same run's peak varied by ±50 MB, more than the
+differences measured; fixed, freed tensors go back to the system and the peak repeats within 1 MB.
 
     nice -n 10 python benchmarks/bench_scratch.py                 # the committed (small, CPU) run
     python benchmarks/bench_scratch.py --steps 300 --seeds 0,1,2,3,4 --batch-size 8 --max-len 256 \\
         --device cuda                                             # full size on a GPU
     python benchmarks/bench_scratch.py --tasks cls --steps 20 --seeds 0 --lr-lora 3e-3 --lr-mini 1e-2  # smoke
-Outputs: benchmarks/results/scratch.json, scratch.txt
+Outputs: benchmarks/results/scratch.json, scratch.txt (--name changes the stem)
 """
 from __future__ import annotations
 
@@ -146,14 +154,18 @@ def dequantize_smollm2(gguf: Path, out: Path) -> Path:
 
 # ------------------------------------------------------------------ methods
 
-def methods(task: str, minis: list[tuple[int, int]]) -> list[dict]:
+def methods(task: str, minis: list[tuple[int, int]], ranks: tuple[int, ...] = (16, 8)) -> list[dict]:
     out = [] if task == "causal" else [{"name": "head only", "kind": "head"}]
-    out += [{"name": f"LoRA r={r}", "kind": "lora", "r": r} for r in (16, 8)]
+    out += [{"name": f"LoRA r={r}", "kind": "lora", "r": r} for r in ranks]
     out += [{"name": f"LoRA-Mini a=b={a} k={k}", "kind": "mini", "a": a, "k": k} for a, k in minis]
     return out
 
 
 # ------------------------------------------------------------------ worker (one method, all its runs)
+
+COMMON_IMPORTS = ("transformers", "peft", "accelerate", "lora_convert", "lora_convert.recovery.run",
+                  "lora_convert.recovery.scratch")  # both methods' code paths, loaded before any measured run
+
 
 class PeakRSS:
     """Peak resident memory of this process while the block runs, sampled every 5 ms."""
@@ -188,9 +200,13 @@ def worker(args, method: dict) -> list[dict]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    import importlib
+
+    for name in COMMON_IMPORTS:  # the same import footprint for every method before its first run
+        importlib.import_module(name)
     work = Path(args.workdir)
     files = json.loads((work / f"{args.task}-files.json").read_text())
-    lrs = [float(x) for x in (args.lr_mini if method["kind"] == "mini" else args.lr_lora).split(",")]
+    lrs = [parse_lr(x, method) for x in (args.lr_mini if method["kind"] == "mini" else args.lr_lora).split(",")]
     if method["kind"] == "head":
         lrs = [float(x) for x in args.lr_head.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -200,6 +216,7 @@ def worker(args, method: dict) -> list[dict]:
         print(f"  {method['name']} lr {lr:g} seed {seeds[0]}: val {runs[-1]['val_loss']:.4f} "
               f"test {runs[-1]['test_loss']:.4f} ({runs[-1]['wall_s']:.0f} s)", file=sys.stderr, flush=True)
     best_lr = min(runs, key=lambda r: r["val_loss"])["lr"]
+    runs[0]["first_in_process"] = True  # every worker's first run starts from the same state: its memory is reported
     for r in runs:
         r["chosen"] = r["lr"] == best_lr
     if method["kind"] == "lora" and method["r"] == 16:
@@ -211,6 +228,15 @@ def worker(args, method: dict) -> list[dict]:
         print(f"  {method['name']} lr {best_lr:g} seed {seed}: val {runs[-1]['val_loss']:.4f} "
               f"test {runs[-1]['test_loss']:.4f}", file=sys.stderr, flush=True)
     return runs
+
+
+def parse_lr(text: str, method: dict) -> float:
+    """A learning rate; "default" is `lora-convert train`'s default for a LoRA-Mini configuration's outer size."""
+    if text.strip() == "default" and method["kind"] == "mini":
+        from lora_convert.recovery.scratch import default_lr
+
+        return default_lr((method["a"], method["a"]))
+    return float(text)
 
 
 def ref_path(work: Path, task: str, seed: int, lr: float | None = None) -> Path:
@@ -232,6 +258,7 @@ def one_run(args, method: dict, files: dict, lr: float, seed: int, sweep: bool) 
     topts = TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=seed, progress=False,
                          checkpoint_dir=str(out) + ".checkpoints")
     t0 = time.perf_counter()
+    start_rss = PeakRSS.now()
     with PeakRSS() as rss:
         if method["kind"] == "mini":
             res, bytes_, trainable = train_mini(args, method, files, dopts, topts, out)
@@ -245,7 +272,7 @@ def one_run(args, method: dict, files: dict, lr: float, seed: int, sweep: bool) 
            "trainable_params": trainable["adapter"], "head_params": trainable["head"], "stored_bytes": bytes_,
            "val_loss": res.after["loss_student"], "train_loss_last": t.losses[-1], "tokens": t.tokens,
            "median_step_s": median, "tokens_per_s": t.tokens / steps / median, "train_s": t.seconds,
-           "wall_s": wall, "peak_rss_bytes": rss.peak, "threads": torch.get_num_threads()}
+           "wall_s": wall, "peak_rss_bytes": rss.peak, "start_rss_bytes": start_rss, "threads": torch.get_num_threads()}
     if method["kind"] == "mini":
         model, tok = scoring_model(args, files, out)
     row |= score(args, model, tok, files, seed, method, lr, sweep)
@@ -498,8 +525,11 @@ def summarise(task: str, runs: list[dict], base_loss: float | None) -> list[dict
                "fewer_than_r16": ref_params / rs[0]["trainable_params"] if rs[0]["trainable_params"] else None,
                "stored_bytes": rs[0]["stored_bytes"], "test_loss": mean_sd([r["test_loss"] for r in rs]),
                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
-               "train_s": statistics.fmean(r["train_s"] for r in rs),
-               "peak_rss_mib": rs[0]["peak_rss_bytes"] / 2**20}
+               "train_s": statistics.fmean(r["train_s"] for r in rs)}
+        first = next((r for r in runs if r["method"] == name and r.get("first_in_process")), rs[0])
+        row["peak_rss_mib"] = first["peak_rss_bytes"] / 2**20
+        if "start_rss_bytes" in first:  # older results have the raw peak only
+            row["run_rss_mib"] = (first["peak_rss_bytes"] - first["start_rss_bytes"]) / 2**20
         if base_loss is not None:
             row["improvement"] = mean_sd([base_loss - r["test_loss"] for r in rs])
         if "test_accuracy" in rs[0]:
@@ -524,7 +554,7 @@ def table(task: str, rows: list[dict], base: dict) -> str:
     head = (f"{'method':<26} {'lr':>6} {'trainable':>9} {'fewer':>6} {'stored B':>10} {'test loss':>16} "
             + (f"{'gain vs base':>16} {'of r16 gain':>13} {'kept (KL)':>13}" if task == "causal"
                else f"{'accuracy %':>13} {'vs r16 pts':>12} {'gain vs probe':>15} {'of r16 gain':>13}")
-            + f" {'tok/s':>7} {'peak MiB':>8}")
+            + f" {'tok/s':>7} {'peak MiB':>8} {'of it run':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         few = f"{r['fewer_than_r16']:.1f}x" if r["fewer_than_r16"] else "-"
@@ -538,7 +568,7 @@ def table(task: str, rows: list[dict], base: dict) -> str:
                      f"{pm(*[100 * x for x in r['accuracy_vs_r16']], '.1f'):>12} "
                      + (f"{pm(*r['improvement'], '.4f'):>15} {pm(*[100 * x for x in r['improvement_vs_r16']], '.1f'):>13}"
                         if "improvement" in r else f"{'-':>15} {'-':>13}"))
-        line += f" {r['tokens_per_s']:>7,.0f} {r['peak_rss_mib']:>8,.0f}"
+        line += f" {r['tokens_per_s']:>7,.0f} {r['peak_rss_mib']:>8,.0f} {r.get('run_rss_mib', float('nan')):>9,.0f}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -548,10 +578,10 @@ def markdown(task: str, rows: list[dict]) -> str:
     pm = lambda ms, f, k=1: f"{k * ms[0]:{f}} ± {k * ms[1]:{f}}"  # noqa: E731
     if task == "causal":
         out = ["| method | lr | trainable | fewer than r=16 | stored bytes | test loss | gain over base | of r=16 gain "
-               "| effect of r=16 kept (KL) | tokens/s | peak RSS MiB |", "|" + "---|" * 11]
+               "| effect of r=16 kept (KL) | tokens/s | peak RSS MiB (the run's own) |", "|" + "---|" * 11]
     else:
         out = ["| method | lr | trainable | fewer than r=16 | stored bytes | test accuracy % | vs r=16 (points) "
-               "| test loss | of r=16 gain over the probe | tokens/s | peak RSS MiB |", "|" + "---|" * 11]
+               "| test loss | of r=16 gain over the probe | tokens/s | peak RSS MiB (the run's own) |", "|" + "---|" * 11]
     for r in rows:
         few = f"{r['fewer_than_r16']:.1f}x" if r["fewer_than_r16"] else "–"
         cells = [r["method"], f"{r['lr']:g}", f"{r['trainable_params']:,}", few, f"{r['stored_bytes']:,}"]
@@ -561,7 +591,8 @@ def markdown(task: str, rows: list[dict]) -> str:
         else:
             cells += [pm(r["accuracy"], ".1f", 100), pm(r["accuracy_vs_r16"], ".1f", 100), pm(r["test_loss"], ".3f"),
                       (pm(r["improvement_vs_r16"], ".0f", 100) + "%") if r["kind_head"] is False else "–"]
-        cells += [f"{r['tokens_per_s']:,.0f}", f"{r['peak_rss_mib']:,.0f}"]
+        own = f" ({r['run_rss_mib']:,.0f})" if "run_rss_mib" in r else ""
+        cells += [f"{r['tokens_per_s']:,.0f}", f"{r['peak_rss_mib']:,.0f}{own}"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -596,7 +627,8 @@ def parse(argv=None):
     p.add_argument("--test-sequences", type=int, default=24, help="Causal test sequences (0: all).")
     p.add_argument("--val-sequences", type=int, default=32, help="Causal validation sequences (0: all).")
     p.add_argument("--lr-lora", default="1e-3,3e-3,1e-2", help="Sweep for PEFT LoRA.")
-    p.add_argument("--lr-mini", default="3e-3,1e-2,3e-2", help="Sweep for LoRA-Mini.")
+    p.add_argument("--lr-mini", default="3e-3,1e-2,3e-2",
+                   help="Sweep for LoRA-Mini (\"default\": train's default rate for each configuration's outer size).")
     p.add_argument("--lr-head", default="3e-3,1e-2,3e-2", help="Sweep for the head alone (cls).")
     # About 5x, 10x, 20x, 40x fewer trainable parameters than LoRA r=16 on each model (q/v are 576x576 and
     # 192x576 in SmolLM2-135M, 384x384 in MiniLM; an outer is capped by its side of the module).
@@ -605,10 +637,15 @@ def parse(argv=None):
     p.add_argument("--mini-cls", default="256:5,192:3,96:3,48:3", help="The same for the cls task.")
     p.add_argument("--tp-rounds", type=int, default=8,
                    help="Interleaved throughput steps per method (causal; 0: skip).")
+    p.add_argument("--mmap-threshold", type=int, default=65536,
+                   help="glibc MALLOC_MMAP_THRESHOLD_ for the workers, bytes (0: glibc's sliding default); see "
+                        "the module docstring.")
     p.add_argument("--device", default="cpu", choices=["auto", "cuda", "cpu"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", default="/tmp/bench-scratch")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default="scratch", help="Output file names: NAME.json, NAME.txt in --out.")
+    p.add_argument("--lora-ranks", default="16,8", help="PEFT LoRA ranks to run (16 first: the reference).")
     p.add_argument("--markdown", default=None, help="Only print Markdown tables from this scratch.json.")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--task", default=None, help=argparse.SUPPRESS)
@@ -620,6 +657,12 @@ def main(argv=None) -> None:
     def minis(task):
         spec = args.mini_causal if task == "causal" else args.mini_cls
         return [tuple(int(x) for x in c.split(":")) for c in spec.split(",") if c]
+
+    def ranks():
+        out = tuple(int(r) for r in args.lora_ranks.split(",") if r)
+        if not out or out[0] != 16:
+            raise SystemExit("--lora-ranks must start with 16 (LoRA r=16 is the reference every method is compared to)")
+        return out
 
     if args.markdown:
         doc = json.loads(Path(args.markdown).read_text())
@@ -633,7 +676,7 @@ def main(argv=None) -> None:
         return
     if args.worker:
         task_args = task_view(args)
-        method = next(m for m in methods(args.task, minis(args.task)) if m["name"] == args.worker)
+        method = next(m for m in methods(args.task, minis(args.task), ranks()) if m["name"] == args.worker)
         print(json.dumps(worker(task_args, method)))
         return
     work = Path(args.workdir)
@@ -644,13 +687,13 @@ def main(argv=None) -> None:
     for task in args.tasks.split(","):
         files = prepare(task, args, work)
         runs = []
-        for m in methods(task, minis(task)):  # LoRA r=16 first: its test logits are the KL reference
+        for m in methods(task, minis(task), ranks()):  # LoRA r=16 first: its test logits are the KL reference
             cmd = [sys.executable, __file__, "--worker", m["name"], "--task", task] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k not in ("worker", "task", "tasks") and v is not None]
             t0 = time.perf_counter()
             print(f"[{task}] {m['name']} ...", flush=True)
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=worker_env(args))
             if proc.returncode:
                 raise SystemExit(f"worker {task}/{m['name']} failed")
             runs += json.loads(proc.stdout.strip().splitlines()[-1])
@@ -669,7 +712,7 @@ def main(argv=None) -> None:
             cmd = [sys.executable, __file__, "--worker", "throughput"] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k not in ("worker", "task", "tasks") and v is not None]
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=worker_env(args))
             if proc.returncode:
                 raise SystemExit("throughput worker failed")
             tp = report["throughput"] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -681,9 +724,16 @@ def main(argv=None) -> None:
     report["seconds"] = time.perf_counter() - t_all
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scratch.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    (out / "scratch.txt").write_text("\n\n".join(texts) + f"\n\n(whole run {report['seconds']:.0f} s)\n",
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / f"{args.name}.txt").write_text("\n\n".join(texts) + f"\n\n(whole run {report['seconds']:.0f} s)\n",
                                      encoding="utf-8")
+
+
+def worker_env(args) -> dict:
+    env = dict(os.environ)
+    if args.mmap_threshold:  # glibc reads it at start-up; a fixed value also stops the threshold sliding
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    return env
 
 
 def task_view(args):

@@ -192,11 +192,11 @@ def apply(model, source, adapter_name: str = "default") -> Adapters:
             if adapter_name in layer.adapters:
                 raise BadInputError(f"an adapter named {adapter_name!r} is already applied; pass another "
                                     "adapter_name or delete it first")
-    built = []  # every layer is built (and checked against the model) before the model changes
+    built, shared = [], {}  # every layer is built (and checked against the model) before the model changes
     for root, name, path in targets:
         current = root.get_submodule(path)
         base = current.base if isinstance(current, AdapterLayer) else current
-        built.append((root, path, current, MiniLayer(base, mini.module(name), register_base=False)))
+        built.append((root, path, current, MiniLayer(base, mini.module(name), register_base=False, shared=shared)))
     for root, path, current, layer in built:
         if not isinstance(current, AdapterLayer):
             current = AdapterLayer(current)

@@ -2,6 +2,7 @@
 export, classification adapters that PEFT loads (tiny models from configs, CPU, no downloads)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -143,6 +144,36 @@ def _linear_layer() -> MiniLayer:
                    outer={"source": "random", "a": 4, "b": 4}, U=torch.randn(6, 4, generator=g),
                    V=torch.randn(4, 5, generator=g), X=torch.zeros(4, 2), Y=torch.randn(2, 4, generator=g))
     return MiniLayer(nn.Linear(5, 6), m)
+
+
+def test_layers_hold_one_copy_of_an_outer_they_share_also_after_a_move():
+    from lora_convert.recovery.scratch import scratch_adapter
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({f"b{i}": nn.ModuleDict({"q": nn.Linear(12, 12), "v": nn.Linear(12, 6)}) for i in range(3)})
+    mini = scratch_adapter(model, "", ["q", "v"], 2, 4, (4, 4), seed=0)  # one generator stream: outers shared
+    plain = {n: MiniLayer(nn.Linear(12, model.get_submodule(n).out_features), mini.module(n)) for n in mini.module_names}
+    layers = inject(model, mini)
+    for n, layer in layers.items():
+        plain[n].base.load_state_dict(layer.base.state_dict())
+        with torch.no_grad():
+            layer.X.normal_()
+            plain[n].X.copy_(layer.X)
+    ptrs = lambda role, kind: {getattr(l, role).data_ptr() for n, l in layers.items() if n.endswith(kind)}  # noqa: E731
+    assert all(len(ptrs(r, k)) == 1 for r in ("U", "V") for k in ("q", "v"))
+    assert ptrs("V", "q") == ptrs("V", "v")  # same shape (4×12): the same matrix, one copy
+    x = torch.randn(3, 12)
+    for n, layer in layers.items():
+        torch.testing.assert_close(layer(x), plain[n](x), rtol=0, atol=0)
+    model.double()  # a conversion keeps the sharing (nn.Module would convert each layer's buffers apart)
+    assert all(len(ptrs(r, k)) == 1 for r in ("U", "V") for k in ("q", "v"))
+    assert all(layer.U.dtype == torch.float64 for layer in layers.values())
+    for n, layer in layers.items():
+        torch.testing.assert_close(layer(x.double()), plain[n].double()(x.double()))
+    # equal values in distinct tensors (per-module streams, SVD outers) are not merged
+    shared, m = {}, mini.module("b0.q")
+    a, b = (MiniLayer(nn.Linear(12, 12), dataclasses.replace(m, U=m.U.clone()), shared=shared) for _ in range(2))
+    assert a.U.data_ptr() != b.U.data_ptr()
 
 
 @pytest.mark.parametrize("patience", [0, 2])

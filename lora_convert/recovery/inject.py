@@ -48,12 +48,12 @@ def inject(model: nn.Module, mini: MiniAdapter, teacher: Adapter | None = None,
     """
     _check_same_modules(mini, teacher)
     paths = resolve_names(model, list(mini.module_names))
-    layers = {}
+    layers, shared = {}, {}  # shared: one normalised copy of each outer the modules have in common
     for name in mini.module_names:
         base = model.get_submodule(paths[name])
         if isinstance(base, MiniLayer):
             raise BadInputError(f"module {name!r} already holds a LoRA-Mini layer")
-        layer = MiniLayer(base, mini.module(name), teacher.module(name) if teacher else None)
+        layer = MiniLayer(base, mini.module(name), teacher.module(name) if teacher else None, shared=shared)
         _replace(model, paths[name], layer)
         layers[name] = layer
     if freeze:

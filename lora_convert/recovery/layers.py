@@ -26,6 +26,11 @@ turn them.
 file will store them (`storage`: the module's quant spec, or its float dtype), with gradients
 passed straight through to the unrounded parameters.
 
+Random outers from one generator stream are the same matrix for every module of a shape
+(outer/random.py), so layers built with one `shared` dict hold one normalised copy of
+each, not one per layer, also after `model.to(device)`: 60 copies of the a = b = 256 outers would take 57 MB beside
+SmolLM2-135M's 540 MB, more than a LoRA of rank 16 and its optimizer state together.
+
 A layer can also hold the original LoRA pair (the teacher) as frozen buffers and
 switch between three modes on the same base weights, so recovery needs one copy of
 the base model, not three:
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Iterable, Iterator
 
 import torch
@@ -50,6 +56,10 @@ from ..errors import BadInputError, UnsupportedError
 from .qat import fake_quant, lossless
 
 MODES = ("student", "teacher", "base")
+OUTERS = ("U", "V")
+# One Module._apply call (model.to(...), .half(), ...) passes the same `fn` to every module: the outers
+# are converted once per distinct tensor in that call, so layers sharing an outer still share it after.
+_CONVERTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def layer_kind(base: nn.Module) -> str:
@@ -79,7 +89,7 @@ class MiniLayer(nn.Module):
     """A base Linear / Conv2d / Embedding plus a LoRA-Mini update (and optionally its teacher)."""
 
     def __init__(self, base: nn.Module, module: MiniModule, teacher: LoraModule | None = None, *,
-                 register_base: bool = True):
+                 register_base: bool = True, shared: dict | None = None):
         super().__init__()
         if register_base:
             self.base = base
@@ -88,35 +98,59 @@ class MiniLayer(nn.Module):
         self.kind = layer_kind(base)
         self.name = module.name
         self.mode = "student"
-        self.set_module(module)
+        self.set_module(module, shared)
         if teacher is not None:
             self.attach_teacher(teacher)
+
+    def _apply(self, fn, recurse=True):
+        try:
+            done = _CONVERTED.setdefault(fn, {})
+        except TypeError:  # a callable without weak references: convert per layer, as nn.Module does
+            return super()._apply(fn, recurse)
+        outers = {n: self._buffers.pop(n) for n in OUTERS if self._buffers.get(n) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in outers.items():  # weak references: a long-lived fn must not keep tensors alive
+                src, out = done.get(id(t), (None, None))
+                converted = out() if src is not None and src() is t else None
+                if converted is None:
+                    converted = fn(t)
+                    done[id(t)] = (weakref.ref(t), weakref.ref(converted))
+                self._buffers[n] = converted
+        return self
 
     @property
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
 
-    def set_module(self, module: MiniModule) -> None:
+    def set_module(self, module: MiniModule, shared: dict | None = None) -> None:
         """Load outers (frozen) and inners (trainable, float32 master copies) from `module`; stored
-        outers: the factors U·X, Y·V are the trainable parameters (see the module docstring)."""
+        outers: the factors U·X, Y·V are the trainable parameters (see the module docstring).
+
+        `shared` (a dict kept by the caller across layers) lets layers whose module holds the same
+        outer tensor share one normalised copy of it; the buffers are never modified in place.
+        """
         self._check(module.out_features, module.in_features, f"LoRA-Mini module {module.name!r}")
         dev = self.device
-        U, V, X, Y = (t.to(dev, torch.float64) for t in (module.U, module.V, module.X, module.Y))
         self.factored = outer.get(module.outer["source"]).stored
         # how the file will store the factors: quantized, or float tensors of their dtype
         self.storage = dict(module.quant) if module.quant else {"dtype": module.X.dtype}
         self.fake_quant = False
         if self.factored:
+            U, V, X, Y = (t.to(dev, torch.float64) for t in (module.U, module.V, module.X, module.Y))
             B, A = U @ X, Y @ V
             self.c_u, self.c_v = 1.0 / pow2_rms(B), 1.0 / pow2_rms(A)
             self.register_buffer("U", None, persistent=False)
             self.register_buffer("V", None, persistent=False)
             X, Y = B, A
         else:
-            self.c_u, self.c_v = rms_norm(U, dim=0), rms_norm(V, dim=1)
+            U, self.c_u = normalised_outer(module.U, 0, dev, shared)
+            V, self.c_v = normalised_outer(module.V, 1, dev, shared)
             # Outers are derived data (seed or file): non-persistent, so model.state_dict() stays the base's.
-            self.register_buffer("U", (U / self.c_u).float(), persistent=False)
-            self.register_buffer("V", (V / self.c_v).float(), persistent=False)
+            self.register_buffer("U", U, persistent=False)
+            self.register_buffer("V", V, persistent=False)
+            X, Y = (t.to(dev, torch.float64) for t in (module.X, module.Y))
         self.X = nn.Parameter((X * self.c_u).float())
         self.Y = nn.Parameter((Y * self.c_v).float())
         self.scale = float(module.scale)
@@ -205,6 +239,21 @@ class MiniLayer(nn.Module):
         k = self.X.shape[1]
         a, b = (k, k) if self.factored else (self.X.shape[0], self.Y.shape[1])
         return f"name={self.name!r}, kind={self.kind}, a={a}, k={k}, b={b}, scale={self.scale:g}, mode={self.mode}"
+
+
+def normalised_outer(M: torch.Tensor, dim: int, device, shared: dict | None) -> tuple[torch.Tensor, float]:
+    """(M / c as float32 on `device`, c) with c = rms_norm(M, dim); reused from `shared` when the same
+    tensor object was normalised before (the entry keeps M alive, so its id is not reused)."""
+    key = (id(M), dim, str(device))
+    hit = shared.get(key) if shared is not None else None
+    if hit is not None and hit[0] is M:
+        return hit[1], hit[2]
+    M64 = M.to(device, torch.float64)
+    c = rms_norm(M64, dim)
+    out = (M64 / c).float()
+    if shared is not None:
+        shared[key] = (M, out, c)
+    return out, c
 
 
 def rms_norm(M: torch.Tensor, dim: int) -> float:
