@@ -242,11 +242,13 @@ class MiniLayer(nn.Module):
 
 
 def normalised_outer(M: torch.Tensor, dim: int, device, shared: dict | None) -> tuple[torch.Tensor, float]:
-    """(M / c as float32 on `device`, c) with c = rms_norm(M, dim); reused from `shared` when the same
-    tensor object was normalised before (the entry keeps M alive, so its id is not reused)."""
-    key = (id(M), dim, str(device))
+    """(M / c as float32 on `device`, c) with c = rms_norm(M, dim); reused from `shared` when a tensor
+    viewing the same memory was normalised before (regenerated outers are new tensor objects over one
+    cached array; the entry keeps that memory alive, so its address is not reused, and outers are
+    never modified in place)."""
+    key = (M.data_ptr(), tuple(M.shape), tuple(M.stride()), M.dtype, dim, str(device))
     hit = shared.get(key) if shared is not None else None
-    if hit is not None and hit[0] is M:
+    if hit is not None:
         return hit[1], hit[2]
     M64 = M.to(device, torch.float64)
     c = rms_norm(M64, dim)
