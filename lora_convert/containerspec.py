@@ -293,6 +293,14 @@ class MiniFile:
             raise BadInputError(f"module {name!r}: {NONFINITE_INNER}", self.path)
         return spec
 
+    def check_all(self) -> None:
+        """Every check loading the whole file makes: each module (check_module) and each
+        passthrough tensor's checksum."""
+        for name in self.specs:
+            self.check_module(name)
+        for name in self.doc.get("passthrough", []):
+            self.checked_bytes(PASSTHROUGH + name)
+
     def itemsize(self, name: str) -> int:
         """Bytes per value of a module's float X tensor (0 for a quantized module)."""
         info = self.lazy.header.tensors.get(f"{name}.X")

@@ -375,6 +375,34 @@ def test_compress_inspect_verify_from_hf_uris(srv, fixtures, minis, tmp_path):
     assert res.exit_code == 0 and "integrity: OK" in res.stdout
 
 
+_INSPECT_LIGHT = """
+import sys
+from lora_convert.cli import main
+for uri in sys.argv[1:]:
+    try:
+        main.main(["inspect", uri], standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    print("HEAVY", ",".join(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+
+
+def test_inspect_of_hf_uris_imports_neither_torch_nor_transformers(srv, fixtures, minis, tmp_path):
+    """`inspect hf://...` downloads and checks every file and module, in a process that never loads
+    torch: a LoRA-Mini repo and a PEFT adapter repo."""
+    srv.commit_files("me/public-mini", {p.name: p.read_bytes() for p in minis["seed7"].iterdir()})
+    srv.commit_files("someone/their-lora", {p.name: p.read_bytes() for p in (fixtures / SRC).iterdir()})
+    env = {**os.environ, "HF_ENDPOINT": srv.endpoint, "HF_HUB_CACHE": constants.HF_HUB_CACHE,
+           "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _INSPECT_LIGHT, "hf://me/public-mini", "hf://someone/their-lora"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    mini, peft = proc.stdout.split("HEAVY")[:2]
+    assert "LoRA-Mini file from a peft adapter, 14 modules" in mini and "PEFT LoRA adapter, 14 LoRA modules" in peft
+    assert [line for line in proc.stdout.splitlines() if line.startswith("HEAVY")] == ["HEAVY "] * 2, proc.stdout
+
+
 def test_cli_push_pull_and_exit_codes(srv, minis, tmp_path):
     common = ["--token", WRITE, "--endpoint", srv.endpoint]
     res = _cli("push", minis["seed7"], REPO, "--private", "-m", "first", *common)

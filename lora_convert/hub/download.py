@@ -22,7 +22,8 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from .. import __version__, container
+from .. import __version__
+from ..containerspec import CONFIG_NAME, FILE_NAME
 from ..atomic import atomic_dir, atomic_file
 from ..errors import BadInputError, HubError, HubNetworkError, HubNotFoundError, IntegrityError, LoraConvertError
 from .addresses import COMMIT_SHA, Target, format_uri, is_hub_uri, target
@@ -32,7 +33,7 @@ from .retry import call, offline_mode, offline_variable, unreachable
 
 # The documented logger for the "using the cache" warning (docs/HUB.md), whichever module emits it.
 log = logging.getLogger("lora_convert.hub")
-MINI_FILES = (container.FILE_NAME, container.CONFIG_NAME, CARD_NAME)
+MINI_FILES = (FILE_NAME, CONFIG_NAME, CARD_NAME)
 Selector = Callable[[list[str]], list[str]]
 
 
@@ -71,8 +72,8 @@ def pull(repo_id: str, dest: str | os.PathLike, *, revision: str | None = None, 
         for name in snap.names:
             shutil.copyfile(snap.path / name, tmp / name)
         snap.check(tmp, t)
-        mini, _ = verify_mini(tmp, t.at(snap.commit))
-    return PullResult(t.repo_id, t.revision, snap.commit, Path(dest), len(mini), t.subfolder)
+        modules = len(verify_mini(tmp, t.at(snap.commit)).specs)
+    return PullResult(t.repo_id, t.revision, snap.commit, Path(dest), modules, t.subfolder)
 
 
 def download_uri(uri: str, *, expect: str | None = None, token: str | bool | None = None,
@@ -273,9 +274,9 @@ def _where(t: Target) -> str:
 
 def _mini_files(t: Target) -> Selector:
     def select(names: list[str]) -> list[str]:
-        if container.FILE_NAME not in names:
+        if FILE_NAME not in names:
             kind = "folder" if t.subfolder else "repo"
-            raise BadInputError(f"not a LoRA-Mini {kind}: no {container.FILE_NAME} {_where(t)} at this revision (to "
+            raise BadInputError(f"not a LoRA-Mini {kind}: no {FILE_NAME} {_where(t)} at this revision (to "
                                 f"compress a standard adapter, run `lora-convert compress {t.uri} -o ./mini`)", t.uri)
         return [n for n in MINI_FILES if n in names]
     return select
@@ -293,4 +294,4 @@ def _adapter_files(t: Target) -> Selector:
 
 def _auto(t: Target) -> Selector:
     mini, adapter = _mini_files(t), _adapter_files(t)
-    return lambda names: mini(names) if container.FILE_NAME in names else adapter(names)
+    return lambda names: mini(names) if FILE_NAME in names else adapter(names)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from huggingface_hub.hf_api import RepoFile
 
-from .. import container
+from ..containerspec import MiniFile, open_mini
 from ..errors import LoraConvertError
 
 
@@ -58,19 +58,15 @@ def evict(cached: Path) -> bool:
     return True
 
 
-def verify_mini(folder: Path, where: str) -> tuple[container.MiniAdapter, list[dict]]:
-    """Load a LoRA-Mini adapter and every module and passthrough tensor, so every check runs.
-
-    Returns the adapter and each module's outer spec. Errors name `where` (a path or hf:// URI).
-    """
+def verify_mini(folder: Path, where: str) -> MiniFile:
+    """Make every check loading a LoRA-Mini adapter makes (header, each module, each passthrough
+    tensor), without torch. Errors name `where` (a path or hf:// URI)."""
     try:
-        mini = container.load(folder)
-        outers = [m.outer for m in mini.modules()]
-        for _ in mini.passthrough():
-            pass
+        f = open_mini(folder)
+        f.check_all()
     except LoraConvertError as exc:
         raise type(exc)(exc.problem, where) from None
-    return mini, outers
+    return f
 
 
 def _digest(path: Path, algorithm: str, prefix: bytes = b"") -> str:

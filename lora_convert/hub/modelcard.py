@@ -15,11 +15,15 @@ repo discoverable next to ordinary adapters.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..container import CONFIG_NAME, MiniAdapter
+from ..containerspec import CONFIG_NAME
 from ..report import FidelityReport
+
+if TYPE_CHECKING:  # cards are written from a loaded adapter; this module itself needs no torch
+    from ..container import MiniAdapter
 
 CARD_NAME = "README.md"
 LIBRARY_NAME = "lora_convert"

@@ -11,8 +11,6 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 
-from .. import container
-from ..convert import stored_report
 from ..errors import BadInputError, HubNetworkError
 from . import modelcard
 from .addresses import COMMIT_SHA, Target, format_uri, target
@@ -74,7 +72,13 @@ def files_to_push(local: Path, repo_id: str) -> dict[str, bytes]:
     then generated). A README.md in the directory is kept (given the metadata it lacks) unless
     lora_convert generated it.
     """
-    mini, outers = verify_mini(local, str(local))
+    # torch loads here, not when `hub` is imported: `inspect hf://...` and pull need none
+    from .. import container
+    from ..convert import stored_report
+
+    checked = verify_mini(local, str(local))
+    outers = [spec["outer"] for spec in checked.specs.values()]
+    mini = container.load(local)
     report = stored_report(mini)  # modules were just checked; this reads the stored fidelity
     file = container.resolve_file(local)
     config, readme = local / container.CONFIG_NAME, local / modelcard.CARD_NAME
