@@ -253,7 +253,7 @@ def test_format_registry_matches_the_layout_modules():
     assert FORMAT_CHOICES == formats.names() == list(formats.REGISTRY) != []
     for name, layout in formats.REGISTRY.items():
         assert isinstance(layout, AdapterFormat) and layout.name == name
-        assert type(layout).__module__ == f"lora_convert.formats.{name}"
+        assert layout.module == f"lora_convert.formats.{name}"
     assert set(formats.REGISTRY["peft"].dir_files) >= {"adapter_config.json", "adapter_model.safetensors"}
     assert formats.REGISTRY["diffusers"].writes_dir("out") and not formats.REGISTRY["diffusers"].writes_dir("o.safetensors")
 

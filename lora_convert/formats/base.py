@@ -1,7 +1,8 @@
 """What an adapter layout provides, and the registry of layouts.
 
-A layout is one module of this package that subclasses :class:`AdapterFormat` and calls
-:func:`register` with an instance; ``formats`` finds it by its module name (which must equal its
+A layout is one module of this package that calls :func:`register` with an
+:class:`AdapterFormat`: a subclass instance, or a :class:`FunctionFormat` over the module's own
+``detect`` / ``read`` / ``write`` (and optional ``scan`` / ``describe``) functions; ``formats`` finds it by its module name (which must equal its
 ``name``), so detection, reading, writing and the CLI's ``--from`` / ``--to`` choices pick it up
 with no edit elsewhere. This module imports neither torch nor the layouts (CLI start-up).
 """
@@ -11,7 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Iterable
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -89,6 +90,53 @@ class AdapterFormat(ABC):
     def writes_dir(self, dest) -> bool:
         """Whether writing to `dest` produces a directory (some layouts let the destination decide)."""
         return self.output_is_dir
+
+    @property
+    def module(self) -> str:
+        """The module that implements this layout (the registry finds layouts by module name)."""
+        return type(self).__module__
+
+
+class FunctionFormat(AdapterFormat):
+    """A layout written as plain functions, the way the built-in layouts are:
+
+    >>> register(FunctionFormat(NAME, LABEL, detect, read, write, scan=scan, output_is_dir=True,
+    ...                         dir_files=(CONFIG_FILE, WEIGHTS_FILE)))            # doctest: +SKIP
+
+    `output_is_dir` is a bool, or a function of the destination for layouts that let it decide;
+    `describe` (adapter -> label with the detected variant) and `scan` are optional.
+    """
+
+    def __init__(self, name: str, label: str, detect: Callable[[Path], bool], read: Callable[..., "Adapter"],
+                 write: Callable[["Adapter", Path], None], *, scan: Callable[..., AdapterHeader | None] | None = None,
+                 describe: Callable[["Adapter"], str] | None = None,
+                 output_is_dir: bool | Callable[[object], bool] = False, dir_files: tuple[str, ...] = ()):
+        self.name, self.label, self.dir_files = name, label, tuple(dir_files)
+        self._fns = {"detect": detect, "read": read, "write": write, "scan": scan, "describe": describe}
+        self._writes_dir = output_is_dir if callable(output_is_dir) else None
+        self.output_is_dir = bool(output_is_dir) if not callable(output_is_dir) else False
+
+    @property
+    def module(self) -> str:
+        return self._fns["read"].__module__
+
+    def detect(self, path):
+        return self._fns["detect"](path)
+
+    def read(self, path, **options):
+        return self._fns["read"](path, **options)
+
+    def write(self, adapter, dest):
+        self._fns["write"](adapter, dest)
+
+    def scan(self, path, **options):
+        return self._fns["scan"](path, **options) if self._fns["scan"] else None
+
+    def describe(self, adapter):
+        return self._fns["describe"](adapter) if self._fns["describe"] else self.label
+
+    def writes_dir(self, dest):
+        return self._writes_dir(dest) if self._writes_dir else self.output_is_dir
 
 
 _REGISTERED: dict[str, AdapterFormat] = {}

@@ -25,7 +25,7 @@ from ..st import DTYPE_NAMES, LazyTensors, StreamingWriter, require_finite
 from . import flux, naming
 from ._util import (check_kernel_known, check_no_passthrough, fold_scale, is_safetensors_file, most_common, safetensors_keys,
                     unknown_keys_error)
-from .base import AdapterFormat, AdapterHeader, ModuleHeader, register
+from .base import AdapterHeader, FunctionFormat, ModuleHeader, register
 from .peft import factor_kind, module_rank_alpha
 
 NAME = "diffusers"
@@ -326,28 +326,4 @@ def _metadata(adapter: Adapter, ranks: dict, folded: int, model_level: bool = Fa
     return meta
 
 
-class DiffusersFormat(AdapterFormat):
-    """diffusers' layout (a file, or a directory holding it): this module's functions, registered."""
-
-    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
-
-    def detect(self, path):
-        return detect(path)
-
-    def read(self, path, **options):
-        return read(path, **options)
-
-    def scan(self, path, **options):
-        return scan(path, **options)
-
-    def write(self, adapter, dest):
-        write(adapter, dest)
-
-    def describe(self, adapter):
-        return label(adapter)
-
-    def writes_dir(self, dest):
-        return output_is_dir(dest)
-
-
-register(DiffusersFormat())
+register(FunctionFormat(NAME, LABEL, detect, read, write, scan=scan, describe=label, output_is_dir=output_is_dir))

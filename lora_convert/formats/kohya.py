@@ -22,7 +22,7 @@ from ..st import DTYPE_NAMES, LazyTensors, StreamingWriter, require_finite, tens
 from . import flux, naming
 from ._util import (check_kernel_known, check_no_passthrough, is_safetensors_file, most_common, safetensors_keys,
                     scalar_tensor, unknown_keys_error)
-from .base import AdapterFormat, AdapterHeader, ModuleHeader, register
+from .base import AdapterHeader, FunctionFormat, ModuleHeader, register
 
 if TYPE_CHECKING:
     import torch
@@ -307,25 +307,4 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-class KohyaFormat(AdapterFormat):
-    """kohya's single-file layout: this module's functions, registered."""
-
-    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
-
-    def detect(self, path):
-        return detect(path)
-
-    def read(self, path, **options):
-        return read(path, **options)
-
-    def scan(self, path, **options):
-        return scan(path, **options)
-
-    def write(self, adapter, dest):
-        write(adapter, dest)
-
-    def describe(self, adapter):
-        return label(adapter)
-
-
-register(KohyaFormat())
+register(FunctionFormat(NAME, LABEL, detect, read, write, scan=scan, describe=label, output_is_dir=OUTPUT_IS_DIR))

@@ -39,7 +39,7 @@ from ..errors import BadInputError, UnsupportedError
 from ..st import LazyTensors
 from . import kohya, naming
 from ._util import is_safetensors_file, safetensors_keys, unknown_keys_error
-from .base import AdapterFormat, AdapterHeader, ModuleHeader, register
+from .base import AdapterHeader, FunctionFormat, ModuleHeader, register
 
 if TYPE_CHECKING:
     import numpy as np
@@ -382,25 +382,4 @@ def write(adapter: Adapter, dest: Path) -> None:
     kohya.write(adapter, dest, note=note)
 
 
-class LycorisFormat(AdapterFormat):
-    """LyCORIS's single-file layout: this module's functions, registered."""
-
-    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
-
-    def detect(self, path):
-        return detect(path)
-
-    def read(self, path, **options):
-        return read(path, **options)
-
-    def scan(self, path, **options):
-        return scan(path, **options)
-
-    def write(self, adapter, dest):
-        write(adapter, dest)
-
-    def describe(self, adapter):
-        return label(adapter)
-
-
-register(LycorisFormat())
+register(FunctionFormat(NAME, LABEL, detect, read, write, scan=scan, describe=label, output_is_dir=OUTPUT_IS_DIR))

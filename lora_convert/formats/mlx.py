@@ -24,7 +24,7 @@ from ..st import DTYPE_NAMES, LazyTensors, StreamingWriter, require_finite
 from . import naming
 from ._util import (check_kernel_known, check_no_passthrough, fold_scale, int_if_whole, most_common,
                     read_json_config, unknown_keys_error)
-from .base import AdapterFormat, AdapterHeader, ModuleHeader, register
+from .base import AdapterHeader, FunctionFormat, ModuleHeader, register
 
 NAME = "mlx"
 LABEL = "MLX-LM LoRA"
@@ -195,23 +195,5 @@ def _config(adapter: Adapter, ranks: dict, rank: int, scale: float, folded: list
     return cfg
 
 
-class MlxFormat(AdapterFormat):
-    """MLX-LM's directory layout: this module's functions, registered."""
-
-    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
-    dir_files = (CONFIG_FILE, WEIGHTS_FILE)
-
-    def detect(self, path):
-        return detect(path)
-
-    def read(self, path, **options):
-        return read(path, **options)
-
-    def scan(self, path, **options):
-        return scan(path, **options)
-
-    def write(self, adapter, dest):
-        write(adapter, dest)
-
-
-register(MlxFormat())
+register(FunctionFormat(NAME, LABEL, detect, read, write, scan=scan, output_is_dir=OUTPUT_IS_DIR,
+                           dir_files=(CONFIG_FILE, WEIGHTS_FILE)))

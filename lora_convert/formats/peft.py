@@ -23,7 +23,7 @@ from ..adapter import Adapter, LoraModule
 from ..errors import BadInputError, UnsupportedError
 from ..st import DTYPE_NAMES, FLOAT_DTYPES, LazyTensors, StreamingWriter, dtype_name, require_finite
 from ._util import check_kernel_known, read_json_config
-from .base import AdapterFormat, AdapterHeader, ModuleHeader, register
+from .base import AdapterHeader, FunctionFormat, ModuleHeader, register
 
 NAME = "peft"
 LABEL = "PEFT LoRA"
@@ -472,23 +472,5 @@ def client_warnings(cfg: dict, ranks: dict[str, int]) -> list[str]:
     return lines
 
 
-class PeftFormat(AdapterFormat):
-    """PEFT's directory layout: this module's functions, registered."""
-
-    name, label, output_is_dir = NAME, LABEL, OUTPUT_IS_DIR
-    dir_files = (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE)
-
-    def detect(self, path):
-        return detect(path)
-
-    def read(self, path, **options):
-        return read(path, **options)
-
-    def scan(self, path, **options):
-        return scan(path, **options)
-
-    def write(self, adapter, dest):
-        write(adapter, dest)
-
-
-register(PeftFormat())
+register(FunctionFormat(NAME, LABEL, detect, read, write, scan=scan, output_is_dir=OUTPUT_IS_DIR,
+                           dir_files=(CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE)))
