@@ -130,7 +130,7 @@ def nbytes(shape: tuple[int, int], bits: int | str, group: int) -> int:
     return 2 * n_groups(shape, group) + -(-count * code_bits(bits) // 8)
 
 
-def _top(bits) -> float:
+def top_level(bits) -> float:
     """The code value a group's largest |x| maps to: qmax, or a codebook's largest level (1)."""
     return 1.0 if is_codebook(bits) else float(qmax(bits))
 
@@ -138,7 +138,7 @@ def _top(bits) -> float:
 def group_scales(maxabs: np.ndarray, bits: int | str) -> np.ndarray:
     """fp16 scales of groups whose largest |x| is `maxabs` (float64): fp16(maxabs / qmax)
     (codebooks: fp16(maxabs))."""
-    top = _top(bits)
+    top = top_level(bits)
     if not np.isfinite(maxabs).all():
         raise ValueError("cannot quantize non-finite values")
     if (maxabs / top > FP16_MAX).any():
@@ -233,7 +233,7 @@ def rounded_widths(M: np.ndarray, widths, group: int, dtype=np.float64) -> list[
                 raise ValueError("values overflow float16")
             out.append(M.astype(np.float16).astype(dtype))
             continue
-        top = _top(bits)
+        top = top_level(bits)
         if (maxabs / top > FP16_MAX).any():
             raise ValueError(f"values up to {maxabs.max():.3g} overflow the float16 scales")
         scales = (maxabs / top).astype(np.float16).astype(np.float64)

@@ -391,7 +391,7 @@ def test_fake_quant_rounds_as_the_file_stores():
     for shape in ((70, 3), (3, 70), (5, 5), (1, 130)):
         M = torch.randn(*shape, generator=g, dtype=torch.float64).float().double()
         M[0, :2] = torch.tensor([0.5, -0.25])  # values on the grid and ties
-        for bits in quant.BITS:
+        for bits in quant.WIDTHS:
             for group in (1, 7, 64):
                 want = quant.rounded(M.numpy(), bits, group, dtype=np.float64)
                 assert np.array_equal(grid_round(M, bits, group).numpy(), want), (shape, bits, group)
@@ -444,6 +444,25 @@ def test_recover_bits_requantizes(quant_setup, tmp_path):
     mini = lc.load(tmp_path / "b4")
     assert all(mini.module(n).quant == {"bits": 4, "group": 64} for n in mini.module_names)
     assert _dir_bytes(tmp_path / "b4") < _dir_bytes(root / "mini")
+
+
+def test_recover_bits_nf4_from_a_budgeted_file(quant_setup, tmp_path):
+    """`--bits nf4` stores every module as NF4 codes; recovering a file that already holds NF4
+    modules (what --target-size chooses) keeps them, and the written file reads back."""
+    root = quant_setup
+    base = ["--teacher", str(root / "teacher7"), "--base", str(root / "base"), "--data", str(root / "calib.txt"),
+            "--eval-data", str(root / "heldout.txt"), "--steps", "2", "--max-len", "32", "--device", "cpu",
+            "--no-progress", "--qat-steps", "2", "--json"]
+    res = CliRunner().invoke(main, ["recover", str(root / "svd4"), "-o", str(tmp_path / "nf4"), "--bits", "NF4", *base])
+    assert res.exit_code == 0, res.output
+    mini = lc.load(tmp_path / "nf4")
+    assert {json.dumps(mini.module(n).quant) for n in mini.module_names} == {json.dumps({"bits": "nf4", "group": 64})}
+    res = CliRunner().invoke(main, ["recover", str(tmp_path / "nf4"), "-o", str(tmp_path / "again"), *base])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["bytes"]["written"] <= _dir_bytes(tmp_path / "nf4")
+    again = lc.load(tmp_path / "again")
+    assert all(again.module(n).quant == {"bits": "nf4", "group": 64} for n in again.module_names)
+    assert all(torch.isfinite(f).all() for n in again.module_names for f in again.module(n).factors())
 
 
 def test_quantization_aware_phase_runs_when_rounding_loses_effect(quant_setup, tmp_path):

@@ -10,7 +10,7 @@ import json
 import click
 
 from ..errors import BadInputError
-from .options import parse_outer_dim, refuse_to_replace_input
+from .options import parse_bits, parse_outer_dim, refuse_to_replace_input
 
 
 def _model_options(f):
@@ -138,8 +138,8 @@ def _echo_result(result, as_json: bool) -> None:
 @click.option("-o", "--output", required=True, help="Output LoRA-Mini directory (or .safetensors file).")
 @click.option("--layer-weight", type=float, default=0.0, show_default=True,
               help="Weight of per-layer output matching added to the output loss.")
-@click.option("--bits", type=int, default=None,
-              help="Store every module at this width (2, 3, 4, 8, or 16 for float16) instead of the file's own "
+@click.option("--bits", default=None, callback=lambda ctx, param, value: parse_bits(value),
+              help="Store every module at this width (2, 3, 4, 8, nf4, or 16 for float16) instead of the file's own "
                    "precision; without it the output keeps each module's storage and is no larger than the input.")
 @click.option("--qat-steps", type=int, default=20, show_default=True,
               help="Quantization-aware steps after the float phase, run only when rounding the trained factors "

@@ -2,7 +2,8 @@
 
 `storage_round` gives, for a factor matrix in the file's coordinates, the values a reader decodes
 after the file is written: quant.py's grouped integer rounding for quantized modules (the same
-vectors, groups, fp16 scales and round-half-to-even codes, bit for bit), a cast for float16 /
+vectors, groups, fp16 scales and round-half-to-even codes, or nearest codebook levels with ties
+to the lower one, bit for bit), a cast for float16 /
 bfloat16 storage, nothing for float32. `fake_quant` is the straight-through estimator for
 quantization-aware training: its forward value is the rounded matrix, its gradient passes to the
 unrounded one unchanged.
@@ -39,7 +40,7 @@ def grid_round(M: torch.Tensor, bits: int, group: int) -> torch.Tensor:
         return M.clone()
     ng = -(-L // group)
     G = F.pad(T, (0, ng * group - L)).reshape(S, ng, group)
-    top = quant.qmax(bits)
+    top = quant.top_level(bits)
     maxabs = G.abs().amax(dim=2).cpu().numpy()
     # groups a file cannot hold (non-finite values, scales past float16) come out as NaN: a
     # diverged state is then judged unusable, not refused halfway through a run
@@ -48,7 +49,17 @@ def grid_round(M: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     scales = torch.from_numpy(quant.group_scales(np.where(bad, 0.0, maxabs), bits).astype(np.float64))
     scales = scales.to(M.device)[:, :, None]
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.where(scales > 0, torch.round(G / safe), torch.zeros_like(G)).clamp_(-top, top) * scales
+    t = torch.where(scales > 0, G / safe, torch.zeros_like(G))
+    if quant.is_codebook(bits):
+        # level index = how many decision midpoints lie below t (a tie goes to the lower level);
+        # c·s is rounded once, to float32, as quant.codebook_values does
+        levels = torch.from_numpy(quant.CODEBOOKS[bits].astype(np.float64)).to(M.device)
+        codes = torch.zeros(t.shape, dtype=torch.long, device=M.device)
+        for mid in ((levels[:-1] + levels[1:]) / 2).tolist():
+            codes += t > mid
+        q = (levels[codes] * scales).to(torch.float32).to(torch.float64)
+    else:
+        q = torch.round(t).clamp_(-top, top) * scales
     if bad.any():
         q = torch.where(torch.from_numpy(bad).to(M.device)[:, :, None], torch.full_like(q, float("nan")), q)
     vals = q.reshape(S, ng * group)[:, :L]

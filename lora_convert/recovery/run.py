@@ -238,7 +238,7 @@ QAT_MIN_LOSS = 0.001
 
 
 def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, mopts: ModelOptions,
-            topts: TrainOptions, layer_weight: float = 0.0, log=print, *, bits: int | None = None,
+            topts: TrainOptions, layer_weight: float = 0.0, log=print, *, bits: int | str | None = None,
             qat_steps: int = QAT_STEPS) -> RunResult:
     """Re-fit the LoRA-Mini file at `mini_path` against the teacher adapter; write `output`.
 
@@ -252,8 +252,11 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
     """
     from ..api import load_adapter
 
-    if bits is not None and (type(bits) is not int or bits not in quant.BITS):
-        raise BadInputError(f"--bits must be one of {', '.join(map(str, quant.BITS))}, got {bits!r}")
+    if bits is not None:
+        try:
+            quant.check_bits(bits)
+        except ValueError as exc:
+            raise BadInputError(f"--{exc}") from None
     if type(qat_steps) is not int or qat_steps < 0:
         raise BadInputError(f"--qat-steps must be a non-negative integer, got {qat_steps!r}")
     mini, teacher, texts = container.load(mini_path), load_adapter(teacher_path), read_data(dopts)
@@ -270,7 +273,7 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
     with rounded(layers):  # the start file as it is stored (with --bits: as it would be stored at that width)
         before = evaluate(session, held, topts.batch_size)
     _log(session, log, format_eval(before, "before recovery" if same_storage else
-                                   f"before recovery (the start file rounded to {bits} bits)"))
+                                   f"before recovery (the start file rounded to {quant.width_name(bits)})"))
     run = {"mini": file_digest(container.resolve_file(mini_path)), "teacher": file_digest(teacher.source),
            "data": file_digest(dopts.data), "base": session.base, "max_len": dopts.max_len, "task": session.task,
            "layer_weight": layer_weight, "bits": bits}
@@ -333,7 +336,7 @@ def _qat_phase(session: Session, seqs, held, step_loss, topts: TrainOptions, run
     return result, quantized, better
 
 
-def set_storage_bits(layers, bits: int) -> None:
+def set_storage_bits(layers, bits: int | str) -> None:
     """Store every module at `bits` (keeping a quantized module's group, else the default group)."""
     for layer in layers:
         layer.storage = {"bits": bits, "group": layer.storage.get("group", quant.DEFAULT_GROUP)}
