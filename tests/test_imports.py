@@ -160,7 +160,7 @@ LAYERS = [
     ["errors", "st", "atomic", "lru"],
     ["factored", "mathcore", "whiten", "quant"],
     ["adapter", "report", "outer", "formats", "containerspec"],
-    ["container", "config", "budget", "calibrated", "convert"],
+    ["container", "config", "budget", "calibrated", "convert", "advice"],
     ["hub"],
     ["api", "inspect"],
     ["recovery"],

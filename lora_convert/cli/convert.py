@@ -144,12 +144,18 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
     mini = api.compress(adapter, cfg, output=output, calibration=stats)
     with progress_bar(len(mini), "compressing") as tick:
         report = api.save(mini, output, progress=tick)
-    extra = {"output": output}
+    from ..advice import next_steps
+
+    advice = next_steps(cfg, report, calibrated=stats is not None)
+    extra = {"output": output, "next_steps": advice}
     if mini.max_bytes is not None:
         extra["budget_bytes"] = mini.max_bytes
     emit(report, as_json, extra)
-    if mini.max_bytes is not None and not as_json:
-        click.echo(f"budget: {mini.max_bytes:,} B; written: {report.compressed_bytes:,} B")
+    if not as_json:
+        if mini.max_bytes is not None:
+            click.echo(f"budget: {mini.max_bytes:,} B; written: {report.compressed_bytes:,} B")
+        for line in advice:
+            click.echo(f"next: {line}")
 
 
 def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None, stats=None) -> None:
