@@ -41,14 +41,11 @@ import argparse
 import ast
 import hashlib
 import json
-import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from pathlib import Path
 
@@ -58,6 +55,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no per-load reports 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from memory import PeakRSS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ("causal", "cls")
@@ -167,32 +166,6 @@ COMMON_IMPORTS = ("transformers", "peft", "accelerate", "lora_convert", "lora_co
                   "lora_convert.recovery.scratch")  # both methods' code paths, loaded before any measured run
 
 
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every 5 ms."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def now() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self.peak = self.now()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
 
 
 def worker(args, method: dict) -> list[dict]:

@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,36 +26,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_recovery.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from memory import PeakRSS  # noqa: E402  (benchmarks/, this script's folder)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("peft-lora", "mini-train", "mini-recover")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class PeakRSS:
-    """Peak resident memory of this process, sampled every 5 ms (CPU runs)."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def now() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self.peak = self.now()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_):
-        self._stop.set()
-        self._thread.join()
 
 
 def build(mode: str, model, device: str, outer_dim: int = 256, inner_rank: int = 3):

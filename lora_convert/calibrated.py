@@ -20,17 +20,17 @@ by their weight-space `energy`, as a calibrated budget does (ALLOCATE_BY).
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import torch
 
 from .adapter import LoraModule
 from . import quant
-from .container import FIDELITY_DIGITS, MiniModule
+from .container import MiniModule, quantized_parts, short_figure
 from .errors import BadInputError
 from .lru import BytesLRU
 from .mathcore import OuterBasis, choose_rank, difference_norm, frobenius
+from .st import dtype_name
 from .whiten import (error_feedback_round, feedback_factor, fit_inner_whitened, whitened_basis,
                      whitened_relative_error, whitened_truncation)
 
@@ -74,7 +74,7 @@ def compress_module(m: LoraModule, src, options: dict, store: torch.dtype, L: to
     rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
     cal = whitened_relative_error(B, A, B2, A2, L)
     return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha,
-                      use_rslora=m.use_rslora, dtype=str(m.dtype).removeprefix("torch."), outer=spec,
+                      use_rslora=m.use_rslora, dtype=dtype_name(m.dtype), outer=spec,
                       U=U.contiguous(), V=V.contiguous(), X=Xs.contiguous(), Y=Ys.contiguous(),
                       fidelity={"rel_error": rel, "energy": m.scale ** 2 * ref ** 2, "calibrated_rel_error": float(f"{cal:.4g}")})
 
@@ -201,13 +201,8 @@ def compress_quantized(m: LoraModule, src, options: dict, bits: int, group: int,
     except ValueError as exc:
         raise BadInputError(f"module {m.name!r}: cannot store its factors as {quant.width_name(bits)} "
                             f"({exc})") from None
-    Q1, Q2 = torch.from_numpy(np.ascontiguousarray(Q1)), torch.from_numpy(np.ascontiguousarray(Q2))
-    if outers is None:
-        U, V, X, Y = Q1, Q2, torch.eye(k), torch.eye(k)
-        spec = {"source": src.name, "a": k, "b": k}
-    else:
-        U, V, spec = outers
-        X, Y = Q1, Q2
+    U, V, X, Y, spec = quantized_parts(torch.from_numpy(np.ascontiguousarray(Q1)),
+                                       torch.from_numpy(np.ascontiguousarray(Q2)), outers, src.name)
     B, A = m.up.detach().double(), m.down.detach().double()
     B2, A2 = U.double() @ X.double(), Y.double() @ V.double()
     ref = frobenius(B, A)
@@ -215,19 +210,15 @@ def compress_quantized(m: LoraModule, src, options: dict, bits: int, group: int,
     rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
     cal = whitened_relative_error(B, A, B2, A2, L)
     return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha, use_rslora=m.use_rslora,
-                      dtype=str(m.dtype).removeprefix("torch."), outer=dict(spec), U=U, V=V, X=X, Y=Y,
-                      fidelity={"rel_error": _short(rel), "energy": _short(m.scale ** 2 * ref ** 2),
-                                "calibrated_rel_error": _short(cal)},
+                      dtype=dtype_name(m.dtype), outer=dict(spec), U=U, V=V, X=X, Y=Y,
+                      fidelity={"rel_error": short_figure(rel), "energy": short_figure(m.scale ** 2 * ref ** 2),
+                                "calibrated_rel_error": short_figure(cal)},
                       quant={"bits": bits, "group": group})
 
 
-def _short(x: float) -> float:
-    """FIDELITY_DIGITS significant digits: every byte of a budgeted file's header counts."""
-    return float(f"{x:.{FIDELITY_DIGITS - 1}e}") if math.isfinite(x) else x
-
 
 # A calibrated module's extra figure at its longest (FIDELITY_DIGITS), as plan_curves counts it in the header
-PLANNED_FIDELITY = {"calibrated_rel_error": float(f"{-1.2345678901234567e-300:.{FIDELITY_DIGITS - 1}e}")}
+PLANNED_FIDELITY = {"calibrated_rel_error": short_figure(-1.2345678901234567e-300)}
 
 
 def summary_overhead() -> int:

@@ -255,6 +255,17 @@ def short_figure(x: float, digits: int = FIDELITY_DIGITS) -> float:
     """A fidelity figure to `digits` significant digits: informational, and every byte of a
     budgeted file's header counts."""
     return float(f"{x:.{digits - 1}e}") if math.isfinite(x) else x
+def quantized_parts(first: torch.Tensor, second: torch.Tensor, outers, source: str) -> tuple:
+    """(U, V, X, Y, outer spec) of a module stored quantized from its two rounded factors: stored
+    outers hold the factors themselves (X = Y = I_k); random outers (`outers` = (U, V, spec))
+    keep theirs and the factors are the inner X, Y."""
+    if outers is None:
+        k = first.shape[1]
+        return first, second, torch.eye(k), torch.eye(k), {"source": source, "a": k, "b": k}
+    U, V, spec = outers
+    return U, V, first, second, spec
+
+
 _WORST_HEX = "f" * 64
 
 

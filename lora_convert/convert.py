@@ -21,7 +21,8 @@ from . import budget, calibrated, outer, quant
 from .adapter import Adapter, LoraModule, lora_scale, ordered_map
 from .budget import Option
 from .config import CompressConfig
-from .container import DTYPES, FIDELITY_DIGITS, MiniAdapter, MiniModule, SizePlan, entry_field_bytes, module_spec
+from .container import (DTYPES, MiniAdapter, MiniModule, SizePlan, entry_field_bytes, module_spec,
+                        quantized_parts, short_figure)
 from .errors import BadInputError
 from .lru import BytesLRU
 from .mathcore import (OuterBasis, Update, Updates, choose_rank, difference_norm, fit_projected_stack,
@@ -207,20 +208,14 @@ def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, cho
     except ValueError as exc:
         raise BadInputError(f"module {m.name!r}: cannot store its factors as {quant.width_name(bits)} "
                             f"({exc})") from None
-    Q1, Q2 = torch.from_numpy(Q1), torch.from_numpy(Q2)
-    if outers is None:
-        U, V, X, Y = Q1, Q2, torch.eye(k), torch.eye(k)
-        spec = {"source": src.name, "a": k, "b": k}
-    else:
-        U, V, spec = outers
-        X, Y = Q1, Q2
+    U, V, X, Y, spec = quantized_parts(torch.from_numpy(Q1), torch.from_numpy(Q2), outers, src.name)
     if choice is not None:  # the plan's error is that of these very codes (budget.error_curve)
         fidelity = {"rel_error": choice.rel_error, "energy": choice.energy}
     else:
         diff = difference_norm(m.up.double(), m.down.double(), U.double() @ X.double(), Y.double() @ V.double())
         ref = energy ** 0.5
         rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
-        fidelity = {"rel_error": _short(rel), "energy": _short(m.scale**2 * energy)}
+        fidelity = {"rel_error": short_figure(rel), "energy": short_figure(m.scale**2 * energy)}
     return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha, use_rslora=m.use_rslora,
                       dtype=dtype_name(m.dtype), outer=dict(spec), U=U, V=V, X=X, Y=Y, fidelity=fidelity,
                       quant={"bits": bits, "group": cfg.group_size})
@@ -230,13 +225,8 @@ def _planned_fidelity(err2: float, energy: float) -> tuple[float, float]:
     """(rel_error, energy) as a planned module's entry records them (plan_curves counts their
     bytes the same way)."""
     rel = (err2 * (1.0 / energy)) ** 0.5 if energy > 0 else 0.0
-    return _short(rel), _short(energy)
+    return short_figure(rel), short_figure(energy)
 
-
-def _short(x: float) -> float:
-    """A fidelity figure to FIDELITY_DIGITS significant digits: informational, and every byte of a
-    budgeted file's header counts."""
-    return float(f"{x:.{FIDELITY_DIGITS - 1}e}") if math.isfinite(x) else x
 
 
 def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> list[MiniModule]:
@@ -488,7 +478,7 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
     max_data = max_bytes or sum(max(o.nbytes for o in c.options + c.pending) for c in raw)
     sizes = SizePlan(probe, specs, max_data, directory)
     fixed = sizes.fixed + (calibrated.summary_overhead() if whitened and directory else 0)
-    worst = -1.234e15  # the longest figure _short gives: whitened curves' weight-space figures are not known yet
+    worst = -1.234e15  # the longest figure short_figure gives: whitened curves' weight-space figures are not known yet
 
     def costed(c: budget.Curve) -> budget.Curve:
         """c with every option's bytes counting its entry in the header (pending ones at least)."""
@@ -503,7 +493,7 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         inv = 1.0 / c.energy if c.energy > 0 else 0.0
         head = lambda o: base + len(repr(o.k)) + entry_field_bytes(o.bits)  # noqa: E731
         return budget.Curve(c.name, c.energy,
-                            [Option(o.k, o.bits, o.nbytes + head(o) + len(repr(_short((o.err2 * inv) ** 0.5))), o.err2)
+                            [Option(o.k, o.bits, o.nbytes + head(o) + len(repr(short_figure((o.err2 * inv) ** 0.5))), o.err2)
                              for o in c.options],
                             pending=[Option(o.k, o.bits, o.nbytes + head(o) + len("0.0"), o.err2) for o in c.pending],
                             factors=c.factors)

@@ -38,7 +38,7 @@ def lowrank():
 
 def pytest_configure(config):
     # The suite multiplies many tiny matrices; with few cores torch's intra-op threads make
-    # each call far slower (oversubscription), so run single-threaded.
+    # each call far slower (oversubscription), so the whole suite runs single-threaded.
     import torch
 
     torch.set_num_threads(1)

@@ -26,13 +26,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 WORDS = "the cat sat on a mat while dogs ran in fields of green grass and birds sang over quiet hills".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def char_tokenizer():
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers

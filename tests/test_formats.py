@@ -40,15 +40,6 @@ FIXTURES = {  # path -> (format it is, format its default write reads back as)
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: a second BLAS thread only adds synchronisation, which costs
-    100x on a loaded machine. Restored afterwards for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def delta_error(a: LoraModule, b: LoraModule) -> float:
     """Relative error between the two modules' updates scale·B·A, from the factors."""

@@ -29,14 +29,6 @@ WORDS = ("the cat sat on a mat while dogs ran in fields of green grass and birds
          "quiet hills near old stone walls").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and avoids OpenMP spinning on a shared CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------ tiny models (built from configs)
 

@@ -28,13 +28,6 @@ TEMPLATE = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }};{% en
             "{% if add_generation_prompt %}<a>{% endif %}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def char_tokenizer(chat: bool = True, bert: bool = False):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
