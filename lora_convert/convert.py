@@ -365,7 +365,8 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibr
             return done
 
         try:
-            choice = budget.allocate(curves, max_bytes, cfg.min_fidelity, fixed, complete=completed).choice
+            choice = budget.allocate(curves, max_bytes, cfg.min_fidelity, fixed, complete=completed,
+                                     balance=budget.balance_for(cfg.min_fidelity)).choice
         except budget.BudgetError as exc:
             raise BudgetError(str(exc), adapter.source or None, exc.best) from None
         energy = {c.name: c.energy for c in curves}

@@ -119,6 +119,26 @@ def test_allocation_is_near_optimal_and_within_budget():
         assert got.err2 <= exact + worst_step + 1e-12
 
 
+def test_balance_weighs_each_module_by_a_power_of_its_energy():
+    """allocate(balance=b) makes the choices of the plain walk over curves whose errors are scaled
+    by energy^(b − 1), and reports the unscaled error; b < 1 moves bytes to small updates."""
+    mods = [low_rank(64, 64, 8, s, decay=d) for s, d in ((1, 0.3), (2, 0.9), (3, 0.6), (4, 0.95))]
+    curves = [error_curve(f"m{i}", B * 4.0 ** i, A, 1.0, bits=(3, 4, 8, 16), group=64) for i, (B, A) in enumerate(mods)]
+    scaled = [Curve(c.name, c.energy, [Option(o.k, o.bits, o.nbytes, o.err2 * c.energy ** -0.5) for o in c.options])
+              for c in curves]
+    lo, hi = sum(c.hull[0].nbytes for c in curves), sum(c.hull[-1].nbytes for c in curves)
+    moved = False
+    for budget_bytes in np.linspace(lo, hi, 7).astype(int)[1:-1]:
+        got = allocate(curves, int(budget_bytes), balance=0.5)
+        want = allocate(scaled, int(budget_bytes)).choice
+        assert {n: (o.k, o.bits) for n, o in got.choice.items()} == {n: (o.k, o.bits) for n, o in want.items()}
+        assert got.err2 == pytest.approx(sum(o.err2 for o in got.choice.values()), rel=1e-9)
+        plain = allocate(curves, int(budget_bytes))
+        moved |= got.choice["m0"].nbytes > plain.choice["m0"].nbytes  # m0: the smallest update
+    assert moved
+    assert budget.balance_for(0.95) == 1.0 and budget.balance_for(None) == budget.BALANCE
+
+
 def test_allocation_beats_one_choice_for_all():
     """Modules with different spectra: the global allocation keeps more than the best uniform (k, bits)
     that fits the same bytes."""
@@ -209,7 +229,7 @@ def test_planned_bytes_are_the_written_bytes(fixtures, tmp_path, outer, single_f
         out = tmp_path / (f"m{budget_bytes}.safetensors" if single_file else f"m{budget_bytes}")
         cfg = CompressConfig(outer=outer, target_size=budget_bytes, **extra)
         curves, fixed = plan_curves(adapter, cfg, budget_bytes, directory=not single_file)
-        planned = allocate(curves, budget_bytes, None, fixed)
+        planned = allocate(curves, budget_bytes, None, fixed, balance=budget.BALANCE)  # what compress walks
         report = lc.save(lc.compress(adapter, cfg, output=out), out)
         written = out.stat().st_size if single_file else sum(f.stat().st_size for f in out.iterdir())
         slack = 16 if single_file else 16 + 150  # the summary file's floats are counted at their longest
@@ -453,9 +473,10 @@ def test_partial_allocation_is_the_complete_allocation():
         part = [error_curve(n, B, A, 1.0, bits=bits, group=16, exact_bits=(3, 4), max_k=max_k) for n, B, A in mods]
         for budget_bytes in np.linspace(lo, hi, 9).astype(int):
             asked.clear()
-            want = allocate(full, int(budget_bytes), None, 0)
-            got = allocate(part, int(budget_bytes), None, 0, complete=complete)
-            assert got.choice == want.choice and got.err2 == want.err2
+            for balance in (1.0, budget.BALANCE):
+                want = allocate(full, int(budget_bytes), None, 0, balance=balance)
+                got = allocate(part, int(budget_bytes), None, 0, complete=complete, balance=balance)
+                assert got.choice == want.choice and got.err2 == want.err2
         assert asked  # the largest budgets walked off the partial curves
         want = allocate(full, min_fidelity=0.999)
         assert allocate(part, min_fidelity=0.999, complete=complete).choice == want.choice

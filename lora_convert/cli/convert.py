@@ -99,8 +99,9 @@ def collect_calibration(adapter, cal: dict):
 @click.option("--group-size", type=int, default=64, show_default=True, help="Values per quantization scale.")
 @click.option("--target-size", default=None,
               help="Budget: a ratio to the input's size (32x) or a size (600KB, 1.5MB). Rank and bits are "
-                   "chosen per module to keep the most weight-space energy (with --calibration: the calibrated "
-                   "share, module outputs on the calibration text); the file honours it.")
+                   "chosen per module to keep the most of the update, each module's relative error weighed by "
+                   "its energy^0.75 (with --calibration: errors of module outputs on the calibration text); the "
+                   "file honours it.")
 @click.option("--min-fidelity", type=float, default=None,
               help="Smallest file keeping this share of the update's weight-space energy (e.g. 0.95); with "
                    "--calibration, the report's calibrated share: each module's share of its output on the "
@@ -161,12 +162,12 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
 def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None, stats=None) -> None:
     """The predicted size-fidelity curve: the allocator's path from the smallest file up (with
     calibration statistics: the calibrated share)."""
-    from ..budget import frontier
+    from ..budget import balance_for, frontier
     from ..convert import calibrated_whitening, plan_curves, source_bytes
 
     curves, fixed = plan_curves(adapter, cfg.replace(target_size=None, min_fidelity=None) if cfg.budgeted else cfg,
                                 whitening=calibrated_whitening(adapter, stats))
-    points = frontier(curves, fixed)
+    points = frontier(curves, fixed, balance=balance_for(cfg.min_fidelity))
     original = source_bytes(adapter.source)
     shown, last = [], None
     for nbytes, fid in points:  # about four points per doubling of the size
