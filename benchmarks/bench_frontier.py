@@ -12,6 +12,8 @@ Points, all written as real files and scored through PEFT (the directory a user 
   baseline rK intB   the same, both factors symmetric intB in groups of 64 along the long side, one
                      fp16 scale per group (benchmarks/common.py; bytes = codes + scales + config)
   lc svd Nx          `compress --outer svd --target-size Nx` (rank and bits per module by budget)
+  lc svd Nx bal B    the same with the budget walk's balance (lora_convert.budget.BALANCE) set to B
+                     (--balance: the comparison behind its default)
   lc svd+cal Nx      the same with `--calibration calibration.txt --base <SmolLM2>`
   lc ... +rec S      a LoRA-Mini file, then `lora-convert recover` for S steps on calibration.txt
 lora_convert points go compress → save (bytes = the LoRA-Mini file) → load → reconstruct → PEFT.
@@ -48,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lora_convert as lc  # noqa: E402
-from lora_convert import quant  # noqa: E402
+from lora_convert import budget, quant  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "cache" / "frontier"
@@ -163,6 +165,10 @@ def plan_points(args) -> list[dict]:
                     "rank": r, "bits": b})
     for t in args.targets:
         pts.append({"key": f"lc-svd-{t}x", "family": "lc svd", "label": f"lc svd {t}x", "target": t})
+    for b in args.balance:
+        for t in args.targets:
+            pts.append({"key": f"lc-svd-{t}x-bal{b:g}", "family": "lc svd balance", "label": f"lc svd {t}x bal {b:g}",
+                        "target": t, "balance": b})
     if not args.no_calibration:
         for t in args.targets:
             pts.append({"key": f"lc-svdcal-{t}x-s{args.cal_sequences}", "family": "lc svd+cal",
@@ -241,6 +247,12 @@ def run_teacher(name: str, teacher: Path, args, base: Path) -> dict:
                     peft, nbytes, notes = point_baseline(teacher, out, p["rank"], p["bits"])
                 elif p["family"] == "lc svd":
                     peft, nbytes, notes = point_lc(teacher, out, p["target"])
+                elif p["family"] == "lc svd balance":
+                    default, budget.BALANCE = budget.BALANCE, p["balance"]  # the walk reads it at each call
+                    try:
+                        peft, nbytes, notes = point_lc(teacher, out, p["target"])
+                    finally:
+                        budget.BALANCE = default
                 elif p["family"] == "lc svd+cal" and "rank" in p:
                     peft, nbytes, notes = point_lc(teacher, out, None, calibration=get_calibration(), rank=p["rank"],
                                                    dtype="fp16")
@@ -337,14 +349,16 @@ def report(all_cache: dict, args) -> tuple[str, dict]:
     for name, cache in all_cache.items():
         tb = cache["_teacher_bytes"]
         pts = [e for k, e in cache.items() if not k.startswith("_")]
-        order = {f: i for i, f in enumerate(("svd fp32", "baseline", "lc svd", "lc svd+cal", "lc +recovery"))}
+        order = {f: i for i, f in enumerate(("svd fp32", "baseline", "lc svd", "lc svd balance", "lc svd+cal",
+                                             "lc +recovery"))}
+        tb32 = fp32_bytes(args.teacher_paths[name])
         pts.sort(key=lambda e: (order[e["family"]], -(e.get("bytes") or 0)))
         lines.append(f"\n## {name}: {rel(args.teacher_paths[name])} ({tb:,} B adapter_model.safetensors)")
         kl_base = {t: next((e["effect"][t]["kl_teacher_base"] for e in pts if t in e.get("effect", {})), None)
                    for t in args.heldout}
         lines.append("KL(teacher‖base), nats/token: " + ", ".join(
             f"{t} {v:.3f}" if v is not None else f"{t} ?" for t, v in kl_base.items()))
-        head = f"{'point':30s} {'bytes':>11s} {'smaller':>8s} " + " ".join(f"{t:>14s}" for t in args.heldout)
+        head = f"{'point':30s} {'bytes':>11s} {'smaller':>8s} {'fp32/x':>7s} " + " ".join(f"{t:>14s}" for t in args.heldout)
         head += "  vs baseline at ≤ bytes (per text)"
         lines += [head, "-" * len(head)]
         envs = {t: envelope([(e["bytes"], e["effect"][t]["effect_kept"]) for e in pts
@@ -354,7 +368,7 @@ def report(all_cache: dict, args) -> tuple[str, dict]:
                 lines.append(f"{e['label']:30s} {'—':>11s} {'':>8s} not available: {short_error(e['error'])}")
                 continue
             eff = {t: e["effect"].get(t, {}).get("effect_kept") for t in args.heldout}
-            row = f"{e['label']:30s} {e['bytes']:>11,} {tb / e['bytes']:>7.1f}x " + " ".join(
+            row = f"{e['label']:30s} {e['bytes']:>11,} {tb / e['bytes']:>7.1f}x {tb32 / e['bytes']:>6.1f}x " + " ".join(
                 f"{100 * v:>13.1f}%" if v is not None else f"{'?':>14s}" for v in eff.values())
             if e["family"].startswith("lc"):
                 cmp = []
@@ -366,8 +380,9 @@ def report(all_cache: dict, args) -> tuple[str, dict]:
                         cmp.append("below baseline's range")
                     else:
                         ok = eff[t] >= ref
-                        t_ok["frontier"] &= ok
-                        compared += 1
+                        if e["family"] != "lc svd balance":  # a comparison, not what compress writes
+                            t_ok["frontier"] &= ok
+                            compared += 1
                         cmp.append(f"{'≥' if ok else '<'} {100 * ref:.1f}%")
                 row += "  " + "; ".join(cmp)
                 e["vs_baseline"] = dict(zip(args.heldout, cmp))
@@ -378,7 +393,10 @@ def report(all_cache: dict, args) -> tuple[str, dict]:
                        and tb / e["bytes"] >= 40 and e["effect"].get(t, {}).get("effect_kept", -1) >= 0.95]
             ok_rec = [e for e in pts if e["family"] == "lc +recovery" and e.get("peft")
                       and tb / e["bytes"] >= 100 and e["effect"].get(t, {}).get("effect_kept", -1) >= 0.95]
+            ok_free32 = [e for e in pts if e["family"] in ("lc svd", "lc svd+cal") and e.get("peft")
+                         and tb32 / e["bytes"] >= 40 and e["effect"].get(t, {}).get("effect_kept", -1) >= 0.95]
             summary["teachers"].setdefault(name, {})[t] = {"free40": [e["label"] for e in ok_free],
+                                                           "free40_fp32": [e["label"] for e in ok_free32],
                                                            "rec100": [e["label"] for e in ok_rec]}
             t_ok["free40"] &= bool(ok_free)
             t_any["free40"] |= bool(ok_free)
@@ -396,9 +414,22 @@ def report(all_cache: dict, args) -> tuple[str, dict]:
         lines.append(f"- {k}: {'no comparable point' if v is None else 'MET' if v else 'NOT MET'}")
     for name, per in summary["teachers"].items():
         for t, d in per.items():
-            lines.append(f"  {name} {t}: ≥95% at ≥40x training-free: {', '.join(d['free40']) or 'none'}; "
+            lines.append(f"  {name} {t}: ≥95% at ≥40x training-free: {', '.join(d['free40']) or 'none'} "
+                         f"(≥40x of the fp32 original: {', '.join(d['free40_fp32']) or 'none'}); "
                          f"≥95% at ≥100x with recovery: {', '.join(d['rec100']) or 'none'}")
     return "\n".join(lines), summary
+
+
+def fp32_bytes(teacher: Path) -> int:
+    """The size of the teacher's adapter_model.safetensors with every tensor stored as float32
+    (the fixtures are fp16; PEFT saves an adapter trained in fp32 as fp32)."""
+    import json
+    import struct
+
+    with open(teacher / "adapter_model.safetensors", "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    return 8 + n + sum(4 * math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
 def markdown(all_cache: dict, args) -> str:
@@ -406,20 +437,23 @@ def markdown(all_cache: dict, args) -> str:
     out = []
     for name, cache in all_cache.items():
         tb = cache["_teacher_bytes"]
-        out.append(f"\n**{name}** ({rel(args.teacher_paths[name])}, {tb:,} B)\n")
-        out.append("| point | bytes | smaller | " + " | ".join(f"effect kept, {t}" for t in args.heldout) + " |")
-        out.append("|---|---:|---:|" + "---:|" * len(args.heldout))
-        pts = [e for k, e in cache.items() if not k.startswith("_")]
+        tb32 = fp32_bytes(args.teacher_paths[name])
+        out.append(f"\n**{name}** ({rel(args.teacher_paths[name])}, {tb:,} B; as fp32 {tb32:,} B)\n")
+        out.append("| point | bytes | smaller | smaller than fp32 | "
+                   + " | ".join(f"effect kept, {t}" for t in args.heldout) + " |")
+        out.append("|---|---:|---:|---:|" + "---:|" * len(args.heldout))
+        pts = [e for k, e in cache.items() if not k.startswith("_") and e["family"] != "lc svd balance"]
         pts.sort(key=lambda e: (-(e.get("bytes") or 0), e["label"]))
         for e in pts:
             if e.get("error"):
-                out.append(f"| {e['label']} | — | — | " + " | ".join("refused" for _ in args.heldout) + " |")
+                out.append(f"| {e['label']} | — | — | — | " + " | ".join("refused" for _ in args.heldout) + " |")
                 continue
             cells = []
             for t in args.heldout:
                 v = e["effect"].get(t, {}).get("effect_kept")
                 cells.append("?" if v is None else f"{100 * v:.1f}%")
-            out.append(f"| {e['label']} | {e['bytes']:,} | {tb / e['bytes']:.1f}x | " + " | ".join(cells) + " |")
+            out.append(f"| {e['label']} | {e['bytes']:,} | {tb / e['bytes']:.1f}x | {tb32 / e['bytes']:.1f}x | "
+                       + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -485,6 +519,8 @@ def main() -> None:
                     help="build again the points that failed or were refused (e.g. after updating lora_convert)")
     ap.add_argument("--cal-ranks", default="1,2",
                     help="also calibrated svd at these fixed ranks, fp16 (calibration without a budget)")
+    ap.add_argument("--balance", default="",
+                    help="also lc svd at these budget balances (comma-separated; budget.BALANCE is the default)")
     ap.add_argument("--cache-dir", type=Path, default=CACHE)
     ap.add_argument("--only", default="", help="build only these families (comma-separated, e.g. 'lc +recovery')")
     ap.add_argument("--merge-cache", type=Path, action="append", default=[],
@@ -496,6 +532,7 @@ def main() -> None:
     args.svd_ranks = [int(x) for x in args.svd_ranks.split(",") if x]
     args.targets = [int(x) for x in args.targets.split(",") if x]
     args.cal_ranks = [int(x) for x in args.cal_ranks.split(",") if x]
+    args.balance = [float(x) for x in args.balance.split(",") if x]
     args.recover = [x for x in args.recover.split(",") if x]
     args.cache_dir = args.cache_dir.resolve()
     args.only = [x for x in args.only.split(",") if x]
