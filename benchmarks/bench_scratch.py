@@ -156,7 +156,7 @@ def dequantize_smollm2(gguf: Path, out: Path) -> Path:
 def methods(task: str, minis: list[tuple[int, int]], ranks: tuple[int, ...] = (16, 8)) -> list[dict]:
     out = [] if task == "causal" else [{"name": "head only", "kind": "head"}]
     out += [{"name": f"LoRA r={r}", "kind": "lora", "r": r} for r in ranks]
-    out += [{"name": f"LoRA-Mini a=b={a} k={k}", "kind": "mini", "a": a, "k": k} for a, k in minis]
+    out += [{"name": f"LoRA-Mini a=b={a} k={k} {o}", "kind": "mini", "a": a, "k": k, "outer": o} for a, k, o in minis]
     return out
 
 
@@ -264,7 +264,7 @@ def train_mini(args, method, files, dopts, topts, out: Path):
     a, k = method["a"], method["k"]
     mopts = ModelOptions(base=files["model"], device=args.device)
     res = train(str(out), dopts, mopts, topts, target_modules=TARGETS[args.task], rank=k, alpha=2 * k,
-                outer_dim=(a, a), outer_seed=topts.seed, log=None)
+                outer_dim=(a, a), outer_seed=topts.seed, outer=method["outer"], log=None)
     mini = lc.load(out)
     adapter = sum(int(mini.module(n).X.numel() + mini.module(n).Y.numel()) for n in mini.module_names)
     head = sum(int(t.numel()) for _, t in mini.passthrough())
@@ -429,7 +429,7 @@ def score(args, model, tok, files, seed: int, method: dict, lr: float, sweep: bo
 
 # ------------------------------------------------------------------ interleaved throughput
 
-def throughput(args, files: dict, a: int, k: int) -> dict:
+def throughput(args, files: dict, a: int, k: int, outer: str = "select") -> dict:
     """Training-step time of PEFT LoRA r=16 and LoRA-Mini (a, k) on the same batch, steps alternating in
     one process, so load from other jobs on a shared machine hits both alike; medians of --tp-rounds."""
     import peft
@@ -450,7 +450,7 @@ def throughput(args, files: dict, a: int, k: int) -> dict:
     torch.manual_seed(0)
     lora = peft.get_peft_model(lora, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS["causal"],
                                                      lora_dropout=0.0)).to(device)
-    layers = inject(mini, scratch_adapter(mini, "", TARGETS["causal"], k, 2 * k, (a, a), 0))
+    layers = inject(mini, scratch_adapter(mini, "", TARGETS["causal"], k, 2 * k, (a, a), 0, source=outer))
     mini.to(device)
     opts = {"lora": torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4),
             "mini": torch.optim.AdamW(inner_parameters(layers.values()), lr=1e-4)}
@@ -606,7 +606,8 @@ def parse(argv=None):
     # About 5x, 10x, 20x, 40x fewer trainable parameters than LoRA r=16 on each model (q/v are 576x576 and
     # 192x576 in SmolLM2-135M, 384x384 in MiniLM; an outer is capped by its side of the module).
     p.add_argument("--mini-causal", default="256:6,256:3,128:3,64:3",
-                   help="LoRA-Mini configurations a:k (outer size a = b, inner rank k) for the causal task.")
+                   help="LoRA-Mini configurations a:k[:outer] (outer size a = b, inner rank k, outer source "
+                        "select (default) or random) for the causal task.")
     p.add_argument("--mini-cls", default="256:5,192:3,96:3,48:3", help="The same for the cls task.")
     p.add_argument("--tp-rounds", type=int, default=8,
                    help="Interleaved throughput steps per method (causal; 0: skip).")
@@ -629,7 +630,12 @@ def main(argv=None) -> None:
     args = parse(argv)
     def minis(task):
         spec = args.mini_causal if task == "causal" else args.mini_cls
-        return [tuple(int(x) for x in c.split(":")) for c in spec.split(",") if c]
+        out = []
+        for c in spec.split(","):
+            if c:
+                a, k, *o = c.split(":")
+                out.append((int(a), int(k), o[0] if o else "select"))
+        return out
 
     def ranks():
         out = tuple(int(r) for r in args.lora_ranks.split(",") if r)

@@ -382,10 +382,10 @@ def _check_total_work(specs: dict, file: Path) -> None:
         except (KeyError, TypeError, ValueError):
             continue
         total += (out_f + in_f) * max(rank, 0)
-        if o.get("source") == random_outer.NAME:
+        if o.get("source") in outer.names() and not outer.get(o["source"]).stored:
             stream = random_outer.stream_of(name, o)
-            for key, size in (((repr(o.get("seed")), repr(stream), "U", out_f, a), out_f * a),
-                              ((repr(o.get("seed")), repr(stream), "V", b, in_f), b * in_f)):
+            for key, size in (((o["source"], repr(o.get("seed")), repr(stream), "U", out_f, a), out_f * a),
+                              ((o["source"], repr(o.get("seed")), repr(stream), "V", b, in_f), b * in_f)):
                 if key not in seen:
                     seen.add(key)
                     total += size
@@ -525,11 +525,11 @@ def validate_spec(name: str, spec: dict, shapes: dict) -> None:
         raise ValueError("outer must be an object")
     src = outer.get(o.get("source"))
     a, b = _pos_int(o, "a"), _pos_int(o, "b")
-    if src.name == "random" and (type(o.get("seed")) is not int or not isinstance(o.get("u_sha256"), str)
-                                 or not isinstance(o.get("v_sha256"), str)):
-        raise ValueError("random outer needs an integer seed and u_sha256/v_sha256 fingerprints")
+    if not src.stored and (type(o.get("seed")) is not int or not isinstance(o.get("u_sha256"), str)
+                           or not isinstance(o.get("v_sha256"), str)):
+        raise ValueError(f"{src.name} outer needs an integer seed and u_sha256/v_sha256 fingerprints")
     if "stream" in o and not isinstance(o["stream"], str):
-        raise ValueError(f"random outer stream must be a string, got {o['stream']!r}")
+        raise ValueError(f"{src.name} outer stream must be a string, got {o['stream']!r}")
     if "quant" in spec:
         q = spec["quant"]
         if not isinstance(q, dict) or set(q) != {"bits", "group"}:

@@ -34,6 +34,42 @@ def test_random_outers_are_shared_by_shape_and_files_without_a_stream_still_load
     assert lc.verify(tmp_path / "old").modules  # fingerprints of the per-module streams check out
 
 
+def test_select_outers_are_coordinate_subsets_regenerated_and_checked(tmp_path, lowrank):
+    """`select` files store the seed only; outers regenerated from another seed fail their
+    fingerprints (load and the torch-free check alike); a quantized select file reads back."""
+    import json
+    import struct
+
+    from lora_convert import outer
+    from lora_convert.errors import IntegrityError
+
+    shapes = {"a.q_proj": (64, 48), "b.v_proj": (32, 48)}
+    mods = [LoraModule(n, down=lowrank(o, i, 4, seed=k)[1], up=lowrank(o, i, 4, seed=k)[0], alpha=8.0)
+            for k, (n, (o, i)) in enumerate(shapes.items())]
+    mini = lc.compress(from_modules("peft", mods), "select", seed=3, outer_dim=16)
+    for m in mini.modules():
+        assert m.outer["source"] == "select"
+        for M in (m.U, m.V.T):  # one 1 per column of U and per row of V, on distinct coordinates
+            assert torch.equal(M.sum(0), torch.ones(M.shape[1], dtype=M.dtype)) and M.sum(1).max() <= 1
+    lc.save(mini, tmp_path / "m.safetensors")
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    assert all(k.rsplit(".", 1)[-1] in ("X", "Y") for k in header if k != "__metadata__")  # no stored outers
+    back = lc.load(tmp_path / "m.safetensors")
+    for name in shapes:
+        assert torch.equal(back.module(name).U, mini.module(name).U)
+        torch.testing.assert_close(back.module(name).factors()[0], mini.module(name).factors()[0])
+    m = mini.module("a.q_proj")
+    wrong = dict(m.outer, seed=4)
+    for check in (outer.get("select").check, lambda *a: outer.get("select").restore(*a, tensors=None)):
+        with pytest.raises(IntegrityError, match="fingerprint"):
+            check(m.name, wrong, m.out_features, m.in_features)
+    with pytest.raises(IntegrityError, match="fingerprint"):  # a random outer's fingerprint is not a subset's
+        outer.get("random").check(m.name, m.outer, m.out_features, m.in_features)
+    lc.save(lc.compress(from_modules("peft", mods), "select", seed=3, outer_dim=16, bits=4), tmp_path / "q")
+    assert lc.load(tmp_path / "q").module("b.v_proj").quant == {"bits": 4, "group": 64}
+
+
 @pytest.mark.parametrize("source", ["svd", "random"])
 def test_stored_outers_are_written_behind_header_room_and_tiny_files_are_not_padded(tmp_path, source, lowrank):
     from lora_convert.container import FILE_NAME

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from lora_convert.outer.rng import derive_key, fingerprint, random_matrix, uniform_stream
+from lora_convert.outer.rng import derive_key, fingerprint, random_matrix, subset_matrix, uniform_stream
 
 MASK = (1 << 64) - 1
 NAME = "model.layers.0.self_attn.q_proj"
@@ -43,6 +43,22 @@ def test_golden_vector():
 ])
 def test_golden_fingerprints(seed, name, role, rows, cols, digest):
     assert fingerprint(random_matrix(seed, name, role, rows, cols)) == digest
+
+
+def test_subset_outers_golden_vector_and_rule():
+    """docs/CONTAINER.md, "Subset outers": the first m positions of the stable ascending order of
+    the stream, a 1 at (coordinate, j) in a tall U and at (j, coordinate) in a wide V."""
+    U, V = subset_matrix(7, "", "U", 10, 3), subset_matrix(7, "", "V", 2, 9)
+    assert U.dtype == V.dtype == np.float32 and U.shape == (10, 3) and V.shape == (2, 9)
+    assert np.nonzero(U.T)[1].tolist() == [8, 7, 3] and np.nonzero(V)[1].tolist() == [6, 5]
+    for rows, cols in ((40, 7), (5, 33), (6, 6)):
+        M = subset_matrix(3, NAME, "U", rows, cols)
+        stream = uniform_stream(derive_key(3, NAME, "U", rows, cols), max(rows, cols)).tolist()
+        order = sorted(range(max(rows, cols)), key=lambda i: (stream[i], i))[:min(rows, cols)]
+        picked = np.nonzero(M.T)[1] if rows >= cols else np.nonzero(M)[1]
+        assert picked.tolist() == order and M.sum() == min(rows, cols)
+    assert fingerprint(subset_matrix(0, "x", "V", 16, 1000)) == \
+        "c80e040ddb3051d93c506c4e42bc76d50cc9cdd9a20214e010b9d1672c11716a"
 
 
 def test_numpy_implementation_equals_integer_reference():

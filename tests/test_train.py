@@ -272,6 +272,12 @@ def test_cli_train_eval_every_and_errors(tmp_path):
     doc = json.loads(res.stdout)
     assert doc["after"]["best_step"] % 3 == 0 and len(doc["after"]["evals"]) >= 1
     assert doc["training"]["lr"] == 0.3
+    assert {lc.load(out).module(n).outer["source"] for n in lc.load(out).module_names} == {"select"}  # the default
+    res = CliRunner().invoke(main, [a for a in args if a not in ("--eval-every", "3", "--early-stopping", "1")]
+                             + ["--outer", "random", "-o", str(tmp_path / "random")])
+    assert res.exit_code == 0, res.output
+    trained = lc.load(tmp_path / "random")
+    assert {trained.module(n).outer["source"] for n in trained.module_names} == {"random"}
     jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "a"},
                                                   {"role": "assistant", "content": "b"}]}] * 4)
     for extra, why in ((["--data", str(tmp_path / "chat.jsonl")], "no chat template"),

@@ -190,7 +190,9 @@ def eval_(mini, teacher, data, **kw):
               help="Comma-separated module names, or all-linear (default: PEFT's default for the model type).")
 @click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank r (inner rank k = r, capped by a, b).")
 @click.option("--alpha", type=float, default=8.0, show_default=True, help="lora_alpha (scale = alpha / r).")
-@click.option("--outer", type=click.Choice(["random"]), default="random", show_default=True)
+@click.option("--outer", type=click.Choice(["select", "random"]), default="select", show_default=True,
+              help="Outers regenerated from --seed: select, a subset of each layer's own coordinates (kept more "
+                   "of LoRA's gain at equal trainable parameters); random, dense random matrices (the paper's).")
 @click.option("--outer-dim", default=None, help="Outer sizes a[,b] (default 64, capped by each module).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Storage dtype of the inner matrices.")
@@ -203,7 +205,7 @@ def eval_(mini, teacher, data, **kw):
 @_train_options
 @_model_options
 def train(output, target_modules, rank, alpha, outer, outer_dim, dtype, **kw):
-    """Train a LoRA-Mini adapter from scratch, random outers from --seed.
+    """Train a LoRA-Mini adapter from scratch, outers regenerated from --seed.
 
     \b
     Text or chat/instruction JSONL trains a causal LM (chat: rendered with the tokenizer's chat
@@ -220,7 +222,7 @@ def train(output, target_modules, rank, alpha, outer, outer_dim, dtype, **kw):
     log = None if kw["as_json"] else click.echo
     dims = parse_outer_dim(outer_dim)
     result = run(output, _data_opts(kw), _model_opts(kw), _train_opts(kw, default_lr(dims)), target_modules=targets,
-                 rank=rank, alpha=alpha, outer_dim=dims, outer_seed=kw["seed"], dtype=dtype, log=log)
+                 rank=rank, alpha=alpha, outer_dim=dims, outer_seed=kw["seed"], dtype=dtype, outer=outer, log=log)
     _echo_result(result, kw["as_json"])
 
 

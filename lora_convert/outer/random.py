@@ -40,22 +40,23 @@ def outer_dims(out_features: int, in_features: int, outer_dim) -> tuple[int, int
     return min(a, out_features), min(b, in_features)
 
 
-def outer_array(seed: int, stream: str, role: str, rows: int, cols: int, cache: bool = True
-                ) -> tuple[np.ndarray, str]:
+def outer_array(seed: int, stream: str, role: str, rows: int, cols: int, cache: bool = True,
+                matrix=random_matrix) -> tuple[np.ndarray, str]:
     """(matrix as a float32 array, its SHA-256 fingerprint); cached unless `cache` is false (an
-    outer used once, as per-module ones are while compressing), so callers must not modify it."""
+    outer used once, as per-module ones are while compressing), so callers must not modify it.
+    `matrix`: the generator function (rng.random_matrix, or rng.subset_matrix for `select`)."""
     def make():
-        m = random_matrix(seed, stream, role, rows, cols)
+        m = matrix(seed, stream, role, rows, cols)
         return m, fingerprint(m)
-    return _CACHE.get((seed, stream, role, rows, cols), make) if cache else make()
+    return _CACHE.get((matrix.__name__, seed, stream, role, rows, cols), make) if cache else make()
 
 
-def outer_matrix(seed: int, stream: str, role: str, rows: int, cols: int, cache: bool = True
-                 ) -> tuple[torch.Tensor, str]:
+def outer_matrix(seed: int, stream: str, role: str, rows: int, cols: int, cache: bool = True,
+                 matrix=random_matrix) -> tuple[torch.Tensor, str]:
     """outer_array as a tensor (sharing the array's memory)."""
     import torch
 
-    m, digest = outer_array(seed, stream, role, rows, cols, cache)
+    m, digest = outer_array(seed, stream, role, rows, cols, cache, matrix)
     return torch.from_numpy(m), digest
 
 
@@ -71,24 +72,24 @@ def per_module(options: dict) -> bool:
     return options.get("stream", "shared") == "module"
 
 
-def make(module, options: dict):
+def make(module, options: dict, source: str = NAME, matrix=random_matrix):
     a, b = outer_dims(module.out_features, module.in_features, options.get("outer_dim"))
     seed = int(options.get("seed", 0))
     shared = not per_module(options)
     stream = SHARED_STREAM if shared else module.name
-    U, u_sha = outer_matrix(seed, stream, "U", module.out_features, a, cache=shared)
-    V, v_sha = outer_matrix(seed, stream, "V", b, module.in_features, cache=shared)
-    spec = {"source": NAME, "generator": GENERATOR_NAME, "generator_version": GENERATOR_VERSION,
+    U, u_sha = outer_matrix(seed, stream, "U", module.out_features, a, shared, matrix)
+    V, v_sha = outer_matrix(seed, stream, "V", b, module.in_features, shared, matrix)
+    spec = {"source": source, "generator": GENERATOR_NAME, "generator_version": GENERATOR_VERSION,
             "seed": seed, "stream": stream, "a": a, "b": b, "u_sha256": u_sha, "v_sha256": v_sha}
     return U, V, spec
 
 
-def make_stack(modules, options: dict, updates=None, scratch=None):
+def make_stack(modules, options: dict, updates=None, scratch=None, source: str = NAME, matrix=random_matrix):
     """make for a stack of same-shaped modules sharing U (out×a) and V (b×in): one stream per
     seed, or a stack of one module with its own stream (see stack_size)."""
     if per_module(options) and len(modules) > 1:
         raise ValueError("per-module outers are fitted one module per stack")
-    U, V, spec = make(modules[0], options)
+    U, V, spec = make(modules[0], options, source, matrix)
     return U, V, [dict(spec) for _ in modules]
 
 
@@ -97,16 +98,17 @@ def stack_size(options: dict) -> int | None:
     return 1 if per_module(options) else None
 
 
-def regenerate(name: str, spec: dict, out_features: int, in_features: int, path=None) -> tuple[np.ndarray, np.ndarray]:
+def regenerate(name: str, spec: dict, out_features: int, in_features: int, path=None,
+               matrix=random_matrix) -> tuple[np.ndarray, np.ndarray]:
     """A module's outers (U, V) as float32 arrays, checked against their fingerprints."""
     version = spec.get("generator_version")
     if version != GENERATOR_VERSION or spec.get("generator") != GENERATOR_NAME:
-        raise UnsupportedError(f"module {name!r}: random outer generator "
+        raise UnsupportedError(f"module {name!r}: {spec.get('source', NAME)} outer generator "
                                f"{spec.get('generator')!r} version {version!r} is not supported "
                                f"(this build has {GENERATOR_NAME} v{GENERATOR_VERSION})", path)
     stream, seed = stream_of(name, spec), int(spec["seed"])
-    U, u_sha = outer_array(seed, stream, "U", out_features, int(spec["a"]))
-    V, v_sha = outer_array(seed, stream, "V", int(spec["b"]), in_features)
+    U, u_sha = outer_array(seed, stream, "U", out_features, int(spec["a"]), matrix=matrix)
+    V, v_sha = outer_array(seed, stream, "V", int(spec["b"]), in_features, matrix=matrix)
     for role, digest in (("u", u_sha), ("v", v_sha)):
         if digest != spec.get(f"{role}_sha256"):
             raise IntegrityError(f"module {name!r}: regenerated outer {role.upper()} does not match its "
@@ -114,29 +116,29 @@ def regenerate(name: str, spec: dict, out_features: int, in_features: int, path=
     return U, V
 
 
-def restore(name: str, spec: dict, out_features: int, in_features: int, tensors, path=None):
-    import torch
-
-    U, V = regenerate(name, spec, out_features, in_features, path)
-    return torch.from_numpy(U), torch.from_numpy(V)
-
-
 class RandomOuter(OuterSource):
-    """Random outers regenerated from a seed: this module's functions, registered."""
+    """Outers regenerated from a seed by `matrix` (rng.py), recorded as source `name`: this
+    module's functions, registered as "random"; outer/select.py registers the coordinate subsets."""
 
-    name, stored = NAME, STORED
+    stored = STORED
+
+    def __init__(self, name: str = NAME, matrix=random_matrix):
+        self.name, self.matrix = name, matrix
 
     def make(self, module, options):
-        return make(module, options)
+        return make(module, options, self.name, self.matrix)
 
     def make_stack(self, modules, options, updates=None, scratch=None):
-        return make_stack(modules, options, updates, scratch)
+        return make_stack(modules, options, updates, scratch, self.name, self.matrix)
 
     def restore(self, name, spec, out_features, in_features, tensors, path=None):
-        return restore(name, spec, out_features, in_features, tensors, path)
+        import torch
+
+        U, V = regenerate(name, spec, out_features, in_features, path, self.matrix)
+        return torch.from_numpy(U), torch.from_numpy(V)
 
     def check(self, name, spec, out_features, in_features, path=None):
-        regenerate(name, spec, out_features, in_features, path)
+        regenerate(name, spec, out_features, in_features, path, self.matrix)
 
     def stack_size(self, options):
         return stack_size(options)

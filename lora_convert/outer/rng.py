@@ -59,6 +59,21 @@ def random_matrix(seed: int, module: str, role: str, rows: int, cols: int) -> np
     return uniform_stream(key, rows * cols).reshape(rows, cols)
 
 
+def subset_matrix(seed: int, module: str, role: str, rows: int, cols: int) -> np.ndarray:
+    """The coordinate-subset outer `role` of `module`, shape (rows, cols), float32: m = min(rows,
+    cols) distinct coordinates of the long side, the first m positions of the stable ascending
+    order of uniform_stream(derive_key(...), max(rows, cols)) (ties: the lower position first);
+    a tall matrix (U, out×a) has a 1 at (coordinate j, j), a wide one (V, b×in) at (j, coordinate j)."""
+    n, m = max(rows, cols), min(rows, cols)
+    picked = np.argsort(uniform_stream(derive_key(seed, module, role, rows, cols), n), kind="stable")[:m]
+    out = np.zeros((rows, cols), dtype=np.float32)
+    if rows >= cols:
+        out[picked, np.arange(m)] = 1.0
+    else:
+        out[np.arange(m), picked] = 1.0
+    return out
+
+
 def fingerprint(matrix: np.ndarray) -> str:
     """SHA-256 hex of the matrix as contiguous little-endian float32, row-major."""
     data = np.ascontiguousarray(matrix, dtype="<f4")

@@ -444,8 +444,9 @@ MODEL_INPUTS = ("input_ids", "attention_mask")  # loss_mask / labels stay out of
 
 def train(output: str, dopts: DataOptions, mopts: ModelOptions, topts: TrainOptions, *,
           target_modules: list[str] | None = None, rank: int = 8, alpha: float | None = None,
-          outer_dim=None, outer_seed: int = 0, dtype: str = "fp32", log=print) -> RunResult:
-    """Train a LoRA-Mini adapter from scratch (random outers from `outer_seed`).
+          outer_dim=None, outer_seed: int = 0, dtype: str = "fp32", outer: str = "select", log=print) -> RunResult:
+    """Train a LoRA-Mini adapter from scratch (outers regenerated from `outer_seed`: `outer` is
+    "select", coordinate subsets, or "random").
 
     Text and chat/instruction data train a causal LM (next-token loss; on chat data only the
     assistant's tokens count); labelled data ({"text", "label"} JSONL) trains a sequence
@@ -477,7 +478,7 @@ def train(output: str, dopts: DataOptions, mopts: ModelOptions, topts: TrainOpti
         if found != "causal-lm":
             raise BadInputError("text data trains a causal LM, and this model is not one (labelled JSONL "
                                 "rows train a classifier)", mopts.base)
-    mini = scratch_adapter(model, mopts.base, target_modules, rank, alpha, outer_dim, outer_seed, dtype, head)
+    mini = scratch_adapter(model, mopts.base, target_modules, rank, alpha, outer_dim, outer_seed, dtype, head, outer)
     accelerator = make_accelerator(device, topts.grad_accum)
     layers = inject(model, mini)
     extra = dict(head[1]) if head else {}
@@ -490,7 +491,7 @@ def train(output: str, dopts: DataOptions, mopts: ModelOptions, topts: TrainOpti
     _log(session, log, "held-out base model: " + _fmt_metrics(before, "_base"))
     run = {"data": file_digest(dopts.data), "eval_data": file_digest(dopts.eval_data) if dopts.eval_data else None,
            "base": mopts.base, "max_len": dopts.max_len, "rank": rank, "alpha": alpha, "outer_dim": outer_dim,
-           "outer_seed": outer_seed, "targets": list(mini.module_names), "task": task, "labels": labels}
+           "outer": outer, "outer_seed": outer_seed, "targets": list(mini.module_names), "task": task, "labels": labels}
 
     def step_loss(batch: dict) -> torch.Tensor:
         return train_loss(session.model(**{k: batch[k] for k in MODEL_INPUTS}).logits, batch, task)

@@ -1,4 +1,5 @@
-"""A fresh LoRA-Mini adapter for training from scratch: random outers from a seed, LoRA-style inner init.
+"""A fresh LoRA-Mini adapter for training from scratch: outers regenerated from a seed (coordinate
+subsets by default, or random), LoRA-style inner init.
 
 For sequence classification the new head (PEFT's modules_to_save: "classifier" or "score")
 trains in full beside the inners and is stored as passthrough tensors under PEFT's key names,
@@ -14,7 +15,7 @@ from torch import nn
 
 from ..container import MiniAdapter, MiniModule
 from ..errors import BadInputError, UnsupportedError
-from ..outer import random as random_outer
+from .. import outer
 from ..st import dtype_name
 from .layers import base_shape, layer_kind, rms_norm
 
@@ -79,14 +80,18 @@ def init_inner(name: str, seed: int, a: int, k: int, V: torch.Tensor) -> tuple[t
     return torch.zeros(a, k, dtype=torch.float64), Y / rms_norm(V.double(), dim=1)
 
 
+# Sources train may draw outers from: regenerated from the seed, never stored.
+SOURCES = ("select", "random")
+
+
 def scratch_module(name: str, base: nn.Module, rank: int, alpha: float, outer_dim, seed: int,
-                   store: torch.dtype) -> MiniModule:
+                   store: torch.dtype, source: str = "select") -> MiniModule:
     kind = layer_kind(base)
     if kind == "embedding":
         raise UnsupportedError(f"module {name!r}: training embeddings from scratch is not supported")
     out_f, in_f = base_shape(base, kind)
-    U, V, spec = random_outer.make(SimpleNamespace(name=name, out_features=out_f, in_features=in_f),
-                                   {"seed": seed, "outer_dim": outer_dim})
+    U, V, spec = outer.get(source).make(SimpleNamespace(name=name, out_features=out_f, in_features=in_f),
+                                        {"seed": seed, "outer_dim": outer_dim})
     a, b = U.shape[1], V.shape[0]
     k = min(rank, a, b)
     X, Y = init_inner(name, seed, a, k, V)
@@ -148,7 +153,7 @@ def load_classifier(src, labels: list, dtype: torch.dtype, seed: int):
 
 def scratch_adapter(model: nn.Module, base: str, targets: list[str] | None, rank: int, alpha: float | None,
                     outer_dim, seed: int, dtype: str = "fp32",
-                    head: tuple[str, dict[str, nn.Parameter]] | None = None) -> MiniAdapter:
+                    head: tuple[str, dict[str, nn.Parameter]] | None = None, source: str = "select") -> MiniAdapter:
     """A MiniAdapter over the model's target modules that starts as a no-op (X = 0).
 
     With `head` (classification_head's result) the adapter is a SEQ_CLS one whose passthrough
@@ -158,11 +163,14 @@ def scratch_adapter(model: nn.Module, base: str, targets: list[str] | None, rank
 
     if rank <= 0:
         raise BadInputError(f"--rank must be positive, got {rank}")
+    if source not in SOURCES:
+        raise BadInputError(f"--outer must be one of {', '.join(SOURCES)} for training, got {source!r}")
     alpha = float(alpha if alpha is not None else 8)  # PEFT's default lora_alpha
     targets = targets or default_targets(model)
     paths = find_targets(model, targets, exclude=(head[0],) if head else ())
     store = DTYPES[dtype]
-    modules = {p: scratch_module(p, model.get_submodule(p), rank, alpha, outer_dim, seed, store) for p in paths}
+    modules = {p: scratch_module(p, model.get_submodule(p), rank, alpha, outer_dim, seed, store, source)
+               for p in paths}
     cfg_targets = targets if targets != ["all-linear"] else sorted({p.rsplit(".", 1)[-1] for p in paths})
     task_type, to_save, tensors = "CAUSAL_LM", None, {}
     if head:
