@@ -262,9 +262,9 @@ def test_outer_registry_matches_the_source_modules():
     from lora_convert import outer
     from lora_convert.outer.base import OuterSource
 
-    assert outer.names() == sorted(outer.sources()) == ["random", "svd"]
+    assert outer.names() == sorted(outer.sources()) == ["random", "select", "svd"]
     assert all(isinstance(s, OuterSource) for s in outer.sources().values())
-    assert outer.get("svd").stored and not outer.get("random").stored
+    assert outer.get("svd").stored and not outer.get("random").stored and not outer.get("select").stored
     with pytest.raises(BadInputError, match="unknown outer source"):
         outer.get("nope")
 

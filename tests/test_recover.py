@@ -478,7 +478,9 @@ def test_recover_never_writes_a_worse_file(quant_setup, tmp_path):
     root = quant_setup
     lines = []
     d, m, t = options(root, steps=4, lr=50.0, checkpoint_dir=str(tmp_path / "ckpt"))  # a step that ruins it
-    res = recover(str(root / "svd4"), str(root / "teacher7"), str(tmp_path / "out"), d, m, t, log=lines.append)
+    # no quantization-aware phase: at this rate its 20 steps may land anywhere, better or worse
+    res = recover(str(root / "svd4"), str(root / "teacher7"), str(tmp_path / "out"), d, m, t, log=lines.append,
+                  qat_steps=0)
     assert res.kept_start and res.after == res.before
     assert any("writing the start file's factors" in line for line in lines)
     a, b = lc.load(root / "svd4"), lc.load(tmp_path / "out")
