@@ -21,7 +21,7 @@ def next_steps(cfg: CompressConfig, report: FidelityReport, calibrated: bool = F
     ratio = s.get("ratio")
     same = f"--target-size {ratio:.1f}x` (this size)" if ratio and ratio > 1 else "--target-size 32x`"
     if not outer_source(cfg.outer).stored:
-        return [f"random outers are a start for `lora-convert recover` or `train`; with only the adapter, "
+        return [f"{cfg.outer} outers are a start for `lora-convert recover` or `train`; with only the adapter, "
                 f"`--outer svd {same} keeps more of the update",
                 "with the base model, text and time: `lora-convert recover` re-fits this file's inner "
                 "matrices to the original adapter's outputs"]
