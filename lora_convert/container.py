@@ -11,6 +11,7 @@ check a reader makes) is `containerspec`, which imports no torch; this module ma
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -274,6 +275,7 @@ def _escaped_len(text: str) -> int:
     return len(json.dumps(text)) - 2
 
 
+@functools.lru_cache(maxsize=4096, typed=True)  # a plan asks for the same few values thousands of times
 def entry_field_bytes(value) -> int:
     """Header bytes of one positional field of a version 3 entry (a number, null, or a codebook
     name, whose quotes are escaped inside the ``lora_mini`` string)."""
