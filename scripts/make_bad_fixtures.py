@@ -142,7 +142,7 @@ def peft_with_st(dest: Path, blob: bytes) -> None:
 # ---------------------------------------------------------------- LoRA-Mini helpers
 
 def mini_bytes(outer: str = "random", version: int | None = None, **opts) -> bytes:
-    outer_dim = opts.pop("outer_dim", 4) if outer == "random" else None
+    outer_dim = opts.pop("outer_dim", 4) if outer in ("random", "select") else None
     mini = lc.compress(base_adapter(), outer, seed=7, outer_dim=outer_dim, rank=2, **opts)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "m.safetensors"
@@ -683,6 +683,25 @@ def _(f):
     def edit(doc, header, meta):
         for spec in doc["modules"].values():
             spec["outer"]["seed"] = 8
+    write_mini(f, edit_mini(mini(), edit))
+
+
+@mini_case("mini_select_wrong_seed", "verify", ["fingerprint", "regenerated outer"])
+def _(f):
+    """subset (select) outers, seed 7 changed to 8 and re-signed: the fingerprint catches it"""
+    def edit(doc, header, meta):
+        for spec in doc["modules"].values():
+            spec["outer"]["seed"] = 8
+    write_mini(f, edit_mini(mini_bytes("select"), edit))
+
+
+@mini_case("mini_random_relabelled_select", "verify", ["fingerprint", "regenerated outer"])
+def _(f):
+    """random outers relabelled as select outers (re-signed): the subsets do not match the
+    random outers' fingerprints, so the other source is never applied"""
+    def edit(doc, header, meta):
+        for spec in doc["modules"].values():
+            spec["outer"]["source"] = "select"
     write_mini(f, edit_mini(mini(), edit))
 
 
