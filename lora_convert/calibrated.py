@@ -216,7 +216,6 @@ def compress_quantized(m: LoraModule, src, options: dict, bits: int, group: int,
                       quant={"bits": bits, "group": group})
 
 
-
 # A calibrated module's extra figure at its longest (FIDELITY_DIGITS), as plan_curves counts it in the header
 PLANNED_FIDELITY = {"calibrated_rel_error": short_figure(-1.2345678901234567e-300)}
 

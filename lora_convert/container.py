@@ -256,6 +256,8 @@ def short_figure(x: float, digits: int = FIDELITY_DIGITS) -> float:
     """A fidelity figure to `digits` significant digits: informational, and every byte of a
     budgeted file's header counts."""
     return float(f"{x:.{digits - 1}e}") if math.isfinite(x) else x
+
+
 def quantized_parts(first: torch.Tensor, second: torch.Tensor, outers, source: str) -> tuple:
     """(U, V, X, Y, outer spec) of a module stored quantized from its two rounded factors: stored
     outers hold the factors themselves (X = Y = I_k); random outers (`outers` = (U, V, spec))

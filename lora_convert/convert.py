@@ -32,7 +32,6 @@ from .report import FidelityReport, ModuleFidelity
 from .st import dtype_name
 
 
-
 def one_thread(fn):
     """Run `fn` with torch limited to one intra-op thread in the calling thread (restored after).
 
@@ -226,7 +225,6 @@ def _planned_fidelity(err2: float, energy: float) -> tuple[float, float]:
     bytes the same way)."""
     rel = (err2 * (1.0 / energy)) ** 0.5 if energy > 0 else 0.0
     return short_figure(rel), short_figure(energy)
-
 
 
 def _compress_stack(ms: list[LoraModule], src, options: dict, dtype: str) -> list[MiniModule]:

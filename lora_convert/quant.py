@@ -80,6 +80,12 @@ def _midpoints(name: str) -> np.ndarray:
 _MIDPOINTS = {name: _midpoints(name) for name in CODEBOOKS}
 
 
+def codebook_midpoints(name: str) -> np.ndarray:
+    """The decision points of codebook `name` (float64): a value's level is the number of them
+    strictly below it. Shared, do not modify."""
+    return _MIDPOINTS[name]
+
+
 def codebook_codes(t: np.ndarray, name: str) -> np.ndarray:
     """Index of the level nearest to each t (float64, already divided by its scale): the number
     of midpoints below t, so that a tie goes to the lower index. (Fifteen vectorised comparisons

@@ -79,39 +79,23 @@ def read(path: Path, lycoris_tol: float = DEFAULT_TOL, conv_kernels: dict | None
     `conv_kernels` maps module names to their layer's kernel, ``(kh, kw)`` for a conv or ``()``
     for a linear layer, where a LoHa/LoKr module without a Tucker core does not say and the
     known architectures (naming.layer_kernel) do not either."""
-    lazy, by_name, entries, algos, kernels, config = _open(path, lycoris_tol, conv_kernels)
-
-    def load(name: str) -> LoraModule:
-        stem = by_name[name]
-        if algos[stem] == "LoCon":
-            return kohya.load_module(lazy, name, entries[stem])
-        c = _convert(lazy, name, entries[stem], algos[stem], lycoris_tol, kernels.get(name))
-        config["conversion"]["rel_error"][name] = c.error
-        return c.module()
-
-    return Adapter(format=NAME, module_names=sorted(by_name), load_module=load, config=config,
+    lazy, names, load, config = _open(path, lycoris_tol, conv_kernels, kohya.load_module, _Converted.module)
+    return Adapter(format=NAME, module_names=names, load_module=load, config=config,
                    metadata=dict(lazy.metadata), source=str(path))
 
 
 def scan(path: Path, lycoris_tol: float = DEFAULT_TOL, conv_kernels: dict | None = None, **_) -> AdapterHeader:
     """read() and loading every module, without torch (the same conversion, kept as numbers)."""
-    lazy, by_name, entries, algos, kernels, config = _open(path, lycoris_tol, conv_kernels)
-
-    def header(name: str) -> ModuleHeader:
-        stem = by_name[name]
-        if algos[stem] == "LoCon":
-            return kohya.scan_module(lazy, name, entries[stem])
-        c = _convert(lazy, name, entries[stem], algos[stem], lycoris_tol, kernels.get(name))
-        config["conversion"]["rel_error"][name] = c.error
-        return c.header()
-
-    return AdapterHeader(format=NAME, module_names=sorted(by_name), modules=(header(n) for n in sorted(by_name)),
+    lazy, names, header, config = _open(path, lycoris_tol, conv_kernels, kohya.scan_module, _Converted.header)
+    return AdapterHeader(format=NAME, module_names=names, modules=(header(n) for n in names),
                          config=config, metadata=dict(lazy.metadata), source=str(path))
 
 
-def _open(path: Path, lycoris_tol: float, conv_kernels: dict | None):
-    """The file indexed and checked as far as the header goes: (lazy, name -> stem, stem ->
-    role -> key, stem -> algorithm, name -> layer kernel, config)."""
+def _open(path: Path, lycoris_tol: float, conv_kernels: dict | None, locon, converted):
+    """The file indexed and checked as far as the header goes: (lazy, module names, one(name),
+    config). one(name) is locon(lazy, name, entry) for a plain LoRA/LoCon module, else the
+    LoHa/LoKr module converted (its error recorded in config) and passed to converted(...):
+    read() makes LoraModules, scan() ModuleHeaders, by the same path."""
     path = Path(path)
     lazy = LazyTensors(path)
     lora_entries, names, rest = kohya.index_keys(lazy.keys(), path)
@@ -149,7 +133,16 @@ def _open(path: Path, lycoris_tol: float, conv_kernels: dict | None):
     unknown_kernels = sorted(n for n, k in kernels.items() if k is None)
     if unknown_kernels:
         config["kernel_unknown"] = unknown_kernels  # writers refuse these (see _util.check_kernel_known)
-    return lazy, by_name, entries, algos, kernels, config
+
+    def one(name: str):
+        stem = by_name[name]
+        if algos[stem] == "LoCon":
+            return locon(lazy, name, entries[stem])
+        c = _convert(lazy, name, entries[stem], algos[stem], lycoris_tol, kernels.get(name))
+        conversion["rel_error"][name] = c.error
+        return converted(c)
+
+    return lazy, sorted(by_name), one, config
 
 
 def _algo(stem: str, entry: dict, path) -> str:

@@ -6,8 +6,10 @@ run downloads it anew.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
+from typing import Iterator
 
 from huggingface_hub.hf_api import RepoFile
 
@@ -58,14 +60,21 @@ def evict(cached: Path) -> bool:
     return True
 
 
-def verify_mini(folder: Path, where: str) -> MiniFile:
-    """Make every check loading a LoRA-Mini adapter makes (header, each module, each passthrough
-    tensor), without torch. Errors name `where` (a path or hf:// URI)."""
+@contextlib.contextmanager
+def naming(where: str) -> Iterator[None]:
+    """lora_convert errors raised inside name `where` (a path or hf:// URI) instead of the file."""
     try:
-        f = open_mini(folder)
-        f.check_all()
+        yield
     except LoraConvertError as exc:
         raise type(exc)(exc.problem, where) from None
+
+
+def verify_mini(folder: Path, where: str) -> MiniFile:
+    """Make every check loading a LoRA-Mini adapter makes (header, each module, each passthrough
+    tensor), without torch. Errors name `where`."""
+    with naming(where):
+        f = open_mini(folder)
+        f.check_all()
     return f
 
 

@@ -14,7 +14,7 @@ from huggingface_hub.hf_api import RepoFile
 from ..errors import BadInputError, HubNetworkError
 from . import modelcard
 from .addresses import COMMIT_SHA, Target, format_uri, target
-from .integrity import git_blob_sha1, verify_mini
+from .integrity import git_blob_sha1, naming
 from .retry import call, offline_mode, offline_variable
 
 DEFAULT_MESSAGE = "Upload LoRA-Mini adapter with lora_convert"
@@ -76,10 +76,10 @@ def files_to_push(local: Path, repo_id: str) -> dict[str, bytes]:
     from .. import container
     from ..convert import stored_report
 
-    checked = verify_mini(local, str(local))
-    outers = [spec["outer"] for spec in checked.specs.values()]
-    mini = container.load(local)
-    report = stored_report(mini)  # modules were just checked; this reads the stored fidelity
+    outers = []
+    with naming(str(local)):  # loading every module and passthrough tensor makes every check once
+        mini = container.load(local)
+        report = stored_report(mini, progress=lambda m: outers.append(m.outer))
     file = container.resolve_file(local)
     config, readme = local / container.CONFIG_NAME, local / modelcard.CARD_NAME
     return {

@@ -277,16 +277,22 @@ def set_fake_quant(layers: Iterable[MiniLayer], on: bool) -> None:
 
 
 @contextlib.contextmanager
-def rounded(layers: Iterable[MiniLayer], on: bool = True) -> Iterator[None]:
-    """Temporarily run the students with their factors as the file will store them."""
+def _temporarily(layers: Iterable[MiniLayer], attr: str, value) -> Iterator[None]:
+    """Every layer's `attr` set to `value` inside the block, each layer's own value restored after."""
     layers = list(layers)
-    previous = [layer.fake_quant for layer in layers]
-    set_fake_quant(layers, on)
+    previous = [getattr(layer, attr) for layer in layers]
+    for layer in layers:
+        setattr(layer, attr, value)
     try:
         yield
     finally:
-        for layer, f in zip(layers, previous):
-            layer.fake_quant = f
+        for layer, p in zip(layers, previous):
+            setattr(layer, attr, p)
+
+
+def rounded(layers: Iterable[MiniLayer], on: bool = True):
+    """Temporarily run the students with their factors as the file will store them."""
+    return _temporarily(layers, "fake_quant", on)
 
 
 def inner_parameters(layers: Iterable[MiniLayer]) -> list[nn.Parameter]:
@@ -294,21 +300,18 @@ def inner_parameters(layers: Iterable[MiniLayer]) -> list[nn.Parameter]:
     return [p for layer in layers for p in (layer.X, layer.Y)]
 
 
-def set_mode(layers: Iterable[MiniLayer], mode: str) -> None:
+def _checked_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def set_mode(layers: Iterable[MiniLayer], mode: str) -> None:
+    _checked_mode(mode)
     for layer in layers:
         layer.mode = mode
 
 
-@contextlib.contextmanager
-def use_mode(layers: Iterable[MiniLayer], mode: str) -> Iterator[None]:
+def use_mode(layers: Iterable[MiniLayer], mode: str):
     """Temporarily run the model as base, teacher or student; restores the previous mode."""
-    layers = list(layers)
-    previous = [layer.mode for layer in layers]
-    set_mode(layers, mode)
-    try:
-        yield
-    finally:
-        for layer, m in zip(layers, previous):
-            layer.mode = m
+    return _temporarily(layers, "mode", _checked_mode(mode))

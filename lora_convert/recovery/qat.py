@@ -55,7 +55,7 @@ def grid_round(M: torch.Tensor, bits: int, group: int) -> torch.Tensor:
         # c·s is rounded once, to float32, as quant.codebook_values does
         levels = torch.from_numpy(quant.CODEBOOKS[bits].astype(np.float64)).to(M.device)
         codes = torch.zeros(t.shape, dtype=torch.long, device=M.device)
-        for mid in ((levels[:-1] + levels[1:]) / 2).tolist():
+        for mid in quant.codebook_midpoints(bits).tolist():
             codes += t > mid
         q = (levels[codes] * scales).to(torch.float32).to(torch.float64)
     else:

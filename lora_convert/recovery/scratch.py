@@ -80,10 +80,6 @@ def init_inner(name: str, seed: int, a: int, k: int, V: torch.Tensor) -> tuple[t
     return torch.zeros(a, k, dtype=torch.float64), Y / rms_norm(V.double(), dim=1)
 
 
-# Sources train may draw outers from: regenerated from the seed, never stored.
-SOURCES = ("select", "random")
-
-
 def scratch_module(name: str, base: nn.Module, rank: int, alpha: float, outer_dim, seed: int,
                    store: torch.dtype, source: str = "select") -> MiniModule:
     kind = layer_kind(base)
@@ -163,8 +159,9 @@ def scratch_adapter(model: nn.Module, base: str, targets: list[str] | None, rank
 
     if rank <= 0:
         raise BadInputError(f"--rank must be positive, got {rank}")
-    if source not in SOURCES:
-        raise BadInputError(f"--outer must be one of {', '.join(SOURCES)} for training, got {source!r}")
+    if outer.get(source).stored:  # stored outers are fitted to an update; training draws regenerated ones
+        raise BadInputError(f"--outer {source}: training needs outers regenerated from the seed, "
+                            f"not {source} outers, which are fitted to an existing adapter")
     alpha = float(alpha if alpha is not None else 8)  # PEFT's default lora_alpha
     targets = targets or default_targets(model)
     paths = find_targets(model, targets, exclude=(head[0],) if head else ())
