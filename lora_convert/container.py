@@ -57,6 +57,27 @@ class MiniModule:
     # codebook name, quant.WIDTHS; one ``<name>.q`` tensor);
     # empty: X, Y (and stored U, V) are float tensors of their own
     quant: dict = field(default_factory=dict)
+    # the ``.q`` bytes of a quantized module as its fit or its file had them, with what they stand
+    # for (remember_blob): save writes them instead of quantizing the same values again
+    blob: tuple | None = field(default=None, repr=False, compare=False)
+
+    def remember_blob(self, blob: bytes) -> MiniModule:
+        """Record `blob` as the ``.q`` bytes of U, V, X, Y and the quant spec as they are now;
+        quantized_blob returns it for as long as none of them is replaced or changed in place."""
+        self.blob = (blob, self._state())
+        return self
+
+    def _state(self) -> tuple:
+        return (dict(self.quant),) + tuple((t, t._version) for t in (self.U, self.V, self.X, self.Y))
+
+    def remembered_blob(self) -> bytes | None:
+        """The blob remember_blob recorded, if it still stands for this module's tensors."""
+        if self.blob is None:
+            return None
+        raw, (spec, *marks) = self.blob
+        now = self._state()
+        same = spec == now[0] and all(t is u and v == w for (t, v), (u, w) in zip(marks, now[1:]))
+        return raw if same else None
 
     @property
     def scale(self) -> float:
@@ -357,6 +378,9 @@ def quantized_blob(m: MiniModule) -> bytes:
     """The ``.q`` bytes of a quantized module, encoded from its tensors as they are now (a
     module whose inner matrices were changed, e.g. by recover, is folded and re-quantized; the
     values that came from a file encode back to the same bytes)."""
+    raw = m.remembered_blob()
+    if raw is not None:
+        return raw
     if outer.get(m.outer["source"]).stored:
         k = m.inner_rank
         X, Y = _f64(m.X), _f64(m.Y)
@@ -449,6 +473,8 @@ def _module_from_spec(f: MiniFile, name: str, checked) -> MiniModule:
                        alpha=float(spec["alpha"]), use_rslora=spec["use_rslora"], dtype=spec["dtype"],
                        outer=o, U=U, V=V, X=X, Y=Y, fidelity=spec.get("fidelity") or {},
                        quant=dict(spec.get("quant") or {}))
+        if "quant" in spec:
+            m.remember_blob(bytes(blob))
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise f.malformed(name, exc) from None
     _check_shapes(m, file)

@@ -202,8 +202,8 @@ def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, cho
         k, bits = min(choice.k, F1.shape[1]), choice.bits
     else:
         k, bits = max(min(choose_rank(s, energy, cfg.rank, cfg.keep_energy), F1.shape[1]), 1), cfg.bits
-    try:
-        Q1, Q2 = quant.rounded(F1[:, :k], bits, cfg.group_size), quant.rounded(F2[:k], bits, cfg.group_size)
+    try:  # encoded now, so that save writes these bytes instead of encoding the values again
+        blob, (Q1, Q2) = quant.encode_many([F1[:, :k], F2[:k]], bits, cfg.group_size)
     except ValueError as exc:
         raise BadInputError(f"module {m.name!r}: cannot store its factors as {quant.width_name(bits)} "
                             f"({exc})") from None
@@ -217,7 +217,7 @@ def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, cho
         fidelity = {"rel_error": short_figure(rel), "energy": short_figure(m.scale**2 * energy)}
     return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha, use_rslora=m.use_rslora,
                       dtype=dtype_name(m.dtype), outer=dict(spec), U=U, V=V, X=X, Y=Y, fidelity=fidelity,
-                      quant={"bits": bits, "group": cfg.group_size})
+                      quant={"bits": bits, "group": cfg.group_size}).remember_blob(blob)
 
 
 def _planned_fidelity(err2: float, energy: float) -> tuple[float, float]:

@@ -376,7 +376,7 @@ def _rounded_cases():
 def test_planning_rounding_is_quants_bit_for_bit():
     """budget.rounded_vectors (torch, the plan) gives exactly quant.rounded_widths' values (numpy,
     what the writer encodes) at every width, in either vector orientation."""
-    widths = (2, 3, 4, 8, 16)
+    widths = quant.WIDTHS
     for M, group in _rounded_cases():
         ref = quant.rounded_widths(M, widths, group)
         got = budget.rounded_vectors(M, widths, group)

@@ -94,3 +94,36 @@ def test_the_header_knows_torchs_floating_dtypes_without_torch():
     assert {n for n in have if getattr(torch, n).is_floating_point} <= set(FLOAT_DTYPE_NAMES)
     assert all(getattr(torch, n).is_floating_point for n in set(FLOAT_DTYPE_NAMES) & have)
     assert {"float16", "bfloat16", "float32", "float64"} <= set(FLOAT_DTYPE_NAMES) and "int8" not in FLOAT_DTYPE_NAMES
+
+
+@pytest.mark.parametrize("source", ["svd", "random"])
+def test_a_remembered_blob_is_written_only_while_it_stands_for_the_tensors(tmp_path, lowrank, source):
+    """Save writes the bytes the fit (or the file) encoded instead of encoding again, but never
+    once a module's tensors or quant spec have changed: replaced or modified in place."""
+    from lora_convert import quant
+    from lora_convert.container import load, quantized_blob
+
+    B, A = lowrank(96, 64, 6, seed=3)
+    adapter = from_modules("peft", [LoraModule("m.q_proj", down=A, up=B, alpha=12.0)])
+    dims = {} if source == "svd" else {"outer_dim": 24}
+    m = lc.compress(adapter, source, bits=4, rank=3, **dims).module("m.q_proj")
+    first, second = (m.U, m.V) if source == "svd" else (m.X, m.Y)
+    fresh = quant.encode_many([first.double().numpy(), second.double().numpy()], 4, m.quant["group"])[0]
+    assert m.remembered_blob() == fresh and quantized_blob(m) == fresh
+
+    second.mul_(3.0)  # in place: the remembered bytes no longer stand for the module
+    assert m.remembered_blob() is None
+    assert quantized_blob(m) == quant.encode_many([first.double().numpy(), second.double().numpy()], 4,
+                                                  m.quant["group"])[0] != fresh
+    m.quant = {**m.quant, "bits": 8}  # a new width, same tensors
+    assert m.remembered_blob() is None
+    m.quant = {**m.quant, "bits": 4}
+    m.remember_blob(b"x")
+    m.X = m.X.clone()  # replaced
+    assert m.remembered_blob() is None
+
+    lc.save(lc.compress(adapter, source, bits="nf4", rank=3, **dims), tmp_path / "f")
+    back = load(tmp_path / "f").module("m.q_proj")  # a file's blob, as read
+    first, second = (back.U, back.V) if source == "svd" else (back.X, back.Y)
+    assert back.remembered_blob() == quant.encode_many([first.double().numpy(), second.double().numpy()], "nf4",
+                                                       back.quant["group"])[0]
