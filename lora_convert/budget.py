@@ -173,7 +173,7 @@ def rounded_vectors(M: np.ndarray, widths, group: int, by_rows: bool = False) ->
                 raise ValueError("values overflow float16")
             out[w] = _fp16_values(G)
             continue
-        scales = quant.group_scales(maxabs, bits).astype(np.float64)[:, :, None]
+        scales = quant.scales_for(G.numpy(), bits, maxabs).astype(np.float64)[:, :, None]
         if quant.is_codebook(bits):  # levels by quant's comparisons, then float32(c_u · scale)
             t = np.divide(G.numpy(), scales, out=np.zeros(G.shape), where=scales > 0)
             levels = quant.codebook_levels(bits).take(quant.codebook_codes(t, bits))
@@ -182,9 +182,9 @@ def rounded_vectors(M: np.ndarray, widths, group: int, by_rows: bool = False) ->
         top = quant.qmax(bits)
         # a zero scale has an all-zero group or values that round to 0 either way
         torch.div(G, torch.from_numpy(np.where(scales > 0, scales, 1.0)), out=out[w]).round_()
-        if ((scales > 0) & (scales < 2.0 ** -14)).any():
-            # a subnormal fp16 scale can be far below max|x| / qmax; a normal one is within 2^-11 of
-            # it, so that |x| / scale < qmax + 0.07 rounds to at most qmax
+        if quant.clipped(bits) or ((scales > 0) & (scales < 2.0 ** -14)).any():
+            # a clipped scale lets the largest values clamp; so can a subnormal fp16 scale (far below
+            # max|x| / qmax), while a normal one is within 2^-11 of it (|x| / scale < qmax + 0.07)
             out[w].clamp_(-top, top)
         out[w].mul_(torch.from_numpy(scales))
     return out.view(len(widths), S, ng * group)[:, :, :L]
@@ -450,12 +450,13 @@ class _Greedy:
 
 
 def _completed(curves: list[Curve], complete, needed: list[int]) -> list[Curve]:
+    """`curves` with those at `needed` computed further by `complete` (more options exact)."""
     if complete is None:
         raise ValueError(f"curve {curves[needed[0]].name!r} is partial and there is no way to complete it")
     out = list(curves)
     for i, c in zip(needed, complete([curves[i] for i in needed])):
-        if not c.complete:
-            raise ValueError(f"curve {c.name!r} came back partial")
+        if not c.complete and len(c.options) <= len(curves[i].options):
+            raise ValueError(f"curve {c.name!r} came back no further")
         out[i] = c
     return out
 
@@ -467,9 +468,9 @@ def allocate(curves: list[Curve], budget: int | None = None, min_fidelity: float
     both (the budget's allocation, which must reach the fidelity). Raises BudgetError. With
     `balance` < 1 each module's error is weighed by energy^(balance − 1) (BALANCE).
 
-    Partial curves: `complete(curves) -> curves` computes the complete curves of the modules whose
-    certain steps the walk leaves, and the walk starts again; the result is the allocation of the
-    complete curves (each step taken is one they have)."""
+    Partial curves: `complete(curves) -> curves` computes further (more options exact, complete at
+    last) the curves of the modules whose certain steps the walk leaves, and the walk starts again;
+    the result is the allocation of the complete curves (each step taken is one they have)."""
     curves = list(curves)
     while True:
         needed = [i for i, c in enumerate(curves) if c.certain < 0]
@@ -502,8 +503,7 @@ def allocate(curves: list[Curve], budget: int | None = None, min_fidelity: float
 def frontier(curves: list[Curve], fixed: int = 0, complete=None, balance: float = 1.0) -> list[tuple[int, float]]:
     """The whole greedy path as (total bytes, fidelity) points, smallest file first (`balance`:
     as allocate's)."""
-    partial = [i for i, c in enumerate(curves) if not c.complete]
-    if partial:
+    while partial := [i for i, c in enumerate(curves) if not c.complete]:
         curves = _completed(curves, complete, partial)
     g = _Greedy(curves, fixed, balance)
     points = [(g.nbytes, g.fidelity())]

@@ -410,10 +410,12 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
 
 # A partial plan (compress with a byte budget) first computes the widths up to this many bits ...
 PARTIAL_BITS = 4
-# ... up to rank PARTIAL_SPAN·k + 4, k the rank a module of the adapter's precision keeps at 4 bits
-# in its share of the budget; every other option waits, with a lower bound, until the allocation
-# reaches it (budget.Curve). At 32x on bench_budget's 7B-shaped adapter no module needs the rest.
+# ... up to rank PARTIAL_SPAN·k + PARTIAL_EXTRA, k the rank a module of the adapter's precision
+# keeps at 4 bits in its share of the budget; every other option waits, with a lower bound, until
+# the allocation reaches it (budget.Curve), and a module it reaches is computed again to about
+# twice that rank, then whole.
 PARTIAL_SPAN = 3
+PARTIAL_EXTRA = 4
 
 
 @one_thread
@@ -426,16 +428,23 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
     original = source_bytes(adapter.source)
     ratio = original / max_bytes if partial and original and max_bytes and src.stored and whitening is None else None
 
-    def extent(m: LoraModule, K: int) -> dict:
-        """error_curve's exact_bits / max_k for a partial curve of module m (numerical rank K)."""
-        low = tuple(b for b in cfg.allowed_bits if quant.code_bits(b) <= PARTIAL_BITS)
+    low = tuple(b for b in cfg.allowed_bits if quant.code_bits(b) <= PARTIAL_BITS)
+
+    def extent(m: LoraModule, K: int, known: int = 0) -> dict:
+        """error_curve's exact_bits / max_k for a partial curve of module m (numerical rank K), or
+        {} for the whole curve; `known`: the rank its partial curve reaches (it is computed further)."""
+        if known:
+            return {"exact_bits": low, "max_k": 2 * known + PARTIAL_EXTRA} if known < K and low else {}
         share = m.rank * m.up.element_size() / ((PARTIAL_BITS + 16 / cfg.group_size) / 8 * ratio)
-        if not low or low == cfg.allowed_bits and PARTIAL_SPAN * share + 4 >= K or 2 * share >= K:
+        max_k = math.ceil(PARTIAL_SPAN * share) + PARTIAL_EXTRA
+        if not low or low == cfg.allowed_bits and max_k >= K or 2 * share >= K:
             return {}
-        return {"exact_bits": low, "max_k": math.ceil(PARTIAL_SPAN * share) + 4}
+        return {"exact_bits": low, "max_k": max_k}
 
     @one_thread
-    def curve(name: str, whole: bool = False) -> tuple[budget.Curve, dict, bool]:
+    def curve(name: str, known: int | None = None) -> tuple[budget.Curve, dict, bool]:
+        """Module `name`'s curve: partial as `extent` says (`known`: the rank its partial curve reached;
+        None: start), whole without a budget ratio."""
         m = adapter.module(name)
         outers = None
         if not src.stored:
@@ -447,7 +456,7 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         fidelity = {}
         try:
             if L is None:
-                part = extent(m, min(m.rank, m.out_features, m.in_features)) if ratio and not whole else {}
+                part = extent(m, min(m.rank, m.out_features, m.in_features), known or 0) if ratio else {}
                 c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
                                        outers=outers, **part)
             else:  # output-space errors, input-side factor rounded with error feedback (calibrated.py)
@@ -498,8 +507,10 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
                             factors=c.factors)
 
     def complete(partial_curves: list[budget.Curve]) -> list[budget.Curve]:
-        whole = functools.partial(curve, whole=True)
-        return [costed(c) for c, _, _ in ordered_map(whole, [c.name for c in partial_curves], workers())]
+        """Those curves computed further: to about twice the rank they reach, then whole."""
+        known = {c.name: max(o.k for o in c.options) for c in partial_curves}
+        further = lambda name: curve(name, known[name])  # noqa: E731
+        return [costed(c) for c, _, _ in ordered_map(further, list(known), workers())]
 
     return [costed(c) for c in raw], fixed, complete
 

@@ -160,6 +160,51 @@ def group_scales(maxabs: np.ndarray, bits: int | str) -> np.ndarray:
     return (maxabs / top).astype(np.float16)
 
 
+# Integer widths of up to CLIP_BITS bits pick each group's scale among CLIP_RATIOS · max|x| / qmax:
+# the one whose decoded group lies nearest the values (least squared error, ties to the larger
+# scale). The factors of a truncated SVD are bell-shaped within a group, and letting its few
+# largest values clamp loses markedly less at 3 bits (benchmarks/README.md). Encoding decoded
+# values again gives them back: ratio 1 reproduces them exactly, any smaller one clamps the largest.
+CLIP_BITS = 4
+CLIP_RATIOS = (1.0, 0.875, 0.75, 0.625)
+
+
+def clipped(bits) -> bool:
+    """Whether groups of this width choose their scale among CLIP_RATIOS."""
+    return not is_codebook(bits) and bits <= CLIP_BITS
+
+
+def scales_for(G: np.ndarray, bits: int | str, maxabs: np.ndarray | None = None) -> np.ndarray:
+    """fp16 scales (vectors × groups) of groups G (vectors × groups × group, float64, zero-padded)
+    as the spec chooses them; `maxabs`: each group's largest |x| if the caller has it. Every
+    implementation of the rounding (the plan's, quantization-aware training's) takes its scales
+    from here, so that they agree with the writer bit for bit."""
+    if maxabs is None:
+        maxabs = np.abs(G).max(axis=2) if G.size else np.zeros(G.shape[:2])
+    best = group_scales(maxabs, bits)
+    if not clipped(bits) or not G.size:
+        return best
+    top = qmax(bits)
+    err = _squared_error(G, best, top)
+    for ratio in CLIP_RATIOS[1:]:
+        cand = (maxabs * ratio / top).astype(np.float16)
+        e = _squared_error(G, cand, top)
+        better = e < err
+        best, err = np.where(better, cand, best), np.where(better, e, err)
+    return best
+
+
+def _squared_error(G: np.ndarray, scales: np.ndarray, top: int) -> np.ndarray:
+    s = scales.astype(np.float64)[:, :, None]
+    q = np.divide(G, s, out=np.zeros_like(G), where=s > 0)
+    np.rint(q, out=q)
+    np.clip(q, -top, top, out=q)
+    q *= s
+    q -= G
+    q *= q
+    return q.sum(axis=2)
+
+
 def round_codes(x: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
     """Codes (float64) of values x with their groups' scales (float64, broadcast against x):
     round half to even, clamped to ±qmax; 0 where the scale is 0."""
@@ -183,7 +228,7 @@ class GroupQuantizer:
         self.qmax = 1.0 if is_codebook(bits) else qmax(bits)  # what a group's largest |x| maps to, in scales
 
     def scales(self, block: np.ndarray) -> np.ndarray:
-        return group_scales(np.abs(np.asarray(block, dtype=np.float64)).max(axis=1), self.bits).astype(np.float64)
+        return scales_for(np.asarray(block, dtype=np.float64)[:, None, :], self.bits)[:, 0].astype(np.float64)
 
     def round(self, x: np.ndarray, scales: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -206,7 +251,7 @@ def quantize(M: np.ndarray, bits: int | str, group: int) -> tuple[np.ndarray, np
     pad = np.zeros((S, ng * group))
     pad[:, :L] = T
     G = pad.reshape(S, ng, group)
-    scales = group_scales(np.abs(G).max(axis=2), bits)
+    scales = scales_for(G, bits)
     s64 = scales.astype(np.float64)[:, :, None]
     if is_codebook(bits):
         q = codebook_codes(np.divide(G, s64, out=np.zeros_like(G), where=s64 > 0), bits)
@@ -248,9 +293,7 @@ def rounded_widths(M: np.ndarray, widths, group: int, dtype=np.float64) -> list[
             out.append(M.astype(np.float16).astype(dtype))
             continue
         top = top_level(bits)
-        if (maxabs / top > FP16_MAX).any():
-            raise ValueError(f"values up to {maxabs.max():.3g} overflow the float16 scales")
-        scales = (maxabs / top).astype(np.float16).astype(np.float64)
+        scales = scales_for(G, bits, maxabs[:, :, 0]).astype(np.float64)[:, :, None]
         q = np.divide(G, scales, out=np.zeros_like(G), where=scales > 0)
         if is_codebook(bits):
             vals = codebook_values(codebook_codes(q, bits), scales, bits).reshape(S, ng * group)[:, :L]

@@ -21,7 +21,7 @@ SRC = "peft-tiny-llama"
 # The example of docs/CONTAINER.md: 3×5 (rows < cols: vectors are rows), group 4.
 GOLDEN_M = np.array([[0.5, -1.0, 0.25, 0.75, 0.1], [2.0, -0.3, 0.0, 1.5, -2.5], [0, 0, 0, 0, 0]])
 GOLDEN = {4: "923050239234b735000000001cdaff871d888808",
-          3: "553544285539ab3a000000004efd930e4912",
+          3: "ab3444285539ab3a000000004eff930e4912",
           8: "0820731208240a2500000000c001a0dfffff6d80df018080808080",
           "nf4": "003c662e00400041000000000ceaff750e777707"}
 # NF4's levels as float32 bit patterns, as docs/CONTAINER.md writes them
@@ -48,6 +48,36 @@ def test_golden_group_by_hand():
     assert q == [4, -7, 2, 5]
     u = [v + 8 for v in q]  # offset binary, LSB-first: two codes per byte, the first in the low nibble
     assert raw[12] == u[0] | (u[1] << 4) and raw[13] == u[2] | (u[3] << 4)
+
+
+def test_three_bit_golden_scale_by_hand():
+    """3 bits: a group takes the candidate scale c·max|x|/qmax (c = 1, 7/8, 3/4, 5/8) whose decoded
+    values lie nearest; row 0's first group clamps its largest value for a finer grid."""
+    raw = bytes.fromhex(GOLDEN[3])
+    scales = np.frombuffer(raw[:12], dtype="<f2")
+    g = GOLDEN_M[0, :4]
+    errs = []
+    for c in (1, 7 / 8, 3 / 4, 5 / 8):
+        s = float(np.float16(c * 1.0 / 3))
+        errs.append(float(((np.clip(np.rint(g / s), -3, 3) * s - g) ** 2).sum()))
+    assert int(np.argmin(errs)) == 1 and scales[0] == np.float16(7 / 24)
+    assert scales[1] == np.float16(0.1 / 3) and scales[2] == np.float16(2.0 / 3)  # c = 1 elsewhere
+    q, _ = quant.quantize(GOLDEN_M, 3, 4)
+    assert q[0].tolist() == [2, -3, 1, 3, 3]
+
+
+def test_clipped_scales_beat_the_largest_value_rule_on_bell_shaped_groups():
+    M = np.random.default_rng(5).standard_normal((4096, 4))
+    for bits in (2, 3, 4):
+        T = M.T.reshape(4, -1, 64)
+        plain = quant.group_scales(np.abs(T).max(axis=2), bits)
+        chosen = quant.scales_for(T, bits)
+        assert (chosen <= plain).all() and (chosen < plain).mean() > 0.5
+        err = np.linalg.norm(quant.rounded(M, bits, 64, np.float64) - M)
+        top = quant.qmax(bits)
+        s = plain.astype(np.float64)[:, :, None]
+        old = np.clip(np.rint(T / s), -top, top) * s
+        assert err < np.linalg.norm(old - T)
 
 
 def test_nf4_golden_group_by_hand():

@@ -46,7 +46,10 @@ def grid_round(M: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     # diverged state is then judged unusable, not refused halfway through a run
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(maxabs) | (maxabs / top > quant.FP16_MAX)
-    scales = torch.from_numpy(quant.group_scales(np.where(bad, 0.0, maxabs), bits).astype(np.float64))
+    groups = G.detach().cpu().numpy()
+    if bad.any():
+        groups = np.where(bad[:, :, None], 0.0, groups)
+    scales = torch.from_numpy(quant.scales_for(groups, bits, np.where(bad, 0.0, maxabs)).astype(np.float64))
     scales = scales.to(M.device)[:, :, None]
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     t = torch.where(scales > 0, G / safe, torch.zeros_like(G))
