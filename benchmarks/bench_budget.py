@@ -73,7 +73,7 @@ def baseline_file(adapter, rank: int, bits: int, path: Path) -> tuple[int, float
                 tensors[f"{m.name}.{role}"] = h
                 vals.append(h.double())
                 continue
-            q, scales = quant.quantize(F, bits, 64)
+            q, scales = largest_value_codes(F, bits, 64)  # the plain rule, as anyone writes it
             codes = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).reshape(-1)
             if bits == 4:  # two codes per byte
                 codes = np.pad(codes, (0, len(codes) % 2))
@@ -162,6 +162,28 @@ def nf4_rounded(M: np.ndarray, group: int) -> np.ndarray:
     return v.T.copy() if M.shape[0] >= M.shape[1] else v
 
 
+def largest_value_codes(M: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, fp16 scales) as quant.quantize lays them out (vectors along M's long side), with each
+    group's scale fp16(max|x| / qmax): the plain rule (no clipping; quant.CLIP_RATIOS)."""
+    T = M.T if M.shape[0] >= M.shape[1] else M
+    S, L = T.shape
+    ng = -(-L // group)
+    G = np.zeros((S, ng * group))
+    G[:, :L] = T
+    G = G.reshape(S, ng, group)
+    top = quant.qmax(bits)
+    s = (np.abs(G).max(axis=2) / top).astype(np.float16)
+    s64 = s.astype(np.float64)[:, :, None]
+    q = np.clip(np.rint(np.divide(G, s64, out=np.zeros_like(G), where=s64 > 0)), -top, top)
+    return q.astype(np.int8).reshape(S, ng * group)[:, :L], s
+
+
+def largest_value_rounded(M: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """M rounded with largest_value_codes (float64)."""
+    q, s = largest_value_codes(M, bits, group)
+    return quant.dequantize(q, s, M.shape, group).astype(np.float64)
+
+
 WIDTH_SETS = {"3, 4, 8, 16 (before NF4)": (3, 4, 8, 16), "3, NF4, 8, 16": (3, "nf4", 8, 16),
               "3, 4, NF4, 8, 16": (3, 4, "nf4", 8, 16)}
 
@@ -191,11 +213,12 @@ def widths(name: str, adapter, budgets: list[int], workdir: Path) -> dict:
 
 def variants(adapter, budgets: list[int]) -> dict:
     """Fidelity at equal bytes (factors' bytes plus a 45-byte entry per module) of the allocator
-    with other option sets: 2-bit codes too, a group size per module (32-256), NF4 for int4."""
+    with other option sets: 2-bit codes too, a group size per module (32-256), NF4 for int4, and
+    integer scales from each group's largest value alone (no clipping)."""
     from lora_convert.budget import Curve, Option, allocate
     from lora_convert.mathcore import Update
 
-    def curve(m, bits, groups, nf4=False):
+    def curve(m, bits, groups, nf4=False, largest=False):
         B, A = m.up.double(), m.down.double()
         energy = float(Update(B, A).energy)
         S1, S2, _ = svd_factors(B, A)
@@ -204,6 +227,8 @@ def variants(adapter, budgets: list[int]) -> dict:
             for b in bits:
                 if b == 4 and nf4:
                     Q1, Q2 = nf4_rounded(S1, g), nf4_rounded(S2, g)
+                elif largest and quant.clipped(b):
+                    Q1, Q2 = largest_value_rounded(S1, b, g), largest_value_rounded(S2, b, g)
                 else:
                     Q1, Q2 = quant.rounded(S1, b, g, np.float64), quant.rounded(S2, b, g, np.float64)
                 Bn, An = B.numpy(), A.numpy()  # ‖BA − Q1[:, :k] Q2[:k]‖² for every k from small products
@@ -219,13 +244,15 @@ def variants(adapter, budgets: list[int]) -> dict:
     sets = {"bits 3,4,8,16; group 64": dict(bits=(3, 4, 8, 16), groups=(64,)),
             "bits 2,3,4,8,16; group 64": dict(bits=(2, 3, 4, 8, 16), groups=(64,)),
             "bits 3,4,8,16; group 32-256 per module": dict(bits=(3, 4, 8, 16), groups=(32, 64, 128, 256)),
-            "bits 3,NF4,8,16; group 64": dict(bits=(3, 4, 8, 16), groups=(64,), nf4=True)}
+            "bits 3,NF4,8,16; group 64": dict(bits=(3, 4, 8, 16), groups=(64,), nf4=True),
+            "bits 3,NF4,8,16; group 64; scale max|x|/qmax": dict(bits=(3, 4, 8, 16), groups=(64,), nf4=True,
+                                                                largest=True)}
     out = {}
-    say(f"{'option set (smollm2)':<40}" + "".join(f"{b:>12,}" for b in budgets))
+    say(f"{'option set (smollm2)':<48}" + "".join(f"{b:>12,}" for b in budgets))
     for name, kw in sets.items():
         curves = [curve(m, **kw) for m in mods]
         out[name] = [allocate(curves, b, None, 4000).fidelity for b in budgets]
-        say(f"{name:<40}" + "".join(f"{100 * f:>11.3f}%" for f in out[name]))
+        say(f"{name:<48}" + "".join(f"{100 * f:>11.3f}%" for f in out[name]))
     return out
 
 

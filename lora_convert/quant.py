@@ -9,9 +9,12 @@ A matrix (rows × cols) is cut into *vectors* along its long side: its columns w
 rows >= cols, else its rows. Each vector is split into groups of `group` consecutive
 elements (the last one may be shorter). Per group, with qmax = 2^(bits-1) - 1:
 
-    scale = fp16(max|x| / qmax)                 (round to nearest even; float64 division)
+    scale = fp16(c · max|x| / qmax)             (round to nearest even; float64 division)
     q     = clamp(round_half_even(x / scale), -qmax, qmax)      (0 where scale == 0)
     value = q · scale                            (exact in float32)
+
+with c = 1, except that 2-4 bit groups take whichever of c = 1, 7/8, 3/4, 5/8 decodes nearest
+to their values (CLIP_RATIOS; a reader only multiplies, so this binds the writer alone).
 
 Codes are stored offset-binary, u = q + 2^(bits-1) in [1, 2^bits - 1], packed LSB-first into a
 bit stream. bits == 16 stores the matrix as float16 row-major instead (no scales).
