@@ -21,7 +21,10 @@ benchmarks/bench_core.py (32 layers, r=16, 80 MB), in one process, best of --spe
     nice -n 10 python benchmarks/bench_budget.py --speed-only    # the timing rows only (replaced in results/)
     nice -n 10 python benchmarks/bench_budget.py --adapter fixtures/smollm2-r16-all \
         --adapter fixtures/smollm2-r64-attn --widths              # ~15 min; the shipped teachers
+    nice -n 10 python benchmarks/bench_budget.py --adapter fixtures/smollm2-r16-all \
+        --adapter fixtures/smollm2-r64-attn --scales              # a minute; clipped vs plain scales
 Output: benchmarks/results/budget.txt (and .json); with --adapter, results/budget_adapters.*
+(--scales: results/budget_scales.*)
 
 --widths: the same budgets written by `compress --target-size` with the allocator choosing from
 other width sets: 3, 4, 8, 16 bits (before NF4), NF4 in place of int4, and NF4 beside int4; bytes
@@ -211,6 +214,33 @@ def widths(name: str, adapter, budgets: list[int], workdir: Path) -> dict:
     return out
 
 
+def scales(name: str, adapter, ranks=(1, 2, 4, 8)) -> dict:
+    """Weight-space energy kept by every module's rank-k truncated SVD factors stored at 3 and 4
+    bits with clipped scales (quant, what compress writes) and with the plain largest-value scale,
+    and as NF4: the rounding alone, at fixed rank (no allocation)."""
+    cols = {"int3 clipped": (3, False), "int3 plain": (3, True), "int4 clipped": (4, False),
+            "int4 plain": (4, True), "nf4": ("nf4", False)}
+    err = {(k, c): 0.0 for k in ranks for c in cols}
+    energy = 0.0
+    for m in adapter.modules():
+        B, A = m.up.double() * m.scale, m.down.double()
+        F1, F2, _ = svd_factors(B, A)
+        energy += frobenius(B, A) ** 2
+        for k in ranks:
+            k_ = min(k, F1.shape[1])
+            for c, (bits, plain) in cols.items():
+                if plain:
+                    Q1, Q2 = largest_value_rounded(F1[:, :k_], bits, 64), largest_value_rounded(F2[:k_], bits, 64)
+                else:
+                    Q1, Q2 = quant.rounded(F1[:, :k_], bits, 64, np.float64), quant.rounded(F2[:k_], bits, 64, np.float64)
+                err[k, c] += difference_norm(B, A, torch.from_numpy(Q1), torch.from_numpy(Q2)) ** 2
+    out = {c: {k: 1 - err[k, c] / energy for k in ranks} for c in cols}
+    say(f"{'scales (' + name + ')':<28}" + "".join(f"{'rank ' + str(k):>10}" for k in ranks))
+    for c in cols:
+        say(f"{c:<28}" + "".join(f"{100 * out[c][k]:>9.2f}%" for k in ranks))
+    return out
+
+
 def variants(adapter, budgets: list[int]) -> dict:
     """Fidelity at equal bytes (factors' bytes plus a 45-byte entry per module) of the allocator
     with other option sets: 2-bit codes too, a group size per module (32-256), NF4 for int4, and
@@ -296,22 +326,34 @@ def main() -> None:
                         "teacher; no timing rows.")
     p.add_argument("--widths", action="store_true",
                    help="Also compress each budget with other allocator width sets (with / without NF4).")
+    p.add_argument("--scales", action="store_true",
+                   help="With --adapter: weight-space energy kept at fixed ranks with clipped and plain "
+                        "integer scales, and NF4 (no budgets compared).")
     args = p.parse_args()
     torch.set_num_threads(1)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-budget-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.adapter:
-        say(f"{'adapter':<10} {'baseline':<16} {'bytes':>10} {'ratio':>7} {'kept':>9} | "
-            f"{'ours bytes':>10} {'/budget':>8} {'kept':>9}  choice")
-        width_rows = {}
+        if not args.scales:
+            say(f"{'adapter':<10} {'baseline':<16} {'bytes':>10} {'ratio':>7} {'kept':>9} | "
+                f"{'ours bytes':>10} {'/budget':>8} {'kept':>9}  choice")
+        width_rows, scale_rows = {}, {}
         for path in map(Path, args.adapter):
             adapter = lc.load_adapter(path)
+            if args.scales:
+                scale_rows[path.name] = scales(path.name, adapter)
+                continue
             rows += compare(path.name, adapter, (path / "adapter_model.safetensors").stat().st_size, workdir)
             if args.widths:
                 budgets = [r["baseline_bytes"] for r in rows if r["adapter"] == path.name]
                 width_rows[path.name] = widths(path.name, adapter, budgets, workdir)
         RESULTS.mkdir(exist_ok=True)
+        if args.scales:
+            (RESULTS / "budget_scales.json").write_text(json.dumps({"scales": scale_rows, "args": vars(args)},
+                                                                   indent=2) + "\n")
+            (RESULTS / "budget_scales.txt").write_text("\n".join(LINES) + "\n")
+            return
         (RESULTS / "budget_adapters.json").write_text(json.dumps(
             {"rows": rows, "widths": width_rows, "args": vars(args)}, indent=2) + "\n")
         (RESULTS / "budget_adapters.txt").write_text("\n".join(LINES) + "\n")
