@@ -26,14 +26,13 @@ import torch
 from . import __version__, outer, quant
 from .adapter import LazyModules, lora_scale
 from .atomic import atomic_output
-# (with names of the header that callers of the container use: hub, recovery, tests)
 from .containerspec import (CHUNK_BYTES, CONFIG_NAME, FILE_NAME, FORMAT_NAME, FORMAT_VERSION, METADATA_SHA256,
                             NONFINITE_INNER, PACKED, PASSTHROUGH, PLAIN_VERSION, PLAN_DEFAULT_KEYS, V3_FIELDS, MiniFile,
-                            compact_specs, is_mini, metadata_digest, module_spec, open_mini, packed_spans, quantized_shapes,
-                            resolve_file, stored_bits, v3_entries, v3_spec, validate_spec)
+                            compact_specs, metadata_digest, module_spec, open_mini, quantized_shapes, stored_bits,
+                            v3_entries, validate_spec)
 from .errors import BadInputError, OverBudgetError
 from .report import FidelityReport, ModuleFidelity
-from .st import TORCH_DTYPE, LazyTensors, StreamingWriter, peek, tensor_buffer
+from .st import TORCH_DTYPE, StreamingWriter, peek, tensor_buffer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass

@@ -12,9 +12,10 @@ import torch
 from click.testing import CliRunner
 
 import lora_convert as lc
-from lora_convert import container, quant
+from lora_convert import container, containerspec, quant
 from lora_convert.cli import main
 from lora_convert.errors import BadInputError, IntegrityError
+from lora_convert.st import LazyTensors
 
 SRC = "peft-tiny-llama"
 
@@ -189,9 +190,9 @@ def test_quantized_file_round_trip(adapter, tmp_path, outer, kw, version):
     mini = lc.compress(adapter, outer, **kw)
     out = tmp_path / "q.safetensors"
     report = container.save(mini, out, format_version=version)
-    meta = container.LazyTensors(out).metadata
+    meta = LazyTensors(out).metadata
     assert meta["format_version"] == str(version)
-    keys = container.LazyTensors(out).keys()
+    keys = LazyTensors(out).keys()
     if version == 2:
         assert all(k.endswith(".q") for k in keys)
     else:  # one packed tensor for the whole (small) file
@@ -219,9 +220,9 @@ def test_quantized_file_round_trip(adapter, tmp_path, outer, kw, version):
 
 def test_unquantized_files_stay_version_1_and_old_fixtures_read(adapter, tmp_path, fixtures):
     lc.save(lc.compress(adapter, "svd"), tmp_path / "v1.safetensors")
-    assert container.LazyTensors(tmp_path / "v1.safetensors").metadata["format_version"] == "1"
+    assert LazyTensors(tmp_path / "v1.safetensors").metadata["format_version"] == "1"
     for old in sorted((fixtures / "bad" / "_valid").glob("mini_*.safetensors")):
-        assert container.LazyTensors(old).metadata["format_version"] == "1"
+        assert LazyTensors(old).metadata["format_version"] == "1"
         assert lc.verify(old).modules
 
 
@@ -248,7 +249,7 @@ def test_tampered_packed_bytes_are_caught(adapter, tmp_path, where, version, bit
 def test_quant_spec_in_a_version_1_file_is_refused(adapter, tmp_path):
     out = tmp_path / "q.safetensors"
     container.save(lc.compress(adapter, "svd", bits=4), out, format_version=2)
-    header = container.LazyTensors(out).header
+    header = LazyTensors(out).header
     blob = out.read_bytes()
     raw = json.loads(blob[8:header.data_start])
     meta = raw["__metadata__"]
@@ -267,13 +268,13 @@ def test_shared_spec_entries_are_stated_once(adapter, tmp_path):
     sees the full specs, and a module repeating a default is refused."""
     out = tmp_path / "q.safetensors"
     container.save(lc.compress(adapter, "svd", bits=4), out, format_version=2)
-    doc = json.loads(container.LazyTensors(out).metadata["lora_mini"])
+    doc = json.loads(LazyTensors(out).metadata["lora_mini"])
     assert doc["module_defaults"] == {"kind": "linear", "kernel": {}, "rank": 8, "alpha": 16.0,
                                       "use_rslora": False, "dtype": "float32"}
     assert all("alpha" not in spec for spec in doc["modules"].values())
     assert all(m.alpha == 16.0 and m.rank == 8 for m in lc.load(out).modules())
     doc["modules"][adapter.module_names[0]]["alpha"] = 32.0
-    header = container.LazyTensors(out).header
+    header = LazyTensors(out).header
     blob = out.read_bytes()
     raw = json.loads(blob[8:header.data_start])
     raw["__metadata__"]["lora_mini"] = json.dumps(doc)
@@ -354,7 +355,7 @@ def test_readers_without_codebooks_refuse_nf4_files(adapter, tmp_path, monkeypat
     integer widths refuses (one line, exit 2) rather than decoding its codes as int4."""
     out = tmp_path / "q.safetensors"
     container.save(lc.compress(adapter, "svd", bits="nf4", rank=2), out, format_version=version)
-    doc = json.loads(container.LazyTensors(out).metadata["lora_mini"])
+    doc = json.loads(LazyTensors(out).metadata["lora_mini"])
     widths = [e[4] for e in doc["modules"]] if version == 3 else [s["quant"]["bits"] for s in doc["modules"].values()]
     assert widths == ["nf4"] * len(adapter.module_names)
     monkeypatch.setattr(quant, "check_bits", _pre_nf4_check_bits)
@@ -368,7 +369,7 @@ def test_readers_without_codebooks_refuse_nf4_files(adapter, tmp_path, monkeypat
 def test_unknown_codebook_is_refused(adapter, tmp_path):
     out = tmp_path / "q.safetensors"
     lc.save(lc.compress(adapter, "svd", bits="nf4", rank=2), out)
-    header = container.LazyTensors(out).header
+    header = LazyTensors(out).header
     blob = out.read_bytes()
     raw = json.loads(blob[8:header.data_start])
     doc = json.loads(raw["__metadata__"]["lora_mini"])
@@ -420,7 +421,7 @@ def test_version_3_entries_state_shared_keys_once_and_read_back(adapter, tmp_pat
     out = tmp_path / "q.safetensors"
     mini = lc.compress(adapter, "svd", bits=4, rank=3)
     lc.save(mini, out)
-    doc = json.loads(container.LazyTensors(out).metadata["lora_mini"])
+    doc = json.loads(LazyTensors(out).metadata["lora_mini"])
     assert doc["module_defaults"] == {"kind": "linear", "kernel": {}, "rank": 8, "alpha": 16.0, "use_rslora": False,
                                       "dtype": "float32", "outer": {"source": "svd"}, "group": 64}
     assert [e[0] for e in doc["modules"]] == adapter.module_names
@@ -446,7 +447,7 @@ def test_version_3_round_trips_odd_specs():
              "d": spec("linear", 2, None, {"source": "svd", "a": 2, "b": 2})}
     defaults, entries = container.v3_entries(specs)
     assert defaults == {"rank": 4, "alpha": 8.0, "use_rslora": False, "dtype": "float16"}
-    back = dict(container.v3_spec(json.loads(json.dumps(e)), defaults) for e in entries)
+    back = dict(containerspec.v3_spec(json.loads(json.dumps(e)), defaults) for e in entries)
     assert back == json.loads(json.dumps(specs))
 
 
@@ -457,9 +458,9 @@ def test_packed_tensors_split_at_chunk_size_and_fail_alone(adapter, tmp_path, mo
     out = tmp_path / "q.safetensors"
     mini = lc.compress(adapter, "svd", bits=8, rank=2)
     lc.save(mini, out)
-    keys = sorted(container.LazyTensors(out).keys())
+    keys = sorted(LazyTensors(out).keys())
     assert len(keys) > 2 and keys == sorted(f"{container.PACKED}{i}" for i in range(len(keys)))
-    sizes = [container.LazyTensors(out).header.tensors[k].shape[0] for k in keys]
+    sizes = [LazyTensors(out).header.tensors[k].shape[0] for k in keys]
     assert all(600 <= s < 1200 for s in sizes[:-1])
     want = {m.name: m.factors() for m in mini.modules()}
     for m in lc.load(out).modules():
@@ -467,7 +468,7 @@ def test_packed_tensors_split_at_chunk_size_and_fail_alone(adapter, tmp_path, mo
         assert torch.equal(B, want[m.name][0]) and torch.equal(A, want[m.name][1])
     _tamper(out, f"{container.PACKED}1", 5)
     loaded = lc.load(out)
-    spans = container.packed_spans(loaded_specs(out), dict(zip(keys, sizes)), out)
+    spans = containerspec.packed_spans(loaded_specs(out), dict(zip(keys, sizes)), out)
     first, second = ([n for n, (k, _, _) in spans.items() if k == key] for key in (f"{container.PACKED}0",
                                                                                    f"{container.PACKED}1"))
     assert all(loaded.module(n).inner_rank == 2 for n in first)
@@ -476,8 +477,8 @@ def test_packed_tensors_split_at_chunk_size_and_fail_alone(adapter, tmp_path, mo
 
 
 def loaded_specs(path):
-    doc = json.loads(container.LazyTensors(path).metadata["lora_mini"])
-    return dict(container.v3_spec(e, doc["module_defaults"]) for e in doc["modules"])
+    doc = json.loads(LazyTensors(path).metadata["lora_mini"])
+    return dict(containerspec.v3_spec(e, doc["module_defaults"]) for e in doc["modules"])
 
 
 def test_version_3_holds_unquantized_modules_beside_packed_ones(adapter, tmp_path):
@@ -491,7 +492,7 @@ def test_version_3_holds_unquantized_modules_beside_packed_ones(adapter, tmp_pat
     mods[plain.name] = plain
     mixed = dataclasses.replace(loaded, load_module=lambda n: mods[n], load_window=None)
     lc.save(mixed, tmp_path / "mixed.safetensors")
-    keys = set(container.LazyTensors(tmp_path / "mixed.safetensors").keys())
+    keys = set(LazyTensors(tmp_path / "mixed.safetensors").keys())
     assert {f"{plain.name}.{r}" for r in "UVXY"} < keys and f"{container.PACKED}0" in keys
     again = lc.load(tmp_path / "mixed.safetensors")
     assert not again.module(plain.name).quant and again.module(adapter.module_names[0]).quant

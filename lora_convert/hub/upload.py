@@ -11,6 +11,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 
+from ..containerspec import CONFIG_NAME, FILE_NAME, FORMAT_VERSION, resolve_file
 from ..errors import BadInputError, HubNetworkError
 from . import modelcard
 from .addresses import COMMIT_SHA, Target, format_uri, target
@@ -80,12 +81,12 @@ def files_to_push(local: Path, repo_id: str) -> dict[str, bytes]:
     with naming(str(local)):  # loading every module and passthrough tensor makes every check once
         mini = container.load(local)
         report = stored_report(mini, progress=lambda m: outers.append(m.outer))
-    file = container.resolve_file(local)
-    config, readme = local / container.CONFIG_NAME, local / modelcard.CARD_NAME
+    file = resolve_file(local)
+    config, readme = local / CONFIG_NAME, local / modelcard.CARD_NAME
     return {
-        container.FILE_NAME: file.read_bytes(),
-        container.CONFIG_NAME: config.read_bytes() if local.is_dir() and config.is_file()
-        else container.summary_config(mini, mini.format_version or container.FORMAT_VERSION,
+        FILE_NAME: file.read_bytes(),
+        CONFIG_NAME: config.read_bytes() if local.is_dir() and config.is_file()
+        else container.summary_config(mini, mini.format_version or FORMAT_VERSION,
                                           {m.outer for m in report.modules}, report.summary()).encode(),
         modelcard.CARD_NAME: modelcard.readme_for(repo_id, mini, report, outers,
                                                   readme.read_text(encoding="utf-8")

@@ -29,6 +29,7 @@ import torch
 from .. import container, quant
 from ..adapter import Adapter
 from ..container import MiniAdapter
+from ..containerspec import resolve_file
 from ..errors import BadInputError, OverBudgetError
 from . import data as D
 from .export import export_inner
@@ -274,7 +275,7 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
         before = evaluate(session, held, topts.batch_size)
     _log(session, log, format_eval(before, "before recovery" if same_storage else
                                    f"before recovery (the start file rounded to {quant.width_name(bits)})"))
-    run = {"mini": file_digest(container.resolve_file(mini_path)), "teacher": file_digest(teacher.source),
+    run = {"mini": file_digest(resolve_file(mini_path)), "teacher": file_digest(teacher.source),
            "data": file_digest(dopts.data), "base": session.base, "max_len": dopts.max_len, "task": session.task,
            "layer_weight": layer_weight, "bits": bits}
     step_loss = distill_step(session, layer_weight)
@@ -302,13 +303,13 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
                            "writing the start file's factors")
         after = before
     _log(session, log, format_eval(after, "after recovery (as stored)"))
-    budget = layout_bytes(container.resolve_file(mini_path), output) if same_storage else None
+    budget = layout_bytes(resolve_file(mini_path), output) if same_storage else None
     if kept_start and same_storage:
         report = _save_start(session, mini, output, budget)
     else:
         marks = {} if kept_start else {"recovery_steps": topts.steps + (qat.steps if qat else 0)}
         report = _export(session, mini, output, teacher, marks, budget)
-    written = layout_bytes(container.resolve_file(output), output) if report is not None else None
+    written = layout_bytes(resolve_file(output), output) if report is not None else None
     if written is not None and budget is not None and written > budget:
         _log(session, log, f"note: the output is {written - budget:,} bytes larger than the start file ({budget:,} B): "
                            "the recovery note in its header did not fit (a file of few modules, or another layout)")
