@@ -67,6 +67,7 @@ class MiniModule:
         return self
 
     def _state(self) -> tuple:
+        # torch counts in-place changes of a tensor in its _version; identity catches replacement
         return (dict(self.quant),) + tuple((t, t._version) for t in (self.U, self.V, self.X, self.Y))
 
     def remembered_blob(self) -> bytes | None:

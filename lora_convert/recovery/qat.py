@@ -8,9 +8,10 @@ bfloat16 storage, nothing for float32. `fake_quant` is the straight-through esti
 quantization-aware training: its forward value is the rounded matrix, its gradient passes to the
 unrounded one unchanged.
 
-The group scales are computed in numpy with quant.group_scales: torch converts float64 to
-float16 through float32, and that double rounding can differ from the specification's single
-rounding. They are a few numbers per group, and need no gradient.
+The group scales come from quant.scales_for, in numpy: the writer's own choice (clipped scales at
+2-4 bits included), and torch converts float64 to float16 through float32, a double rounding that
+can differ from the specification's single one. They are a few numbers per group, and need no
+gradient.
 """
 from __future__ import annotations
 
