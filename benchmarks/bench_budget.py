@@ -150,35 +150,36 @@ NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 0.7229568362236023, 1.0])
 
 
+def _groups(M: np.ndarray, group: int) -> np.ndarray:
+    """M's vectors (along its long side, as quant.py cuts them) in zero-padded groups:
+    vectors × groups × group."""
+    T = M.T if M.shape[0] >= M.shape[1] else M
+    S, L = T.shape
+    G = np.zeros((S, -(-L // group) * group))
+    G[:, :L] = T
+    return G.reshape(S, -1, group)
+
+
 def nf4_rounded(M: np.ndarray, group: int) -> np.ndarray:
     """M with each group (along the long side) scaled by its fp16 absmax and rounded to the
     nearest NF4 level: what a non-uniform 4-bit codebook would store."""
-    T = M.T if M.shape[0] >= M.shape[1] else M
-    S, L = T.shape
-    ng = -(-L // group)
-    G = np.zeros((S, ng * group))
-    G[:, :L] = T
-    G = G.reshape(S, ng, group)
+    G = _groups(M, group)
+    S, L = G.shape[0], max(M.shape)
     s = np.abs(G).max(axis=2, keepdims=True).astype(np.float16).astype(np.float64)
     x = np.divide(G, s, out=np.zeros_like(G), where=s > 0)
-    v = (NF4[np.abs(x[..., None] - NF4).argmin(-1)] * s).reshape(S, ng * group)[:, :L]
+    v = (NF4[np.abs(x[..., None] - NF4).argmin(-1)] * s).reshape(S, -1)[:, :L]
     return v.T.copy() if M.shape[0] >= M.shape[1] else v
 
 
 def largest_value_codes(M: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
     """(codes, fp16 scales) as quant.quantize lays them out (vectors along M's long side), with each
     group's scale fp16(max|x| / qmax): the plain rule (no clipping; quant.CLIP_RATIOS)."""
-    T = M.T if M.shape[0] >= M.shape[1] else M
-    S, L = T.shape
-    ng = -(-L // group)
-    G = np.zeros((S, ng * group))
-    G[:, :L] = T
-    G = G.reshape(S, ng, group)
+    G = _groups(M, group)
     top = quant.qmax(bits)
     s = (np.abs(G).max(axis=2) / top).astype(np.float16)
     s64 = s.astype(np.float64)[:, :, None]
     q = np.clip(np.rint(np.divide(G, s64, out=np.zeros_like(G), where=s64 > 0)), -top, top)
-    return q.astype(np.int8).reshape(S, ng * group)[:, :L], s
+    return q.astype(np.int8).reshape(G.shape[0], -1)[:, :max(M.shape)], s
 
 
 def largest_value_rounded(M: np.ndarray, bits: int, group: int) -> np.ndarray:
