@@ -116,22 +116,19 @@ def lower_hull(options: list[Option]) -> list[Option]:
     return hull
 
 
-def _prefix_errors(energy: np.ndarray, Bt: torch.Tensor, A: torch.Tensor, P1: torch.Tensor,
-                   P2: torch.Tensor) -> np.ndarray:
-    """‖B_i A_i − P1[i, w, :k]ᵀ P2[i, w, :k]‖²_F for every module i of a stack, candidate w and
-    k = 1..K (n×W×K), from small products only (no out×in matrix). Bt = Bᵀ (n×r×out), A (n×r×in)
-    and energy (n) are the modules'; P1 (n×W×K×out) holds the output-side factors transposed, P2
-    (n×W×K×in) the input-side ones. In torch, whose thread count the caller limits: numpy's BLAS
-    spreads products of this size over every core, and on a busy machine its threads wait on each
-    other (the plan ran 20-60x slower that way)."""
-    n, W, K = P1.shape[:3]
+def _prefix_errors(energy: float, Bt: torch.Tensor, A: torch.Tensor, P1: torch.Tensor, P2: torch.Tensor) -> np.ndarray:
+    """‖BA − P1[w, :k]ᵀ P2[w, :k]‖²_F for every candidate w of a stack (P1: W×K×out holds the
+    output-side factors transposed, P2: W×K×in the input-side ones; Bt = Bᵀ) and k = 1..K,
+    from small products only (no out×in matrix). In torch, whose thread count the caller limits:
+    numpy's BLAS spreads products of this size over every core, and on a busy machine its
+    threads wait on each other (the plan ran 20-60x slower that way)."""
+    W, K = P1.shape[:2]
     # every operand with its long side contiguous: MKL's double products run 2x faster so
-    cross = (torch.bmm(P1.reshape(n, W * K, -1), Bt.transpose(1, 2)) *
-             torch.bmm(P2.reshape(n, W * K, -1), A.transpose(1, 2))).sum(2).view(n, W, K).cumsum(2)
-    Q1, Q2 = P1.reshape(n * W, K, -1), P2.reshape(n * W, K, -1)
-    H = torch.bmm(Q1, Q1.transpose(1, 2)) * torch.bmm(Q2, Q2.transpose(1, 2))
-    self_ = torch.diagonal(torch.cumsum(torch.cumsum(H, 1), 2), dim1=1, dim2=2).view(n, W, K)
-    return np.maximum(np.asarray(energy, dtype=np.float64)[:, None, None] - 2.0 * cross.numpy() + self_.numpy(), 0.0)
+    cross = torch.cumsum(((P1.reshape(W * K, -1) @ Bt.contiguous().T) *
+                          (P2.reshape(W * K, -1) @ A.T)).sum(1).view(W, K), 1)
+    H = torch.bmm(P1, P1.transpose(1, 2)) * torch.bmm(P2, P2.transpose(1, 2))
+    self_ = torch.diagonal(torch.cumsum(torch.cumsum(H, 1), 2), dim1=1, dim2=2)
+    return np.maximum(energy - 2.0 * cross.numpy() + self_.numpy(), 0.0)
 
 
 def _fp16_values(x: torch.Tensor) -> torch.Tensor:
@@ -176,8 +173,7 @@ def rounded_vectors(M: np.ndarray, widths, group: int, by_rows: bool = False) ->
         scales = quant.scales_for(G.numpy(), bits, maxabs).astype(np.float64)[:, :, None]
         if quant.is_codebook(bits):  # levels by quant's comparisons, then float32(c_u · scale)
             t = np.divide(G.numpy(), scales, out=np.zeros(G.shape), where=scales > 0)
-            levels = quant.codebook_levels(bits).take(quant.codebook_codes(t, bits))
-            out[w] = torch.from_numpy(np.multiply(levels, scales, out=levels).astype(np.float32))
+            out[w] = torch.from_numpy(quant.codebook_values(quant.codebook_codes(t, bits), scales, bits))
             continue
         top = quant.qmax(bits)
         # a zero scale has an all-zero group or values that round to 0 either way
@@ -337,8 +333,7 @@ def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bi
         P1 = (maps[0] @ P1.transpose(1, 2)).transpose(1, 2)  # (U X)ᵀ
     if maps[1] is not None:
         P2 = P2 @ maps[1]
-    err2 = _prefix_errors(np.array([energy]), Bt[None], upd.A[None], P1[None, :, :P2.shape[1]].contiguous(),
-                          P2[None].contiguous())[0]
+    err2 = _prefix_errors(energy, Bt, upd.A, P1[:, :P2.shape[1]].contiguous(), P2.contiguous())
     if k0 == S2.shape[1]:  # at full rank a square F2 / Y is stored by columns
         if input_rounding is None:
             Q2 = rounded_vectors(S2, widths, group).transpose(1, 2)
@@ -347,10 +342,22 @@ def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bi
                               for b in widths])
         if maps[1] is not None:
             Q2 = Q2 @ maps[1]
-        err2 = np.concatenate([err2[:, :k0 - 1], _prefix_errors(np.array([energy]), Bt[None], upd.A[None], P1[None],
-                                                                Q2[None].contiguous())[0, :, k0 - 1:]], axis=1)
-    return _curve(name, scale, energy, upd.spectrum, err2, widths, bits, K, k0, (F1t.shape[1], S2.shape[1]), group,
-                  overhead, recipe)
+        err2 = np.concatenate([err2[:, :k0 - 1], _prefix_errors(energy, Bt, upd.A, P1.contiguous(),
+                                                                Q2.contiguous())[:, k0 - 1:]], axis=1)
+    s2 = scale * scale
+    err2 = s2 * err2
+    # below every rank-k error (Eckart–Young), with room for the computed errors' round-off
+    tail = np.concatenate([np.cumsum((upd.spectrum ** 2)[::-1])[::-1][1:], [0.0]])
+    floor = np.maximum(s2 * (tail * (1 - 1e-9) - 1e-12 * energy), 0.0)
+    opts, pending = [], []
+    for b in bits:
+        sizes = _sizes((F1t.shape[1], S2.shape[1]), b, group, K)
+        known = k0 if b in widths else 0
+        if known:
+            opts.extend(map(Option, range(1, known + 1), (b,) * known, sizes, err2[widths.index(b), :known].tolist()))
+        pending.extend(map(Option, range(known + 1, K + 1), (b,) * (K - known), sizes[known:],
+                           floor[known:K].tolist()))
+    return Curve(name, s2 * energy, opts, overhead, pending, recipe)
 
 
 @functools.lru_cache(maxsize=256)
@@ -358,27 +365,6 @@ def _sizes(shape: tuple[int, int], bits, group: int, K: int) -> tuple[int, ...]:
     """Data bytes of rank-k factors of an out×in module, k = 1..K."""
     out_f, in_f = shape
     return tuple(quant.nbytes((out_f, k), bits, group) + quant.nbytes((k, in_f), bits, group) for k in range(1, K + 1))
-
-
-def _curve(name: str, scale: float, energy: float, spectrum: np.ndarray, err2: np.ndarray, widths: tuple,
-           bits: tuple, K: int, k0: int, shape: tuple[int, int], group: int, overhead: int, recipe) -> Curve:
-    """The Curve of one module from its unscaled errors err2[w, k − 1] of `widths` up to rank k0;
-    the other options of `bits` up to rank K pending, with the Eckart–Young bound."""
-    s2 = scale * scale
-    err2 = s2 * err2
-    # below every rank-k error (Eckart–Young), with room for the computed errors' round-off
-    tail = np.concatenate([np.cumsum((spectrum ** 2)[::-1])[::-1][1:], [0.0]])
-    floor = np.maximum(s2 * (tail * (1 - 1e-9) - 1e-12 * energy), 0.0)
-    opts, pending = [], []
-    for b in bits:
-        sizes = _sizes(shape, b, group, K)
-        w = widths.index(b) if b in widths else None
-        known = k0 if w is not None else 0
-        if known:
-            opts.extend(map(Option, range(1, known + 1), (b,) * known, sizes, err2[w, :known].tolist()))
-        pending.extend(map(Option, range(known + 1, K + 1), (b,) * (K - known), sizes[known:],
-                           floor[known:K].tolist()))
-    return Curve(name, s2 * energy, opts, overhead, pending, recipe)
 
 
 @dataclass

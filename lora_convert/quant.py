@@ -110,7 +110,7 @@ _LEVELS = {name: c.astype(np.float64) for name, c in CODEBOOKS.items()}
 def codebook_values(codes: np.ndarray, scales: np.ndarray, name: str) -> np.ndarray:
     """float32(c_u · scale), float64 scales broadcast against the codes: the product is exact
     in float64 and rounded once, to nearest even."""
-    return (_LEVELS[name][codes] * scales).astype(np.float32)
+    return (_LEVELS[name].take(codes) * scales).astype(np.float32)
 
 
 def check_group(group) -> int:
@@ -222,7 +222,7 @@ class GroupQuantizer:
         self.bits, self.group = check_bits(bits), check_group(group)
         if bits == 16:
             raise ValueError("bits 16 is float16 storage, not quantized")
-        self.qmax = 1.0 if is_codebook(bits) else qmax(bits)  # what a group's largest |x| maps to, in scales
+        self.qmax = 1.0 if is_codebook(bits) else qmax(bits)  # the largest code (level) magnitude, in scales
 
     def scales(self, block: np.ndarray) -> np.ndarray:
         return scales_for(np.asarray(block, dtype=np.float64)[:, None, :], self.bits)[:, 0].astype(np.float64)

@@ -57,7 +57,7 @@ def grid_round(M: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     if quant.is_codebook(bits):
         # level index = how many decision midpoints lie below t (a tie goes to the lower level);
         # c·s is rounded once, to float32, as quant.codebook_values does
-        levels = torch.from_numpy(quant.CODEBOOKS[bits].astype(np.float64)).to(M.device)
+        levels = torch.from_numpy(quant.codebook_levels(bits)).to(M.device)
         codes = torch.zeros(t.shape, dtype=torch.long, device=M.device)
         for mid in quant.codebook_midpoints(bits).tolist():
             codes += t > mid
