@@ -165,11 +165,24 @@ def test_error_feedback_rounding_beats_round_to_nearest_in_output_error(bits):
 
 
 def test_round_to_nearest_is_within_half_a_step():
-    W = torch.randn(5, 40, dtype=F64)
-    quant = GroupQuantizer(4, 8)
+    W = torch.randn(5, 40, generator=torch.Generator().manual_seed(23), dtype=F64)
+    quant = GroupQuantizer(8, 8)  # 8 bits: every group's scale is max|x| / qmax
     Q = round_to_nearest(W, quant).values
     step = W.reshape(5, 5, 8).abs().amax(-1, keepdim=True) / quant.qmax
     assert ((Q - W).reshape(5, 5, 8).abs() <= step * 0.5 * (1 + 1e-2) + 1e-12).all()
+
+
+def test_round_to_nearest_with_clipped_scales_is_within_half_its_step_or_clamped():
+    """At 2-4 bits a group's scale may be below max|x| / qmax (quant.CLIP_RATIOS): each value is
+    then within half of that group's own step, or clamped to ±qmax steps beyond it."""
+    W = torch.randn(5, 40, generator=torch.Generator().manual_seed(23), dtype=F64)
+    quant = GroupQuantizer(4, 8)
+    r = round_to_nearest(W, quant)
+    step = r.scales.repeat_interleave(8, dim=1)
+    err = (r.values - W).abs()
+    clamped = (r.values.abs() >= quant.qmax * step * (1 - 1e-12)) & (W.abs() > quant.qmax * step)
+    assert (clamped | (err <= step * 0.5 * (1 + 1e-2) + 1e-12)).all()
+    assert bool(clamped.any())  # this seed's groups do clip
 
 
 def test_round_to_nearest_is_the_stored_encoding_and_error_feedback_encodes_to_itself():
