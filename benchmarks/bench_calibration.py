@@ -19,9 +19,10 @@ calibration (closed form, no training).
     nice -n 10 python benchmarks/bench_calibration.py --quantized 16,32,64   # budgets with / without calibration
 
 --quantized: `compress --outer svd --target-size Nx` (rank and bits per module by weight-space error)
-beside the same budget with `calibration=` (whitened factors, allocation by output error on the
-calibration text), with the input-side factor rounded with error feedback and, as a control at
-the same budget, rounded to nearest (calibrated.EF_ROUNDING off). Outputs calibration_quantized.txt/json.
+beside the same budget with `calibration=` (whitened factors, the input-side factor rounded with
+error feedback, modules weighed by their relative output error times their weight-space energy),
+and two controls at the same budget: rounded to nearest (calibrated.EF_ROUNDING off) and weighed
+by raw output error (calibrated.ALLOCATE_BY = "output"). Outputs calibration_quantized.txt/json.
     python benchmarks/bench_calibration.py --teacher-steps 20 --cal-sequences 8 --ranks 1   # smoke
 
 The trained teacher (and a plain transformers copy of the base) are cached under
@@ -168,7 +169,7 @@ def parse(argv=None):
                                                    "with and without calibration instead of the rank rows.")
     p.add_argument("--quantized-cal", default="licenses", help="Calibration text of the --quantized rows.")
     p.add_argument("--no-quantized-controls", dest="quantized_controls", action="store_false",
-                   help="Skip the rows without error feedback.")
+                   help="Skip the control rows.")
     return p.parse_args(argv)
 
 
@@ -256,9 +257,18 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
 
 
 def quantized_rows(args, teacher, stats, row) -> None:
-    """Budgeted svd compress at each target size: plain, calibrated, and calibrated with the input-side
-    factor rounded to nearest (the control that decides whether error feedback stays)."""
+    """Budgeted svd compress at each target size: plain, calibrated, and two controls of the calibrated
+    one: the input-side factor rounded to nearest (does error feedback stay?) and modules weighed by
+    their raw output error (calibrated.ALLOCATE_BY = "output") instead of the default."""
     from lora_convert import calibrated
+
+    def control(name: str, value, label: str, target: str) -> None:
+        saved = getattr(calibrated, name)
+        setattr(calibrated, name, value)
+        try:
+            row(label, target, lc.compress(teacher, "svd", target_size=target, calibration=stats))
+        finally:
+            setattr(calibrated, name, saved)
 
     for t in args.quantized.split(","):
         target = f"{t.strip().rstrip('x')}x"
@@ -266,18 +276,8 @@ def quantized_rows(args, teacher, stats, row) -> None:
         row(f"svd budget + calib {args.quantized_cal}", target, lc.compress(teacher, "svd", target_size=target,
                                                                              calibration=stats))
         if args.quantized_controls:
-            calibrated.EF_ROUNDING = False
-            try:
-                row("  same, no error feedback", target, lc.compress(teacher, "svd", target_size=target,
-                                                                      calibration=stats))
-            finally:
-                calibrated.EF_ROUNDING = True
-        calibrated.ALLOCATE_BY = "relative"
-        try:
-            row("  same, weight-weighted alloc.", target, lc.compress(teacher, "svd", target_size=target,
-                                                                       calibration=stats))
-        finally:
-            calibrated.ALLOCATE_BY = "output"
+            control("EF_ROUNDING", False, "  same, no error feedback", target)
+            control("ALLOCATE_BY", "output", "  same, raw output alloc.", target)
 
 
 def write_table(args, rows, record, ref, original_bytes, timing, t_start, stem: str) -> None:
