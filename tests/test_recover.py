@@ -112,6 +112,12 @@ def peft_forward(base_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torch.
         return pm(input_ids=ids).logits
 
 
+def lc_tokenizer(root: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(root / "base")
+
+
 def injected(root: Path, mini_path: Path, with_teacher: bool = True):
     from transformers import AutoModelForCausalLM
 
@@ -535,6 +541,42 @@ def test_model_sources(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ encoders: hidden-state matching
 
+def test_sampled_sequences_come_from_the_teacher_then_the_base(llama_setup):
+    from lora_convert.recovery.sample import sample_sequences
+
+    model, layers = injected(llama_setup, llama_setup / "mini")
+    tok = lc_tokenizer(llama_setup)
+    seqs = sample_sequences(model, tok, layers.values(), 16, 24, seed=5, batch_size=4)
+    assert len(seqs) == 16 and all(len(s) == 24 and s[0] == tok.eos_token_id for s in seqs)
+    assert sample_sequences(model, tok, layers.values(), 16, 24, seed=5, batch_size=4) == seqs  # seeded
+    assert sample_sequences(model, tok, layers.values(), 16, 24, seed=6, batch_size=4) != seqs
+
+    def loglik(mode: str, rows: list) -> float:
+        ids = torch.tensor(rows)
+        with torch.no_grad(), use_mode(layers.values(), mode):
+            logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+        return float(logp.gather(-1, ids[:, 1:, None]).mean())
+
+    # each half is likelier under the model that wrote it
+    assert loglik("teacher", seqs[:8]) > loglik("base", seqs[:8])
+    assert loglik("base", seqs[8:]) > loglik("teacher", seqs[8:])
+
+
+def test_recover_on_generated_text_alone_lowers_kl_on_held_out_text(llama_setup, tmp_path):
+    root = llama_setup
+    d, m, t = options(root, steps=30)
+    d.data, d.generate = None, 48
+    res = recover(str(root / "mini"), str(root / "teacher"), str(tmp_path / "out"), d, m, t, log=None)
+    assert res.after["kl_student"] < 0.8 * res.before["kl_student"]  # measured on heldout.txt, never sampled
+
+
+def test_cli_recover_needs_data_or_generate(llama_setup, tmp_path):
+    root = llama_setup
+    res = CliRunner().invoke(main, ["recover", str(root / "mini"), "--teacher", str(root / "teacher"), "--base",
+                                    str(root / "base"), "-o", str(tmp_path / "o"), "--device", "cpu"])
+    assert res.exit_code == 2 and "--generate" in res.output and not (tmp_path / "o").exists()
+
+
 def test_bert_recovery_lowers_hidden_state_error(tmp_path):
     model = tiny_bert()
     model.save_pretrained(tmp_path / "base")
@@ -550,6 +592,10 @@ def test_bert_recovery_lowers_hidden_state_error(tmp_path):
     assert "kl_student" not in res.after
     assert res.after["mse_student"] < 0.5 * res.before["mse_student"]
     assert res.after["retained"] > res.before["retained"]
+    d.data, d.generate = None, 8  # an encoder cannot sample its own text
+    with pytest.raises(lc.BadInputError, match="--generate samples text from a causal language model"):
+        recover(str(tmp_path / "mini"), str(tmp_path / "teacher"), str(tmp_path / "out2"), d, m, t, log=None)
+    assert not (tmp_path / "out2").exists()
 
 
 # ------------------------------------------------------------------ a real model (slow)

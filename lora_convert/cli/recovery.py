@@ -38,9 +38,10 @@ def _model_options(f):
 
 def _train_options(f):
     opts = [
-        click.option("--data", required=True,
+        click.option("--data", default=None,
                      help="Training text: .txt (lines or paragraphs) or .jsonl (\"text\"; train also takes "
-                          "\"messages\", \"prompt\"/\"completion\" or \"text\"/\"label\" rows)."),
+                          "\"messages\", \"prompt\"/\"completion\" or \"text\"/\"label\" rows). "
+                          "Required, except by recover with --generate."),
         click.option("--eval-data", default=None, help="Held-out text (default: the last --eval-fraction of --data)."),
         click.option("--eval-fraction", type=float, default=0.1, show_default=True),
         click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps."),
@@ -76,7 +77,7 @@ def _data_opts(kw, data=None):
 
     return DataOptions(data=data or kw["data"], eval_data=kw.get("eval_data"),
                        eval_fraction=kw.get("eval_fraction", 0.1), max_len=kw["max_len"],
-                       max_eval_sequences=kw["max_eval_sequences"])
+                       max_eval_sequences=kw["max_eval_sequences"], generate=kw.get("generate") or 0)
 
 
 def _train_opts(kw, default_lr: float):
@@ -144,15 +145,21 @@ def _echo_result(result, as_json: bool) -> None:
 @click.option("--qat-steps", type=int, default=20, show_default=True,
               help="Quantization-aware steps after the float phase, run only when rounding the trained factors "
                    "to the file's storage loses effect on the held-out data (0: never).")
+@click.option("--generate", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also train on this many sequences of --max-len tokens sampled from the teacher and the base "
+                   "model, half each (seeded by --seed): broader text than one data file, or no file at all.")
 @_train_options
 @_model_options
-def recover(mini, teacher, output, layer_weight, bits, qat_steps, **kw):
+def recover(mini, teacher, output, layer_weight, bits, qat_steps, generate, **kw):
     """Re-fit a LoRA-Mini file's inner matrices to match the original adapter on unlabelled text.
 
     \b
     lora-convert recover ./mini --base ./base-model --teacher ./my-adapter --data calib.txt -o ./mini-recovered
+    lora-convert recover ./mini --base ./base-model --teacher ./my-adapter --generate 256 -o ./mini-recovered
     """
-
+    if not kw["data"] and not generate:
+        raise click.UsageError("recover needs --data, --generate N, or both")
+    kw["generate"] = generate
     for source in (mini, teacher):
         refuse_to_replace_input(source, output)
     _no_seq_cls(kw)
@@ -216,6 +223,8 @@ def train(output, target_modules, rank, alpha, outer, outer_dim, dtype, **kw):
 
     if not kw["base"]:
         raise click.UsageError("train needs --base (the model to train the adapter for)")
+    if not kw["data"]:
+        raise click.UsageError("train needs --data (the text to train on)")
     targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
     from ..recovery.scratch import default_lr
 

@@ -36,6 +36,7 @@ from .export import export_inner
 from .inject import inject
 from .layers import MiniLayer, rounded, use_mode
 from .qat import lossless
+from .sample import sample_sequences
 from .loop import TrainOptions, TrainResult, make_accelerator, train_inner
 from .models import ModelSource, load_model, model_dtype, pick_device
 from .objectives import (FidelityStats, distill_loss, layer_matching_loss, lm_loss, model_output, tap_outputs,
@@ -55,11 +56,12 @@ class ModelOptions:
 
 @dataclass
 class DataOptions:
-    data: str
+    data: str | None  # recover: None when all its training text is sampled (`generate`)
     eval_data: str | None = None  # default: hold out the last eval_fraction of `data`
     eval_fraction: float = 0.1
     max_len: int = 256
     max_eval_sequences: int | None = None
+    generate: int = 0  # recover: also train on this many sequences sampled from the teacher and the base
 
 
 @dataclass
@@ -110,21 +112,36 @@ def open_session(mini: MiniAdapter, teacher: Adapter | None, mopts: ModelOptions
     return Session(accelerator, model, tokenizer, task, layers, base)
 
 
-def read_data(dopts: DataOptions) -> tuple[list[str], list[str] | None]:
+def read_data(dopts: DataOptions) -> tuple[list[str] | None, list[str] | None]:
     """The texts (and held-out texts, if a file is given), read before any model is loaded so bad
     data fails fast."""
-    return D.read_texts(dopts.data), D.read_texts(dopts.eval_data) if dopts.eval_data else None
+    if type(dopts.generate) is not int or dopts.generate < 0:
+        raise BadInputError(f"--generate must be a non-negative integer, got {dopts.generate!r}")
+    if dopts.data is None and not dopts.generate:
+        raise BadInputError("no training text: give --data, --generate N, or both")
+    return (D.read_texts(dopts.data) if dopts.data is not None else None,
+            D.read_texts(dopts.eval_data) if dopts.eval_data else None)
 
 
-def load_sequences(session: Session, dopts: DataOptions, texts) -> tuple[list, list]:
-    """(training sequences, held-out sequences), tokenized; causal LMs pack text into full blocks."""
+def load_sequences(session: Session, dopts: DataOptions, texts, seed: int = 0) -> tuple[list, list]:
+    """(training sequences, held-out sequences), tokenized; causal LMs pack text into full blocks.
+    `dopts.generate` sequences sampled from the teacher and the base (sample.py) join the training
+    sequences; the held-out ones come from them only when there is no text of the user's."""
     pack = session.task == "causal-lm"
     train_texts, eval_texts = texts
-    seqs = D.tokenize(session.tokenizer, train_texts, dopts.max_len, pack)
-    if eval_texts is not None:
-        held = D.tokenize(session.tokenizer, eval_texts, dopts.max_len, pack)
-    else:
+    seqs = D.tokenize(session.tokenizer, train_texts, dopts.max_len, pack) if train_texts is not None else []
+    held = D.tokenize(session.tokenizer, eval_texts, dopts.max_len, pack) if eval_texts is not None else None
+    if held is None and seqs:
         seqs, held = D.split_holdout(seqs, dopts.eval_fraction)
+    if dopts.generate:
+        if session.task != "causal-lm":
+            raise BadInputError(f"--generate samples text from a causal language model; this base is a "
+                                f"{session.task} model: give --data")
+        sampled = sample_sequences(session.accelerator.unwrap_model(session.model), session.tokenizer,
+                                   list(session.layers.values()), dopts.generate, dopts.max_len, seed)
+        if held is None:
+            sampled, held = D.split_holdout(sampled, dopts.eval_fraction, shuffle=True)  # both sources held out
+        seqs = seqs + sampled
     if not seqs or not held:
         raise BadInputError("not enough text for training and evaluation after tokenization", dopts.data)
     return seqs, held[:dopts.max_eval_sequences] if dopts.max_eval_sequences else held
@@ -269,15 +286,19 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
     if bits is not None:
         set_storage_bits(layers, bits)
     same_storage = start_storage == [layer.storage for layer in layers]
-    seqs, held = load_sequences(session, dopts, texts)
+    if dopts.generate:
+        _log(session, log, f"sampling {dopts.generate} sequences of {dopts.max_len} tokens from the teacher and "
+                           "the base model (--generate)")
+    seqs, held = load_sequences(session, dopts, texts, topts.seed)
     start = param_values(layers)
     with rounded(layers):  # the start file as it is stored (with --bits: as it would be stored at that width)
         before = evaluate(session, held, topts.batch_size)
     _log(session, log, format_eval(before, "before recovery" if same_storage else
                                    f"before recovery (the start file rounded to {quant.width_name(bits)})"))
     run = {"mini": file_digest(resolve_file(mini_path)), "teacher": file_digest(teacher.source),
-           "data": file_digest(dopts.data), "base": session.base, "max_len": dopts.max_len, "task": session.task,
-           "layer_weight": layer_weight, "bits": bits}
+           "data": file_digest(dopts.data) if dopts.data is not None else None, "generate": dopts.generate,
+           "base": session.base, "max_len": dopts.max_len, "task": session.task, "layer_weight": layer_weight,
+           "bits": bits}
     step_loss = distill_step(session, layer_weight)
     training = train_inner(session.accelerator, session.model, session.layers, seqs, session.pad_id, step_loss,
                            topts, run)
