@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,7 +290,10 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
     if dopts.generate:
         _log(session, log, f"sampling {dopts.generate} sequences of {dopts.max_len} tokens from the teacher and "
                            "the base model (--generate)")
+    t0 = time.perf_counter()
     seqs, held = load_sequences(session, dopts, texts, topts.seed)
+    if dopts.generate:
+        _log(session, log, f"sampled in {time.perf_counter() - t0:.0f} s")
     start = param_values(layers)
     with rounded(layers):  # the start file as it is stored (with --bits: as it would be stored at that width)
         before = evaluate(session, held, topts.batch_size)
