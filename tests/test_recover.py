@@ -572,9 +572,13 @@ def test_recover_on_generated_text_alone_lowers_kl_on_held_out_text(llama_setup,
 
 def test_cli_recover_needs_data_or_generate(llama_setup, tmp_path):
     root = llama_setup
-    res = CliRunner().invoke(main, ["recover", str(root / "mini"), "--teacher", str(root / "teacher"), "--base",
-                                    str(root / "base"), "-o", str(tmp_path / "o"), "--device", "cpu"])
+    cmd = ["recover", str(root / "mini"), "--teacher", str(root / "teacher"), "--base", str(root / "base"),
+           "-o", str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--max-len", "16", "--steps", "2"]
+    res = CliRunner().invoke(main, cmd)
     assert res.exit_code == 2 and "--generate" in res.output and not (tmp_path / "o").exists()
+    res = CliRunner().invoke(main, cmd + ["--generate", "20", "--json"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o" / container.FILE_NAME).is_file() and json.loads(res.stdout)["before"]["tokens"] > 0
 
 
 def test_bert_recovery_lowers_hidden_state_error(tmp_path):
