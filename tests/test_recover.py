@@ -112,12 +112,6 @@ def peft_forward(base_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torch.
         return pm(input_ids=ids).logits
 
 
-def lc_tokenizer(root: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(root / "base")
-
-
 def injected(root: Path, mini_path: Path, with_teacher: bool = True):
     from transformers import AutoModelForCausalLM
 
@@ -539,13 +533,13 @@ def test_model_sources(tmp_path, monkeypatch):
     assert ModelSource.parse("org/model").kwargs()["local_files_only"] is True
 
 
-# ------------------------------------------------------------------ encoders: hidden-state matching
+# ------------------------------------------------------------------ sampled training text (--generate)
 
 def test_sampled_sequences_come_from_the_teacher_then_the_base(llama_setup):
     from lora_convert.recovery.sample import sample_sequences
 
     model, layers = injected(llama_setup, llama_setup / "mini")
-    tok = lc_tokenizer(llama_setup)
+    tok = char_tokenizer()  # the base's own (llama_setup saves it)
     seqs = sample_sequences(model, tok, layers.values(), 16, 24, seed=5, batch_size=4)
     assert len(seqs) == 16 and all(len(s) == 24 and s[0] == tok.eos_token_id for s in seqs)
     assert sample_sequences(model, tok, layers.values(), 16, 24, seed=5, batch_size=4) == seqs  # seeded
@@ -580,6 +574,8 @@ def test_cli_recover_needs_data_or_generate(llama_setup, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / container.FILE_NAME).is_file() and json.loads(res.stdout)["before"]["tokens"] > 0
 
+
+# ------------------------------------------------------------------ encoders: hidden-state matching
 
 def test_bert_recovery_lowers_hidden_state_error(tmp_path):
     model = tiny_bert()

@@ -150,16 +150,13 @@ def _echo_result(result, as_json: bool) -> None:
                    "model, half each (seeded by --seed): broader text than one data file, or no file at all.")
 @_train_options
 @_model_options
-def recover(mini, teacher, output, layer_weight, bits, qat_steps, generate, **kw):
+def recover(mini, teacher, output, layer_weight, bits, qat_steps, **kw):
     """Re-fit a LoRA-Mini file's inner matrices to match the original adapter on unlabelled text.
 
     \b
     lora-convert recover ./mini --base ./base-model --teacher ./my-adapter --data calib.txt -o ./mini-recovered
     lora-convert recover ./mini --base ./base-model --teacher ./my-adapter --generate 256 -o ./mini-recovered
     """
-    if not kw["data"] and not generate:
-        raise click.UsageError("recover needs --data, --generate N, or both")
-    kw["generate"] = generate
     for source in (mini, teacher):
         refuse_to_replace_input(source, output)
     _no_seq_cls(kw)

@@ -32,6 +32,8 @@ def sample_sequences(model: torch.nn.Module, tokenizer, layers, n: int, length: 
     if start is None:
         raise BadInputError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
     device = next(model.parameters()).device
+    # transformers 5 names the cache `cache`; earlier versions `past_key_values`
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     n_teacher = -(-n // 2)
     out: list[list[int]] = []
     for source, count in zip(SOURCES, (n_teacher, n - n_teacher)):
@@ -39,14 +41,12 @@ def sample_sequences(model: torch.nn.Module, tokenizer, layers, n: int, length: 
             for first in range(0, count, batch_size):
                 rows = min(batch_size, count - first)
                 gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + len(out))
-                out.extend(_sample(model, start, rows, length, gen, device))
+                out.extend(_sample(model, cache, start, rows, length, gen, device))
     return out
 
 
-def _sample(model, start: int, rows: int, length: int, gen: torch.Generator, device) -> list[list[int]]:
-    """One batch, token by token with the model's key/value cache."""
-    # transformers 5 names the cache `cache`; earlier versions `past_key_values`
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def _sample(model, name: str, start: int, rows: int, length: int, gen: torch.Generator, device) -> list[list[int]]:
+    """One batch, token by token with the model's key/value cache (its keyword and attribute: `name`)."""
     ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
     tokens, past = [ids], None
     for _ in range(length - 1):
