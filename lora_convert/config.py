@@ -66,7 +66,8 @@ class CompressConfig:
     dtype: float storage of unquantized factors (auto keeps the adapter's).
     bits: store factors quantized (2, 3, 4, 8; "nf4": QLoRA's NormalFloat4 codebook; 16 = float16
     in the packed layout), group_size values per fp16 scale. target_size ("32x": ratio to the input's bytes, or "600KB") and/or
-    min_fidelity (weight-space retained energy) choose rank and bits per module instead.
+    min_fidelity (weight-space retained energy) choose rank and bits per module instead, among the
+    widths of allowed_bits.
     """
 
     outer: str = "random"

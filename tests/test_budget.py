@@ -271,6 +271,8 @@ def test_random_outer_budget(fixtures, tmp_path):
     (["--bits", "4", "--dtype", "fp16"], ["--dtype"]),
     (["--group-size", "0"], ["--group-size"]),
     (["--min-fidelity", "1.5"], ["--min-fidelity"]),
+    (["--bits", "3,nf4"], ["--bits", "a budget"]),
+    (["--target-size", "4x", "--bits", "3,5"], ["--bits", "widths"]),
 ])
 def test_unmeetable_budgets_and_bad_options(fixtures, tmp_path, args, words):
     out = tmp_path / "m"
@@ -340,6 +342,23 @@ def test_nf4_is_a_width_everywhere_bits_is(fixtures, tmp_path):
         assert all(m.quant["bits"] == "nf4" for m in lc.load(out).modules())
     res = run("compress", fixtures / SRC, "--outer", "svd", "--plan")
     assert "bits 3, nf4, 8, 16" in res.stdout
+
+
+def test_budget_chooses_among_the_widths_of_bits(fixtures, tmp_path):
+    """compress --target-size --bits 2,3: every module at one of those widths, the budget honoured,
+    and the same file as the API's allowed_bits."""
+    out = tmp_path / "m.safetensors"
+    res = run("compress", fixtures / SRC, "--outer", "svd", "--target-size", "6x", "--bits", "2, 3", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert out.stat().st_size <= doc["budget_bytes"]
+    widths = {m.quant["bits"] for m in lc.load(out).modules()}
+    assert widths <= {2, 3} and widths
+    api = tmp_path / "api.safetensors"
+    lc.save(lc.compress(lc.load_adapter(fixtures / SRC), "svd", target_size="6x", allowed_bits=(3, 2), output=api), api)
+    assert api.read_bytes() == out.read_bytes()
+    res = run("compress", fixtures / SRC, "--outer", "svd", "--plan", "--target-size", "6x", "--bits", "nf4")
+    assert "bits nf4;" in res.stdout
 
 
 def test_ratio_needs_a_known_input_size(fixtures):

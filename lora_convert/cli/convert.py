@@ -7,7 +7,7 @@ import click
 
 from .. import outer
 from .options import (FORMAT_CHOICES, LazyChoice, allow_pickle, emit, input_format, json_flag, parse_bits,
-                      parse_outer_dim, progress_bar, refuse_to_replace_input)
+                      parse_outer_dim, parse_widths, progress_bar, refuse_to_replace_input)
 
 
 def _streams():
@@ -95,7 +95,8 @@ def collect_calibration(adapter, cal: dict):
 @click.option("--bits", default=None,
               help="Store the factors as symmetric integers of this width (2, 3, 4, 8; 16 = float16) or as "
                    "nf4 (4-bit codes into QLoRA's NormalFloat4 levels), with one fp16 scale per group; svd "
-                   "outers store the truncated factors themselves.")
+                   "outers store the truncated factors themselves. With --target-size / --min-fidelity: the "
+                   "widths the budget chooses among, comma-separated (default 3,nf4,8,16).")
 @click.option("--group-size", type=int, default=64, show_default=True, help="Values per quantization scale.")
 @click.option("--target-size", default=None,
               help="Budget: a ratio to the input's size (32x) or a size (600KB, 1.5MB). Rank and bits are "
@@ -131,12 +132,19 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
         raise click.UsageError("--plot draws the curve of --plan; add --plan.")
     if output is not None:
         refuse_to_replace_input(path, output)
+    widths = {}
+    if bits is not None and (target_size is not None or min_fidelity is not None):
+        widths, bits = {"allowed_bits": parse_widths(bits)}, None  # the budget's choices
+    elif bits is not None and "," in bits:
+        raise BadInputError("--bits: a list of widths is for a budget (--target-size / --min-fidelity); "
+                            "without one give a single width")
     try:
         cfg = CompressConfig(outer=outer, seed=seed, outer_dim=parse_outer_dim(outer_dim), outer_stream=outer_stream,
                              rank=rank, keep_energy=keep_energy, dtype=dtype, bits=parse_bits(bits),
-                             group_size=group_size, target_size=target_size, min_fidelity=min_fidelity)
+                             group_size=group_size, target_size=target_size, min_fidelity=min_fidelity, **widths)
     except ConfigError as exc:  # the library names parameters; here they are flags
-        raise BadInputError(f"{flag(exc.param)}: {exc.detail}") from None
+        param = "bits" if exc.param == "allowed_bits" else exc.param
+        raise BadInputError(f"{flag(param)}: {exc.detail}") from None
     adapter = api.load_adapter(path, fmt, allow_pickle=allow_pickle)
     stats = collect_calibration(adapter, cal)
     if plan:

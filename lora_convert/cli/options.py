@@ -107,6 +107,13 @@ def parse_bits(value: str | None):
     return int(text) if text.isdigit() else text.lower()
 
 
+def parse_widths(value: str | None) -> tuple | None:
+    """compress --bits with a budget: the comma-separated widths it may choose among ("3,nf4")."""
+    if value is None:
+        return None
+    return tuple(parse_bits(part) for part in value.split(","))
+
+
 input_format = click.option("--from", "fmt", type=click.Choice(FORMAT_CHOICES), default=None,
                             help="Input layout (detected when omitted).")
 allow_pickle = click.option("--allow-pickle", is_flag=True,
