@@ -21,8 +21,9 @@ calibration (closed form, no training).
 --quantized: `compress --outer svd --target-size Nx` (rank and bits per module by weight-space error)
 beside the same budget with `calibration=` (whitened factors, the input-side factor rounded with
 error feedback, modules weighed by their relative output error times their weight-space energy),
-and two controls at the same budget: rounded to nearest (calibrated.EF_ROUNDING off) and weighed
-by raw output error (calibrated.ALLOCATE_BY = "output"). Outputs calibration_quantized.txt/json.
+and three controls at the same budget: rounded to nearest (calibrated.EF_ROUNDING off), weighed
+by raw output error (calibrated.ALLOCATE_BY = "output"), and rank and bits allocated by weight-space
+error as without calibration, only the fit calibrated (calibrated.ALLOCATE_BY = "weight"). Outputs calibration_quantized.txt/json.
     python benchmarks/bench_calibration.py --teacher-steps 20 --cal-sequences 8 --ranks 1   # smoke
 
 The trained teacher (and a plain transformers copy of the base) are cached under
@@ -258,8 +259,9 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
 
 def quantized_rows(args, teacher, stats, row) -> None:
     """Budgeted svd compress at each target size: plain, calibrated, and two controls of the calibrated
-    one: the input-side factor rounded to nearest (does error feedback stay?) and modules weighed by
-    their raw output error (calibrated.ALLOCATE_BY = "output") instead of the default."""
+    one: the input-side factor rounded to nearest (does error feedback stay?), modules weighed by
+    their raw output error (calibrated.ALLOCATE_BY = "output"), and the weight-space allocation with
+    calibrated fits (calibrated.ALLOCATE_BY = "weight")."""
     from lora_convert import calibrated
 
     def control(name: str, value, label: str, target: str) -> None:
@@ -278,6 +280,7 @@ def quantized_rows(args, teacher, stats, row) -> None:
         if args.quantized_controls:
             control("EF_ROUNDING", False, "  same, no error feedback", target)
             control("ALLOCATE_BY", "output", "  same, raw output alloc.", target)
+            control("ALLOCATE_BY", "weight", "  same, weight-space alloc.", target)
 
 
 def write_table(args, rows, record, ref, original_bytes, timing, t_start, stem: str) -> None:

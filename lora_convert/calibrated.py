@@ -121,7 +121,9 @@ EF_ROUNDING = True
 # relative output error times its weight-space energy (the data shapes the fit within a module, the
 # update's own energy weighs modules); "output" sums absolute output errors on the calibration text,
 # which spends the budget on the few modules with huge activations: 79.6% effect kept against 91.9%
-# at 16x (benchmarks/README.md). Kept as a switch for benchmarks/bench_calibration.py --quantized.
+# at 16x (benchmarks/README.md); "weight" allocates by weight-space error alone (as without
+# calibration) and only fits each module's chosen rank and bits to its output. A switch for
+# benchmarks/bench_calibration.py --quantized.
 ALLOCATE_BY = "relative"
 
 

@@ -455,7 +455,12 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         L = whitening(name) if whitening else None
         fidelity = {}
         try:
-            if L is None:
+            if L is not None and calibrated.ALLOCATE_BY == "weight":  # weight-space curve, calibrated fit
+                calibrated.check_width(m, L)
+                c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
+                                       outers=outers)
+                fidelity = calibrated.PLANNED_FIDELITY
+            elif L is None:
                 part = extent(m, min(m.rank, m.out_features, m.in_features), known or 0) if ratio else {}
                 c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
                                        outers=outers, **part)

@@ -339,6 +339,30 @@ def test_budgeted_calibrated_compress_honours_budget_and_floor(setup, tiny_stats
                                                                                          abs=0.02)
 
 
+def test_weight_space_allocation_plans_weight_errors_and_fits_outputs(setup, tiny_stats, tmp_path, monkeypatch):
+    """calibrated.ALLOCATE_BY = "weight": the budget's curves are the plain (weight-space) ones, each
+    module's header entry counted with its calibrated figure; the written file honours the budget
+    and its modules, fitted to their outputs, beat the plain file's output error."""
+    from lora_convert import calibrated
+    from lora_convert.config import CompressConfig
+    from lora_convert.convert import calibrated_whitening, plan_curves, source_bytes
+    adapter, stats = tiny_stats
+    budget_bytes = int(source_bytes(str(setup / "teacher")) / 2)
+    monkeypatch.setattr(calibrated, "ALLOCATE_BY", "weight")
+    cfg = CompressConfig(outer="svd", target_size=budget_bytes)
+    weighted, _ = plan_curves(adapter, cfg, budget_bytes, calibrated_whitening(adapter, stats))
+    plain, _ = plan_curves(adapter, cfg, budget_bytes)
+    errors = lambda curves: [[(o.k, o.bits, o.err2) for o in c.options] for c in curves]  # noqa: E731
+    assert errors(weighted) == errors(plain)
+    assert all(w.nbytes > p.nbytes for cw, cp in zip(weighted, plain) for w, p in zip(cw.options, cp.options))
+    lc.save(lc.compress(adapter, cfg, calibration=stats), tmp_path / "cal")
+    lc.save(lc.compress(adapter, cfg), tmp_path / "plain")
+    sizes = [sum(f.stat().st_size for f in (tmp_path / d).iterdir()) for d in ("cal", "plain")]
+    assert sizes[0] <= budget_bytes and sizes[1] <= budget_bytes
+    cal, plain_mini = lc.load(tmp_path / "cal"), lc.load(tmp_path / "plain")
+    assert total_output_error2(adapter, cal, stats) < total_output_error2(adapter, plain_mini, stats)
+
+
 def calibrated_share(adapter, mini, stats) -> float:
     """Dense reference of the calibrated share: relative output errors weighted by weight energy."""
     num = den = 0.0
