@@ -19,11 +19,11 @@ calibration (closed form, no training).
     nice -n 10 python benchmarks/bench_calibration.py --quantized 16,32,64   # budgets with / without calibration
 
 --quantized: `compress --outer svd --target-size Nx` (rank and bits per module by weight-space error)
-beside the same budget with `calibration=` (whitened factors, the input-side factor rounded with
-error feedback, modules weighed by their relative output error times their weight-space energy),
-and three controls at the same budget: rounded to nearest (calibrated.EF_ROUNDING off), weighed
-by raw output error (calibrated.ALLOCATE_BY = "output"), and rank and bits allocated by weight-space
-error as without calibration, only the fit calibrated (calibrated.ALLOCATE_BY = "weight"). Outputs calibration_quantized.txt/json.
+beside the same budget with `calibration=` (the same allocation, each module's choice fitted to its
+outputs: whitened factors, the input-side factor rounded with error feedback), and three controls at
+the same budget: rounded to nearest (calibrated.EF_ROUNDING off), and rank and bits allocated in an
+output metric: each module's relative output error times its weight-space energy
+(calibrated.ALLOCATE_BY = "relative") or the raw output error ("output"). Outputs calibration_quantized.txt/json.
     python benchmarks/bench_calibration.py --teacher-steps 20 --cal-sequences 8 --ranks 1   # smoke
 
 The trained teacher (and a plain transformers copy of the base) are cached under
@@ -259,9 +259,8 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
 
 def quantized_rows(args, teacher, stats, row) -> None:
     """Budgeted svd compress at each target size: plain, calibrated, and two controls of the calibrated
-    one: the input-side factor rounded to nearest (does error feedback stay?), modules weighed by
-    their raw output error (calibrated.ALLOCATE_BY = "output"), and the weight-space allocation with
-    calibrated fits (calibrated.ALLOCATE_BY = "weight")."""
+    one: the input-side factor rounded to nearest (does error feedback stay?), and the allocation in
+    an output metric (calibrated.ALLOCATE_BY = "relative", "output") instead of weight-space error."""
     from lora_convert import calibrated
 
     def control(name: str, value, label: str, target: str) -> None:
@@ -279,8 +278,8 @@ def quantized_rows(args, teacher, stats, row) -> None:
                                                                              calibration=stats))
         if args.quantized_controls:
             control("EF_ROUNDING", False, "  same, no error feedback", target)
+            control("ALLOCATE_BY", "relative", "  same, rel. output alloc.", target)
             control("ALLOCATE_BY", "output", "  same, raw output alloc.", target)
-            control("ALLOCATE_BY", "weight", "  same, weight-space alloc.", target)
 
 
 def write_table(args, rows, record, ref, original_bytes, timing, t_start, stem: str) -> None:

@@ -50,13 +50,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lora_convert as lc  # noqa: E402
-from lora_convert import budget, quant  # noqa: E402
+from lora_convert import budget, calibrated, quant  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "cache" / "frontier"
 RESULTS = ROOT / "benchmarks" / "results"
 HELDOUT = ("heldout_same", "heldout_other")
 SVD_RANKS = (1, 2, 4, 8)
+CAL_METRIC_KEY = {"relative": "", "weight": "-wt", "output": "-out"}  # cache keys of calibrated budget points
 BASELINES = ((8, None), (4, 8), (8, 4), (4, 4), (2, 4), (1, 4))  # (rank, bits); None = fp16: the table
 TARGETS = (8, 16, 32, 64, 128)
 RECOVER = ("random:256:2:4", "svd:32x")   # svd:<target> | random:<outer dim>:<rank>:<bits>
@@ -171,7 +172,9 @@ def plan_points(args) -> list[dict]:
                         "target": t, "balance": b})
     if not args.no_calibration:
         for t in args.targets:
-            pts.append({"key": f"lc-svdcal-{t}x-s{args.cal_sequences}", "family": "lc svd+cal",
+            # the allocation metric is part of the key: points of another one are not reused
+            pts.append({"key": f"lc-svdcal-{t}x-s{args.cal_sequences}{CAL_METRIC_KEY[calibrated.ALLOCATE_BY]}",
+                        "family": "lc svd+cal",
                         "label": f"lc svd+cal {t}x", "target": t, "calibrated": True})
         for r in args.cal_ranks:
             pts.append({"key": f"lc-svdcal-r{r}-fp16-s{args.cal_sequences}", "family": "lc svd+cal",

@@ -399,12 +399,14 @@ class BudgetError(BadInputError):
 
 def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = None,
                 whitening: Callable[[str], torch.Tensor | None] | None = None,
-                directory: bool = True) -> tuple[list[budget.Curve], int]:
+                directory: bool = True, floor: bool = False) -> tuple[list[budget.Curve], int]:
     """Every module's (rank, bits) error curve (modules on `workers()` threads), each option's
     bytes counting its entry in the header, and the bytes of the file that do not depend on the
     choice (container.SizePlan; `directory`: the summary file of the directory layout too).
-    `whitening(name)`: the module's input whitening factor L (calibrated_whitening), or None."""
-    curves, fixed, _ = _plan(adapter, cfg, max_bytes, whitening, directory)
+    `whitening(name)`: the module's input whitening factor L (calibrated_whitening), or None; the
+    curves are then in the metric of calibrated.allocation_metric (`floor`: curves for a floor on the
+    calibrated share, as cfg.min_fidelity asks too)."""
+    curves, fixed, _ = _plan(adapter, cfg, max_bytes, whitening, directory, floor=floor)
     return curves, fixed
 
 
@@ -420,11 +422,13 @@ PARTIAL_EXTRA = 4
 
 @one_thread
 def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
-          whitening: Callable[[str], torch.Tensor | None] | None, directory: bool = True, partial: bool = False):
+          whitening: Callable[[str], torch.Tensor | None] | None, directory: bool = True, partial: bool = False,
+          floor: bool = False):
     """plan_curves, and a function completing partial curves. `partial` (with a byte budget, svd
     outers, no calibration): each module's curve starts partial (PARTIAL_BITS, PARTIAL_SPAN)."""
     src = outer.get(cfg.outer)
     opts = _outer_options(cfg)
+    metric = calibrated.allocation_metric(floor or cfg.min_fidelity is not None)
     original = source_bytes(adapter.source)
     ratio = original / max_bytes if partial and original and max_bytes and src.stored and whitening is None else None
 
@@ -455,7 +459,7 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         L = whitening(name) if whitening else None
         fidelity = {}
         try:
-            if L is not None and calibrated.ALLOCATE_BY == "weight":  # weight-space curve, calibrated fit
+            if L is not None and metric == "weight":  # weight-space curve; the writer fits the choice to outputs
                 calibrated.check_width(m, L)
                 c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
                                        outers=outers)
@@ -469,7 +473,7 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
                 c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
                                        outers=outers, whitening=L.numpy(),
                                        input_rounding=calibrated.input_rounding(L, outers and outers[1]))
-                c = calibrated.reweighted(c, m.scale ** 2 * float(Update(m.up, m.down).energy))
+                c = calibrated.reweighted(c, m.scale ** 2 * float(Update(m.up, m.down).energy), metric)
                 fidelity = calibrated.PLANNED_FIDELITY  # its entry's extra figure, at its longest
         except ValueError as exc:
             raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None

@@ -339,21 +339,25 @@ def test_budgeted_calibrated_compress_honours_budget_and_floor(setup, tiny_stats
                                                                                          abs=0.02)
 
 
-def test_weight_space_allocation_plans_weight_errors_and_fits_outputs(setup, tiny_stats, tmp_path, monkeypatch):
-    """calibrated.ALLOCATE_BY = "weight": the budget's curves are the plain (weight-space) ones, each
+def test_calibrated_budget_allocates_by_weight_and_fits_outputs(setup, tiny_stats, tmp_path):
+    """A calibrated --target-size: the budget's curves are the plain (weight-space) ones, each
     module's header entry counted with its calibrated figure; the written file honours the budget
-    and its modules, fitted to their outputs, beat the plain file's output error."""
-    from lora_convert import calibrated
+    and its modules, fitted to their outputs, beat the plain file's output error. A floor on the
+    calibrated share (--min-fidelity, --plan) plans in that share instead."""
     from lora_convert.config import CompressConfig
     from lora_convert.convert import calibrated_whitening, plan_curves, source_bytes
     adapter, stats = tiny_stats
     budget_bytes = int(source_bytes(str(setup / "teacher")) / 2)
-    monkeypatch.setattr(calibrated, "ALLOCATE_BY", "weight")
     cfg = CompressConfig(outer="svd", target_size=budget_bytes)
     weighted, _ = plan_curves(adapter, cfg, budget_bytes, calibrated_whitening(adapter, stats))
     plain, _ = plan_curves(adapter, cfg, budget_bytes)
     errors = lambda curves: [[(o.k, o.bits, o.err2) for o in c.options] for c in curves]  # noqa: E731
     assert errors(weighted) == errors(plain)
+    floored, _ = plan_curves(adapter, cfg, budget_bytes, calibrated_whitening(adapter, stats), floor=True)
+    assert errors(floored) != errors(plain)
+    with_floor = cfg.replace(min_fidelity=0.5)
+    assert errors(plan_curves(adapter, with_floor, budget_bytes, calibrated_whitening(adapter, stats))[0]) == \
+        errors(floored)
     assert all(w.nbytes > p.nbytes for cw, cp in zip(weighted, plain) for w, p in zip(cw.options, cp.options))
     lc.save(lc.compress(adapter, cfg, calibration=stats), tmp_path / "cal")
     lc.save(lc.compress(adapter, cfg), tmp_path / "plain")

@@ -101,8 +101,8 @@ def collect_calibration(adapter, cal: dict):
 @click.option("--target-size", default=None,
               help="Budget: a ratio to the input's size (32x) or a size (600KB, 1.5MB). Rank and bits are "
                    "chosen per module to keep the most of the update, each module's relative error weighed by "
-                   "its energy^0.75 (with --calibration: errors of module outputs on the calibration text); the "
-                   "file honours it.")
+                   "its energy^0.75 (with --calibration the same choice, each module fitted to its outputs on "
+                   "the calibration text); the file honours it.")
 @click.option("--min-fidelity", type=float, default=None,
               help="Smallest file keeping this share of the update's weight-space energy (e.g. 0.95); with "
                    "--calibration, the report's calibrated share: each module's share of its output on the "
@@ -174,7 +174,7 @@ def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None, stats=None) 
     from ..convert import calibrated_whitening, plan_curves, source_bytes
 
     curves, fixed = plan_curves(adapter, cfg.replace(target_size=None, min_fidelity=None) if cfg.budgeted else cfg,
-                                whitening=calibrated_whitening(adapter, stats))
+                                whitening=calibrated_whitening(adapter, stats), floor=True)
     points = frontier(curves, fixed, balance=balance_for(cfg.min_fidelity))
     original = source_bytes(adapter.source)
     shown, last = [], None
@@ -189,7 +189,8 @@ def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None, stats=None) 
         click.echo(f"predicted size-fidelity curve ({cfg.outer} outers; bits {', '.join(map(str, cfg.allowed_bits))}; "
                    f"input {original:,} B)" if original else "predicted size-fidelity curve")
         if stats:
-            click.echo("fidelity: calibrated share (module outputs on the calibration text)")
+            click.echo("fidelity: calibrated share (module outputs on the calibration text), the path --min-fidelity "
+                       "takes; --target-size alone allocates by weight-space error and fits each choice to outputs")
         click.echo(f"{'bytes':>12} {'smaller':>8} {'fidelity':>9}")
         for b, f in shown:
             click.echo(f"{b:>12,} {(f'{original / b:.1f}x' if original else '-'):>8} {100 * f:>8.2f}%")
