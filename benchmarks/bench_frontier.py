@@ -344,6 +344,12 @@ def baseline_at(env: list[tuple[int, float]], nbytes: int) -> float | None:
     return None
 
 
+def current_metric(key: str) -> bool:
+    """False for a cached calibrated budget point of another allocation metric than compress's."""
+    m = re.fullmatch(r"lc-svdcal-\d+x-s\d+(-[a-z]+)?", key)
+    return m is None or (m.group(1) or "") == CAL_METRIC_KEY[calibrated.ALLOCATE_BY]
+
+
 def report(all_cache: dict, args) -> tuple[str, dict]:
     lines, summary = [], {"teachers": {}, "targets": {}}
     t_ok = {"frontier": True, "free40": True, "rec100": True}
@@ -566,6 +572,8 @@ def main() -> None:
     if not all_cache:
         raise SystemExit("no teacher to report")
 
+    # what compress does now: calibrated budget points of another allocation metric stay cached, unreported
+    all_cache = {n: {k: v for k, v in c.items() if current_metric(k)} for n, c in all_cache.items()}
     text, summary = report(all_cache, args)
     header = (f"Size–fidelity frontier: effect kept = 1 − KL(teacher‖x)/KL(teacher‖base) on held-out text "
               f"({args.n_seq} chunks × {args.max_len} tokens per text), SmolLM2-135M-Instruct fp32 base.\n"
