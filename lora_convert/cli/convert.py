@@ -95,8 +95,8 @@ def collect_calibration(adapter, cal: dict):
 @click.option("--bits", default=None,
               help="Store the factors as symmetric integers of this width (2, 3, 4, 8; 16 = float16) or as "
                    "nf4 (4-bit codes into QLoRA's NormalFloat4 levels), with one fp16 scale per group; svd "
-                   "outers store the truncated factors themselves. With --target-size / --min-fidelity: the "
-                   "widths the budget chooses among, comma-separated (default 3,nf4,8,16).")
+                   "outers store the truncated factors themselves. With --target-size / --min-fidelity / --plan: "
+                   "the widths the budget chooses among, comma-separated (default 3,nf4,8,16).")
 @click.option("--group-size", type=int, default=64, show_default=True, help="Values per quantization scale.")
 @click.option("--target-size", default=None,
               help="Budget: a ratio to the input's size (32x) or a size (600KB, 1.5MB). Rank and bits are "
@@ -133,10 +133,10 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
     if output is not None:
         refuse_to_replace_input(path, output)
     widths = {}
-    if bits is not None and (target_size is not None or min_fidelity is not None):
-        widths, bits = {"allowed_bits": parse_widths(bits)}, None  # the budget's choices
+    if bits is not None and (target_size is not None or min_fidelity is not None or plan):
+        widths, bits = {"allowed_bits": parse_widths(bits)}, None  # the budget's (or the curve's) choices
     elif bits is not None and "," in bits:
-        raise BadInputError("--bits: a list of widths is for a budget (--target-size / --min-fidelity); "
+        raise BadInputError("--bits: a list of widths is for a budget (--target-size / --min-fidelity / --plan); "
                             "without one give a single width")
     try:
         cfg = CompressConfig(outer=outer, seed=seed, outer_dim=parse_outer_dim(outer_dim), outer_stream=outer_stream,
