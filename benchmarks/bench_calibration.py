@@ -20,10 +20,10 @@ calibration (closed form, no training).
 
 --quantized: `compress --outer svd --target-size Nx` (rank and bits per module by weight-space error)
 beside the same budget with `calibration=` (the same allocation, each module's choice fitted to its
-outputs: whitened factors, the input-side factor rounded with error feedback), and three controls at
-the same budget: rounded to nearest (calibrated.EF_ROUNDING off), and rank and bits allocated in an
-output metric: each module's relative output error times its weight-space energy
-(calibrated.ALLOCATE_BY = "relative") or the raw output error ("output"). Outputs calibration_quantized.txt/json.
+outputs: whitened factors, the input-side factor rounded with error feedback), and two controls at
+the same budget: rounded to nearest (calibrated.EF_ROUNDING off), and rank and bits allocated in the
+output metric of --min-fidelity: each module's relative output error times its weight-space energy
+(calibrated.ALLOCATE_BY = "relative"). Outputs calibration_quantized.txt/json.
     python benchmarks/bench_calibration.py --teacher-steps 20 --cal-sequences 8 --ranks 1   # smoke
 
 The trained teacher (and a plain transformers copy of the base) are cached under
@@ -260,7 +260,7 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
 def quantized_rows(args, teacher, stats, row) -> None:
     """Budgeted svd compress at each target size: plain, calibrated, and two controls of the calibrated
     one: the input-side factor rounded to nearest (does error feedback stay?), and the allocation in
-    an output metric (calibrated.ALLOCATE_BY = "relative", "output") instead of weight-space error."""
+    an output metric (calibrated.ALLOCATE_BY = "relative") instead of weight-space error."""
     from lora_convert import calibrated
 
     def control(name: str, value, label: str, target: str) -> None:
@@ -279,7 +279,6 @@ def quantized_rows(args, teacher, stats, row) -> None:
         if args.quantized_controls:
             control("EF_ROUNDING", False, "  same, no error feedback", target)
             control("ALLOCATE_BY", "relative", "  same, rel. output alloc.", target)
-            control("ALLOCATE_BY", "output", "  same, raw output alloc.", target)
 
 
 def write_table(args, rows, record, ref, original_bytes, timing, t_start, stem: str) -> None:

@@ -119,11 +119,11 @@ _FEEDBACK = BytesLRU(256 << 20, size=lambda v: v[1].nbytes + v[0].numel() * 8)
 EF_ROUNDING = True
 # How a calibrated budget chooses rank and bits: "weight" allocates by weight-space error, as without
 # calibration, and fits each module's choice to its output; "relative" sums each module's squared
-# relative output error times its weight-space energy; "output" sums absolute output errors on the
-# calibration text. Allocating in an output metric tunes the choice to the calibration text: on
-# held-out text of another distribution "relative" kept 12 points less than "weight" at 32x and
-# "output" 7 points less at 16x (benchmarks/bench_calibration.py --quantized). A floor on the
-# calibrated share (--min-fidelity) needs curves in that share: "relative" then (allocation_metric).
+# relative output error times its weight-space energy. Allocating in an output metric tunes the
+# choice to the calibration text: on held-out text of another distribution "relative" kept up to
+# 12 points less than "weight" (benchmarks/bench_calibration.py --quantized; summing raw output
+# errors did no better). A floor on the calibrated share (--min-fidelity) needs curves in that
+# share: "relative" then (allocation_metric).
 ALLOCATE_BY = "weight"
 
 
@@ -196,7 +196,8 @@ def check_width(m: LoraModule, L: torch.Tensor) -> None:
 def compress_quantized(m: LoraModule, src, options: dict, bits: int, group: int, L: torch.Tensor,
                        choice=None) -> MiniModule:
     """One module stored quantized and fitted to its output: rank and bits from the budget's
-    `choice` (budget.Option), else options' rank / keep_energy (on the whitened spectrum) and `bits`."""
+    `choice` (convert.Planned: its energy figure is recorded), else options' rank / keep_energy (on
+    the whitened spectrum) and `bits`."""
     F1, F2, s, outers = whitened_factors(m, src, options, L)
     if choice is not None:
         k, bits = min(choice.k, F1.shape[1]), choice.bits
@@ -217,15 +218,31 @@ def compress_quantized(m: LoraModule, src, options: dict, bits: int, group: int,
     diff = difference_norm(B, A, B2, A2)
     rel = diff / ref if ref else (0.0 if diff == 0.0 else float("inf"))
     cal = whitened_relative_error(B, A, B2, A2, L)
+    if choice is None:
+        fidelity = {"rel_error": short_figure(rel), "energy": short_figure(m.scale ** 2 * ref ** 2),
+                    "calibrated_rel_error": short_figure(cal)}
+    else:  # within the lengths the budget counted: the plan's energy figure, bounded error figures
+        fidelity = {"rel_error": budgeted_figure(m.name, rel), "energy": choice.energy,
+                    "calibrated_rel_error": budgeted_figure(m.name, cal)}
     return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha, use_rslora=m.use_rslora,
-                      dtype=dtype_name(m.dtype), outer=dict(spec), U=U, V=V, X=X, Y=Y,
-                      fidelity={"rel_error": short_figure(rel), "energy": short_figure(m.scale ** 2 * ref ** 2),
-                                "calibrated_rel_error": short_figure(cal)},
+                      dtype=dtype_name(m.dtype), outer=dict(spec), U=U, V=V, X=X, Y=Y, fidelity=fidelity,
                       quant={"bits": bits, "group": group})
 
 
-# A calibrated module's extra figure at its longest (FIDELITY_DIGITS), as plan_curves counts it in the header
-PLANNED_FIDELITY = {"calibrated_rel_error": short_figure(-1.2345678901234567e-300)}
+# The longest error figure (rel_error, calibrated_rel_error) a calibrated module's entry records, as a
+# budget counts it: every non-negative figure of FIDELITY_DIGITS digits below 1e8 is as short (the
+# errors of a fit are near or below 1); a longer one is refused (budgeted_figure)
+ERROR_FIGURE_BOUND = short_figure(1.2345e-300)
+PLANNED_FIDELITY = {"calibrated_rel_error": ERROR_FIGURE_BOUND}
+
+
+def budgeted_figure(name: str, value: float) -> float:
+    """short_figure(value), refused if longer than the budget counted it (a broken fit)."""
+    fig = short_figure(value)
+    if not len(repr(fig)) <= len(repr(ERROR_FIGURE_BOUND)):
+        raise BadInputError(f"module {name!r}: its calibrated fit is numerically broken (relative error {value:.3g}); "
+                            "compress it without --calibration")
+    return fig
 
 
 def summary_overhead() -> int:

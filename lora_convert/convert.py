@@ -495,12 +495,11 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
     max_data = max_bytes or sum(max(o.nbytes for o in c.options + c.pending) for c in raw)
     sizes = SizePlan(probe, specs, max_data, directory)
     fixed = sizes.fixed + (calibrated.summary_overhead() if whitened and directory else 0)
-    worst = -1.234e15  # the longest figure short_figure gives: whitened curves' weight-space figures are not known yet
-
     def costed(c: budget.Curve) -> budget.Curve:
         """c with every option's bytes counting its entry in the header (pending ones at least)."""
-        if c.name in whitened:
-            costs = [sizes.entry_bytes(c.name, o.k, o.bits, worst, worst) for o in c.options]
+        if c.name in whitened:  # the error figures of the calibrated fit are not known yet: at their longest
+            e = short_figure(c.energy)  # the update's weight-space energy, as Planned carries it
+            costs = [sizes.entry_bytes(c.name, o.k, o.bits, calibrated.ERROR_FIGURE_BOUND, e) for o in c.options]
             return budget.Curve(c.name, c.energy, [Option(o.k, o.bits, o.nbytes + n, o.err2)
                                                    for o, n in zip(c.options, costs)])
         # entry_bytes at the first option, plus how much longer each option's numbers are

@@ -367,6 +367,33 @@ def test_calibrated_budget_allocates_by_weight_and_fits_outputs(setup, tiny_stat
     assert total_output_error2(adapter, cal, stats) < total_output_error2(adapter, plain_mini, stats)
 
 
+def test_calibrated_budget_counts_its_header_within_the_error_figures(setup, tiny_stats, tmp_path):
+    """A calibrated budget counts each entry exactly but for its two error figures (at their longest),
+    records the plan's energy figure, and refuses a figure longer than it counted."""
+    from lora_convert import budget
+    from lora_convert.budget import allocate
+    from lora_convert.calibrated import ERROR_FIGURE_BOUND, budgeted_figure
+    from lora_convert.container import short_figure
+    from lora_convert.config import CompressConfig
+    from lora_convert.convert import calibrated_whitening, plan_curves, source_bytes
+    from lora_convert.errors import BadInputError
+    adapter, stats = tiny_stats
+    budget_bytes = int(source_bytes(str(setup / "teacher")) / 2)
+    cfg = CompressConfig(outer="svd", target_size=budget_bytes)
+    curves, fixed = plan_curves(adapter, cfg, budget_bytes, calibrated_whitening(adapter, stats), directory=False)
+    planned = allocate(curves, budget_bytes, None, fixed, balance=budget.BALANCE)
+    out = tmp_path / "m.safetensors"
+    lc.save(lc.compress(adapter, cfg, calibration=stats, output=out), out)
+    slack = 16 + len(curves) * 2 * (len(repr(ERROR_FIGURE_BOUND)) - len("0.0"))
+    assert planned.nbytes - slack <= out.stat().st_size <= planned.nbytes <= budget_bytes
+    energies = {c.name: c.energy for c in curves}
+    for m in lc.load(out).modules():
+        assert m.fidelity["energy"] == short_figure(energies[m.name])
+    assert budgeted_figure("m", 0.12345) == 0.1235
+    with pytest.raises(BadInputError, match="numerically broken"):
+        budgeted_figure("m", 1.5e8)
+
+
 def calibrated_share(adapter, mini, stats) -> float:
     """Dense reference of the calibrated share: relative output errors weighted by weight energy."""
     num = den = 0.0
