@@ -28,7 +28,8 @@ def test_advice_follows_the_method_and_what_it_kept():
     low = next_steps(budget, _report(0.7))
     assert "--calibration" in low[0] and "recover" in low[1] and len(low) == 2
     calibrated = next_steps(budget, _report(0.7), calibrated=True)
-    assert len(calibrated) == 1 and "recover" in calibrated[0]
+    assert len(calibrated) == 1 and "recover" in calibrated[0] and "without --calibration" in calibrated[0]
+    assert "without --calibration" not in low[1]  # a calibrated start recovered less (benchmarks/README.md)
 
 
 def test_compress_prints_and_returns_next_steps(fixtures, tmp_path):
