@@ -57,7 +57,7 @@ CACHE = ROOT / "benchmarks" / "cache" / "frontier"
 RESULTS = ROOT / "benchmarks" / "results"
 HELDOUT = ("heldout_same", "heldout_other")
 SVD_RANKS = (1, 2, 4, 8)
-CAL_METRIC_KEY = {"relative": "", "weight": "-wt", "output": "-out"}  # cache keys of calibrated budget points
+CAL_METRIC_KEY = {"relative": "", "weight": "-wt"}  # cache keys of calibrated budget points
 BASELINES = ((8, None), (4, 8), (8, 4), (4, 4), (2, 4), (1, 4))  # (rank, bits); None = fp16: the table
 TARGETS = (8, 16, 32, 64, 128)
 RECOVER = ("random:256:2:4", "svd:32x")   # svd:<target> | random:<outer dim>:<rank>:<bits>

@@ -34,7 +34,7 @@ def next_steps(cfg: CompressConfig, report: FidelityReport, calibrated: bool = F
     if not calibrated:
         out.append("with the base model and text like the adapter's data: add `--calibration TEXT --base MODEL` "
                    "(fits each module's output, no training)")
-    start = "the same budget without --calibration" if calibrated else "this file"
+    start = "a file compressed to the same budget without --calibration" if calibrated else "this file"
     out.append(f"with the base model and time: `lora-convert recover` on {start} keeps its size and bits and "
                "regains effect on the model's outputs (on your text, or `--generate 256` samples some; GPU faster)")
     return out

@@ -20,6 +20,7 @@ by their weight-space `energy`, as a calibrated budget with a floor does (ALLOCA
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import torch
@@ -130,7 +131,9 @@ ALLOCATE_BY = "weight"
 def allocation_metric(floor: bool) -> str:
     """The metric a calibrated budget allocates in: ALLOCATE_BY, or "relative" in place of "weight"
     when the allocation must meet a floor on the calibrated share (`floor`)."""
-    return "relative" if floor and ALLOCATE_BY == "weight" else ALLOCATE_BY
+    if ALLOCATE_BY not in ("weight", "relative"):
+        raise ValueError(f"calibrated.ALLOCATE_BY must be 'weight' or 'relative', got {ALLOCATE_BY!r}")
+    return "relative" if floor else ALLOCATE_BY
 
 
 def _feedback(L: torch.Tensor) -> np.ndarray:
@@ -230,8 +233,8 @@ def compress_quantized(m: LoraModule, src, options: dict, bits: int, group: int,
 
 
 # The longest error figure (rel_error, calibrated_rel_error) a calibrated module's entry records, as a
-# budget counts it: every non-negative figure of FIDELITY_DIGITS digits below 1e8 is as short (the
-# errors of a fit are near or below 1); a longer one is refused (budgeted_figure)
+# budget counts it: every non-negative figure of FIDELITY_DIGITS digits that rounds below 1e8 is as
+# short (the errors of a fit are near or below 1); a longer one is refused (budgeted_figure)
 ERROR_FIGURE_BOUND = short_figure(1.2345e-300)
 PLANNED_FIDELITY = {"calibrated_rel_error": ERROR_FIGURE_BOUND}
 
@@ -239,7 +242,7 @@ PLANNED_FIDELITY = {"calibrated_rel_error": ERROR_FIGURE_BOUND}
 def budgeted_figure(name: str, value: float) -> float:
     """short_figure(value), refused if longer than the budget counted it (a broken fit)."""
     fig = short_figure(value)
-    if not len(repr(fig)) <= len(repr(ERROR_FIGURE_BOUND)):
+    if not (math.isfinite(fig) and len(repr(fig)) <= len(repr(ERROR_FIGURE_BOUND))):
         raise BadInputError(f"module {name!r}: its calibrated fit is numerically broken (relative error {value:.3g}); "
                             "compress it without --calibration")
     return fig

@@ -123,10 +123,13 @@ class CompressConfig:
         except ValueError:
             raise ConfigError("group_size", f"must be an integer in [1, {quant.MAX_GROUP}], "
                               f"got {self.group_size!r}") from None
-        if isinstance(self.allowed_bits, (str, int)) or not self.allowed_bits or \
-                not all(_is_width(b) for b in self.allowed_bits):
+        if isinstance(self.allowed_bits, (str, int)) or not self.allowed_bits:
             raise ConfigError("allowed_bits", f"must be widths from {', '.join(map(str, quant.WIDTHS))}, got "
                               f"{self.allowed_bits!r}")
+        bad = [b for b in self.allowed_bits if not _is_width(b)]
+        if bad:
+            raise ConfigError("allowed_bits", f"unknown bit width {bad[0]!r} (choose from "
+                              f"{', '.join(map(str, quant.WIDTHS))})")
         object.__setattr__(self, "allowed_bits", tuple(sorted(set(self.allowed_bits), key=quant.width_key)))
         if self.target_size is not None:
             try:

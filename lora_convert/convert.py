@@ -524,8 +524,9 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
 
 
 def calibrated_whitening(adapter: Adapter, calibration) -> Callable[[str], torch.Tensor] | None:
-    """plan_curves' `whitening` from calibration statistics: every module's factor L, so that the
-    budget allocates by output error (one metric for all modules, or the sums would mix units)."""
+    """plan_curves' `whitening` from calibration statistics: every module's factor L, so that every
+    module is fitted to its outputs and a floor on the calibrated share can be planned (one metric
+    for all modules, or its sums would mix units)."""
     if not calibration:
         return None
     missing = [n for n in adapter.module_names if n not in calibration]

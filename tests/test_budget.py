@@ -272,7 +272,7 @@ def test_random_outer_budget(fixtures, tmp_path):
     (["--group-size", "0"], ["--group-size"]),
     (["--min-fidelity", "1.5"], ["--min-fidelity"]),
     (["--bits", "3,nf4"], ["--bits", "a budget"]),
-    (["--target-size", "4x", "--bits", "3,5"], ["--bits", "widths"]),
+    (["--target-size", "4x", "--bits", "3,5"], ["--bits", "unknown bit width 5"]),
 ])
 def test_unmeetable_budgets_and_bad_options(fixtures, tmp_path, args, words):
     out = tmp_path / "m"

@@ -390,8 +390,9 @@ def test_calibrated_budget_counts_its_header_within_the_error_figures(setup, tin
     for m in lc.load(out).modules():
         assert m.fidelity["energy"] == short_figure(energies[m.name])
     assert budgeted_figure("m", 0.12345) == 0.1235
-    with pytest.raises(BadInputError, match="numerically broken"):
-        budgeted_figure("m", 1.5e8)
+    for broken in (1.5e8, float("inf"), float("nan")):
+        with pytest.raises(BadInputError, match="numerically broken"):
+            budgeted_figure("m", broken)
 
 
 def calibrated_share(adapter, mini, stats) -> float:
