@@ -14,7 +14,8 @@ output-side factor is rounded to nearest. Budget curves (`input_rounding`) use t
 
 One module at a time (each has its own L, so stacks would share nothing). Fidelity records the
 weight-space `rel_error` as always (so verify --against agrees) plus `calibrated_rel_error`, the
-relative output error on the calibration data. The whole-adapter calibrated share weighs modules
+relative output error on the calibration data (not in a byte budget planned by weight-space
+error, where every header byte counts). The whole-adapter calibrated share weighs modules
 by their weight-space `energy`, as a calibrated budget with a floor does (ALLOCATE_BY).
 """
 from __future__ import annotations
@@ -197,10 +198,10 @@ def check_width(m: LoraModule, L: torch.Tensor) -> None:
 
 
 def compress_quantized(m: LoraModule, src, options: dict, bits: int, group: int, L: torch.Tensor,
-                       choice=None) -> MiniModule:
+                       choice=None, figure: bool = True) -> MiniModule:
     """One module stored quantized and fitted to its output: rank and bits from the budget's
     `choice` (convert.Planned: its energy figure is recorded), else options' rank / keep_energy (on
-    the whitened spectrum) and `bits`."""
+    the whitened spectrum) and `bits`. `figure`: record the calibrated error (the entry's extra figure)."""
     F1, F2, s, outers = whitened_factors(m, src, options, L)
     if choice is not None:
         k, bits = min(choice.k, F1.shape[1]), choice.bits
@@ -225,8 +226,9 @@ def compress_quantized(m: LoraModule, src, options: dict, bits: int, group: int,
         fidelity = {"rel_error": short_figure(rel), "energy": short_figure(m.scale ** 2 * ref ** 2),
                     "calibrated_rel_error": short_figure(cal)}
     else:  # within the lengths the budget counted: the plan's energy figure, bounded error figures
-        fidelity = {"rel_error": budgeted_figure(m.name, rel), "energy": choice.energy,
-                    "calibrated_rel_error": budgeted_figure(m.name, cal)}
+        fidelity = {"rel_error": budgeted_figure(m.name, rel), "energy": choice.energy}
+        if figure:
+            fidelity["calibrated_rel_error"] = budgeted_figure(m.name, cal)
     return MiniModule(name=m.name, kind=m.kind, kernel=m.kernel, rank=m.rank, alpha=m.alpha, use_rslora=m.use_rslora,
                       dtype=dtype_name(m.dtype), outer=dict(spec), U=U, V=V, X=X, Y=Y, fidelity=fidelity,
                       quant={"bits": bits, "group": group})

@@ -126,12 +126,15 @@ def compress_window(modules: list[LoraModule], source: str | CompressConfig = "r
     src = outer.get(cfg.outer)
     opts = _outer_options(cfg)
     if cfg.quantized:
+        # a byte budget planned by weight-space error spends no header bytes on the calibrated figure
+        figure = plan is None or calibrated.allocation_metric(cfg.min_fidelity is not None) != "weight"
         out = []
         for m in modules:
             stats = calibration.get(m.name) if calibration else None
             choice = (plan or {}).get(m.name)
             out.append(_compress_quantized(m, src, cfg, opts, choice) if stats is None else
-                       calibrated.compress_quantized(m, src, opts, cfg.bits, cfg.group_size, stats.factor(), choice))
+                       calibrated.compress_quantized(m, src, opts, cfg.bits, cfg.group_size, stats.factor(), choice,
+                                                     figure=figure))
         return out
     shapes: dict[tuple, list[int]] = {}
     done: dict[int, MiniModule] = {}
@@ -463,7 +466,6 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
                 calibrated.check_width(m, L)
                 c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
                                        outers=outers)
-                fidelity = calibrated.PLANNED_FIDELITY
             elif L is None:
                 part = extent(m, min(m.rank, m.out_features, m.in_features), known or 0) if ratio else {}
                 c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
@@ -494,7 +496,8 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
                         original_bytes=original)
     max_data = max_bytes or sum(max(o.nbytes for o in c.options + c.pending) for c in raw)
     sizes = SizePlan(probe, specs, max_data, directory)
-    fixed = sizes.fixed + (calibrated.summary_overhead() if whitened and directory else 0)
+    fixed = sizes.fixed + (calibrated.summary_overhead() if whitened and directory and metric != "weight" else 0)
+
     def costed(c: budget.Curve) -> budget.Curve:
         """c with every option's bytes counting its entry in the header (pending ones at least)."""
         if c.name in whitened:  # the error figures of the calibrated fit are not known yet: at their longest
