@@ -226,21 +226,25 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
     rows = []
     out_dir = Path(args.cache) / "out"
 
-    def row(method: str, label: str, mini) -> None:
+    def row(method: str, label: str, mini, share_stats=None) -> None:
         t0 = time.perf_counter()
         path = out_dir / f"{method}-{label}".replace(" ", "_").replace("=", "").replace(",", "")
         report = lc.save(mini, path)
         secs = time.perf_counter() - t0
+        cal_kept = report.calibrated_retained
+        if share_stats is not None:  # every --quantized row, measured alike (byte budgets record no such figure)
+            cal_kept = calibrated_share(teacher, lc.load(path), share_stats)
         set_modules(session.layers, lc.load(path))
         e = heldout.score()
         rows.append({"method": method, "variant": label, "bytes": file_bytes(path), "compress_s": secs,
                      "effect_kept": 1 - e["kl_student"] / e["kl_base"], "kl": e["kl_student"],
                      "loss": e["loss_student"], "top1": e["agree_student"],
-                     "weight_kept": report.retained_energy, "calibrated_kept": report.calibrated_retained})
+                     "weight_kept": report.retained_energy, "calibrated_kept": cal_kept})
         print(f"  {method:<30} {label:<12} {100 * rows[-1]['effect_kept']:6.1f}%  ({secs:.1f} s)", flush=True)
 
     if args.quantized:
-        quantized_rows(args, teacher, stats[args.quantized_cal], row)
+        quantized_rows(args, teacher, stats[args.quantized_cal],
+                       lambda *a: row(*a, share_stats=stats[args.quantized_cal]))
         write_table(args, rows, record, ref, original_bytes, timing, t_start, "calibration_quantized")
         return
     for r in [int(x) for x in args.ranks.split(",")]:
@@ -255,6 +259,24 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
             row(f"random + calib {cal}", f"a={a} k={k}", lc.compress(teacher, "random", outer_dim=a, rank=k,
                                                                      dtype="fp32", calibration=stats[cal]))
     write_table(args, rows, record, ref, original_bytes, timing, t_start, "calibration")
+
+
+def calibrated_share(adapter, mini, stats) -> float:
+    """1 − Σ E·e² / Σ E over modules: e a module's relative output error on the calibration text
+    (from its input second moment), E its update's weight-space energy (what compress reports as
+    the calibrated share), dense per module (small models only)."""
+    num = den = 0.0
+    for name in adapter.module_names:
+        o, m = adapter.module(name), mini.module(name)
+        W = o.scale * o.up.double() @ o.down.double()
+        B2, A2 = m.factors()
+        E = W - m.scale * B2.double() @ A2.double()
+        C = stats[name].second_moment()
+        ref2 = float(torch.trace(W @ C @ W.T))
+        energy = float((W ** 2).sum())
+        num += energy * (float(torch.trace(E @ C @ E.T)) / ref2 if ref2 > 0 else 0.0)
+        den += energy
+    return 1.0 - num / den if den else 1.0
 
 
 def quantized_rows(args, teacher, stats, row) -> None:
