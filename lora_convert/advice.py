@@ -32,7 +32,7 @@ def next_steps(cfg: CompressConfig, report: FidelityReport, calibrated: bool = F
         return []
     out = []
     if not calibrated:
-        out.append("with the base model and text like the adapter's data: add `--calibration TEXT --base MODEL` "
+        out.append("with the base model and some text (best: like the adapter's data): add `--calibration TEXT --base MODEL` "
                    "(fits each module's output, no training)")
     start = "a file compressed to the same budget without --calibration" if calibrated else "this file"
     out.append(f"with the base model and time: `lora-convert recover` on {start} keeps its size and bits and "
