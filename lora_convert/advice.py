@@ -32,8 +32,8 @@ def next_steps(cfg: CompressConfig, report: FidelityReport, calibrated: bool = F
         return []
     out = []
     if not calibrated:
-        out.append("with the base model and some text (best: like the adapter's data): add `--calibration TEXT --base MODEL` "
-                   "(fits each module's output, no training)")
+        out.append("with the base model and some text (best: like the adapter's data): add "
+                   "`--calibration TEXT --base MODEL` (fits each module's output, no training)")
     start = "a file compressed to the same budget without --calibration" if calibrated else "this file"
     out.append(f"with the base model and time: `lora-convert recover` on {start} keeps its size and bits and "
                "regains effect on the model's outputs (on your text, or `--generate 256` samples some; GPU faster)")
