@@ -356,7 +356,8 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibr
     if cfg.budgeted:
         max_bytes = cfg.budget_bytes(original)
         directory = output is None or Path(output).suffix != ".safetensors"
-        curves, fixed, complete = _plan(adapter, cfg, max_bytes, calibrated_whitening(adapter, calibration),
+        curves, fixed, complete = _plan(adapter, cfg, max_bytes,
+                                        calibrated_whitening(adapter, calibration, cfg.min_fidelity is not None),
                                         directory, partial=True)
         factors = {c.name: c.factors for c in curves}
 
@@ -526,18 +527,20 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
     return [costed(c) for c in raw], fixed, complete
 
 
-def calibrated_whitening(adapter: Adapter, calibration) -> Callable[[str], torch.Tensor] | None:
-    """plan_curves' `whitening` from calibration statistics: every module's factor L, so that every
-    module is fitted to its outputs and a floor on the calibrated share can be planned (one metric
-    for all modules, or its sums would mix units)."""
+def calibrated_whitening(adapter: Adapter, calibration,
+                         floor: bool = True) -> Callable[[str], torch.Tensor | None] | None:
+    """plan_curves' `whitening` from calibration statistics: each module's factor L, so that it is
+    fitted to its outputs. A floor on the calibrated share (`floor`) needs one for every module (one
+    metric for all, or its sums would mix units); without one, modules with no statistics (conv and
+    embedding updates) get None and the plain fit."""
     if not calibration:
         return None
     missing = [n for n in adapter.module_names if n not in calibration]
-    if missing:
-        raise BadInputError(f"a budget with calibration needs statistics for every module; {len(missing)} have none "
-                            f"(e.g. {missing[0]!r}: conv or embedding updates); drop --calibration or the budget",
-                            adapter.source or None)
-    return lambda name: calibration[name].factor()
+    if missing and floor:
+        raise BadInputError(f"a floor on the calibrated share needs statistics for every module; {len(missing)} have "
+                            f"none (e.g. {missing[0]!r}: conv or embedding updates); use --target-size, or drop "
+                            "--calibration", adapter.source or None)
+    return lambda name: calibration[name].factor() if name in calibration else None
 
 
 def source_bytes(source: str) -> int | None:

@@ -398,6 +398,27 @@ def test_calibrated_budget_counts_its_header_within_the_error_figures(setup, tin
             budgeted_figure("m", broken)
 
 
+def test_byte_budget_keeps_the_plain_fit_where_statistics_are_missing(setup, tiny_stats, tmp_path):
+    """--target-size with statistics for some modules only (as for conv or embedding updates): those
+    without get the plain fit, the budget holds; a floor on the calibrated share refuses in one line."""
+    from lora_convert.convert import source_bytes
+    from lora_convert.errors import BadInputError
+    adapter, stats = tiny_stats
+    missing = adapter.module_names[0]
+    partial = {n: st for n, st in stats.items() if n != missing}
+    budget_bytes = int(source_bytes(str(setup / "teacher")) / 2)
+    lc.save(lc.compress(adapter, "svd", target_size=budget_bytes, calibration=partial), tmp_path / "part")
+    lc.save(lc.compress(adapter, "svd", target_size=budget_bytes, calibration=stats), tmp_path / "all")
+    assert sum(f.stat().st_size for f in (tmp_path / "part").iterdir()) <= budget_bytes
+    m = lc.load(tmp_path / "part").module(missing)  # the plain fit at its (rank, bits)
+    plain = lc.compress(adapter, "svd", rank=m.inner_rank, bits=m.quant["bits"]).module(missing)
+    whitened = lc.compress(adapter, "svd", rank=m.inner_rank, bits=m.quant["bits"], calibration=stats).module(missing)
+    product = lambda mod: torch.mm(*mod.factors())  # noqa: E731
+    assert torch.equal(product(m), product(plain)) and not torch.equal(product(m), product(whitened))
+    with pytest.raises(BadInputError, match=f"floor on the calibrated share.*{missing}"):
+        lc.compress(adapter, "svd", min_fidelity=0.5, calibration=partial)
+
+
 def calibrated_share(adapter, mini, stats) -> float:
     """Dense reference of the calibrated share: relative output errors weighted by weight energy."""
     num = den = 0.0
