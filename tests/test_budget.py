@@ -296,7 +296,7 @@ def test_plan_prints_the_curve_and_writes_nothing(fixtures, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
     doc = json.loads(run("compress", fixtures / SRC, "--outer", "svd", "--plan", "--json").stdout)
-    assert [p["bytes"] for p in doc["points"]] == sizes
+    assert [p["bytes"] for p in doc["points"]] == sizes and doc["fidelity"] == "weight-space energy"
 
 
 # ---------------------------------------------------------------- CompressConfig

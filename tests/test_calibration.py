@@ -452,3 +452,4 @@ def test_cli_calibrated_budget_reports_the_calibrated_share(setup, tmp_path):
     assert plan.exit_code == 0, plan.output
     points = json.loads(plan.stdout)
     assert points["calibrated"] and points["points"][-1]["fidelity"] > points["points"][0]["fidelity"]
+    assert points["fidelity"] == "calibrated share"

@@ -183,7 +183,8 @@ def _print_plan(adapter, cfg, as_json: bool, plot_file: str | None, stats=None) 
             shown.append((nbytes, fid))
             last = nbytes
     if as_json:
-        click.echo(json.dumps({"original_bytes": original, "calibrated": bool(stats), "points": [
+        click.echo(json.dumps({"original_bytes": original, "calibrated": bool(stats),
+                               "fidelity": "calibrated share" if stats else "weight-space energy", "points": [
             {"bytes": b, "fidelity": f, "ratio": original / b if original else None} for b, f in shown]}, indent=2))
     else:
         click.echo(f"predicted size-fidelity curve ({cfg.outer} outers; bits {', '.join(map(str, cfg.allowed_bits))}; "
