@@ -440,6 +440,9 @@ def test_cli_calibrated_budget_reports_the_calibrated_share(setup, tmp_path):
     doc = json.loads(res.stdout)
     assert "calibrated_retained" not in doc["summary"]  # a byte budget records weight-space figures only
     assert doc["summary"]["compressed_bytes"] <= doc["budget_bytes"]
+    text = CliRunner().invoke(main, ["compress", str(setup / "teacher"), "-o", str(tmp_path / "mini2"), "--outer",
+                                     "svd", "--target-size", "2x", *common[:-1]])
+    assert text.exit_code == 0 and "share above understates it" in text.output
     res = CliRunner().invoke(main, ["compress", str(setup / "teacher"), "-o", str(tmp_path / "floor"), "--outer", "svd",
                                     "--min-fidelity", "0.5", *common])
     assert res.exit_code == 0, res.output

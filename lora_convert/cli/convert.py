@@ -163,6 +163,9 @@ def compress(path, output, outer, seed, outer_dim, outer_stream, rank, keep_ener
     if not as_json:
         if mini.max_bytes is not None:
             click.echo(f"budget: {mini.max_bytes:,} B; written: {report.compressed_bytes:,} B")
+        if stats and report.calibrated_retained is None:  # a byte budget records no calibrated share
+            click.echo("calibrated: each module is fitted to its outputs on the calibration text, not to its weights, "
+                       "so the weight-space share above understates it; compare files with `lora-convert eval`")
         for line in advice:
             click.echo(f"next: {line}")
 
