@@ -463,16 +463,13 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         L = whitening(name) if whitening else None
         fidelity = {}
         try:
-            if L is not None and metric == "weight":  # weight-space curve; the writer fits the choice to outputs
+            if L is not None:
                 calibrated.check_width(m, L)
-                c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
-                                       outers=outers)
-            elif L is None:
+            if L is None or metric == "weight":  # weight-space curve (calibrated: the writer fits it to outputs)
                 part = extent(m, min(m.rank, m.out_features, m.in_features), known or 0) if ratio else {}
                 c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
                                        outers=outers, **part)
             else:  # output-space errors, input-side factor rounded with error feedback (calibrated.py)
-                calibrated.check_width(m, L)
                 c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
                                        outers=outers, whitening=L.numpy(),
                                        input_rounding=calibrated.input_rounding(L, outers and outers[1]))
