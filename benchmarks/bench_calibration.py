@@ -262,19 +262,17 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
 
 
 def calibrated_share(adapter, mini, stats) -> float:
-    """1 − Σ E·e² / Σ E over modules: e a module's relative output error on the calibration text
-    (from its input second moment), E its update's weight-space energy (what compress reports as
-    the calibrated share), dense per module (small models only)."""
+    """The calibrated share compress reports, for any file: 1 − Σ E·e² / Σ E over modules, e a
+    module's relative output error on the calibration text (whiten.whitened_relative_error, from the
+    factors and the statistics' factor L), E its update's weight-space energy."""
+    from lora_convert.mathcore import frobenius
+    from lora_convert.whiten import whitened_relative_error
+
     num = den = 0.0
     for name in adapter.module_names:
         o, m = adapter.module(name), mini.module(name)
-        W = o.scale * o.up.double() @ o.down.double()
-        B2, A2 = m.factors()
-        E = W - m.scale * B2.double() @ A2.double()
-        C = stats[name].second_moment()
-        ref2 = float(torch.trace(W @ C @ W.T))
-        energy = float((W ** 2).sum())
-        num += energy * (float(torch.trace(E @ C @ E.T)) / ref2 if ref2 > 0 else 0.0)
+        energy = o.scale ** 2 * frobenius(o.up, o.down) ** 2
+        num += energy * whitened_relative_error(o.up, o.down, *m.factors(), stats[name].factor()) ** 2
         den += energy
     return 1.0 - num / den if den else 1.0
 
