@@ -288,46 +288,117 @@ def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bi
     `exact_bits`, `max_k` (svd only): compute the errors of those widths up to rank max_k and
     leave the other options pending with lower bounds (Curve), for an allocation that needs only
     the start of each curve. The curve keeps an SvdRecipe for the fit (unwhitened svd)."""
-    A64 = A.detach().double()
-    L = None if whitening is None else torch.from_numpy(np.asarray(whitening, dtype=np.float64))
-    if (exact_bits is not None or max_k is not None) and outers is not None:
+    return error_curves([CurveInput(name, B, A, scale, outers, whitening, overhead, input_rounding, exact_bits, max_k)],
+                        bits=bits, group=group)[0]
+
+
+@dataclass
+class CurveInput:
+    """One module for error_curves: error_curve's arguments but the widths and the group."""
+
+    name: str
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float
+    outers: tuple[torch.Tensor, torch.Tensor] | None = None
+    whitening: np.ndarray | None = None
+    overhead: int = 0
+    input_rounding: object = None
+    exact_bits: tuple[int, ...] | None = None
+    max_k: int | None = None
+
+
+def error_curves(inputs: list[CurveInput], *, bits: tuple[int | str, ...], group: int) -> list[Curve]:
+    """error_curve of several modules, the same curves: their factors' vectors of equal length are
+    rounded together, in one call per width. Rounding is most of a curve's cost and is done in
+    many short array operations; a few long ones waste less on each call's overhead and let
+    threads planning other modules run beside them (each short call hands the interpreter lock
+    over, which on a small machine costs about as much as the call)."""
+    preps = [_prepare(x, bits) for x in inputs]
+    P1 = _rounded_stacked([p.F1t for p in preps], [p.widths for p in preps], group)
+    P2 = _rounded_stacked([p.S2 if x.input_rounding is None else None for p, x in zip(preps, inputs)],
+                          [p.widths for p in preps], group)
+    return [_finish(p, x, bits, group, p1, p2) for p, x, p1, p2 in zip(preps, inputs, P1, P2)]
+
+
+def _rounded_stacked(mats: list[np.ndarray | None], widths: list[tuple], group: int) -> list[torch.Tensor | None]:
+    """rounded_vectors(M, w, group, by_rows=True) of each matrix (None: skipped), matrices of equal
+    row length and widths rounded in one call (rows round independently: the same values)."""
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    batches: dict[tuple, list[int]] = {}
+    for i, M in enumerate(mats):
+        if M is not None:
+            batches.setdefault((M.shape[1], widths[i]), []).append(i)
+    for (_, w), idx in batches.items():
+        R = rounded_vectors(np.concatenate([mats[i] for i in idx]) if len(idx) > 1 else mats[idx[0]], w, group,
+                            by_rows=True)
+        start = 0
+        for i in idx:
+            n = mats[i].shape[0]
+            out[i] = R[:, start:start + n]
+            start += n
+    return out
+
+
+@dataclass
+class _Prepared:
+    """A module's factors before rounding (error_curves)."""
+
+    F1t: np.ndarray  # output-side factor, transposed (k0 × out, or k0 × a for random outers)
+    S2: np.ndarray  # input-side factor (k0 × in, or K × b; whole when the curve is)
+    Bt: torch.Tensor
+    upd: Update
+    K: int
+    k0: int
+    recipe: SvdRecipe | None
+    maps: tuple
+    widths: tuple
+
+
+def _prepare(x: CurveInput, bits: tuple) -> _Prepared:
+    A64 = x.A.detach().double()
+    L = None if x.whitening is None else torch.from_numpy(np.asarray(x.whitening, dtype=np.float64))
+    if (x.exact_bits is not None or x.max_k is not None) and x.outers is not None:
         raise ValueError("partial curves are for svd outers")
     recipe = None
-    if outers is None and L is None:
-        Bt = _transposed64(B)
+    if x.outers is None and L is None:
+        Bt = _transposed64(x.B)
         upd = Update(Bt.T, A64)
         K = _numerical_rank(upd.spectrum)
-        k0 = K if max_k is None else max(1, min(K, max_k))
+        k0 = K if x.max_k is None else max(1, min(K, x.max_k))
         recipe = SvdRecipe.of(upd, k0)
         if recipe is not None:  # only the first k0 factors: the fit recomputes exactly these
             F1t, S2 = recipe.factors_t(Bt, A64)
+            maps = None, None
     if recipe is None:
-        B64 = B.detach().double()
+        B64 = x.B.detach().double()
         Aw = A64 if L is None else A64 @ L
         upd = Update(B64, Aw)
         Bt = B64.T
-        if outers is None:  # whitened, or factors that needed Householder QR: the whole curve
-            S1, S2, _ = svd_factors(B64, A64, whitening, update=upd)
+        if x.outers is None:  # whitened, or factors that needed Householder QR: the whole curve
+            S1, S2, _ = svd_factors(B64, A64, x.whitening, update=upd)
             maps = None, L  # the stored factors themselves; F2 is seen through L
         else:
-            U, V = outers
+            U, V = x.outers
             Vw = V.double() if L is None else V.double() @ L  # Y multiplies V: its fit and error see V L
             S1, S2, _ = random_inner(B64, Aw, U, Vw)
             maps = U.double(), Vw
         F1t = S1.T
         K = k0 = S1.shape[1]
-    else:
-        maps = None, None
-    energy = float(upd.energy)
-    widths = tuple(b for b in bits if exact_bits is None or b in exact_bits) or tuple(bits)
-    # the rounded factors of each width as stacks (widths × k0 × long side) of P1 = F1ᵀ, P2 = F2:
+    widths = tuple(b for b in bits if x.exact_bits is None or b in x.exact_bits) or tuple(bits)
     # F1 / X is never wide (K <= its rows), its vectors are its columns; F2[:k] / Y[:k] is wide for
     # every k below its width, its vectors are its rows
-    P1 = rounded_vectors(F1t, widths, group, by_rows=True)
-    if input_rounding is None:
-        P2 = rounded_vectors(S2, widths, group, by_rows=True)
-    else:
-        P2 = torch.stack([torch.from_numpy(np.asarray(input_rounding(S2[:min(k0, S2.shape[1] - 1)], b, group),
+    return _Prepared(np.ascontiguousarray(F1t), S2, Bt, upd, K, k0, recipe, maps, widths)
+
+
+def _finish(p: _Prepared, x: CurveInput, bits: tuple, group: int, P1: torch.Tensor,
+            P2: torch.Tensor | None) -> Curve:
+    """The curve from the rounded factors of each width as stacks (widths × k0 × long side) of
+    P1 = F1ᵀ and P2 = F2 (None: by x.input_rounding)."""
+    F1t, S2, Bt, upd, K, k0, maps, widths = p.F1t, p.S2, p.Bt, p.upd, p.K, p.k0, p.maps, p.widths
+    energy = float(upd.energy)
+    if P2 is None:
+        P2 = torch.stack([torch.from_numpy(np.asarray(x.input_rounding(S2[:min(k0, S2.shape[1] - 1)], b, group),
                                                       dtype=np.float64)) for b in widths])
     if maps[0] is not None:
         P1 = (maps[0] @ P1.transpose(1, 2)).transpose(1, 2)  # (U X)ᵀ
@@ -335,16 +406,16 @@ def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bi
         P2 = P2 @ maps[1]
     err2 = _prefix_errors(energy, Bt, upd.A, P1[:, :P2.shape[1]].contiguous(), P2.contiguous())
     if k0 == S2.shape[1]:  # at full rank a square F2 / Y is stored by columns
-        if input_rounding is None:
+        if x.input_rounding is None:
             Q2 = rounded_vectors(S2, widths, group).transpose(1, 2)
         else:
-            Q2 = torch.stack([torch.from_numpy(np.asarray(input_rounding(S2, b, group), dtype=np.float64))
+            Q2 = torch.stack([torch.from_numpy(np.asarray(x.input_rounding(S2, b, group), dtype=np.float64))
                               for b in widths])
         if maps[1] is not None:
             Q2 = Q2 @ maps[1]
         err2 = np.concatenate([err2[:, :k0 - 1], _prefix_errors(energy, Bt, upd.A, P1.contiguous(),
                                                                 Q2.contiguous())[:, k0 - 1:]], axis=1)
-    s2 = scale * scale
+    s2 = x.scale * x.scale
     err2 = s2 * err2
     # below every rank-k error (Eckart–Young), with room for the computed errors' round-off
     tail = np.concatenate([np.cumsum((upd.spectrum ** 2)[::-1])[::-1][1:], [0.0]])
@@ -357,7 +428,7 @@ def error_curve(name: str, B: torch.Tensor, A: torch.Tensor, scale: float, *, bi
             opts.extend(map(Option, range(1, known + 1), (b,) * known, sizes, err2[widths.index(b), :known].tolist()))
         pending.extend(map(Option, range(known + 1, K + 1), (b,) * (K - known), sizes[known:],
                            floor[known:K].tolist()))
-    return Curve(name, s2 * energy, opts, overhead, pending, recipe)
+    return Curve(x.name, s2 * energy, opts, x.overhead, pending, p.recipe)
 
 
 @functools.lru_cache(maxsize=256)

@@ -422,6 +422,8 @@ PARTIAL_BITS = 4
 # twice that rank, then whole.
 PARTIAL_SPAN = 3
 PARTIAL_EXTRA = 4
+# Modules planned together (budget.error_curves): a layer of a transformer
+PLAN_WINDOW = 8
 
 
 @one_thread
@@ -449,10 +451,9 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
             return {}
         return {"exact_bits": low, "max_k": max_k}
 
-    @one_thread
-    def curve(name: str, known: int | None = None) -> tuple[budget.Curve, dict, bool]:
-        """Module `name`'s curve: partial as `extent` says (`known`: the rank its partial curve reached;
-        None: start), whole without a budget ratio."""
+    def prepared(name: str, known: int | None) -> tuple[budget.CurveInput, dict, torch.Tensor | None]:
+        """Module `name`'s curve input (partial as `extent` says; `known`: the rank its partial curve
+        reached, None: start; whole without a budget ratio), its spec and its whitening factor."""
         m = adapter.module(name)
         outers = None
         if not src.stored:
@@ -462,28 +463,48 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
             ospec = {"source": src.name, "a": 1, "b": 1}
         L = whitening(name) if whitening else None
         fidelity = {}
-        try:
-            if L is not None:
-                calibrated.check_width(m, L)
-            if L is None or metric == "weight":  # weight-space curve (calibrated: the writer fits it to outputs)
-                part = extent(m, min(m.rank, m.out_features, m.in_features), known or 0) if ratio else {}
-                c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
-                                       outers=outers, **part)
-            else:  # output-space errors, input-side factor rounded with error feedback (calibrated.py)
-                c = budget.error_curve(name, m.up, m.down, m.scale, bits=cfg.allowed_bits, group=cfg.group_size,
-                                       outers=outers, whitening=L.numpy(),
-                                       input_rounding=calibrated.input_rounding(L, outers and outers[1]))
-                c = calibrated.reweighted(c, m.scale ** 2 * float(Update(m.up, m.down).energy), metric)
-                fidelity = calibrated.PLANNED_FIDELITY  # its entry's extra figure, at its longest
-        except ValueError as exc:
-            raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
+        if L is not None:
+            calibrated.check_width(m, L)
+        if L is None or metric == "weight":  # weight-space curve (calibrated: the writer fits it to outputs)
+            part = extent(m, min(m.rank, m.out_features, m.in_features), known or 0) if ratio else {}
+            x = budget.CurveInput(name, m.up, m.down, m.scale, outers, **part)
+        else:  # output-space errors, input-side factor rounded with error feedback (calibrated.py)
+            x = budget.CurveInput(name, m.up, m.down, m.scale, outers, whitening=L.numpy(),
+                                  input_rounding=calibrated.input_rounding(L, outers and outers[1]))
+            fidelity = calibrated.PLANNED_FIDELITY  # its entry's extra figure, at its longest
         spec = module_spec(m.kind, m.kernel, m.rank, m.alpha, m.use_rslora, dtype_name(m.dtype), m.out_features,
                            m.in_features, 1, ospec, dict(fidelity),
                            {"bits": cfg.allowed_bits[-1], "group": cfg.group_size})
-        return c, spec, L is not None
+        return x, spec, L
+
+    @one_thread
+    def curves(names: list[str], known: dict[str, int] | None = None) -> list[tuple[budget.Curve, dict, bool]]:
+        """The curves of a window of modules (error_curves rounds their factors together)."""
+        inputs, specs, Ls = [], [], []
+        for name in names:
+            try:
+                x, spec, L = prepared(name, known and known[name])
+            except ValueError as exc:
+                raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
+            inputs.append(x)
+            specs.append(spec)
+            Ls.append(L)
+        try:
+            out = budget.error_curves(inputs, bits=cfg.allowed_bits, group=cfg.group_size)
+        except ValueError as exc:
+            if len(inputs) > 1:  # one module's: find and name it
+                return [r for x in inputs for r in curves([x.name], known)]
+            raise BadInputError(f"module {inputs[0].name!r}: {exc}", adapter.source or None) from None
+        for i, (c, x, L) in enumerate(zip(out, inputs, Ls)):
+            if x.input_rounding is not None:
+                out[i] = calibrated.reweighted(c, x.scale ** 2 * float(Update(x.B, x.A).energy), metric)
+        return [(c, spec, L is not None) for c, spec, L in zip(out, specs, Ls)]
+
+    def windows(names: list[str]) -> list[list[str]]:
+        return [names[i:i + PLAN_WINDOW] for i in range(0, len(names), PLAN_WINDOW)]
 
     raw, specs, whitened = [], {}, set()
-    for c, spec, w in ordered_map(curve, adapter.module_names, workers()):
+    for c, spec, w in (r for window in ordered_map(curves, windows(adapter.module_names), workers()) for r in window):
         raw.append(c)
         specs[c.name] = spec
         if w:
@@ -518,8 +539,8 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
     def complete(partial_curves: list[budget.Curve]) -> list[budget.Curve]:
         """Those curves computed further: to about twice the rank they reach, then whole."""
         known = {c.name: max(o.k for o in c.options) for c in partial_curves}
-        further = lambda name: curve(name, known[name])  # noqa: E731
-        return [costed(c) for c, _, _ in ordered_map(further, list(known), workers())]
+        further = lambda names: curves(names, known)  # noqa: E731
+        return [costed(c) for window in ordered_map(further, windows(list(known)), workers()) for c, _, _ in window]
 
     return [costed(c) for c in raw], fixed, complete
 
