@@ -14,6 +14,8 @@ Points, all written as real files and scored through PEFT (the directory a user 
   lc svd Nx          `compress --outer svd --target-size Nx` (rank and bits per module by budget)
   lc svd Nx bal B    the same with the budget walk's balance (lora_convert.budget.BALANCE) set to B
                      (--balance: the comparison behind its default)
+  lc svd Nx gG       the same with quantization groups of G values (--groups: the comparison behind
+                     the default group)
   lc svd+cal Nx      the same with `--calibration calibration.txt --base <SmolLM2>`
   lc ... +rec S      a LoRA-Mini file, then `lora-convert recover` for S steps on calibration.txt
 lora_convert points go compress → save (bytes = the LoRA-Mini file) → load → reconstruct → PEFT.
@@ -58,6 +60,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 HELDOUT = ("heldout_same", "heldout_other")
 SVD_RANKS = (1, 2, 4, 8)
 CAL_METRIC_KEY = {"relative": "", "weight": "-wt"}  # cache keys of calibrated budget points
+# ... and of every budget point: the quantization group compress uses by default (none for 64)
+GROUP_KEY = "" if quant.DEFAULT_GROUP == 64 else f"-g{quant.DEFAULT_GROUP}"
 BASELINES = ((8, None), (4, 8), (8, 4), (4, 4), (2, 4), (1, 4))  # (rank, bits); None = fp16: the issue's table
 TARGETS = (8, 16, 32, 64, 128)
 RECOVER = ("random:256:2:4", "svd:32x")   # svd:<target> | random:<outer dim>:<rank>:<bits>
@@ -155,6 +159,10 @@ def point_recover(teacher: Path, out: Path, spec: str, steps: int, base: Path, a
 # ------------------------------------------------------------------------------------------------
 # Plan, cache, evaluation
 
+# Families built to compare an option against compress's default: not held to the targets
+COMPARISONS = ("lc svd balance", "lc svd group")
+
+
 def plan_points(args) -> list[dict]:
     """[{key, family, label, ...}] in the order they are built."""
     pts = []
@@ -165,15 +173,19 @@ def plan_points(args) -> list[dict]:
         pts.append({"key": f"baseline-r{r}-{name}", "family": "baseline", "label": f"baseline r{r} {name}",
                     "rank": r, "bits": b})
     for t in args.targets:
-        pts.append({"key": f"lc-svd-{t}x", "family": "lc svd", "label": f"lc svd {t}x", "target": t})
+        pts.append({"key": f"lc-svd-{t}x{GROUP_KEY}", "family": "lc svd", "label": f"lc svd {t}x", "target": t})
     for b in args.balance:
         for t in args.targets:
-            pts.append({"key": f"lc-svd-{t}x-bal{b:g}", "family": "lc svd balance", "label": f"lc svd {t}x bal {b:g}",
+            pts.append({"key": f"lc-svd-{t}x-bal{b:g}{GROUP_KEY}", "family": "lc svd balance", "label": f"lc svd {t}x bal {b:g}",
                         "target": t, "balance": b})
+    for g in args.groups:
+        for t in args.targets:
+            pts.append({"key": f"lc-svd-{t}x-grp{g}", "family": "lc svd group", "label": f"lc svd {t}x g{g}",
+                        "target": t, "group": g})
     if not args.no_calibration:
         for t in args.targets:
             # the allocation metric is part of the key: points of another one are not reused
-            pts.append({"key": f"lc-svdcal-{t}x-s{args.cal_sequences}{CAL_METRIC_KEY[calibrated.ALLOCATE_BY]}",
+            pts.append({"key": f"lc-svdcal-{t}x-s{args.cal_sequences}{CAL_METRIC_KEY[calibrated.ALLOCATE_BY]}{GROUP_KEY}",
                         "family": "lc svd+cal",
                         "label": f"lc svd+cal {t}x", "target": t, "calibrated": True})
         for r in args.cal_ranks:
@@ -256,6 +268,8 @@ def run_teacher(name: str, teacher: Path, args, base: Path) -> dict:
                         peft, nbytes, notes = point_lc(teacher, out, p["target"])
                     finally:
                         budget.BALANCE = default
+                elif p["family"] == "lc svd group":
+                    peft, nbytes, notes = point_lc(teacher, out, p["target"], group_size=p["group"])
                 elif p["family"] == "lc svd+cal" and "rank" in p:
                     peft, nbytes, notes = point_lc(teacher, out, None, calibration=get_calibration(), rank=p["rank"],
                                                    dtype="fp16")
@@ -344,9 +358,15 @@ def baseline_at(env: list[tuple[int, float]], nbytes: int) -> float | None:
     return None
 
 
-def current_metric(key: str) -> bool:
-    """False for a cached calibrated budget point of another allocation metric than compress's."""
-    m = re.fullmatch(r"lc-svdcal-\d+x-s\d+(-[a-z]+)?", key)
+def current(key: str) -> bool:
+    """False for a cached budget point that compress would not write now: another default group, or
+    (calibrated) another allocation metric."""
+    if not key.startswith("lc-svd") or "-grp" in key or key.startswith("lc-svdcal-r"):
+        return True  # not a budget point, a group comparison, or calibration at a fixed rank
+    stem, group = re.fullmatch(r"(.*?)(-g\d+)?", key).groups()
+    if (group or "") != GROUP_KEY:
+        return False
+    m = re.fullmatch(r"lc-svdcal-\d+x-s\d+(-[a-z]+)?", stem)
     return m is None or (m.group(1) or "") == CAL_METRIC_KEY[calibrated.ALLOCATE_BY]
 
 
@@ -358,7 +378,7 @@ def report(all_cache: dict, args) -> tuple[str, dict]:
     for name, cache in all_cache.items():
         tb = cache["_teacher_bytes"]
         pts = [e for k, e in cache.items() if not k.startswith("_")]
-        order = {f: i for i, f in enumerate(("svd fp32", "baseline", "lc svd", "lc svd balance", "lc svd+cal",
+        order = {f: i for i, f in enumerate(("svd fp32", "baseline", "lc svd", "lc svd balance", "lc svd group", "lc svd+cal",
                                              "lc +recovery"))}
         tb32 = fp32_bytes(args.teacher_paths[name])
         pts.sort(key=lambda e: (order[e["family"]], -(e.get("bytes") or 0)))
@@ -389,7 +409,7 @@ def report(all_cache: dict, args) -> tuple[str, dict]:
                         cmp.append("below baseline's range")
                     else:
                         ok = eff[t] >= ref
-                        if e["family"] != "lc svd balance":  # a comparison, not what compress writes
+                        if e["family"] not in COMPARISONS:  # not what compress writes
                             t_ok["frontier"] &= ok
                             compared += 1
                         cmp.append(f"{'≥' if ok else '<'} {100 * ref:.1f}%")
@@ -451,7 +471,7 @@ def markdown(all_cache: dict, args) -> str:
         out.append("| point | bytes | smaller | smaller than fp32 | "
                    + " | ".join(f"effect kept, {t}" for t in args.heldout) + " |")
         out.append("|---|---:|---:|---:|" + "---:|" * len(args.heldout))
-        pts = [e for k, e in cache.items() if not k.startswith("_") and e["family"] != "lc svd balance"]
+        pts = [e for k, e in cache.items() if not k.startswith("_") and e["family"] not in COMPARISONS]
         pts.sort(key=lambda e: (-(e.get("bytes") or 0), e["label"]))
         for e in pts:
             if e.get("error"):
@@ -528,6 +548,8 @@ def main() -> None:
                     help="build again the points that failed or were refused (e.g. after updating lora_convert)")
     ap.add_argument("--cal-ranks", default="1,2",
                     help="also calibrated svd at these fixed ranks, fp16 (calibration without a budget)")
+    ap.add_argument("--groups", default="",
+                    help="also lc svd with these quantization groups (comma-separated; the default is compress's)")
     ap.add_argument("--balance", default="",
                     help="also lc svd at these budget balances (comma-separated; budget.BALANCE is the default)")
     ap.add_argument("--cache-dir", type=Path, default=CACHE)
@@ -542,6 +564,7 @@ def main() -> None:
     args.targets = [int(x) for x in args.targets.split(",") if x]
     args.cal_ranks = [int(x) for x in args.cal_ranks.split(",") if x]
     args.balance = [float(x) for x in args.balance.split(",") if x]
+    args.groups = [int(x) for x in args.groups.split(",") if x]
     args.recover = [x for x in args.recover.split(",") if x]
     args.cache_dir = args.cache_dir.resolve()
     args.only = [x for x in args.only.split(",") if x]
@@ -572,8 +595,8 @@ def main() -> None:
     if not all_cache:
         raise SystemExit("no teacher to report")
 
-    # what compress does now: calibrated budget points of another allocation metric stay cached, unreported
-    all_cache = {n: {k: v for k, v in c.items() if current_metric(k)} for n, c in all_cache.items()}
+    # what compress does now: budget points of another default group or allocation metric stay cached, unreported
+    all_cache = {n: {k: v for k, v in c.items() if current(k)} for n, c in all_cache.items()}
     text, summary = report(all_cache, args)
     header = (f"Size–fidelity frontier: effect kept = 1 − KL(teacher‖x)/KL(teacher‖base) on held-out text "
               f"({args.n_seq} chunks × {args.max_len} tokens per text), SmolLM2-135M-Instruct fp32 base.\n"

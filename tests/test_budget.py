@@ -177,7 +177,7 @@ def test_allocator_picks_nf4_where_it_is_better(values, better, tmp_path):
     mod = LoraModule(name="model.layers.0.self_attn.q_proj", down=A.float(), up=B.float(), alpha=1.0)
     adapter = from_modules("peft", [mod], config={"peft_type": "LORA", "r": 1, "lora_alpha": 1})
     mini = lc.compress(adapter, "svd", target_size="100KB", allowed_bits=(4, "nf4"))
-    assert mini.module(mod.name).quant == {"bits": better, "group": 64}
+    assert mini.module(mod.name).quant == {"bits": better, "group": quant.DEFAULT_GROUP}
 
 
 def test_min_fidelity_takes_the_fewest_bytes_along_the_path():

@@ -303,3 +303,12 @@ def test_a_registered_layout_is_detected_read_and_offered(tmp_path, monkeypatch)
     assert formats.label(formats.read(d)) == "toy layout"
     with pytest.raises(BadInputError, match="among the files"):
         refuse_to_replace_input(str(d / "toy.json"), str(d / "out.safetensors"))
+
+
+def test_cli_group_size_default_is_the_librarys():
+    """compress --group-size (a literal: the CLI starts without numpy) defaults to quant.DEFAULT_GROUP."""
+    from lora_convert import quant
+    from lora_convert.cli.convert import compress
+
+    option = next(p for p in compress.params if p.name == "group_size")
+    assert option.default == quant.DEFAULT_GROUP

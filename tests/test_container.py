@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lora_convert as lc
+from lora_convert import quant
 from lora_convert.adapter import LoraModule, from_modules
 from lora_convert.container import MiniAdapter, MiniModule
 from lora_convert.outer import random as random_outer
@@ -67,7 +68,7 @@ def test_select_outers_are_coordinate_subsets_regenerated_and_checked(tmp_path, 
     with pytest.raises(IntegrityError, match="fingerprint"):  # a random outer's fingerprint is not a subset's
         outer.get("random").check(m.name, m.outer, m.out_features, m.in_features)
     lc.save(lc.compress(from_modules("peft", mods), "select", seed=3, outer_dim=16, bits=4), tmp_path / "q")
-    assert lc.load(tmp_path / "q").module("b.v_proj").quant == {"bits": 4, "group": 64}
+    assert lc.load(tmp_path / "q").module("b.v_proj").quant == {"bits": 4, "group": quant.DEFAULT_GROUP}
 
 
 @pytest.mark.parametrize("source", ["svd", "random"])

@@ -207,7 +207,7 @@ def test_quantized_file_round_trip(adapter, tmp_path, outer, kw, version):
     restored = lc.reconstruct(loaded)
     for name in adapter.module_names:
         o, r, m = adapter.module(name), restored.module(name), loaded.module(name)
-        assert m.quant == {"bits": kw["bits"], "group": kw.get("group_size", 64)}
+        assert m.quant == {"bits": kw["bits"], "group": kw.get("group_size", quant.DEFAULT_GROUP)}
         assert r.down.dtype == o.down.dtype and r.rank == o.rank and r.alpha == o.alpha
         err = torch.linalg.matrix_norm(_dense(r.up, r.down) - _dense(o.up, o.down)) / \
             torch.linalg.matrix_norm(_dense(o.up, o.down))
@@ -300,7 +300,7 @@ def test_recovered_quantized_inners_are_folded_and_requantized(adapter, tmp_path
     blob = container.quantized_blob(changed)
     shapes = container.quantized_shapes("svd", m.out_features, m.in_features, m.inner_rank, m.inner_rank,
                                         m.inner_rank)
-    U2, V2 = quant.decode_many(blob, shapes, 8, 64)
+    U2, V2 = quant.decode_many(blob, shapes, 8, quant.DEFAULT_GROUP)
     want = (m.U.double() @ X.double() @ m.V.double())
     got = torch.from_numpy(U2).double() @ torch.from_numpy(V2).double()
     assert float(torch.linalg.matrix_norm(got - want) / torch.linalg.matrix_norm(want)) < 0.02
@@ -324,7 +324,7 @@ def test_inspect_shows_bits(adapter, tmp_path):
     lc.save(lc.compress(adapter, "svd", bits=4), out)
     res = CliRunner().invoke(main, ["inspect", str(out), "--json"])
     rows = json.loads(res.output)["modules"]
-    assert all(r["quant"] == {"bits": 4, "group": 64} and 4 < r["bits"] < 5 for r in rows)
+    assert all(r["quant"] == {"bits": 4, "group": quant.DEFAULT_GROUP} and 4 < r["bits"] < 5 for r in rows)
     res = CliRunner().invoke(main, ["verify", str(out)])
     assert " bits " in res.output.splitlines()[0]
 
@@ -334,7 +334,7 @@ def test_inspect_and_verify_name_nf4(adapter, tmp_path):
     lc.save(lc.compress(adapter, "svd", bits="nf4", rank=3), out)
     res = CliRunner().invoke(main, ["inspect", str(out), "--json"])
     rows = json.loads(res.output)["modules"]
-    assert all(r["quant"] == {"bits": "nf4", "group": 64} and 4 < r["bits"] < 5 for r in rows)
+    assert all(r["quant"] == {"bits": "nf4", "group": quant.DEFAULT_GROUP} and 4 < r["bits"] < 5 for r in rows)
     assert all("(nf4)" in line for line in CliRunner().invoke(main, ["inspect", str(out)]).output.splitlines()[1:])
     res = CliRunner().invoke(main, ["verify", str(out), "--against", str(adapter.source)])
     assert res.exit_code == 0 and all(line.split()[5] == "nf4" for line in res.output.splitlines()[1:15])
@@ -423,7 +423,7 @@ def test_version_3_entries_state_shared_keys_once_and_read_back(adapter, tmp_pat
     lc.save(mini, out)
     doc = json.loads(LazyTensors(out).metadata["lora_mini"])
     assert doc["module_defaults"] == {"kind": "linear", "kernel": {}, "rank": 8, "alpha": 16.0, "use_rslora": False,
-                                      "dtype": "float32", "outer": {"source": "svd"}, "group": 64}
+                                      "dtype": "float32", "outer": {"source": "svd"}, "group": quant.DEFAULT_GROUP}
     assert [e[0] for e in doc["modules"]] == adapter.module_names
     assert all(len(e) == container.V3_FIELDS and e[3:5] == [3, 4] for e in doc["modules"])
     loaded = lc.load(out)

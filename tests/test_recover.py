@@ -18,7 +18,7 @@ pytest.importorskip("accelerate")
 from click.testing import CliRunner  # noqa: E402
 
 import lora_convert as lc  # noqa: E402
-from lora_convert import container  # noqa: E402
+from lora_convert import container, quant  # noqa: E402
 from lora_convert.cli import main  # noqa: E402
 from lora_convert.container import MiniModule  # noqa: E402
 from lora_convert.recovery import MiniLayer, export_inner, inject, inner_parameters, use_mode  # noqa: E402
@@ -429,12 +429,12 @@ def test_recover_bits_requantizes(quant_setup, tmp_path):
     doc = json.loads(res.stdout)
     assert doc["bytes"]["start"] is None and doc["bytes"]["written"] == _dir_bytes(out) > _dir_bytes(root / "svd4")
     mini = lc.load(out)
-    assert all(mini.module(n).quant == {"bits": 8, "group": 64} for n in mini.module_names)
+    assert all(mini.module(n).quant == {"bits": 8, "group": quant.DEFAULT_GROUP} for n in mini.module_names)
     # a float file re-quantized: random outers, X and Y stored at 4 bits
     d, m, t = options(root, steps=3, checkpoint_dir=str(tmp_path / "ckpt"))
     recover(str(root / "mini"), str(root / "teacher"), str(tmp_path / "b4"), d, m, t, log=None, bits=4)
     mini = lc.load(tmp_path / "b4")
-    assert all(mini.module(n).quant == {"bits": 4, "group": 64} for n in mini.module_names)
+    assert all(mini.module(n).quant == {"bits": 4, "group": quant.DEFAULT_GROUP} for n in mini.module_names)
     assert _dir_bytes(tmp_path / "b4") < _dir_bytes(root / "mini")
 
 
@@ -448,12 +448,12 @@ def test_recover_bits_nf4_from_a_budgeted_file(quant_setup, tmp_path):
     res = CliRunner().invoke(main, ["recover", str(root / "svd4"), "-o", str(tmp_path / "nf4"), "--bits", "NF4", *base])
     assert res.exit_code == 0, res.output
     mini = lc.load(tmp_path / "nf4")
-    assert {json.dumps(mini.module(n).quant) for n in mini.module_names} == {json.dumps({"bits": "nf4", "group": 64})}
+    assert {json.dumps(mini.module(n).quant) for n in mini.module_names} == {json.dumps({"bits": "nf4", "group": quant.DEFAULT_GROUP})}
     res = CliRunner().invoke(main, ["recover", str(tmp_path / "nf4"), "-o", str(tmp_path / "again"), *base])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["bytes"]["written"] <= _dir_bytes(tmp_path / "nf4")
     again = lc.load(tmp_path / "again")
-    assert all(again.module(n).quant == {"bits": "nf4", "group": 64} for n in again.module_names)
+    assert all(again.module(n).quant == {"bits": "nf4", "group": quant.DEFAULT_GROUP} for n in again.module_names)
     assert all(torch.isfinite(f).all() for n in again.module_names for f in again.module(n).factors())
 
 

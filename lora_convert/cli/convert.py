@@ -97,7 +97,7 @@ def collect_calibration(adapter, cal: dict):
                    "nf4 (4-bit codes into QLoRA's NormalFloat4 levels), with one fp16 scale per group; svd "
                    "outers store the truncated factors themselves. With --target-size / --min-fidelity / --plan: "
                    "the widths the budget chooses among, comma-separated (default 3,nf4,8,16).")
-@click.option("--group-size", type=int, default=64, show_default=True, help="Values per quantization scale.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="Values per quantization scale.")
 @click.option("--target-size", default=None,
               help="Budget: a ratio to the input's size (32x) or a size (600KB, 1.5MB). Rank and bits are "
                    "chosen per module to keep the most of the update, each module's relative error weighed by "
