@@ -276,6 +276,7 @@ def variants(adapter, budgets: list[int]) -> dict:
             "bits 2,3,4,8,16; group 64": dict(bits=(2, 3, 4, 8, 16), groups=(64,)),
             "bits 3,4,8,16; group 32-256 per module": dict(bits=(3, 4, 8, 16), groups=(32, 64, 128, 256)),
             "bits 3,NF4,8,16; group 64": dict(bits=(3, 4, 8, 16), groups=(64,), nf4=True),
+            "bits 3,NF4,8,16; group 128": dict(bits=(3, 4, 8, 16), groups=(128,), nf4=True),
             "bits 3,NF4,8,16; group 64; scale max|x|/qmax": dict(bits=(3, 4, 8, 16), groups=(64,), nf4=True,
                                                                 largest=True)}
     out = {}

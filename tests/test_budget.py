@@ -568,3 +568,26 @@ def test_completion_reaches_every_rank(monkeypatch, fixtures, tmp_path):
                         real(curves, complete, needed))
     lc.save(lc.compress(adapter, "svd", target_size="25x", output=a), a)
     assert completed and a.read_bytes() == b.read_bytes()
+
+
+def test_curves_of_modules_planned_together_are_their_own():
+    """error_curves rounds the vectors of equal length of several modules' factors in one call:
+    every curve, partial or whole, whitened or with random outers, is exactly error_curve's alone."""
+    from lora_convert.budget import CurveInput, error_curves
+
+    mods = _partial_modules()
+    g = torch.Generator().manual_seed(5)
+    M = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(M @ M.T / 64 + torch.eye(64, dtype=torch.float64)).numpy()
+    U, V = torch.randn(96, 10, generator=g, dtype=torch.float64), torch.randn(12, 64, generator=g, dtype=torch.float64)
+    inputs = [CurveInput(n, B, A, 0.5 + i, exact_bits=(3, 4) if i % 2 else None, max_k=3 if i % 2 else None)
+              for i, (n, B, A) in enumerate(mods)]
+    inputs += [CurveInput("white", *mods[0][1:], 1.0, whitening=L), CurveInput("random", *mods[0][1:], 1.0, outers=(U, V)),
+               CurveInput("again", *mods[0][1:], 2.0)]
+    bits = (3, 4, "nf4", 8, 16)
+    together = error_curves(inputs, bits=bits, group=16)
+    for x, c in zip(inputs, together):
+        alone = error_curve(x.name, x.B, x.A, x.scale, bits=bits, group=16, outers=x.outers, whitening=x.whitening,
+                            exact_bits=x.exact_bits, max_k=x.max_k)
+        assert (c.name, c.energy, c.options, c.pending) == (alone.name, alone.energy, alone.options, alone.pending)
+    assert any(c.pending for c in together) and all(c.options for c in together)
