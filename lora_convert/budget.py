@@ -11,7 +11,7 @@ Under a byte budget the walk weighs each module's error by energy^(BALANCE − 1
 objective is Σ E^BALANCE · (relative error)²: with BALANCE = 1 (the summed weight-space error)
 modules with small updates (value projections, early layers) are starved, though their effect on
 the model's outputs is larger than their share of the energy; BALANCE = 0.75 kept more effect on
-held-out text at 14 of 16 measured points (benchmarks/README.md, "Size–fidelity frontier").
+held-out text at 12 of 14 measured points (benchmarks/README.md, "Size–fidelity frontier").
 A fidelity floor (`min_fidelity`) asks for a weight-space share, so it walks with 1.
 
 Calibration plugs in through `whitening`: a lower-triangular L (in×in, float64) with
