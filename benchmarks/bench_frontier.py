@@ -60,7 +60,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 HELDOUT = ("heldout_same", "heldout_other")
 SVD_RANKS = (1, 2, 4, 8)
 CAL_METRIC_KEY = {"relative": "", "weight": "-wt"}  # cache keys of calibrated budget points
-# ... and of every budget point: the quantization group compress uses by default (none for 64)
+# ... and of every quantized point: the quantization group compress uses by default (none for 64)
 GROUP_KEY = "" if quant.DEFAULT_GROUP == 64 else f"-g{quant.DEFAULT_GROUP}"
 BASELINES = ((8, None), (4, 8), (8, 4), (4, 4), (2, 4), (1, 4))  # (rank, bits); None = fp16: the issue's table
 TARGETS = (8, 16, 32, 64, 128)
@@ -178,7 +178,7 @@ def plan_points(args) -> list[dict]:
         for t in args.targets:
             pts.append({"key": f"lc-svd-{t}x-bal{b:g}{GROUP_KEY}", "family": "lc svd balance", "label": f"lc svd {t}x bal {b:g}",
                         "target": t, "balance": b})
-    for g in args.groups:
+    for g in args.groups:  # (the default group's points are built again under their own key)
         for t in args.targets:
             pts.append({"key": f"lc-svd-{t}x-grp{g}", "family": "lc svd group", "label": f"lc svd {t}x g{g}",
                         "target": t, "group": g})
@@ -194,7 +194,7 @@ def plan_points(args) -> list[dict]:
     if args.recover_steps > 0:
         for spec in args.recover:
             slug = spec.replace(":", "-")
-            pts.append({"key": f"lc-rec-{slug}-st{args.recover_steps}-L{args.recover_len}", "family": "lc +recovery",
+            pts.append({"key": f"lc-rec-{slug}-st{args.recover_steps}-L{args.recover_len}{GROUP_KEY}", "family": "lc +recovery",
                         "label": f"lc {spec} +rec {args.recover_steps}", "spec": spec})
     return pts
 
@@ -359,10 +359,10 @@ def baseline_at(env: list[tuple[int, float]], nbytes: int) -> float | None:
 
 
 def current(key: str) -> bool:
-    """False for a cached budget point that compress would not write now: another default group, or
-    (calibrated) another allocation metric."""
-    if not key.startswith("lc-svd") or "-grp" in key or key.startswith("lc-svdcal-r"):
-        return True  # not a budget point, a group comparison, or calibration at a fixed rank
+    """False for a cached lora_convert point that compress would not write now: another default
+    group, or (calibrated budgets) another allocation metric."""
+    if not key.startswith(("lc-svd", "lc-rec")) or "-grp" in key or key.startswith("lc-svdcal-r"):
+        return True  # not quantized by default, a group comparison, or calibration at a fixed rank
     stem, group = re.fullmatch(r"(.*?)(-g\d+)?", key).groups()
     if (group or "") != GROUP_KEY:
         return False

@@ -94,7 +94,8 @@ class LazyModules:
 def ordered_map(fn: Callable, items: Iterable, workers: int = 1) -> Iterator:
     """fn(item) for each item, in order, computed on up to `workers` threads.
 
-    At most workers + 1 results exist at once, so memory stays bounded by a few modules.
+    At most workers + 1 results exist at once, so memory stays bounded by a few items (modules, or
+    the windows of modules some callers map over).
     An exception surfaces at its item's turn; work not yet started is cancelled.
     """
     if workers <= 1:

@@ -310,7 +310,7 @@ class CurveInput:
 
 def error_curves(inputs: list[CurveInput], *, bits: tuple[int | str, ...], group: int) -> list[Curve]:
     """error_curve of several modules, the same curves: their factors' vectors of equal length are
-    rounded together, in one call per width. Rounding is most of a curve's cost and is done in
+    rounded together, in one rounded_vectors call per length (and set of widths). Rounding is most of a curve's cost and is done in
     many short array operations; a few long ones waste less on each call's overhead and let
     threads planning other modules run beside them (each short call hands the interpreter lock
     over, which on a small machine costs about as much as the call)."""

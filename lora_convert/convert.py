@@ -422,7 +422,8 @@ PARTIAL_BITS = 4
 # twice that rank, then whole.
 PARTIAL_SPAN = 3
 PARTIAL_EXTRA = 4
-# Modules planned together (budget.error_curves): a layer of a transformer
+# Modules planned together (budget.error_curves): about a layer of a transformer, fewer when the
+# workers would otherwise idle
 PLAN_WINDOW = 8
 
 
@@ -501,7 +502,8 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         return [(c, spec, L is not None) for c, spec, L in zip(out, specs, Ls)]
 
     def windows(names: list[str]) -> list[list[str]]:
-        return [names[i:i + PLAN_WINDOW] for i in range(0, len(names), PLAN_WINDOW)]
+        size = max(1, min(PLAN_WINDOW, math.ceil(len(names) / workers())))
+        return [names[i:i + size] for i in range(0, len(names), size)]
 
     raw, specs, whitened = [], {}, set()
     for c, spec, w in (r for window in ordered_map(curves, windows(adapter.module_names), workers()) for r in window):

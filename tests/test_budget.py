@@ -219,12 +219,16 @@ def test_target_size_is_honoured_by_the_output(fixtures, tmp_path, target):
 
 @pytest.mark.parametrize("outer", ["svd", "random"])
 @pytest.mark.parametrize("single_file", [True, False])
-def test_planned_bytes_are_the_written_bytes(fixtures, tmp_path, outer, single_file):
+@pytest.mark.parametrize("group", [None, 32])
+def test_planned_bytes_are_the_written_bytes(fixtures, tmp_path, outer, single_file, group):
     """The plan counts the header exactly (module entries, defaults, packed tensors), up to the
-    digits of offsets and the data's 8-byte alignment: the budget is spent, not guessed at."""
+    digits of offsets and the data's 8-byte alignment: the budget is spent, not guessed at. (Group
+    32: several groups per vector of the fixture's factors, which the default group does not give.)"""
     from lora_convert.convert import plan_curves
     adapter = lc.load_adapter(fixtures / SRC)
     extra = {"outer_dim": 32} if outer == "random" else {}
+    if group:
+        extra["group_size"] = group
     for budget_bytes in ((5000, 9000, 14000) if outer == "svd" else (9000, 14000, 20000)):
         out = tmp_path / (f"m{budget_bytes}.safetensors" if single_file else f"m{budget_bytes}")
         cfg = CompressConfig(outer=outer, target_size=budget_bytes, **extra)
@@ -573,6 +577,7 @@ def test_completion_reaches_every_rank(monkeypatch, fixtures, tmp_path):
 def test_curves_of_modules_planned_together_are_their_own():
     """error_curves rounds the vectors of equal length of several modules' factors in one call:
     every curve, partial or whole, whitened or with random outers, is exactly error_curve's alone."""
+    from lora_convert import calibrated
     from lora_convert.budget import CurveInput, error_curves
 
     mods = _partial_modules()
@@ -582,12 +587,17 @@ def test_curves_of_modules_planned_together_are_their_own():
     U, V = torch.randn(96, 10, generator=g, dtype=torch.float64), torch.randn(12, 64, generator=g, dtype=torch.float64)
     inputs = [CurveInput(n, B, A, 0.5 + i, exact_bits=(3, 4) if i % 2 else None, max_k=3 if i % 2 else None)
               for i, (n, B, A) in enumerate(mods)]
+    Bs, As = torch.randn(40, 16, generator=g, dtype=torch.float64), torch.randn(16, 12, generator=g, dtype=torch.float64)
+    Lt = torch.from_numpy(L)
     inputs += [CurveInput("white", *mods[0][1:], 1.0, whitening=L), CurveInput("random", *mods[0][1:], 1.0, outers=(U, V)),
-               CurveInput("again", *mods[0][1:], 2.0)]
+               CurveInput("again", *mods[0][1:], 2.0),
+               CurveInput("square", Bs, As, 1.0),  # rank 12 = in_features: the full-rank F2 is stored by columns
+               CurveInput("feedback", *mods[4][1:], 1.0, whitening=L,  # rounded with error feedback, as a floor plans
+                          input_rounding=calibrated.input_rounding(Lt, None))]
     bits = (3, 4, "nf4", 8, 16)
     together = error_curves(inputs, bits=bits, group=16)
     for x, c in zip(inputs, together):
         alone = error_curve(x.name, x.B, x.A, x.scale, bits=bits, group=16, outers=x.outers, whitening=x.whitening,
-                            exact_bits=x.exact_bits, max_k=x.max_k)
+                            input_rounding=x.input_rounding, exact_bits=x.exact_bits, max_k=x.max_k)
         assert (c.name, c.energy, c.options, c.pending) == (alone.name, alone.energy, alone.options, alone.pending)
     assert any(c.pending for c in together) and all(c.options for c in together)
