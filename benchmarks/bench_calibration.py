@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lora_convert as lc  # noqa: E402
+from lora_convert import quant  # noqa: E402
 from lora_convert.recovery import data as D  # noqa: E402
 from lora_convert.recovery.objectives import lm_loss  # noqa: E402
 
@@ -171,6 +172,9 @@ def parse(argv=None):
     p.add_argument("--quantized-cal", default="licenses", help="Calibration text of the --quantized rows.")
     p.add_argument("--no-quantized-controls", dest="quantized_controls", action="store_false",
                    help="Skip the control rows.")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="Quantization group of the --quantized rows (default: compress's; another one writes "
+                        "calibration_quantized_g<N>.*)")
     return p.parse_args(argv)
 
 
@@ -245,7 +249,10 @@ def evaluate_all(args, base_dir: Path, teacher_dir: Path, record: dict, seqs: di
     if args.quantized:
         quantized_rows(args, teacher, stats[args.quantized_cal],
                        lambda *a: row(*a, share_stats=stats[args.quantized_cal]))
-        write_table(args, rows, record, ref, original_bytes, timing, t_start, "calibration_quantized")
+        stem = "calibration_quantized"
+        if args.group_size not in (None, quant.DEFAULT_GROUP):
+            stem += f"_g{args.group_size}"
+        write_table(args, rows, record, ref, original_bytes, timing, t_start, stem)
         return
     for r in [int(x) for x in args.ranks.split(",")]:
         row("svd", f"rank {r}", lc.compress(teacher, "svd", rank=r, dtype="fp32"))
@@ -287,15 +294,16 @@ def quantized_rows(args, teacher, stats, row) -> None:
         saved = getattr(calibrated, name)
         setattr(calibrated, name, value)
         try:
-            row(label, target, lc.compress(teacher, "svd", target_size=target, calibration=stats))
+            row(label, target, lc.compress(teacher, "svd", target_size=target, calibration=stats, **group))
         finally:
             setattr(calibrated, name, saved)
 
+    group = {} if args.group_size is None else {"group_size": args.group_size}
     for t in args.quantized.split(","):
         target = f"{t.strip().rstrip('x')}x"
-        row("svd budget", target, lc.compress(teacher, "svd", target_size=target))
+        row("svd budget", target, lc.compress(teacher, "svd", target_size=target, **group))
         row(f"svd budget + calib {args.quantized_cal}", target, lc.compress(teacher, "svd", target_size=target,
-                                                                             calibration=stats))
+                                                                             calibration=stats, **group))
         if args.quantized_controls:
             control("EF_ROUNDING", False, "  same, no error feedback", target)
             control("ALLOCATE_BY", "relative", "  same, rel. output alloc.", target)
