@@ -388,7 +388,7 @@ def _prepare(x: CurveInput, bits: tuple) -> _Prepared:
     widths = tuple(b for b in bits if x.exact_bits is None or b in x.exact_bits) or tuple(bits)
     # F1 / X is never wide (K <= its rows), its vectors are its columns; F2[:k] / Y[:k] is wide for
     # every k below its width, its vectors are its rows
-    return _Prepared(np.ascontiguousarray(F1t), S2, Bt, upd, K, k0, recipe, maps, widths)
+    return _Prepared(F1t, S2, Bt, upd, K, k0, recipe, maps, widths)
 
 
 def _finish(p: _Prepared, x: CurveInput, bits: tuple, group: int, P1: torch.Tensor,
