@@ -116,19 +116,50 @@ def lower_hull(options: list[Option]) -> list[Option]:
     return hull
 
 
-def _prefix_errors(energy: float, Bt: torch.Tensor, A: torch.Tensor, P1: torch.Tensor, P2: torch.Tensor) -> np.ndarray:
+def _prefix_errors(energy: float, Bt: torch.Tensor, A: torch.Tensor, P1: torch.Tensor, P2: torch.Tensor,
+                   blocks: bool = False):
     """‖BA − P1[w, :k]ᵀ P2[w, :k]‖²_F for every candidate w of a stack (P1: W×K×out holds the
     output-side factors transposed, P2: W×K×in the input-side ones; Bt = Bᵀ) and k = 1..K,
     from small products only (no out×in matrix). In torch, whose thread count the caller limits:
     numpy's BLAS spreads products of this size over every core, and on a busy machine its
-    threads wait on each other (the plan ran 20-60x slower that way)."""
+    threads wait on each other (the plan ran 20-60x slower that way). `blocks`: also return the
+    products it formed, (P1 B, P2 Aᵀ, P1 P1ᵀ, P2 P2ᵀ) as numpy stacks (_residual_bounds)."""
     W, K = P1.shape[:2]
     # every operand with its long side contiguous: MKL's double products run 2x faster so
-    cross = torch.cumsum(((P1.reshape(W * K, -1) @ Bt.contiguous().T) *
-                          (P2.reshape(W * K, -1) @ A.T)).sum(1).view(W, K), 1)
-    H = torch.bmm(P1, P1.transpose(1, 2)) * torch.bmm(P2, P2.transpose(1, 2))
-    self_ = torch.diagonal(torch.cumsum(torch.cumsum(H, 1), 2), dim1=1, dim2=2)
-    return np.maximum(energy - 2.0 * cross.numpy() + self_.numpy(), 0.0)
+    C1 = P1.reshape(W * K, -1) @ Bt.contiguous().T
+    C2 = P2.reshape(W * K, -1) @ A.T
+    cross = torch.cumsum((C1 * C2).sum(1).view(W, K), 1)
+    G1, G2 = torch.bmm(P1, P1.transpose(1, 2)), torch.bmm(P2, P2.transpose(1, 2))
+    self_ = torch.diagonal(torch.cumsum(torch.cumsum(G1 * G2, 1), 2), dim1=1, dim2=2)
+    err2 = np.maximum(energy - 2.0 * cross.numpy() + self_.numpy(), 0.0)
+    if not blocks:
+        return err2
+    return err2, (C1.view(W, K, -1).numpy(), C2.view(W, K, -1).numpy(), G1.numpy(), G2.numpy())
+
+
+def _residual_bounds(upd: Update, err_k: np.ndarray, blocks, count: int) -> np.ndarray:
+    """Lower bounds (W × count) on ‖BA − P̃1 P̃2‖²_F of rank-(k + d) factors, d = 1..count, whose
+    first k rows are the rounded ones `blocks` describes (_prefix_errors at rank k, errors err_k
+    per candidate): the k + d factors differ from the first k by a matrix of rank ≤ d, so the
+    error is at least err_k less the d largest squared singular values of the residual
+    R = BA − P1ᵀP2 (Eckart–Young). R = [B, −P1ᵀ]·[A; P2] and its singular values come from the
+    two Gram matrices, which are made of the blocks already formed. The rounding noise of the
+    first k rows stays in the bound, which the Eckart–Young floor of rank k + d alone leaves out."""
+    C1, C2, G1, G2 = blocks
+    W, k, r = C1.shape
+    gx = np.empty((W, r + k, r + k))
+    gx[:, :r, :r], gx[:, :r, r:], gx[:, r:, :r], gx[:, r:, r:] = upd.gram_b, -C1.swapaxes(1, 2), -C1, G1
+    gy = np.empty((W, r + k, r + k))
+    gy[:, :r, :r], gy[:, :r, r:], gy[:, r:, :r], gy[:, r:, r:] = upd.gram_a, C2.swapaxes(1, 2), C2, G2
+    # in torch, whose threads the caller limits (numpy's LAPACK would wake every core's BLAS thread)
+    lam, Q = torch.linalg.eigh(torch.from_numpy(gx))
+    Z = Q * lam.clamp_min(0.0).sqrt()[:, None, :]
+    s2 = np.maximum(torch.linalg.eigvalsh(Z.transpose(1, 2) @ torch.from_numpy(gy) @ Z).numpy()[:, ::-1], 0.0)
+    top = np.cumsum(s2, 1)
+    top = np.concatenate([top, np.repeat(top[:, -1:], max(count - top.shape[1], 0), 1)], 1)[:, :count]
+    # the Gram route's round-off is ~eps·‖B‖²‖A‖² (and as much of the errors'): keep well below it
+    slack = 1e-9 * max(float(upd.energy), upd.factor_scale)
+    return err_k[:, None] - top - slack
 
 
 def _fp16_values(x: torch.Tensor) -> torch.Tensor:
@@ -404,7 +435,11 @@ def _finish(p: _Prepared, x: CurveInput, bits: tuple, group: int, P1: torch.Tens
         P1 = (maps[0] @ P1.transpose(1, 2)).transpose(1, 2)  # (U X)ᵀ
     if maps[1] is not None:
         P2 = P2 @ maps[1]
-    err2 = _prefix_errors(energy, Bt, upd.A, P1[:, :P2.shape[1]].contiguous(), P2.contiguous())
+    beyond = K - P2.shape[1] if x.input_rounding is None and maps[0] is None and maps[1] is None else 0
+    err2 = _prefix_errors(energy, Bt, upd.A, P1[:, :P2.shape[1]].contiguous(), P2.contiguous(), blocks=beyond > 0)
+    if beyond > 0:
+        err2, blocks = err2
+        residual = _residual_bounds(upd, err2[:, -1], blocks, beyond)
     if k0 == S2.shape[1]:  # at full rank a square F2 / Y is stored by columns
         if x.input_rounding is None:
             Q2 = rounded_vectors(S2, widths, group).transpose(1, 2)
@@ -426,8 +461,10 @@ def _finish(p: _Prepared, x: CurveInput, bits: tuple, group: int, P1: torch.Tens
         known = k0 if b in widths else 0
         if known:
             opts.extend(map(Option, range(1, known + 1), (b,) * known, sizes, err2[widths.index(b), :known].tolist()))
-        pending.extend(map(Option, range(known + 1, K + 1), (b,) * (K - known), sizes[known:],
-                           floor[known:K].tolist()))
+        lb = floor[known:K]
+        if known and beyond > 0:  # and above what the rows rounded so far already cost
+            lb = np.maximum(lb, s2 * residual[widths.index(b)])
+        pending.extend(map(Option, range(known + 1, K + 1), (b,) * (K - known), sizes[known:], lb.tolist()))
     return Curve(x.name, s2 * energy, opts, x.overhead, pending, p.recipe)
 
 

@@ -420,8 +420,8 @@ PARTIAL_BITS = 4
 # keeps at 4 bits in its share of the budget; every other option waits, with a lower bound, until
 # the allocation reaches it (budget.Curve), and a module it reaches is computed again to about
 # twice that rank, then whole.
-PARTIAL_SPAN = 3
-PARTIAL_EXTRA = 4
+PARTIAL_SPAN = 2
+PARTIAL_EXTRA = 2
 # Modules planned together (budget.error_curves): about a layer of a transformer, fewer when the
 # workers would otherwise idle
 PLAN_WINDOW = 8

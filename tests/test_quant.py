@@ -118,6 +118,11 @@ def test_codebook_codes_are_the_nearest_level_ties_low():
     mids = (levels[:-1] + levels[1:]) / 2  # exact ties go to the lower index, anything above to the upper
     assert quant.codebook_codes(mids, "nf4").tolist() == list(range(15))
     assert quant.codebook_codes(np.nextafter(mids, 2.0), "nf4").tolist() == list(range(1, 16))
+    assert quant.codebook_codes(np.nextafter(mids, -2.0), "nf4").tolist() == list(range(15))
+    # the lookup's bin edges (any power-of-two grid of [-1, 1]) and their neighbours, zeros, far values
+    grid = np.arange(-1024, 1025) / 1024
+    t = np.concatenate([grid, np.nextafter(grid, 2.0), np.nextafter(grid, -2.0), [-0.0, 1e300, -1e300]])
+    assert np.array_equal(quant.codebook_codes(t, "nf4"), (t[:, None] > mids).sum(1))
     # through encode: a group of max |x| = 1 (scale exactly 1) holding the midpoints
     q, scales = quant.quantize(np.concatenate([[1.0], mids])[None, :], "nf4", 16)
     assert scales.tolist() == [[1.0]] and q[0, 1:].tolist() == list(range(15))
