@@ -445,12 +445,14 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         """error_curve's exact_bits / max_k for a partial curve of module m (numerical rank K), or
         {} for the whole curve; `known`: the rank its partial curve reaches (it is computed further)."""
         if known:
-            return {"exact_bits": low, "max_k": 2 * known + PARTIAL_EXTRA} if known < K and low else {}
-        share = m.rank * m.up.element_size() / ((PARTIAL_BITS + 16 / cfg.group_size) / 8 * ratio)
-        max_k = math.ceil(PARTIAL_SPAN * share) + PARTIAL_EXTRA
-        if not low or low == cfg.allowed_bits and max_k >= K or 2 * share >= K:
-            return {}
-        return {"exact_bits": low, "max_k": max_k}
+            max_k = 2 * known + PARTIAL_EXTRA
+        else:
+            share = m.rank * m.up.element_size() / ((PARTIAL_BITS + 16 / cfg.group_size) / 8 * ratio)
+            max_k = math.ceil(PARTIAL_SPAN * share) + PARTIAL_EXTRA
+        # a curve that would reach every rank anyway is computed whole: the wider codes cost little
+        # next to the 3-4 bit ones, and such budgets tend to want them (a partial curve would be
+        # computed again, whole, as soon as the allocation reached for one)
+        return {"exact_bits": low, "max_k": max_k} if low and max_k < K else {}
 
     def prepared(name: str, known: int | None) -> tuple[budget.CurveInput, dict, torch.Tensor | None]:
         """Module `name`'s curve input (partial as `extent` says; `known`: the rank its partial curve
