@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -154,8 +155,15 @@ def _residual_bounds(items: list[tuple[Update, np.ndarray, tuple, int]]) -> list
     for i, (_, _, (C1, _, _, _), _) in enumerate(items):
         sizes.setdefault(C1.shape[1:], []).append(i)
     for (k, r), idx in sizes.items():
-        gx = np.concatenate([_gram_blocks(items[i][0].gram_b, -items[i][2][0], items[i][2][2]) for i in idx])
-        gy = np.concatenate([_gram_blocks(items[i][0].gram_a, items[i][2][1], items[i][2][3]) for i in idx])
+        # B·a and A/a with a a power of two (exact) making ‖Ba‖ ≈ ‖A/a‖: the Grams' round-off grows
+        # with ‖X‖²‖Y‖², which a lopsided pair inflates while BA stays the same
+        a = [2.0 ** round(0.25 * math.log2(max(np.trace(items[i][0].gram_a), 1e-300) /
+                                            max(np.trace(items[i][0].gram_b), 1e-300))) for i in idx]
+        gx = np.concatenate([_gram_blocks(items[i][0].gram_b * a_ * a_, -items[i][2][0] * a_, items[i][2][2])
+                             for i, a_ in zip(idx, a)])
+        gy = np.concatenate([_gram_blocks(items[i][0].gram_a / (a_ * a_), items[i][2][1] / a_, items[i][2][3])
+                             for i, a_ in zip(idx, a)])
+        scale = np.trace(gx, axis1=1, axis2=2) * np.trace(gy, axis1=1, axis2=2)  # ‖X‖²‖Y‖² per candidate
         # in torch, whose threads the caller limits (numpy's LAPACK would wake every core's BLAS thread)
         lam, Q = torch.linalg.eigh(torch.from_numpy(gx))
         Z = Q * lam.clamp_min(0.0).sqrt()[:, None, :]
@@ -163,11 +171,13 @@ def _residual_bounds(items: list[tuple[Update, np.ndarray, tuple, int]]) -> list
         start = 0
         for i in idx:
             upd, err_k, _, count = items[i]
-            top = np.cumsum(s2[start:start + len(err_k)], 1)
+            rows = slice(start, start + len(err_k))
             start += len(err_k)
+            top = np.cumsum(s2[rows], 1)
             top = np.concatenate([top, np.repeat(top[:, -1:], max(count - top.shape[1], 0), 1)], 1)[:, :count]
-            # the Gram route's round-off is ~eps·‖B‖²‖A‖² (and as much of the errors'): keep well below it
-            out[i] = err_k[:, None] - top - 1e-9 * max(float(upd.energy), upd.factor_scale)
+            # the Gram route's round-off is ~eps·‖X‖²‖Y‖², the errors' ~eps·‖B‖²‖A‖²: keep well below both
+            slack = 1e-9 * np.maximum(scale[rows], max(float(upd.energy), upd.factor_scale))
+            out[i] = err_k[:, None] - top - slack[:, None]
     return out
 
 
@@ -436,7 +446,9 @@ def _prepare(x: CurveInput, bits: tuple) -> _Prepared:
             maps = U.double(), Vw
         F1t = S1.T
         K = k0 = S1.shape[1]
-    widths = tuple(b for b in bits if x.exact_bits is None or b in x.exact_bits) or tuple(bits)
+    # a curve that reaches its numerical rank (the nominal one can be higher) has every width: no
+    # further computation could add ranks to it
+    widths = tuple(b for b in bits if x.exact_bits is None or k0 >= K or b in x.exact_bits) or tuple(bits)
     # F1 / X is never wide (K <= its rows), its vectors are its columns; F2[:k] / Y[:k] is wide for
     # every k below its width, its vectors are its rows
     return _Prepared(F1t, S2, Bt, upd, K, k0, recipe, maps, widths)
@@ -491,7 +503,10 @@ def _finish(p: _Prepared, x: CurveInput, bits: tuple, group: int, err2: np.ndarr
             opts.extend(map(Option, range(1, known + 1), (b,) * known, sizes, err2[widths.index(b), :known].tolist()))
         lb = floor[known:K]
         if known and residual is not None:  # and above what the rows rounded so far already cost
-            lb = np.maximum(lb, s2 * residual[widths.index(b)])
+            bound = s2 * residual[widths.index(b)]
+            if K == S2.shape[1]:  # at rank K = in the square F2 is stored by columns: not those rows
+                bound = np.concatenate([bound[:-1], [-np.inf]])
+            lb = np.maximum(lb, bound)
         pending.extend(map(Option, range(known + 1, K + 1), (b,) * (K - known), sizes[known:], lb.tolist()))
     return Curve(x.name, s2 * energy, opts, x.overhead, pending, p.recipe)
 
@@ -526,7 +541,10 @@ class BudgetError(ValueError):
 class _Greedy:
     """Walks every module's hull from its cheapest option, always taking the step that saves the
     most error per byte next (a heap keyed on that gain, ties to the earlier module). A module
-    whose next step is not certain (a partial curve) stops there and is listed in `requests`."""
+    whose next step is not certain (a partial curve) queues a bound instead (_next_step_bound): the
+    largest gain its next step could have, and the fewest bytes it could take. When the walk comes
+    to that bound the caller either knows the step cannot fit (nor could the true one, later in the
+    walk with fewer bytes left) or lists the module in `requests`, to be computed further."""
 
     def __init__(self, curves: list[Curve], fixed: int, balance: float = 1.0):
         self.curves, self.pos, self.heap, self.requests = curves, [0] * len(curves), [], []
@@ -542,19 +560,23 @@ class _Greedy:
         c = self.curves[i]
         h, j = c.hull, self.pos[i]
         if j >= c.certain:
-            if c.pending:
-                self.requests.append(i)
+            bound = _next_step_bound(c, j) if c.pending else None
+            if bound is not None:
+                heapq.heappush(self.heap, (-self.weight[i] * bound[0], i, bound[1]))
             return
         gain = self.weight[i] * (h[j].err2 - h[j + 1].err2) / max(h[j + 1].nbytes - h[j].nbytes, 1)
-        heapq.heappush(self.heap, (-gain, i))
+        heapq.heappush(self.heap, (-gain, i, 0))
 
-    def next_step(self) -> tuple[int, int] | None:
-        """(module, extra bytes) of the best step left, removed from the queue; None when done."""
+    def next_step(self) -> tuple[int, int, bool] | None:
+        """(module, extra bytes, exact) of the best step left, removed from the queue; None when
+        done. Not exact: a pending step's bound, with the fewest extra bytes it could take."""
         if not self.heap:
             return None
-        _, i = heapq.heappop(self.heap)
+        _, i, least = heapq.heappop(self.heap)
+        if least:
+            return i, least, False
         h, j = self.curves[i].hull, self.pos[i]
-        return i, h[j + 1].nbytes - h[j].nbytes
+        return i, h[j + 1].nbytes - h[j].nbytes, True
 
     def take(self, i: int) -> None:
         h, j = self.curves[i].hull, self.pos[i]
@@ -569,6 +591,21 @@ class _Greedy:
     def allocation(self) -> Allocation:
         return Allocation({c.name: c.hull[j] for c, j in zip(self.curves, self.pos)}, self.nbytes,
                           max(self.err2, 0.0), self.energy)
+
+
+def _next_step_bound(c: Curve, j: int) -> tuple[float, int] | None:
+    """(gain, extra bytes): an upper bound on the error saved per byte by the step after hull
+    option j of the complete curve, and the fewest bytes any option beyond j takes more; None when
+    no option could lower the error. The step goes to some option with more bytes, whose error is
+    at least its computed value or pending bound."""
+    h = c.hull[j]
+    gain, least = 0.0, None
+    for o in (*c.options, *c.pending):
+        extra = o.nbytes - h.nbytes
+        if extra > 0:
+            gain = max(gain, (h.err2 - o.err2) / max(extra, 1))
+            least = extra if least is None else min(least, extra)
+    return (gain, least) if gain > 0 else None
 
 
 def _completed(curves: list[Curve], complete, needed: list[int]) -> list[Curve]:
@@ -607,9 +644,12 @@ def allocate(curves: list[Curve], budget: int | None = None, min_fidelity: float
         while (step := g.next_step()) is not None:
             if budget is None and g.err2 <= target:
                 break
-            i, extra = step
+            i, extra, exact = step
             if budget is not None and g.nbytes + extra > budget:
                 continue  # this module's later steps cost more still; other modules' may fit
+            if not exact:  # a pending step the walk reaches: compute the module further
+                g.requests.append(i)
+                continue
             g.take(i)
         if not g.requests:
             break

@@ -92,40 +92,15 @@ def codebook_midpoints(name: str) -> np.ndarray:
     return _MIDPOINTS[name]
 
 
-def _bins(mid: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """A lookup table for codebook_codes: [-1, 1] cut into equal bins, none with a decision point
-    near its edges, and per bin the count of points below it and the point inside it (or +inf)."""
-    for n in (64, 128, 256, 512, 1024):
-        pos = (mid + 1.0) * (n / 2)  # the points in units of bins
-        if np.all(np.abs(pos - np.rint(pos)) > 1e-6) and len(np.unique(np.floor(pos))) == len(mid):
-            break
-    else:  # pragma: no cover - the codebooks are fixed
-        raise AssertionError("no lookup table fits the codebook")
-    edges = np.arange(n) / (n / 2) - 1.0
-    below = np.searchsorted(mid, edges, side="left").astype(np.int8)  # points strictly below each edge
-    inside = np.full(n, np.inf)
-    cells = np.floor(pos).astype(np.intp)
-    inside[cells[(cells >= 0) & (cells < n)]] = mid[(cells >= 0) & (cells < n)]
-    return n / 2, below, inside
-
-
-_BINS = {name: _bins(m) for name, m in _MIDPOINTS.items()}
-
-
 def codebook_codes(t: np.ndarray, name: str) -> np.ndarray:
     """Index of the level nearest to each t (float64, already divided by its scale): the number
-    of midpoints strictly below t, so that a tie goes to the lower index. Found through a table
-    of bins: a value's bin gives the count below the bin, and one comparison with the midpoint
-    inside the bin (if any) the rest. No midpoint lies within 1e-6 of a bin's width from an edge,
-    so a value whose bin is off by one through rounding is counted the same."""
-    half, below, inside = _BINS[name]
-    u = np.add(t, 1.0)
-    u *= half
-    np.clip(u, 0.0, 2 * half - 1, out=u)  # beyond ±1 (and -0 scales' zeros) into the outer bins
-    cell = u.astype(np.intp)
-    codes = below.take(cell)
-    codes += t > inside.take(cell)
-    return codes
+    of midpoints below t, so that a tie goes to the lower index. (Fifteen vectorised comparisons
+    run several times faster than a binary search per element, and faster than a table of bins
+    whose lookups gather.)"""
+    u = np.zeros(np.shape(t), dtype=np.int8)
+    for m in _MIDPOINTS[name]:
+        u += t > m
+    return u
 
 
 def codebook_levels(name: str) -> np.ndarray:
