@@ -57,10 +57,11 @@ class Curve:
 
     A partial curve (error_curve's `exact_bits` / `max_k`) also lists `pending` options whose
     error is not computed: their `nbytes` and `err2` are lower bounds (the error of any rank-k
-    factors is at least the energy beyond σ_k). Its first `certain` hull steps are those no
-    pending option can change (every pending option lies strictly above the step's line), so an
-    allocation that stays within them is the one the complete curve gives; -1: not even the
-    cheapest option is certain."""
+    factors is at least the energy beyond σ_k; a width whose first ranks are computed also bounds
+    its further ranks through their residual, _residual_bounds). Its first `certain` hull steps
+    are those no pending option can change (every pending option lies strictly above the step's
+    line), so an allocation that stays within them is the one the complete curve gives; -1: not
+    even the cheapest option is certain."""
 
     name: str
     energy: float
