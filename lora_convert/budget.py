@@ -561,9 +561,9 @@ class _Greedy:
         c = self.curves[i]
         h, j = c.hull, self.pos[i]
         if j >= c.certain:
-            bound = _next_step_bound(c, j) if c.pending else None
+            bound = _next_step_bound(c, j, self.weight[i]) if c.pending else None
             if bound is not None:
-                heapq.heappush(self.heap, (-self.weight[i] * bound[0], i, bound[1]))
+                heapq.heappush(self.heap, (-bound[0], i, bound[1]))
             return
         gain = self.weight[i] * (h[j].err2 - h[j + 1].err2) / max(h[j + 1].nbytes - h[j].nbytes, 1)
         heapq.heappush(self.heap, (-gain, i, 0))
@@ -594,17 +594,18 @@ class _Greedy:
                           max(self.err2, 0.0), self.energy)
 
 
-def _next_step_bound(c: Curve, j: int) -> tuple[float, int] | None:
-    """(gain, extra bytes): an upper bound on the error saved per byte by the step after hull
-    option j of the complete curve, and the fewest bytes any option beyond j takes more; None when
-    no option could lower the error. The step goes to some option with more bytes, whose error is
-    at least its computed value or pending bound."""
+def _next_step_bound(c: Curve, j: int, weight: float) -> tuple[float, int] | None:
+    """(gain, extra bytes): an upper bound on the weighted error saved per byte by the step after
+    hull option j of the complete curve, and the fewest bytes any option beyond j takes more; None
+    when no option could lower the error. The step goes to some option with more bytes, whose
+    error is at least its computed value or pending bound. Each gain is rounded exactly as
+    _Greedy rounds a step's, so that the bound is not an ulp below the step it bounds."""
     h = c.hull[j]
     gain, least = 0.0, None
     for o in (*c.options, *c.pending):
         extra = o.nbytes - h.nbytes
         if extra > 0:
-            gain = max(gain, (h.err2 - o.err2) / max(extra, 1))
+            gain = max(gain, weight * (h.err2 - o.err2) / max(extra, 1))
             least = extra if least is None else min(least, extra)
     return (gain, least) if gain > 0 else None
 

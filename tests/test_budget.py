@@ -587,6 +587,32 @@ def test_partial_allocation_is_the_complete_allocation():
         allocate(part, hi)  # no way to complete them
 
 
+def test_next_step_bound_is_not_an_ulp_below_the_step():
+    """The bound a partial curve queues for its uncertain next step rounds like the step's own gain:
+    an exact tie against another module's identical step is broken as the complete curves break it
+    (balance < 1 weighs gains, and weight·(d/e) can round an ulp below weight·d/e)."""
+    import random
+    rng, E = random.Random(1), 1000.0
+    w = E ** (budget.BALANCE - 1.0)
+    while True:  # a step whose two roundings differ
+        e0 = rng.uniform(100, 900)
+        e1, d = rng.uniform(1, e0 - 1), rng.randint(3, 500)
+        if w * ((e0 - e1) / d) < w * (e0 - e1) / d:
+            break
+    n0, n1, nbp = 100, 100 + d, 100 + d // 2
+    line = e0 + (e1 - e0) * (nbp - n0) / (n1 - n0)
+    lb = line + 0.5e-9 * E  # a pending option just above the step's line keeps the step uncertain
+    full = [Option(1, 3, n0, e0), Option(2, 3, n1, e1), Option(1, 8, nbp, lb + 1e-3)]
+    part = Curve("x", E, full[:2], pending=[Option(1, 8, nbp, lb)])
+    assert part.certain == 0
+    other = Curve("y", E, list(full))
+    budget_bytes = 2 * n0 + d  # room for one of the two tied steps
+    want = allocate([Curve("x", E, full), other], budget_bytes, balance=budget.BALANCE)
+    got = allocate([part, other], budget_bytes, complete=lambda cs: [Curve("x", E, full) for _ in cs],
+                   balance=budget.BALANCE)
+    assert got.choice == want.choice
+
+
 def _wide_rank_adapter(fixtures, dest, r=32):
     """The fixture's modules at rank r (decaying spectra, fp32): small budgets leave most of
     each curve to the partial plan."""
