@@ -20,6 +20,7 @@ of the module's output on that data, and the factors are fitted in that metric.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import math
@@ -201,12 +202,15 @@ def _fp16_values(x: torch.Tensor) -> torch.Tensor:
     return torch.div(x, ulp).round_().mul_(ulp)  # exact: scaling by a power of two
 
 
-def rounded_vectors(M: np.ndarray, widths, group: int, by_rows: bool = False) -> torch.Tensor:
+def rounded_vectors(M: np.ndarray, widths, group: int, by_rows: bool = False,
+                    scales_out: dict | None = None) -> torch.Tensor:
     """quant.rounded_widths(M, widths, group), the same values bit for bit, as one float64 tensor
     (widths × vectors × long side): M's vectors (its columns if it is tall or square, else its
     rows; `by_rows`: its rows, as a wide matrix's) as rows. The planning path: integer widths in one
     thread of torch instead of numpy (division, rounding half to even and float16 are IEEE
-    operations either way; tests/test_budget.py compares them), codebooks by quant's own steps."""
+    operations either way; tests/test_budget.py compares them), codebooks by quant's own steps.
+    `scales_out`: receives the float16 scales (vectors × groups) of the widths whose scales are
+    searched (quant.clipped), so that the writer encodes with the very scales the plan measured."""
     M = np.asarray(M, dtype=np.float64)
     if not by_rows and M.shape[0] >= M.shape[1]:  # quant's layout: vectors along the long side
         M = M.T
@@ -230,7 +234,10 @@ def rounded_vectors(M: np.ndarray, widths, group: int, by_rows: bool = False) ->
                 raise ValueError("values overflow float16")
             out[w] = _fp16_values(G)
             continue
-        scales = quant.scales_for(G.numpy(), bits, maxabs).astype(np.float64)[:, :, None]
+        chosen = quant.scales_for(G.numpy(), bits, maxabs)
+        if scales_out is not None and quant.clipped(bits):
+            scales_out[bits] = chosen
+        scales = chosen.astype(np.float64)[:, :, None]
         if quant.is_codebook(bits):  # levels by quant's comparisons, then float32(c_u · scale)
             t = np.divide(G.numpy(), scales, out=np.zeros(G.shape), where=scales > 0)
             out[w] = torch.from_numpy(quant.codebook_values(quant.codebook_codes(t, bits), scales, bits))
@@ -299,6 +306,18 @@ class SvdRecipe:
     M1: torch.Tensor  # 1×k×r
     M2: torch.Tensor  # 1×k×r
     spectrum: np.ndarray  # σ_1..σ_k
+    # {bits: (scales of F1's k columns, of F2's k rows)}: the float16 group scales the plan searched
+    # for these factors (quant.clipped widths), each vector's the same at any rank up to k
+    scales: dict = field(default_factory=dict)
+
+    def scales_at(self, bits, k: int, in_features: int) -> list[np.ndarray | None] | None:
+        """The searched scales of the rank-k factors at `bits`, for quant.encode_many; None where
+        the plan has none. At rank k = in_features F2 is square and its vectors are its columns:
+        not the rows the plan rounded."""
+        found = self.scales.get(bits)
+        if found is None or k > len(found[0]):
+            return None
+        return [found[0][:k], found[1][:k] if k < in_features else None]
 
     @classmethod
     def of(cls, upd: Update, k: int) -> SvdRecipe | None:
@@ -375,31 +394,39 @@ def error_curves(inputs: list[CurveInput], *, bits: tuple[int | str, ...], group
     threads planning other modules run beside them (each short call hands the interpreter lock
     over, which on a small machine costs about as much as the call)."""
     preps = [_prepare(x, bits) for x in inputs]
-    P1 = _rounded_stacked([p.F1t for p in preps], [p.widths for p in preps], group)
-    P2 = _rounded_stacked([p.S2 if x.input_rounding is None else None for p, x in zip(preps, inputs)],
-                          [p.widths for p in preps], group)
+    P1, scales1 = _rounded_stacked([p.F1t for p in preps], [p.widths for p in preps], group)
+    P2, scales2 = _rounded_stacked([p.S2 if x.input_rounding is None else None for p, x in zip(preps, inputs)],
+                                   [p.widths for p in preps], group)
     errors = [_errors(p, x, group, p1, p2) for p, x, p1, p2 in zip(preps, inputs, P1, P2)]
     residual = iter(_residual_bounds([r for _, r in errors if r is not None]))
-    return [_finish(p, x, bits, group, err2, r and next(residual)) for p, x, (err2, r) in zip(preps, inputs, errors)]
+    curves = [_finish(p, x, bits, group, err2, r and next(residual)) for p, x, (err2, r) in zip(preps, inputs, errors)]
+    for c, s1, s2 in zip(curves, scales1, scales2):
+        if c.factors is not None:  # the recipe's rows were rounded with these scales
+            c.factors = dataclasses.replace(c.factors, scales={b: (s1[b], s2[b]) for b in s1 if b in s2})
+    return curves
 
 
-def _rounded_stacked(mats: list[np.ndarray | None], widths: list[tuple], group: int) -> list[torch.Tensor | None]:
-    """rounded_vectors(M, w, group, by_rows=True) of each matrix (None: skipped), matrices of equal
-    row length and widths rounded in one call (rows round independently: the same values)."""
+def _rounded_stacked(mats: list[np.ndarray | None], widths: list[tuple], group: int):
+    """(rounded_vectors(M, w, group, by_rows=True) of each matrix (None: skipped), the searched
+    scales of each ({bits: rows × groups})): matrices of equal row length and widths rounded in one
+    call (rows round independently: the same values)."""
     out: list[torch.Tensor | None] = [None] * len(mats)
+    scales: list[dict] = [{} for _ in mats]
     batches: dict[tuple, list[int]] = {}
     for i, M in enumerate(mats):
         if M is not None:
             batches.setdefault((M.shape[1], widths[i]), []).append(i)
     for (_, w), idx in batches.items():
+        found: dict = {}
         R = rounded_vectors(np.concatenate([mats[i] for i in idx]) if len(idx) > 1 else mats[idx[0]], w, group,
-                            by_rows=True)
+                            by_rows=True, scales_out=found)
         start = 0
         for i in idx:
             n = mats[i].shape[0]
             out[i] = R[:, start:start + n]
+            scales[i] = {b: v[start:start + n] for b, v in found.items()}
             start += n
-    return out
+    return out, scales
 
 
 @dataclass

@@ -205,8 +205,10 @@ def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, cho
         k, bits = min(choice.k, F1.shape[1]), choice.bits
     else:
         k, bits = max(min(choose_rank(s, energy, cfg.rank, cfg.keep_energy), F1.shape[1]), 1), cfg.bits
+    # the plan's factors come with the scales it searched for them: the same ones, not searched again
+    given = choice.factors.scales_at(bits, k, F2.shape[1]) if choice is not None and choice.factors else None
     try:  # encoded now, so that save writes these bytes instead of encoding the values again
-        blob, (Q1, Q2) = quant.encode_many([F1[:, :k], F2[:k]], bits, cfg.group_size)
+        blob, (Q1, Q2) = quant.encode_many([F1[:, :k], F2[:k]], bits, cfg.group_size, given)
     except ValueError as exc:
         raise BadInputError(f"module {m.name!r}: cannot store its factors as {quant.width_name(bits)} "
                             f"({exc})") from None

@@ -239,10 +239,12 @@ class GroupQuantizer:
         return round_codes(x, scales, self.bits) * scales
 
 
-def quantize(M: np.ndarray, bits: int | str, group: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize(M: np.ndarray, bits: int | str, group: int,
+             scales: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(codes q as int8 in the matrix's vector order (vectors × long side), scales as float16
     (vectors × groups per vector)). M is read as float64; it must be finite. A codebook's codes
-    are its level indices u (0-15)."""
+    are its level indices u (0-15). `scales`: the float16 scales scales_for chose for these very
+    values before (a plan keeps them), used instead of choosing them again."""
     check_bits(bits)
     if bits == 16:
         raise ValueError("bits 16 is float16 storage, not quantized")
@@ -252,7 +254,10 @@ def quantize(M: np.ndarray, bits: int | str, group: int) -> tuple[np.ndarray, np
     pad = np.zeros((S, ng * group))
     pad[:, :L] = T
     G = pad.reshape(S, ng, group)
-    scales = scales_for(G, bits)
+    if scales is None:
+        scales = scales_for(G, bits)
+    elif scales.shape != (S, ng) or scales.dtype != np.float16:
+        raise ValueError(f"scales of shape {scales.shape} ({scales.dtype}) given for {S}×{ng} float16 ones")
     s64 = scales.astype(np.float64)[:, :, None]
     if is_codebook(bits):
         q = codebook_codes(np.divide(G, s64, out=np.zeros_like(G), where=s64 > 0), bits)
@@ -375,8 +380,9 @@ def unpack(buf: bytes, bits: int | str, count: int) -> np.ndarray:
     return (u.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
 
 
-def encode(M: np.ndarray, bits: int | str, group: int) -> tuple[bytes, np.ndarray]:
-    """(bytes of one factor, the float32 matrix a reader decodes from them)."""
+def encode(M: np.ndarray, bits: int | str, group: int, scales: np.ndarray | None = None) -> tuple[bytes, np.ndarray]:
+    """(bytes of one factor, the float32 matrix a reader decodes from them); `scales`: as
+    quantize's."""
     shape = tuple(M.shape)
     if bits == 16:
         M16 = np.asarray(M, dtype=np.float64)
@@ -384,7 +390,7 @@ def encode(M: np.ndarray, bits: int | str, group: int) -> tuple[bytes, np.ndarra
             raise ValueError("values overflow float16")
         h = M16.astype("<f2")
         return h.tobytes(), h.astype(np.float32)
-    q, scales = quantize(M, bits, group)
+    q, scales = quantize(M, bits, group, scales)
     return scales.astype("<f2").tobytes() + pack(q, bits), dequantize(q, scales, shape, group, bits)
 
 
@@ -407,11 +413,13 @@ def decode(buf: bytes, shape: tuple[int, int], bits: int | str, group: int) -> n
     return dequantize(q, scales.reshape(S, -1) if S else scales.reshape(0, 0), shape, group, bits)
 
 
-def encode_many(mats: list[np.ndarray], bits: int | str, group: int) -> tuple[bytes, list[np.ndarray]]:
-    """Several factors back to back (a module's blob) and their decoded values."""
+def encode_many(mats: list[np.ndarray], bits: int | str, group: int,
+                scales: list[np.ndarray | None] | None = None) -> tuple[bytes, list[np.ndarray]]:
+    """Several factors back to back (a module's blob) and their decoded values; `scales`: each
+    factor's, as quantize's (None: chosen here)."""
     parts, values = [], []
-    for M in mats:
-        raw, val = encode(M, bits, group)
+    for M, given in zip(mats, scales or [None] * len(mats)):
+        raw, val = encode(M, bits, group, given)
         parts.append(raw)
         values.append(val)
     return b"".join(parts), values

@@ -664,6 +664,23 @@ def test_partial_plan_writes_the_same_file(fixtures, tmp_path, monkeypatch):
     assert seen[0] >= len(adapter.module_names) // 2
 
 
+def test_writer_encodes_with_the_plans_scales(fixtures, tmp_path, monkeypatch):
+    """A budgeted compress encodes each module with the group scales its plan searched (no second
+    search), and the file is byte for byte the one a search at write time gives."""
+    adapter = lc.load_adapter(_wide_rank_adapter(fixtures, tmp_path / "r32"))
+    given = []
+    real = quant.quantize
+    monkeypatch.setattr(quant, "quantize", lambda M, bits, group, scales=None:
+                        given.append(scales is not None and quant.clipped(bits)) or real(M, bits, group, scales))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    lc.save(lc.compress(adapter, "svd", target_size="40x", output=a), a)
+    assert any(given)  # 3-bit factors took the plan's scales
+    monkeypatch.setattr(budget.SvdRecipe, "scales_at", lambda self, bits, k, n: None)
+    given.clear()
+    lc.save(lc.compress(adapter, "svd", target_size="40x", output=b), b)
+    assert not any(given) and a.read_bytes() == b.read_bytes()
+
+
 def test_completion_reaches_every_rank(monkeypatch, fixtures, tmp_path):
     """A partial plan that starts too short is completed where the allocation needs it, and the
     result is still the complete plan's."""

@@ -514,3 +514,18 @@ def test_rounded_values_are_the_decoded_values(bits, shape, group):
     raw, values = quant.encode(M, bits, group)
     assert np.array_equal(quant.rounded(M, bits, group), values)
     assert np.array_equal(quant.decode(raw, shape, bits, group), values)
+
+
+def test_quantize_with_given_scales_is_quantize():
+    """Scales chosen before (a plan keeps them) encode exactly as choosing them again does; scales
+    of another shape or dtype are refused."""
+    M = np.random.default_rng(3).standard_normal((40, 300))
+    for bits in (3, "nf4", 8):
+        q, scales = quant.quantize(M, bits, 64)
+        q2, scales2 = quant.quantize(M, bits, 64, scales)
+        assert np.array_equal(q, q2) and np.array_equal(scales, scales2)
+        assert quant.encode(M, bits, 64, scales)[0] == quant.encode(M, bits, 64)[0]
+    with pytest.raises(ValueError, match="scales of shape"):
+        quant.quantize(M, 3, 64, scales[:, :-1])
+    with pytest.raises(ValueError, match="scales of shape"):
+        quant.quantize(M, 3, 64, scales.astype(np.float32))
