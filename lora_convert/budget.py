@@ -156,15 +156,16 @@ def _residual_bounds(items: list[tuple[Update, np.ndarray, tuple, int]]) -> list
     sizes: dict[tuple, list[int]] = {}
     for i, (_, _, (C1, _, _, _), _) in enumerate(items):
         sizes.setdefault(C1.shape[1:], []).append(i)
-    for (k, r), idx in sizes.items():
-        # B·a and A/a with a a power of two (exact) making ‖Ba‖ ≈ ‖A/a‖: the Grams' round-off grows
-        # with ‖X‖²‖Y‖², which a lopsided pair inflates while BA stays the same
-        a = [2.0 ** round(0.25 * math.log2(max(np.trace(items[i][0].gram_a), 1e-300) /
-                                            max(np.trace(items[i][0].gram_b), 1e-300))) for i in idx]
-        gx = np.concatenate([_gram_blocks(items[i][0].gram_b * a_ * a_, -items[i][2][0] * a_, items[i][2][2])
-                             for i, a_ in zip(idx, a)])
-        gy = np.concatenate([_gram_blocks(items[i][0].gram_a / (a_ * a_), items[i][2][1] / a_, items[i][2][3])
-                             for i, a_ in zip(idx, a)])
+    for idx in sizes.values():
+        gx, gy = [], []
+        for i in idx:
+            upd, _, (C1, C2, G1, G2), _ = items[i]
+            # B·a and A/a with a a power of two (exact) making ‖Ba‖ ≈ ‖A/a‖: the Grams' round-off
+            # grows with ‖X‖²‖Y‖², which a lopsided pair inflates while BA stays the same
+            a = 2.0 ** round(0.25 * math.log2(max(np.trace(upd.gram_a), 1e-300) / max(np.trace(upd.gram_b), 1e-300)))
+            gx.append(_gram_blocks(upd.gram_b * (a * a), -C1 * a, G1))
+            gy.append(_gram_blocks(upd.gram_a / (a * a), C2 / a, G2))
+        gx, gy = np.concatenate(gx), np.concatenate(gy)
         scale = np.trace(gx, axis1=1, axis2=2) * np.trace(gy, axis1=1, axis2=2)  # ‖X‖²‖Y‖² per candidate
         # in torch, whose threads the caller limits (numpy's LAPACK would wake every core's BLAS thread)
         lam, Q = torch.linalg.eigh(torch.from_numpy(gx))
@@ -268,7 +269,7 @@ def svd_factors(B: torch.Tensor, A: torch.Tensor, whitening: np.ndarray | None =
         update = Update(B, A64)
     upd = update
     s = upd.spectrum
-    K = max(int((s > (s[0] if s.size else 0.0) * 1e-12).sum()), 1)
+    K = _numerical_rank(s)
     if max_rank is not None:
         K = min(K, max_rank)
     maps = upd.stack.vector_maps(K)
@@ -399,11 +400,8 @@ def error_curves(inputs: list[CurveInput], *, bits: tuple[int | str, ...], group
                                    [p.widths for p in preps], group)
     errors = [_errors(p, x, group, p1, p2) for p, x, p1, p2 in zip(preps, inputs, P1, P2)]
     residual = iter(_residual_bounds([r for _, r in errors if r is not None]))
-    curves = [_finish(p, x, bits, group, err2, r and next(residual)) for p, x, (err2, r) in zip(preps, inputs, errors)]
-    for c, s1, s2 in zip(curves, scales1, scales2):
-        if c.factors is not None:  # the recipe's rows were rounded with these scales
-            c.factors = dataclasses.replace(c.factors, scales={b: (s1[b], s2[b]) for b in s1 if b in s2})
-    return curves
+    return [_finish(p, x, bits, group, err2, r and next(residual), {b: (s1[b], s2[b]) for b in s1 if b in s2})
+            for p, x, (err2, r), s1, s2 in zip(preps, inputs, errors, scales1, scales2)]
 
 
 def _rounded_stacked(mats: list[np.ndarray | None], widths: list[tuple], group: int):
@@ -514,8 +512,9 @@ def _errors(p: _Prepared, x: CurveInput, group: int, P1: torch.Tensor, P2: torch
 
 
 def _finish(p: _Prepared, x: CurveInput, bits: tuple, group: int, err2: np.ndarray,
-            residual: np.ndarray | None) -> Curve:
-    """The curve from its computed errors (_errors) and the residual bounds of its pending ranks."""
+            residual: np.ndarray | None, scales: dict) -> Curve:
+    """The curve from its computed errors (_errors), the residual bounds of its pending ranks and
+    the scales its factors were rounded with (kept on the recipe, for the writer)."""
     F1t, S2, upd, K, k0, widths = p.F1t, p.S2, p.upd, p.K, p.k0, p.widths
     energy = float(upd.energy)
     s2 = x.scale * x.scale
@@ -536,7 +535,8 @@ def _finish(p: _Prepared, x: CurveInput, bits: tuple, group: int, err2: np.ndarr
                 bound = np.concatenate([bound[:-1], [-np.inf]])
             lb = np.maximum(lb, bound)
         pending.extend(map(Option, range(known + 1, K + 1), (b,) * (K - known), sizes[known:], lb.tolist()))
-    return Curve(x.name, s2 * energy, opts, x.overhead, pending, p.recipe)
+    recipe = p.recipe and dataclasses.replace(p.recipe, scales=scales)
+    return Curve(x.name, s2 * energy, opts, x.overhead, pending, recipe)
 
 
 @functools.lru_cache(maxsize=256)
@@ -592,8 +592,7 @@ class _Greedy:
             if bound is not None:
                 heapq.heappush(self.heap, (-bound[0], i, bound[1]))
             return
-        gain = self.weight[i] * (h[j].err2 - h[j + 1].err2) / max(h[j + 1].nbytes - h[j].nbytes, 1)
-        heapq.heappush(self.heap, (-gain, i, 0))
+        heapq.heappush(self.heap, (-_gain(self.weight[i], h[j], h[j + 1]), i, 0))
 
     def next_step(self) -> tuple[int, int, bool] | None:
         """(module, extra bytes, exact) of the best step left, removed from the queue; None when
@@ -621,18 +620,24 @@ class _Greedy:
                           max(self.err2, 0.0), self.energy)
 
 
+def _gain(weight: float, a: Option, b: Option) -> float:
+    """The weighted error saved per byte from option a to option b: one formula (and rounding)
+    for the walk's steps and for the bounds on them."""
+    return weight * (a.err2 - b.err2) / max(b.nbytes - a.nbytes, 1)
+
+
 def _next_step_bound(c: Curve, j: int, weight: float) -> tuple[float, int] | None:
     """(gain, extra bytes): an upper bound on the weighted error saved per byte by the step after
     hull option j of the complete curve, and the fewest bytes any option beyond j takes more; None
     when no option could lower the error. The step goes to some option with more bytes, whose
-    error is at least its computed value or pending bound. Each gain is rounded exactly as
-    _Greedy rounds a step's, so that the bound is not an ulp below the step it bounds."""
+    error is at least its computed value or pending bound. Each gain is _gain, rounded as the
+    step's own, so that the bound is not an ulp below the step it bounds."""
     h = c.hull[j]
     gain, least = 0.0, None
     for o in (*c.options, *c.pending):
         extra = o.nbytes - h.nbytes
         if extra > 0:
-            gain = max(gain, weight * (h.err2 - o.err2) / max(extra, 1))
+            gain = max(gain, _gain(weight, h, o))
             least = extra if least is None else min(least, extra)
     return (gain, least) if gain > 0 else None
 
