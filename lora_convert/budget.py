@@ -472,9 +472,7 @@ def _prepare(x: CurveInput, bits: tuple) -> _Prepared:
             maps = U.double(), Vw
         F1t = S1.T
         K = k0 = S1.shape[1]
-    # a curve that reaches its numerical rank (the nominal one can be higher) has every width: no
-    # further computation could add ranks to it
-    widths = tuple(b for b in bits if x.exact_bits is None or k0 >= K or b in x.exact_bits) or tuple(bits)
+    widths = tuple(b for b in bits if x.exact_bits is None or b in x.exact_bits) or tuple(bits)
     # F1 / X is never wide (K <= its rows), its vectors are its columns; F2[:k] / Y[:k] is wide for
     # every k below its width, its vectors are its rows
     return _Prepared(F1t, S2, Bt, upd, K, k0, recipe, maps, widths)

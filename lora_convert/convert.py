@@ -456,9 +456,10 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         # computed again, whole, as soon as the allocation reached for one)
         return {"exact_bits": low, "max_k": max_k} if low and max_k < K else {}
 
-    def prepared(name: str, known: int | None) -> tuple[budget.CurveInput, dict, torch.Tensor | None]:
+    def prepared(name: str, known: int | None, whole: bool = False) -> tuple[budget.CurveInput, dict, torch.Tensor | None]:
         """Module `name`'s curve input (partial as `extent` says; `known`: the rank its partial curve
-        reached, None: start; whole without a budget ratio), its spec and its whitening factor."""
+        reached, None: start; whole without a budget ratio or with `whole`), its spec and its
+        whitening factor."""
         m = adapter.module(name)
         outers = None
         if not src.stored:
@@ -471,7 +472,7 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         if L is not None:
             calibrated.check_width(m, L)
         if L is None or metric == "weight":  # weight-space curve (calibrated: the writer fits it to outputs)
-            part = extent(m, min(m.rank, m.out_features, m.in_features), known or 0) if ratio else {}
+            part = extent(m, min(m.rank, m.out_features, m.in_features), known or 0) if ratio and not whole else {}
             x = budget.CurveInput(name, m.up, m.down, m.scale, outers, **part)
         else:  # output-space errors, input-side factor rounded with error feedback (calibrated.py)
             x = budget.CurveInput(name, m.up, m.down, m.scale, outers, whitening=L.numpy(),
@@ -483,12 +484,14 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         return x, spec, L
 
     @one_thread
-    def curves(names: list[str], known: dict[str, int] | None = None) -> list[tuple[budget.Curve, dict, bool]]:
-        """The curves of a window of modules (error_curves rounds their factors together)."""
+    def curves(names: list[str], known: dict[str, int] | None = None,
+               whole: frozenset = frozenset()) -> list[tuple[budget.Curve, dict, bool]]:
+        """The curves of a window of modules (error_curves rounds their factors together); `known`,
+        `whole`: as prepared's, by name."""
         inputs, specs, Ls = [], [], []
         for name in names:
             try:
-                x, spec, L = prepared(name, known and known[name])
+                x, spec, L = prepared(name, known and known[name], name in whole)
             except ValueError as exc:
                 raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
             inputs.append(x)
@@ -498,7 +501,7 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
             out = budget.error_curves(inputs, bits=cfg.allowed_bits, group=cfg.group_size)
         except ValueError as exc:
             if len(inputs) > 1:  # one module's: find and name it
-                return [r for x in inputs for r in curves([x.name], known)]
+                return [r for x in inputs for r in curves([x.name], known, whole)]
             raise BadInputError(f"module {inputs[0].name!r}: {exc}", adapter.source or None) from None
         for i, (c, x, L) in enumerate(zip(out, inputs, Ls)):
             if x.input_rounding is not None:
@@ -545,7 +548,10 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
     def complete(partial_curves: list[budget.Curve]) -> list[budget.Curve]:
         """Those curves computed further: to about twice the rank they reach, then whole."""
         known = {c.name: max(o.k for o in c.options) for c in partial_curves}
-        further = lambda names: curves(names, known)  # noqa: E731
+        # one whose computed ranks reach its numerical rank (which can be below the nominal one)
+        # lacks only widths: computed further, it is whole
+        whole = frozenset(c.name for c in partial_curves if known[c.name] >= max(o.k for o in c.pending))
+        further = lambda names: curves(names, known, whole)  # noqa: E731
         return [costed(c) for window in ordered_map(further, windows(list(known)), workers()) for c, _, _ in window]
 
     return [costed(c) for c in raw], fixed, complete
