@@ -23,8 +23,10 @@ benchmarks/bench_core.py (32 layers, r=16, 80 MB), in one process, best of --spe
         --adapter fixtures/smollm2-r64-attn --widths              # ~15 min; the shipped teachers
     nice -n 10 python benchmarks/bench_budget.py --adapter fixtures/smollm2-r16-all \
         --adapter fixtures/smollm2-r64-attn --scales              # a minute; clipped vs plain scales
+    nice -n 10 python benchmarks/bench_budget.py --adapter fixtures/smollm2-r16-all \
+        --adapter fixtures/smollm2-r64-attn --adapter /tmp/bb/adapter-7b --completions  # partial plans
 Output: benchmarks/results/budget.txt (and .json); with --adapter, results/budget_adapters.*
-(--scales: results/budget_scales.*)
+(--scales: results/budget_scales.*; --completions: results/budget_completions.*)
 
 --widths: the same budgets written by `compress --target-size` with the allocator choosing from
 other width sets: 3, 4, 8, 16 bits (before NF4), NF4 in place of int4, and NF4 beside int4; bytes
@@ -313,6 +315,36 @@ def speed(workdir: Path, repeats: int) -> dict:
     return {"seconds": times, "best": best, "ratio": best["budget"] / best["plain"]}
 
 
+def completions(name: str, adapter, targets: list[str], workdir: Path, repeats: int) -> dict:
+    """Per budget: the modules whose partial plan curves `compress --outer svd --target-size` had to
+    compute further (budget._completed, counted by a wrapper), and the seconds of compress + save
+    (best of `repeats`)."""
+    from lora_convert import budget
+
+    real, counted = budget._completed, []
+
+    def counting(curves, complete, needed):
+        counted.append(len(needed))
+        return real(curves, complete, needed)
+
+    out = {}
+    budget._completed = counting
+    try:
+        for target in targets:
+            best, path = float("inf"), workdir / f"completions-{name}-{target}.safetensors"
+            for _ in range(repeats):
+                counted.clear()
+                t0 = time.perf_counter()
+                lc.save(lc.compress(adapter, "svd", target_size=target, output=path), path)
+                best = min(best, time.perf_counter() - t0)
+            out[target] = {"computed_further": sum(counted), "modules": len(adapter.module_names), "seconds": best}
+            say(f"{name:<24} {target:>6}: {sum(counted):>4} of {len(adapter.module_names)} modules computed further; "
+                f"{best:.2f} s")
+    finally:
+        budget._completed = real
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fixtures-only", action="store_true")
@@ -331,12 +363,23 @@ def main() -> None:
     p.add_argument("--scales", action="store_true",
                    help="With --adapter: weight-space energy kept at fixed ranks with clipped and plain "
                         "integer scales, and NF4 (no budgets compared).")
+    p.add_argument("--completions", action="store_true",
+                   help="With --adapter: at 8x, 16x, 32x and 64x, how many modules the partial plan computes "
+                        "further, and compress's seconds.")
     args = p.parse_args()
     torch.set_num_threads(1)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-budget-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.adapter:
+        if args.completions:
+            found = {Path(a).name: completions(Path(a).name, lc.load_adapter(a), ["8x", "16x", "32x", "64x"],
+                                               workdir, args.speed_repeats) for a in args.adapter}
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / "budget_completions.json").write_text(json.dumps({"completions": found, "args": vars(args)},
+                                                                        indent=2) + "\n")
+            (RESULTS / "budget_completions.txt").write_text("\n".join(LINES) + "\n")
+            return
         if not args.scales:
             say(f"{'adapter':<10} {'baseline':<16} {'bytes':>10} {'ratio':>7} {'kept':>9} | "
                 f"{'ours bytes':>10} {'/budget':>8} {'kept':>9}  choice")
