@@ -25,7 +25,7 @@ import functools
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -204,14 +204,16 @@ def _fp16_values(x: torch.Tensor) -> torch.Tensor:
 
 
 def rounded_vectors(M: np.ndarray, widths, group: int, by_rows: bool = False,
-                    scales_out: dict | None = None) -> torch.Tensor:
+                    scales_out: dict | None = None, codes_out: dict | None = None) -> torch.Tensor:
     """quant.rounded_widths(M, widths, group), the same values bit for bit, as one float64 tensor
     (widths × vectors × long side): M's vectors (its columns if it is tall or square, else its
     rows; `by_rows`: its rows, as a wide matrix's) as rows. The planning path: integer widths in one
     thread of torch instead of numpy (division, rounding half to even and float16 are IEEE
     operations either way; tests/test_budget.py compares them), codebooks by quant's own steps.
     `scales_out`: receives the float16 scales (vectors × groups) of the widths whose scales are
-    searched (quant.clipped), so that the writer encodes with the very scales the plan measured."""
+    searched (quant.clipped), so that the writer encodes with the very scales the plan measured.
+    `codes_out`: receives, for each quantized width, (codes as quant.quantize gives them, vectors ×
+    long side int8; their float16 scales)."""
     M = np.asarray(M, dtype=np.float64)
     if not by_rows and M.shape[0] >= M.shape[1]:  # quant's layout: vectors along the long side
         M = M.T
@@ -241,7 +243,10 @@ def rounded_vectors(M: np.ndarray, widths, group: int, by_rows: bool = False,
         scales = chosen.astype(np.float64)[:, :, None]
         if quant.is_codebook(bits):  # levels by quant's comparisons, then float32(c_u · scale)
             t = np.divide(G.numpy(), scales, out=np.zeros(G.shape), where=scales > 0)
-            out[w] = torch.from_numpy(quant.codebook_values(quant.codebook_codes(t, bits), scales, bits))
+            levels = quant.codebook_codes(t, bits)
+            if codes_out is not None:
+                codes_out[bits] = (levels.reshape(S, ng * group)[:, :L].astype(np.int8), chosen)
+            out[w] = torch.from_numpy(quant.codebook_values(levels, scales, bits))
             continue
         top = quant.qmax(bits)
         # a zero scale has an all-zero group or values that round to 0 either way
@@ -250,6 +255,8 @@ def rounded_vectors(M: np.ndarray, widths, group: int, by_rows: bool = False,
             # a clipped scale lets the largest values clamp; so can a subnormal fp16 scale (far below
             # max|x| / qmax), while a normal one is within 2^-11 of it (|x| / scale < qmax + 0.07)
             out[w].clamp_(-top, top)
+        if codes_out is not None:
+            codes_out[bits] = (out[w].view(S, ng * group)[:, :L].to(torch.int8).numpy(), chosen)
         out[w].mul_(torch.from_numpy(scales))
     return out.view(len(widths), S, ng * group)[:, :, :L]
 
@@ -310,6 +317,33 @@ class SvdRecipe:
     # {bits: (scales of F1's k columns, of F2's k rows)}: the float16 group scales the plan searched
     # for these factors (quant.clipped widths), each vector's the same at any rank up to k
     scales: dict = field(default_factory=dict)
+    # {bits: ((codes, scales) of F1's k columns, of F2's k rows)}: what the plan rounded them to, as
+    # quant.quantize gives them; the writer packs these instead of recomputing and rounding the factors
+    codes: dict = field(default_factory=dict)
+
+    def encoded(self, bits, k: int, shape: tuple[int, int], group: int) -> tuple[bytes, list[np.ndarray]] | None:
+        """quant.encode_many of the rank-k factors of an out×in module at `bits` from the kept codes;
+        None where the plan kept none for them (or F2 is square and stored by columns)."""
+        out_f, in_f = shape
+        if not self.encodes(bits, k, in_f):
+            return None
+        found = self.codes[bits]
+        parts, values = [], []
+        for (q, s), mshape in zip(found, ((out_f, k), (k, in_f))):
+            raw, val = quant.encode_codes(q[:k], s[:k], mshape, bits, group)
+            parts.append(raw)
+            values.append(val)
+        return b"".join(parts), values
+
+    def encodes(self, bits, k: int, in_features: int) -> bool:
+        """Whether `encoded` has the codes of the rank-k factors at `bits`."""
+        found = self.codes.get(bits)
+        return found is not None and k <= len(found[0][0]) and k < in_features
+
+    def only(self, bits, k: int) -> SvdRecipe:
+        """This recipe with the codes of the rank-k factors at `bits` alone (copies: the rest is freed)."""
+        kept = {bits: tuple((q[:k].copy(), s[:k].copy()) for q, s in self.codes[bits])} if bits in self.codes else {}
+        return dataclasses.replace(self, codes=kept)
 
     def scales_at(self, bits, k: int, in_features: int) -> list[np.ndarray | None] | None:
         """The searched scales of the rank-k factors at `bits`, for quant.encode_many; None where
@@ -388,43 +422,57 @@ class CurveInput:
     max_k: int | None = None
 
 
-def error_curves(inputs: list[CurveInput], *, bits: tuple[int | str, ...], group: int) -> list[Curve]:
+def error_curves(inputs: list[CurveInput], *, bits: tuple[int | str, ...], group: int,
+                 keep_codes: Callable[[int], bool] | None = None) -> list[Curve]:
     """error_curve of several modules, the same curves: their factors' vectors of equal length are
     rounded together, in one rounded_vectors call per length (and set of widths). Rounding is most of a curve's cost and is done in
     many short array operations; a few long ones waste less on each call's overhead and let
     threads planning other modules run beside them (each short call hands the interpreter lock
-    over, which on a small machine costs about as much as the call)."""
+    over, which on a small machine costs about as much as the call).
+
+    `keep_codes(nbytes)`: whether an unwhitened svd curve's recipe may keep the codes of its rounded
+    factors (nbytes of them), so that the writer packs them instead of rounding again."""
     preps = [_prepare(x, bits) for x in inputs]
-    P1, scales1 = _rounded_stacked([p.F1t for p in preps], [p.widths for p in preps], group)
-    P2, scales2 = _rounded_stacked([p.S2 if x.input_rounding is None else None for p, x in zip(preps, inputs)],
-                                   [p.widths for p in preps], group)
+    coded = keep_codes is not None
+    P1, scales1, codes1 = _rounded_stacked([p.F1t for p in preps], [p.widths for p in preps], group, coded)
+    P2, scales2, codes2 = _rounded_stacked([p.S2 if x.input_rounding is None else None for p, x in zip(preps, inputs)],
+                                           [p.widths for p in preps], group, coded)
     errors = [_errors(p, x, group, p1, p2) for p, x, p1, p2 in zip(preps, inputs, P1, P2)]
     residual = iter(_residual_bounds([r for _, r in errors if r is not None]))
-    return [_finish(p, x, bits, group, err2, r and next(residual), {b: (s1[b], s2[b]) for b in s1 if b in s2})
-            for p, x, (err2, r), s1, s2 in zip(preps, inputs, errors, scales1, scales2)]
+    out = []
+    for p, x, (err2, r), s1, s2, c1, c2 in zip(preps, inputs, errors, scales1, scales2, codes1, codes2):
+        codes = {b: (c1[b], c2[b]) for b in c1 if b in c2}
+        if p.recipe is None or not codes or not keep_codes(sum(q.nbytes for pair in codes.values() for q, _ in pair)):
+            codes = {}
+        out.append(_finish(p, x, bits, group, err2, r and next(residual), {b: (s1[b], s2[b]) for b in s1 if b in s2},
+                           codes))
+    return out
 
 
-def _rounded_stacked(mats: list[np.ndarray | None], widths: list[tuple], group: int):
+def _rounded_stacked(mats: list[np.ndarray | None], widths: list[tuple], group: int, with_codes: bool = False):
     """(rounded_vectors(M, w, group, by_rows=True) of each matrix (None: skipped), the searched
-    scales of each ({bits: rows × groups})): matrices of equal row length and widths rounded in one
-    call (rows round independently: the same values)."""
+    scales of each ({bits: rows × groups}), with `with_codes` the codes of each ({bits: (codes,
+    scales)}, copies: a module's outlive the stack)): matrices of equal row length and widths rounded in one call (rows
+    round independently: the same values)."""
     out: list[torch.Tensor | None] = [None] * len(mats)
     scales: list[dict] = [{} for _ in mats]
+    codes: list[dict] = [{} for _ in mats]
     batches: dict[tuple, list[int]] = {}
     for i, M in enumerate(mats):
         if M is not None:
             batches.setdefault((M.shape[1], widths[i]), []).append(i)
     for (_, w), idx in batches.items():
-        found: dict = {}
+        found, coded = {}, {}
         R = rounded_vectors(np.concatenate([mats[i] for i in idx]) if len(idx) > 1 else mats[idx[0]], w, group,
-                            by_rows=True, scales_out=found)
+                            by_rows=True, scales_out=found, codes_out=coded if with_codes else None)
         start = 0
         for i in idx:
             n = mats[i].shape[0]
             out[i] = R[:, start:start + n]
             scales[i] = {b: v[start:start + n] for b, v in found.items()}
+            codes[i] = {b: (q[start:start + n].copy(), v[start:start + n].copy()) for b, (q, v) in coded.items()}
             start += n
-    return out, scales
+    return out, scales, codes
 
 
 @dataclass
@@ -510,7 +558,7 @@ def _errors(p: _Prepared, x: CurveInput, group: int, P1: torch.Tensor, P2: torch
 
 
 def _finish(p: _Prepared, x: CurveInput, bits: tuple, group: int, err2: np.ndarray,
-            residual: np.ndarray | None, scales: dict) -> Curve:
+            residual: np.ndarray | None, scales: dict, codes: dict | None = None) -> Curve:
     """The curve from its computed errors (_errors), the residual bounds of its pending ranks and
     the scales its factors were rounded with (kept on the recipe, for the writer)."""
     F1t, S2, upd, K, k0, widths = p.F1t, p.S2, p.upd, p.K, p.k0, p.widths
@@ -533,7 +581,7 @@ def _finish(p: _Prepared, x: CurveInput, bits: tuple, group: int, err2: np.ndarr
                 bound = np.concatenate([bound[:-1], [-np.inf]])
             lb = np.maximum(lb, bound)
         pending.extend(map(Option, range(known + 1, K + 1), (b,) * (K - known), sizes[known:], lb.tolist()))
-    recipe = p.recipe and dataclasses.replace(p.recipe, scales=scales)
+    recipe = p.recipe and dataclasses.replace(p.recipe, scales=scales, codes=codes or {})
     return Curve(x.name, s2 * energy, opts, x.overhead, pending, recipe)
 
 

@@ -6,6 +6,7 @@ fitted as a stack) is held at a time per worker.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -191,27 +192,35 @@ class Planned:
     rel_error: float
     energy: float
     factors: budget.SvdRecipe | None = None  # the plan's svd factors, recomputed from B and A alone
+    # the module without its factors (meta tensors) where `factors` keeps the codes of this choice:
+    # the writer packs those and never reads the module
+    head: LoraModule | None = None
 
 
 def _compress_quantized(m: LoraModule, src, cfg: CompressConfig, opts: dict, choice: Planned | None) -> MiniModule:
     """One module stored quantized (container: packed bytes): rank and bits from the budget's
     plan, else --rank / --keep-energy and --bits."""
-    if choice is not None and choice.factors is not None:  # the plan's factors, without a second SVD
-        F1, F2 = choice.factors.factors(m.up, m.down)
-        outers = None
+    kept = choice is not None and choice.factors is not None and choice.factors.encoded(
+        choice.bits, choice.k, (m.out_features, m.in_features), cfg.group_size)
+    if kept:  # the plan's codes of these very factors
+        (blob, (Q1, Q2)), outers, bits = kept, None, choice.bits
     else:
-        F1, F2, s, energy, outers = _stored_factors(m, src, opts)
-    if choice is not None:
-        k, bits = min(choice.k, F1.shape[1]), choice.bits
-    else:
-        k, bits = max(min(choose_rank(s, energy, cfg.rank, cfg.keep_energy), F1.shape[1]), 1), cfg.bits
-    # the plan's factors come with the scales it searched for them: the same ones, not searched again
-    given = choice.factors.scales_at(bits, k, F2.shape[1]) if choice is not None and choice.factors else None
-    try:  # encoded now, so that save writes these bytes instead of encoding the values again
-        blob, (Q1, Q2) = quant.encode_many([F1[:, :k], F2[:k]], bits, cfg.group_size, given)
-    except ValueError as exc:
-        raise BadInputError(f"module {m.name!r}: cannot store its factors as {quant.width_name(bits)} "
-                            f"({exc})") from None
+        if choice is not None and choice.factors is not None:  # the plan's factors, without a second SVD
+            F1, F2 = choice.factors.factors(m.up, m.down)
+            outers = None
+        else:
+            F1, F2, s, energy, outers = _stored_factors(m, src, opts)
+        if choice is not None:
+            k, bits = min(choice.k, F1.shape[1]), choice.bits
+        else:
+            k, bits = max(min(choose_rank(s, energy, cfg.rank, cfg.keep_energy), F1.shape[1]), 1), cfg.bits
+        # the plan's factors come with the scales it searched for them: the same ones, not searched again
+        given = choice.factors.scales_at(bits, k, F2.shape[1]) if choice is not None and choice.factors else None
+        try:  # encoded now, so that save writes these bytes instead of encoding the values again
+            blob, (Q1, Q2) = quant.encode_many([F1[:, :k], F2[:k]], bits, cfg.group_size, given)
+        except ValueError as exc:
+            raise BadInputError(f"module {m.name!r}: cannot store its factors as {quant.width_name(bits)} "
+                                f"({exc})") from None
     U, V, X, Y, spec = quantized_parts(torch.from_numpy(Q1), torch.from_numpy(Q2), outers, src.name)
     if choice is not None:  # the plan's error is that of these very codes (budget.error_curve)
         fidelity = {"rel_error": choice.rel_error, "energy": choice.energy}
@@ -358,7 +367,7 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibr
     if cfg.budgeted:
         max_bytes = cfg.budget_bytes(original)
         directory = output is None or Path(output).suffix != ".safetensors"
-        curves, fixed, complete = _plan(adapter, cfg, max_bytes,
+        curves, fixed, complete, heads = _plan(adapter, cfg, max_bytes,
                                         calibrated_whitening(adapter, calibration, cfg.min_fidelity is not None),
                                         directory, partial=True)
         factors = {c.name: c.factors for c in curves}
@@ -374,13 +383,19 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibr
         except budget.BudgetError as exc:
             raise BudgetError(str(exc), adapter.source or None, exc.best) from None
         energy = {c.name: c.energy for c in curves}
-        plan = {name: Planned(o.k, o.bits, *_planned_fidelity(o.err2, energy[name]), factors[name])
-                for name, o in choice.items()}
+        plan = {}
+        for name, o in choice.items():
+            recipe = factors[name] and factors[name].only(o.bits, o.k)  # the other codes are freed
+            ready = recipe is not None and recipe.encodes(o.bits, o.k, heads[name].in_features)
+            plan[name] = Planned(o.k, o.bits, *_planned_fidelity(o.err2, energy[name]), recipe,
+                                 heads[name] if ready else None)
+        del curves, factors, heads
 
     @one_thread  # reading the factors too
     def load_window(names: list[str]) -> list[MiniModule]:
-        try:
-            return compress_window([adapter.module(n) for n in names], cfg, plan=plan, calibration=calibration)
+        try:  # a module whose plan kept its codes is written from them, without reading its factors
+            return compress_window([plan[n].head if plan and plan[n].head else adapter.module(n) for n in names],
+                                   cfg, plan=plan, calibration=calibration)
         except BadInputError as exc:
             if exc.path is None:  # compress_window's own refusals: name the adapter
                 raise BadInputError(exc.problem, adapter.source or None) from None
@@ -412,7 +427,7 @@ def plan_curves(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None = N
     `whitening(name)`: the module's input whitening factor L (calibrated_whitening), or None; the
     curves are then in the metric of calibrated.allocation_metric (`floor`: curves for a floor on the
     calibrated share, as cfg.min_fidelity asks too)."""
-    curves, fixed, _ = _plan(adapter, cfg, max_bytes, whitening, directory, floor=floor)
+    curves, fixed, _, _ = _plan(adapter, cfg, max_bytes, whitening, directory, floor=floor)
     return curves, fixed
 
 
@@ -427,6 +442,9 @@ PARTIAL_EXTRA = 2
 # Modules planned together (budget.error_curves): about a layer of a transformer, fewer when the
 # workers would otherwise idle
 PLAN_WINDOW = 8
+# A budgeted plan keeps the codes it rounded each module's factors to, up to this many bytes in
+# all, so that the writer packs them instead of reading and rounding the module again
+CODES_BYTES = 64 << 20
 
 
 @one_thread
@@ -442,6 +460,16 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
     ratio = original / max_bytes if partial and original and max_bytes and src.stored and whitening is None else None
 
     low = tuple(b for b in cfg.allowed_bits if quant.code_bits(b) <= PARTIAL_BITS)
+    heads: dict[str, LoraModule] = {}
+    kept, lock = [0], threading.Lock()
+
+    def keep_codes(nbytes: int) -> bool:
+        """Whether a curve keeps the codes of its rounded factors: while they fit in CODES_BYTES."""
+        with lock:
+            if kept[0] + nbytes > CODES_BYTES:
+                return False
+            kept[0] += nbytes
+            return True
 
     def extent(m: LoraModule, K: int, known: int = 0) -> dict:
         """error_curve's exact_bits / max_k for a partial curve of module m (numerical rank K), or
@@ -461,6 +489,7 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         reached, None: start; whole without a budget ratio or with `whole`), its spec and its
         whitening factor."""
         m = adapter.module(name)
+        heads[name] = _head(m)
         outers = None
         if not src.stored:
             U, V, ospec = src.make(m, opts)
@@ -498,7 +527,8 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
             specs.append(spec)
             Ls.append(L)
         try:
-            out = budget.error_curves(inputs, bits=cfg.allowed_bits, group=cfg.group_size)
+            out = budget.error_curves(inputs, bits=cfg.allowed_bits, group=cfg.group_size,
+                                      keep_codes=keep_codes if ratio else None)
         except ValueError as exc:
             if len(inputs) > 1:  # one module's: find and name it
                 return [r for x in inputs for r in curves([x.name], known, whole)]
@@ -554,7 +584,14 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         further = lambda names: curves(names, known, whole)  # noqa: E731
         return [costed(c) for window in ordered_map(further, windows(list(known)), workers()) for c, _, _ in window]
 
-    return [costed(c) for c in raw], fixed, complete
+    return [costed(c) for c in raw], fixed, complete, heads
+
+
+def _head(m: LoraModule) -> LoraModule:
+    """m with its factors replaced by meta tensors of the same shapes and dtype: everything about
+    the module but its numbers (Planned.head)."""
+    return dataclasses.replace(m, down=torch.empty(m.down.shape, dtype=m.down.dtype, device="meta"),
+                               up=torch.empty(m.up.shape, dtype=m.up.dtype, device="meta"))
 
 
 def calibrated_whitening(adapter: Adapter, calibration,

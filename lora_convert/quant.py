@@ -391,7 +391,14 @@ def encode(M: np.ndarray, bits: int | str, group: int, scales: np.ndarray | None
         h = M16.astype("<f2")
         return h.tobytes(), h.astype(np.float32)
     q, scales = quantize(M, bits, group, scales)
-    return scales.astype("<f2").tobytes() + pack(q, bits), dequantize(q, scales, shape, group, bits)
+    return encode_codes(q, scales, shape, bits, group)
+
+
+def encode_codes(q: np.ndarray, scales: np.ndarray, shape: tuple[int, int], bits: int | str,
+                 group: int) -> tuple[bytes, np.ndarray]:
+    """encode's result from the codes and float16 scales quantize gave for a matrix of `shape`
+    (a planner that rounded the values already keeps them)."""
+    return scales.astype("<f2").tobytes() + pack(q, bits), dequantize(q, scales, tuple(shape), group, bits)
 
 
 def decode(buf: bytes, shape: tuple[int, int], bits: int | str, group: int) -> np.ndarray:

@@ -412,6 +412,36 @@ def test_planning_rounding_is_quants_bit_for_bit():
             assert all(np.array_equal(r.T, g.numpy()) for r, g in zip(ref, rows))
 
 
+def test_planning_codes_are_quantizes():
+    """The codes and scales the plan keeps (rounded_vectors' codes_out) are quant.quantize's, and a
+    recipe's encoded factors are quant.encode_many's bytes and values at every rank they cover."""
+    for M, group in _rounded_cases():
+        codes: dict = {}
+        budget.rounded_vectors(M, quant.WIDTHS, group, codes_out=codes)
+        assert sorted(map(str, codes)) == sorted(str(b) for b in quant.WIDTHS if b != 16)
+        for bits, (q, s) in codes.items():
+            ref_q, ref_s = quant.quantize(M, bits, group)
+            assert q.dtype == np.int8 and np.array_equal(q, ref_q) and np.array_equal(s, ref_s)
+    g = torch.Generator().manual_seed(2)
+    B, A = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(6, 30, generator=g, dtype=torch.float64)
+    c = budget.error_curve("m", B, A, 1.0, bits=(3, "nf4"), group=16, exact_bits=(3, "nf4"), max_k=4)
+    assert not c.factors.codes  # kept only when asked
+    c = budget.error_curves([budget.CurveInput("m", B, A, 1.0, exact_bits=(3, "nf4"), max_k=4)], bits=(3, "nf4"),
+                            group=16, keep_codes=lambda n: True)[0]
+    F1, F2 = c.factors.factors(B, A)
+    for bits in (3, "nf4"):
+        for k in range(1, 5):
+            blob, (Q1, Q2) = c.factors.encoded(bits, k, (40, 30), 16)
+            ref, (R1, R2) = quant.encode_many([F1[:, :k], F2[:k]], bits, 16)
+            assert blob == ref and np.array_equal(Q1, R1) and np.array_equal(Q2, R2)
+        assert c.factors.encoded(bits, 5, (40, 30), 16) is None  # beyond the rows the plan rounded
+    one = c.factors.only("nf4", 2)
+    assert list(one.codes) == ["nf4"]
+    assert one.encoded("nf4", 2, (40, 30), 16)[0] == c.factors.encoded("nf4", 2, (40, 30), 16)[0]
+    assert one.encoded("nf4", 3, (40, 30), 16) is None and one.encoded(3, 1, (40, 30), 16) is None
+    assert c.factors.encoded(3, 4, (40, 4), 16) is None  # at rank in_features F2 is stored by columns
+
+
 def test_float16_rounding_matches_numpy_at_ties_and_subnormals():
     rng = np.random.default_rng(0)
     h = rng.integers(0, 0x7BFF, 20000).astype(np.uint16).view(np.float16).astype(np.float64)  # finite halves
@@ -642,13 +672,13 @@ def test_partial_plan_writes_the_same_file(fixtures, tmp_path, monkeypatch):
     seen = []
 
     def watched(*args, partial=False):
-        curves, fixed, complete = complete_plan(*args, partial=partial)
+        curves, fixed, complete, heads = complete_plan(*args, partial=partial)
         seen.append(sum(1 for c in curves if c.pending))
 
         def completing(cs):
             seen.append(-len(cs))
             return complete(cs)
-        return curves, fixed, completing
+        return curves, fixed, completing, heads
 
     for target in ("40x", "60x"):
         a, b = tmp_path / f"a{target}.safetensors", tmp_path / f"b{target}.safetensors"
@@ -660,21 +690,35 @@ def test_partial_plan_writes_the_same_file(fixtures, tmp_path, monkeypatch):
     assert seen[0] == len(adapter.module_names)  # every curve started partial
 
 
-def test_writer_encodes_with_the_plans_scales(fixtures, tmp_path, monkeypatch):
-    """A budgeted compress encodes each module with the group scales its plan searched (no second
-    search), and the file is byte for byte the one a search at write time gives."""
+def test_writer_packs_the_plans_codes(fixtures, tmp_path, monkeypatch):
+    """A budgeted compress writes each module from the codes its plan rounded the factors to,
+    without reading the module again; without room for the codes it encodes with the group scales
+    the plan searched (no second search); the file is byte for byte the one a search at write
+    time gives."""
+    from lora_convert import convert
     adapter = lc.load_adapter(_wide_rank_adapter(fixtures, tmp_path / "r32"))
-    given = []
-    real = quant.quantize
+    given, reads = [], []
+    real, load = quant.quantize, adapter.load_module
     monkeypatch.setattr(quant, "quantize", lambda M, bits, group, scales=None:
                         given.append(scales is not None and quant.clipped(bits)) or real(M, bits, group, scales))
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    lc.save(lc.compress(adapter, "svd", target_size="40x", output=a), a)
-    assert any(given)  # 3-bit factors took the plan's scales
+    monkeypatch.setattr(adapter, "load_module", lambda name: reads.append(name) or load(name))
+    files = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    mini = lc.compress(adapter, "svd", target_size="40x", output=files[0])
+    reads.clear()
+    lc.save(mini, files[0])
+    # packed from the plan's codes without a read, but for modules whose SVD the plan did not keep
+    # (square full-rank factors: Householder QR)
+    assert len(reads) < len(adapter.module_names) and len(given) == 2 * len(reads)
+    monkeypatch.setattr(convert, "CODES_BYTES", 0)
+    mini = lc.compress(adapter, "svd", target_size="40x", output=files[1])
+    reads.clear()
+    lc.save(mini, files[1])
+    assert len(reads) == len(adapter.module_names) and any(given)  # read and encoded again, with the plan's scales
     monkeypatch.setattr(budget.SvdRecipe, "scales_at", lambda self, bits, k, n: None)
     given.clear()
-    lc.save(lc.compress(adapter, "svd", target_size="40x", output=b), b)
-    assert not any(given) and a.read_bytes() == b.read_bytes()
+    lc.save(lc.compress(adapter, "svd", target_size="40x", output=files[2]), files[2])
+    assert given and not any(given)
+    assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
 
 
 def test_completion_reaches_every_rank(monkeypatch, fixtures, tmp_path):
