@@ -423,15 +423,16 @@ class CurveInput:
 
 
 def error_curves(inputs: list[CurveInput], *, bits: tuple[int | str, ...], group: int,
-                 keep_codes: Callable[[int], bool] | None = None) -> list[Curve]:
+                 keep_codes: Callable[[dict], dict | None] | None = None) -> list[Curve]:
     """error_curve of several modules, the same curves: their factors' vectors of equal length are
     rounded together, in one rounded_vectors call per length (and set of widths). Rounding is most of a curve's cost and is done in
     many short array operations; a few long ones waste less on each call's overhead and let
     threads planning other modules run beside them (each short call hands the interpreter lock
     over, which on a small machine costs about as much as the call).
 
-    `keep_codes(nbytes)`: whether an unwhitened svd curve's recipe may keep the codes of its rounded
-    factors (nbytes of them), so that the writer packs them instead of rounding again."""
+    `keep_codes(codes)`: the codes of an unwhitened svd curve's rounded factors ({bits: ((codes,
+    scales) of F1ᵀ, of F2)}, views of the window's arrays) as its recipe may keep them (copies), or
+    None; the writer then packs them instead of rounding again."""
     preps = [_prepare(x, bits) for x in inputs]
     coded = keep_codes is not None
     P1, scales1, codes1 = _rounded_stacked([p.F1t for p in preps], [p.widths for p in preps], group, coded)
@@ -442,17 +443,16 @@ def error_curves(inputs: list[CurveInput], *, bits: tuple[int | str, ...], group
     out = []
     for p, x, (err2, r), s1, s2, c1, c2 in zip(preps, inputs, errors, scales1, scales2, codes1, codes2):
         codes = {b: (c1[b], c2[b]) for b in c1 if b in c2}
-        if p.recipe is None or not codes or not keep_codes(sum(q.nbytes for pair in codes.values() for q, _ in pair)):
-            codes = {}
+        kept = keep_codes(codes) if p.recipe is not None and codes else None
         out.append(_finish(p, x, bits, group, err2, r and next(residual), {b: (s1[b], s2[b]) for b in s1 if b in s2},
-                           codes))
+                           kept))
     return out
 
 
 def _rounded_stacked(mats: list[np.ndarray | None], widths: list[tuple], group: int, with_codes: bool = False):
     """(rounded_vectors(M, w, group, by_rows=True) of each matrix (None: skipped), the searched
     scales of each ({bits: rows × groups}), with `with_codes` the codes of each ({bits: (codes,
-    scales)}, copies: a module's outlive the stack)): matrices of equal row length and widths rounded in one call (rows
+    scales)})): matrices of equal row length and widths rounded in one call (rows
     round independently: the same values)."""
     out: list[torch.Tensor | None] = [None] * len(mats)
     scales: list[dict] = [{} for _ in mats]
@@ -470,7 +470,7 @@ def _rounded_stacked(mats: list[np.ndarray | None], widths: list[tuple], group: 
             n = mats[i].shape[0]
             out[i] = R[:, start:start + n]
             scales[i] = {b: v[start:start + n] for b, v in found.items()}
-            codes[i] = {b: (q[start:start + n].copy(), v[start:start + n].copy()) for b, (q, v) in coded.items()}
+            codes[i] = {b: (q[start:start + n], v[start:start + n]) for b, (q, v) in coded.items()}
             start += n
     return out, scales, codes
 

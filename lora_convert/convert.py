@@ -461,15 +461,16 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
 
     low = tuple(b for b in cfg.allowed_bits if quant.code_bits(b) <= PARTIAL_BITS)
     heads: dict[str, LoraModule] = {}
-    kept, lock = [0], threading.Lock()
+    arena = _Arena(CODES_BYTES)
 
-    def keep_codes(nbytes: int) -> bool:
-        """Whether a curve keeps the codes of its rounded factors: while they fit in CODES_BYTES."""
-        with lock:
-            if kept[0] + nbytes > CODES_BYTES:
-                return False
-            kept[0] += nbytes
-            return True
+    def keep_codes(codes: dict) -> dict | None:
+        """The codes of a curve's rounded factors copied into the arena, or None once it is full."""
+        flat = [a for pair in codes.values() for qs in pair for a in qs]
+        kept = arena.take(flat)
+        if kept is None:
+            return None
+        it = iter(kept)
+        return {b: tuple((next(it), next(it)) for _ in pair) for b, pair in codes.items()}
 
     def extent(m: LoraModule, K: int, known: int = 0) -> dict:
         """error_curve's exact_bits / max_k for a partial curve of module m (numerical rank K), or
@@ -585,6 +586,33 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         return [costed(c) for window in ordered_map(further, windows(list(known)), workers()) for c, _, _ in window]
 
     return [costed(c) for c in raw], fixed, complete, heads
+
+
+class _Arena:
+    """Copies of many small arrays in one buffer of `size` bytes, allocated on first use: its pages
+    become resident only as they are written, and the copies do not pin the allocator's heaps
+    between the plan's larger temporaries (kept one by one, 64 MB of codes raised the 7B-shaped
+    plan's peak by about 160 MB)."""
+
+    def __init__(self, size: int):
+        self.size, self.used, self.buf, self.lock = size, 0, None, threading.Lock()
+
+    def take(self, arrays: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Copies of `arrays` in the buffer, or None where they do not fit."""
+        spans = [-(-a.nbytes // 8) * 8 for a in arrays]  # 8-byte aligned: any dtype can view its span
+        with self.lock:
+            if self.used + sum(spans) > self.size:
+                return None
+            if self.buf is None:
+                self.buf = np.empty(self.size, dtype=np.uint8)
+            at, self.used = self.used, self.used + sum(spans)
+        out = []
+        for a, span in zip(arrays, spans):
+            dst = self.buf[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+            dst[...] = a
+            out.append(dst)
+            at += span
+        return out
 
 
 def _head(m: LoraModule) -> LoraModule:

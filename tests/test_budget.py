@@ -427,7 +427,7 @@ def test_planning_codes_are_quantizes():
     c = budget.error_curve("m", B, A, 1.0, bits=(3, "nf4"), group=16, exact_bits=(3, "nf4"), max_k=4)
     assert not c.factors.codes  # kept only when asked
     c = budget.error_curves([budget.CurveInput("m", B, A, 1.0, exact_bits=(3, "nf4"), max_k=4)], bits=(3, "nf4"),
-                            group=16, keep_codes=lambda n: True)[0]
+                            group=16, keep_codes=lambda codes: codes)[0]
     F1, F2 = c.factors.factors(B, A)
     for bits in (3, "nf4"):
         for k in range(1, 5):
@@ -440,6 +440,18 @@ def test_planning_codes_are_quantizes():
     assert one.encoded("nf4", 2, (40, 30), 16)[0] == c.factors.encoded("nf4", 2, (40, 30), 16)[0]
     assert one.encoded("nf4", 3, (40, 30), 16) is None and one.encoded(3, 1, (40, 30), 16) is None
     assert c.factors.encoded(3, 4, (40, 4), 16) is None  # at rank in_features F2 is stored by columns
+
+
+def test_code_arena_copies_until_full():
+    from lora_convert.convert import _Arena
+    arena = _Arena(64)
+    a, b = np.arange(5, dtype=np.int8), np.array([1.5, -2.0, 3.0], dtype=np.float16)
+    got = arena.take([a, b])
+    assert np.array_equal(got[0], a) and np.array_equal(got[1], b) and got[1].dtype == np.float16
+    a[0] = 9  # copies, not views
+    assert got[0][0] == 0 and arena.used == 16
+    assert arena.take([np.zeros(49, dtype=np.int8)]) is None and arena.used == 16  # 16 + 56 > 64: refused whole
+    assert arena.take([np.zeros((6, 8), dtype=np.int8)])[0].shape == (6, 8) and arena.used == 64
 
 
 def test_float16_rounding_matches_numpy_at_ties_and_subnormals():
