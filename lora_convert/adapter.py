@@ -91,11 +91,13 @@ class LazyModules:
             yield name, self.load_passthrough(name)
 
 
-def ordered_map(fn: Callable, items: Iterable, workers: int = 1) -> Iterator:
+def ordered_map(fn: Callable, items: Iterable, workers: int = 1, ahead: int = 0) -> Iterator:
     """fn(item) for each item, in order, computed on up to `workers` threads.
 
-    At most workers + 1 results exist at once, so memory stays bounded by a few items (modules, or
-    the windows of modules some callers map over).
+    At most workers + ahead + 1 results exist at once, so memory stays bounded by a few items
+    (modules, or the windows of modules some callers map over). `ahead`: how many more results may
+    be computed before the caller takes the oldest; without any, a worker whose item is done waits
+    for the one still computing the oldest (items of unequal cost leave workers idle).
     An exception surfaces at its item's turn; work not yet started is cancelled.
     """
     if workers <= 1:
@@ -112,7 +114,7 @@ def ordered_map(fn: Callable, items: Iterable, workers: int = 1) -> Iterator:
     try:
         for item in it:
             pending.append(pool.submit(fn, item))
-            if len(pending) >= workers:
+            if len(pending) >= workers + ahead:
                 break
         while pending:
             result = pending.popleft().result()

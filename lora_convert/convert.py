@@ -544,7 +544,11 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         return [names[i:i + size] for i in range(0, len(names), size)]
 
     raw, specs, whitened = [], {}, set()
-    for c, spec, w in (r for window in ordered_map(curves, windows(adapter.module_names), workers()) for r in window):
+    # every window may finish ahead of the caller: their curves are kept anyway, and windows of
+    # unequal cost would otherwise leave a worker idle behind the slower one
+    plan_windows = windows(adapter.module_names)
+    for c, spec, w in (r for window in ordered_map(curves, plan_windows, workers(), ahead=len(plan_windows))
+                       for r in window):
         raw.append(c)
         specs[c.name] = spec
         if w:
@@ -583,7 +587,8 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
         # lacks only widths: computed further, it is whole
         whole = frozenset(c.name for c in partial_curves if known[c.name] >= max(o.k for o in c.pending))
         further = lambda names: curves(names, known, whole)  # noqa: E731
-        return [costed(c) for window in ordered_map(further, windows(list(known)), workers()) for c, _, _ in window]
+        parts = windows(list(known))
+        return [costed(c) for window in ordered_map(further, parts, workers(), ahead=len(parts)) for c, _, _ in window]
 
     return [costed(c) for c in raw], fixed, complete, heads
 
