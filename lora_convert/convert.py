@@ -513,11 +513,9 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
                            {"bits": cfg.allowed_bits[-1], "group": cfg.group_size})
         return x, spec, L
 
-    @one_thread
-    def curves(names: list[str], known: dict[str, int] | None = None,
-               whole: frozenset = frozenset()) -> list[tuple[budget.Curve, dict, bool]]:
-        """The curves of a window of modules (error_curves rounds their factors together); `known`,
-        `whole`: as prepared's, by name."""
+    def window_curves(names: list[str], known: dict[str, int] | None,
+                      whole: frozenset) -> list[tuple[budget.Curve, dict, bool]]:
+        """curves' work for one window; error_curves' ValueError passes through."""
         inputs, specs, Ls = [], [], []
         for name in names:
             try:
@@ -527,17 +525,31 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
             inputs.append(x)
             specs.append(spec)
             Ls.append(L)
-        try:
-            out = budget.error_curves(inputs, bits=cfg.allowed_bits, group=cfg.group_size,
-                                      keep_codes=keep_codes if ratio else None)
-        except ValueError as exc:
-            if len(inputs) > 1:  # one module's: find and name it
-                return [r for x in inputs for r in curves([x.name], known, whole)]
-            raise BadInputError(f"module {inputs[0].name!r}: {exc}", adapter.source or None) from None
+        out = budget.error_curves(inputs, bits=cfg.allowed_bits, group=cfg.group_size,
+                                  keep_codes=keep_codes if ratio and not arena.full else None)
         for i, (c, x, L) in enumerate(zip(out, inputs, Ls)):
             if x.input_rounding is not None:
                 out[i] = calibrated.reweighted(c, x.scale ** 2 * float(Update(x.B, x.A).energy), metric)
         return [(c, spec, L is not None) for c, spec, L in zip(out, specs, Ls)]
+
+    @one_thread
+    def curves(names: list[str], known: dict[str, int] | None = None,
+               whole: frozenset = frozenset()) -> list[tuple[budget.Curve, dict, bool]]:
+        """The curves of a window of modules (error_curves rounds their factors together); `known`,
+        `whole`: as prepared's, by name. (Not recursive: a closure that refers to itself lives in a
+        reference cycle, and would keep the plan's code buffer until the cycle collector ran.)"""
+        try:
+            return window_curves(names, known, whole)
+        except ValueError as exc:
+            if len(names) == 1:
+                raise BadInputError(f"module {names[0]!r}: {exc}", adapter.source or None) from None
+        out = []
+        for name in names:  # one module's: find and name it
+            try:
+                out.extend(window_curves([name], known, whole))
+            except ValueError as exc:
+                raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
+        return out
 
     def windows(names: list[str]) -> list[list[str]]:
         size = max(1, min(PLAN_WINDOW, math.ceil(len(names) / workers())))
@@ -601,6 +613,11 @@ class _Arena:
 
     def __init__(self, size: int):
         self.size, self.used, self.buf, self.lock = size, 0, None, threading.Lock()
+
+    @property
+    def full(self) -> bool:
+        """Less than 1/64 of the buffer left: not worth converting more codes for it."""
+        return self.size - self.used <= self.size // 64
 
     def take(self, arrays: list[np.ndarray]) -> list[np.ndarray] | None:
         """Copies of `arrays` in the buffer, or None where they do not fit."""

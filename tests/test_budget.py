@@ -454,6 +454,29 @@ def test_code_arena_copies_until_full():
     assert arena.take([np.zeros((6, 8), dtype=np.int8)])[0].shape == (6, 8) and arena.used == 64
 
 
+def test_plan_frees_its_code_buffer(fixtures, tmp_path, monkeypatch):
+    """Once compress has planned, only each module's chosen codes remain: the buffer the plan kept
+    every module's codes in is freed when compress returns, not when the cycle collector runs."""
+    import gc
+    import weakref
+
+    from lora_convert import convert
+    adapter = lc.load_adapter(_wide_rank_adapter(fixtures, tmp_path / "r32"))
+    arenas, init = [], convert._Arena.__init__
+
+    def recorded(self, size):
+        init(self, size)
+        arenas.append(weakref.ref(self))
+    monkeypatch.setattr(convert._Arena, "__init__", recorded)
+    gc.disable()
+    try:
+        mini = lc.compress(adapter, "svd", target_size="40x", output=tmp_path / "a.safetensors")
+        assert arenas and all(r() is None for r in arenas)
+    finally:
+        gc.enable()
+    lc.save(mini, tmp_path / "a.safetensors")
+
+
 def test_float16_rounding_matches_numpy_at_ties_and_subnormals():
     rng = np.random.default_rng(0)
     h = rng.integers(0, 0x7BFF, 20000).astype(np.uint16).view(np.float16).astype(np.float64)  # finite halves
