@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers.cli import run_cli as run
-from lora_convert.cli import main
 from lora_convert.errors import BadInputError
 
 SRC = "peft-tiny-llama"

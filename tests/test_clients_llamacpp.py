@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 import lora_convert as lc
 from lora_convert.formats.peft import client_warnings
