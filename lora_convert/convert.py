@@ -368,8 +368,8 @@ def compress(adapter: Adapter, outer: str | CompressConfig = "random", *, calibr
         max_bytes = cfg.budget_bytes(original)
         directory = output is None or Path(output).suffix != ".safetensors"
         curves, fixed, complete, heads = _plan(adapter, cfg, max_bytes,
-                                        calibrated_whitening(adapter, calibration, cfg.min_fidelity is not None),
-                                        directory, partial=True)
+                                               calibrated_whitening(adapter, calibration, cfg.min_fidelity is not None),
+                                               directory, partial=True)
         factors = {c.name: c.factors for c in curves}
 
         def completed(partial: list[budget.Curve]) -> list[budget.Curve]:
