@@ -222,13 +222,15 @@ class MiniLayer(nn.Module):
         out×in update is never formed), differentiable in the student's parameters."""
         if not self.has_teacher:
             raise RuntimeError(f"layer {self.name!r} has no teacher attached")
-        up, down = self.update_factors()
-        up = up * self.scale
-        t_up, t_down = self.teacher_B * self.teacher_scale, self.teacher_A
-        tt = ((t_up.T @ t_up) * (t_down @ t_down.T)).sum()
-        ss = ((up.T @ up) * (down @ down.T)).sum()
-        st = ((up.T @ t_up) * (down @ t_down.T)).sum()
-        return (ss - 2 * st + tt) / tt.clamp_min(1e-30)
+        # float32 also under bf16 autocast: the result is a difference of three similar sums
+        with torch.autocast(self.teacher_A.device.type, enabled=False):
+            up, down = (t.float() for t in self.update_factors())
+            up = up * self.scale
+            t_up, t_down = self.teacher_B.float() * self.teacher_scale, self.teacher_A.float()
+            tt = ((t_up.T @ t_up) * (t_down @ t_down.T)).sum()
+            ss = ((up.T @ up) * (down @ down.T)).sum()
+            st = ((up.T @ t_up) * (down @ t_down.T)).sum()
+            return (ss - 2 * st + tt) / tt.clamp_min(1e-30)
 
     def _down(self, x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
         """Apply an r×in down-projection the way the base module consumes its input."""
