@@ -139,9 +139,6 @@ def _echo_result(result, as_json: bool) -> None:
 @click.option("-o", "--output", required=True, help="Output LoRA-Mini directory (or .safetensors file).")
 @click.option("--layer-weight", type=float, default=0.0, show_default=True,
               help="Weight of per-layer output matching added to the output loss.")
-@click.option("--anchor-weight", type=float, default=0.0, show_default=True,
-              help="Weight of the weight-space anchor added to the output loss: each module's relative squared "
-                   "distance to the teacher's update (from the factors).")
 @click.option("--bits", default=None, callback=lambda ctx, param, value: parse_bits(value),
               help="Store every module at this width (2, 3, 4, 8, nf4, or 16 for float16) instead of the file's own "
                    "precision; without it the output keeps each module's storage and is no larger than the input.")
@@ -153,7 +150,7 @@ def _echo_result(result, as_json: bool) -> None:
                    "model, half each (seeded by --seed): broader text than one data file, or no file at all.")
 @_train_options
 @_model_options
-def recover(mini, teacher, output, layer_weight, anchor_weight, bits, qat_steps, **kw):
+def recover(mini, teacher, output, layer_weight, bits, qat_steps, **kw):
     """Re-fit a LoRA-Mini file's inner matrices to match the original adapter on unlabelled text.
 
     \b
@@ -168,7 +165,7 @@ def recover(mini, teacher, output, layer_weight, anchor_weight, bits, qat_steps,
 
     log = None if kw["as_json"] else click.echo
     result = run(mini, teacher, output, _data_opts(kw), _model_opts(kw), _train_opts(kw, 1e-2), layer_weight, log=log,
-                 bits=bits, qat_steps=qat_steps, anchor_weight=anchor_weight)
+                 bits=bits, qat_steps=qat_steps)
     _echo_result(result, kw["as_json"])
 
 

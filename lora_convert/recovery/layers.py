@@ -217,21 +217,6 @@ class MiniLayer(nn.Module):
             return X / self.c_u, Y / self.c_v
         return self.U @ X, Y @ self.V
 
-    def weight_error(self) -> torch.Tensor:
-        """‖ΔW_student − ΔW_teacher‖²_F / ‖ΔW_teacher‖²_F from the factors (k×k and k×r Grams; the
-        out×in update is never formed), differentiable in the student's parameters."""
-        if not self.has_teacher:
-            raise RuntimeError(f"layer {self.name!r} has no teacher attached")
-        # float32 also under bf16 autocast: the result is a difference of three similar sums
-        with torch.autocast(self.teacher_A.device.type, enabled=False):
-            up, down = (t.float() for t in self.update_factors())
-            up = up * self.scale
-            t_up, t_down = self.teacher_B.float() * self.teacher_scale, self.teacher_A.float()
-            tt = ((t_up.T @ t_up) * (t_down @ t_down.T)).sum()
-            ss = ((up.T @ up) * (down @ down.T)).sum()
-            st = ((up.T @ t_up) * (down @ t_down.T)).sum()
-            return (ss - 2 * st + tt) / tt.clamp_min(1e-30)
-
     def _down(self, x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
         """Apply an r×in down-projection the way the base module consumes its input."""
         if self.kind == "embedding":

@@ -86,12 +86,6 @@ def layer_matching_loss(student: dict, teacher: dict) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def weight_anchor_loss(layers: Iterable[MiniLayer]) -> torch.Tensor:
-    """Mean over layers of the update's relative squared distance to the teacher's in weight space:
-    the output error for inputs spread evenly over all directions, which no training text favours."""
-    return torch.stack([layer.weight_error() for layer in layers]).mean()
-
-
 @dataclass
 class FidelityStats:
     """Running sums for held-out fidelity; `summary()` turns them into the reported numbers."""

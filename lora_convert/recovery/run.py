@@ -42,7 +42,7 @@ from .sample import sample_sequences
 from .loop import TrainOptions, TrainResult, make_accelerator, train_inner
 from .models import ModelSource, load_model, model_dtype, pick_device
 from .objectives import (FidelityStats, distill_loss, layer_matching_loss, lm_loss, model_output, tap_outputs,
-                         token_ce, weight_anchor_loss)
+                         token_ce)
 
 
 @dataclass
@@ -259,7 +259,7 @@ QAT_MIN_LOSS = 0.001
 
 def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, mopts: ModelOptions,
             topts: TrainOptions, layer_weight: float = 0.0, log=print, *, bits: int | str | None = None,
-            qat_steps: int = QAT_STEPS, anchor_weight: float = 0.0) -> RunResult:
+            qat_steps: int = QAT_STEPS) -> RunResult:
     """Re-fit the LoRA-Mini file at `mini_path` against the teacher adapter; write `output`.
 
     The output keeps every module's storage (quant spec or float dtype; `bits` re-quantizes all
@@ -279,9 +279,8 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
             raise BadInputError(f"--{exc}") from None
     if type(qat_steps) is not int or qat_steps < 0:
         raise BadInputError(f"--qat-steps must be a non-negative integer, got {qat_steps!r}")
-    for flag, weight in (("--layer-weight", layer_weight), ("--anchor-weight", anchor_weight)):
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-            raise BadInputError(f"{flag} must be a finite number >= 0, got {weight!r}")
+    if not (isinstance(layer_weight, (int, float)) and math.isfinite(layer_weight) and layer_weight >= 0):
+        raise BadInputError(f"--layer-weight must be a finite number >= 0, got {layer_weight!r}")
     mini, teacher, texts = container.load(mini_path), load_adapter(teacher_path), read_data(dopts)
     topts.checkpoint_dir = topts.checkpoint_dir or default_checkpoint_dir(output)
     topts.validate()
@@ -307,9 +306,7 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
            "data": file_digest(dopts.data) if dopts.data is not None else None, "generate": dopts.generate,
            "base": session.base, "max_len": dopts.max_len, "task": session.task, "layer_weight": layer_weight,
            "bits": bits}
-    if anchor_weight:  # absent when off, so checkpoints of earlier runs still resume
-        run["anchor_weight"] = anchor_weight
-    step_loss = distill_step(session, layer_weight, anchor_weight)
+    step_loss = distill_step(session, layer_weight)
     training = train_inner(session.accelerator, session.model, session.layers, seqs, session.pad_id, step_loss,
                            topts, run)
     unrounded = evaluate(session, held, topts.batch_size, reference=before)
@@ -395,9 +392,8 @@ def layout_bytes(start_file: Path, output: str) -> int:
     return total
 
 
-def distill_step(session: Session, layer_weight: float = 0.0, anchor_weight: float = 0.0):
-    """step_loss(batch) for recovery: teacher forward (no grad), student forward, distillation loss,
-    plus `layer_weight` × per-layer output matching and `anchor_weight` × the weight-space anchor."""
+def distill_step(session: Session, layer_weight: float = 0.0):
+    """step_loss(batch) for recovery: teacher forward (no grad), student forward, distillation loss."""
     acc, task, layers = session.accelerator, session.task, list(session.layers.values())
     raw = acc.unwrap_model(session.model)
     tapped = layers if layer_weight else []
@@ -411,8 +407,6 @@ def distill_step(session: Session, layer_weight: float = 0.0, anchor_weight: flo
         loss = distill_loss(student, teacher, batch, task)
         if layer_weight:
             loss = loss + layer_weight * layer_matching_loss(s_out, t_out)
-        if anchor_weight:
-            loss = loss + anchor_weight * weight_anchor_loss(layers)
         return loss
 
     return step_loss
