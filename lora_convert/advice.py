@@ -35,6 +35,7 @@ def next_steps(cfg: CompressConfig, report: FidelityReport, calibrated: bool = F
         out.append("with the base model and some text (best: like the adapter's data): add "
                    "`--calibration TEXT --base MODEL` (fits each module's output, no training)")
     start = "a file compressed to the same budget without --calibration" if calibrated else "this file"
-    out.append(f"with the base model and time: `lora-convert recover` on {start} keeps its size and bits and "
-               "regains effect on the model's outputs (on your text, or `--generate 256` samples some; GPU faster)")
+    out.append(f"with the base model and time: `lora-convert recover --layer-weight 100` on {start} keeps its size "
+               "and bits and regains effect on the model's outputs (on your text, or `--generate 256` samples some; "
+               "GPU faster)")
     return out

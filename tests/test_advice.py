@@ -26,7 +26,7 @@ def test_advice_follows_the_method_and_what_it_kept():
     budget = CompressConfig(outer="svd", target_size="32x")
     assert next_steps(budget, _report(WORTH_MORE + 0.001)) == []
     low = next_steps(budget, _report(0.7))
-    assert "--calibration" in low[0] and "recover" in low[1] and len(low) == 2
+    assert "--calibration" in low[0] and "recover --layer-weight 100" in low[1] and len(low) == 2
     calibrated = next_steps(budget, _report(0.7), calibrated=True)
     assert len(calibrated) == 1 and "recover" in calibrated[0] and "without --calibration" in calibrated[0]
     assert "without --calibration" not in low[1]  # a calibrated start recovered less (benchmarks/README.md)
