@@ -378,7 +378,6 @@ def eval_split(model, tok, seqs, task: str, batch_size: int, keep_logits: bool =
 
 def kl_to(ref_logits, logits, seqs, task: str, pad_id: int, batch_size: int) -> float:
     """Mean KL(ref || x) per target token (causal) or per sample (cls)."""
-    import torch
     import torch.nn.functional as F
 
     from lora_convert.recovery import data as D
