@@ -279,7 +279,7 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
             raise BadInputError(f"--{exc}") from None
     if type(qat_steps) is not int or qat_steps < 0:
         raise BadInputError(f"--qat-steps must be a non-negative integer, got {qat_steps!r}")
-    if not (isinstance(layer_weight, (int, float)) and math.isfinite(layer_weight) and layer_weight >= 0):
+    if not (type(layer_weight) in (int, float) and math.isfinite(layer_weight) and layer_weight >= 0):
         raise BadInputError(f"--layer-weight must be a finite number >= 0, got {layer_weight!r}")
     mini, teacher, texts = container.load(mini_path), load_adapter(teacher_path), read_data(dopts)
     topts.checkpoint_dir = topts.checkpoint_dir or default_checkpoint_dir(output)
