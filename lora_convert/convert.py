@@ -513,6 +513,9 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
                            {"bits": cfg.allowed_bits[-1], "group": cfg.group_size})
         return x, spec, L
 
+    def bad_module(name: str, exc: ValueError) -> BadInputError:
+        return BadInputError(f"module {name!r}: {exc}", adapter.source or None)
+
     def window_curves(names: list[str], known: dict[str, int] | None,
                       whole: frozenset) -> list[tuple[budget.Curve, dict, bool]]:
         """curves' work for one window; error_curves' ValueError passes through."""
@@ -521,7 +524,7 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
             try:
                 x, spec, L = prepared(name, known and known[name], name in whole)
             except ValueError as exc:
-                raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
+                raise bad_module(name, exc) from None
             inputs.append(x)
             specs.append(spec)
             Ls.append(L)
@@ -542,13 +545,13 @@ def _plan(adapter: Adapter, cfg: CompressConfig, max_bytes: int | None,
             return window_curves(names, known, whole)
         except ValueError as exc:
             if len(names) == 1:
-                raise BadInputError(f"module {names[0]!r}: {exc}", adapter.source or None) from None
+                raise bad_module(names[0], exc) from None
         out = []
         for name in names:  # one module's: find and name it
             try:
                 out.extend(window_curves([name], known, whole))
             except ValueError as exc:
-                raise BadInputError(f"module {name!r}: {exc}", adapter.source or None) from None
+                raise bad_module(name, exc) from None
         return out
 
     def windows(names: list[str]) -> list[list[str]]:
