@@ -57,8 +57,8 @@ class TrainOptions:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise BadInputError(f"--lr must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise BadInputError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise BadInputError(f"--schedule must be one of {', '.join(SCHEDULES)}")
         if self.resume and not self.checkpoint_dir:
