@@ -145,14 +145,12 @@ def _echo_result(result, as_json: bool) -> None:
 @click.option("--qat-steps", type=int, default=20, show_default=True,
               help="Quantization-aware steps after the float phase, run only when rounding the trained factors "
                    "to the file's storage loses effect on the held-out data (0: never).")
-@click.option("--qat-lr", type=float, default=None,
-              help="Peak learning rate of the quantization-aware steps (default: --lr).")
 @click.option("--generate", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also train on this many sequences of --max-len tokens sampled from the teacher and the base "
                    "model, half each (seeded by --seed): broader text than one data file, or no file at all.")
 @_train_options
 @_model_options
-def recover(mini, teacher, output, layer_weight, bits, qat_steps, qat_lr, **kw):
+def recover(mini, teacher, output, layer_weight, bits, qat_steps, **kw):
     """Re-fit a LoRA-Mini file's inner matrices to match the original adapter on unlabelled text.
 
     \b
@@ -167,7 +165,7 @@ def recover(mini, teacher, output, layer_weight, bits, qat_steps, qat_lr, **kw):
 
     log = None if kw["as_json"] else click.echo
     result = run(mini, teacher, output, _data_opts(kw), _model_opts(kw), _train_opts(kw, 1e-2), layer_weight, log=log,
-                 bits=bits, qat_steps=qat_steps, qat_lr=qat_lr)
+                 bits=bits, qat_steps=qat_steps)
     _echo_result(result, kw["as_json"])
 
 

@@ -259,15 +259,14 @@ QAT_MIN_LOSS = 0.001
 
 def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, mopts: ModelOptions,
             topts: TrainOptions, layer_weight: float = 0.0, log=print, *, bits: int | str | None = None,
-            qat_steps: int = QAT_STEPS, qat_lr: float | None = None) -> RunResult:
+            qat_steps: int = QAT_STEPS) -> RunResult:
     """Re-fit the LoRA-Mini file at `mini_path` against the teacher adapter; write `output`.
 
     The output keeps every module's storage (quant spec or float dtype; `bits` re-quantizes all
     modules to that width) and so its data bytes; without `bits` it is no larger than the start
     file (export_inner's max_bytes). After the float phase the factors are evaluated as the file
     will store them; when rounding loses more than QAT_MIN_LOSS of the effect kept, `qat_steps`
-    steps of quantization-aware training follow (peak learning rate `qat_lr`, default the float
-    phase's), and the better rounded state is kept. If the
+    steps of quantization-aware training follow, and the better rounded state is kept. If the
     result is worse on the held-out data than the start file (rounded likewise), the start file's
     factors are written instead.
     """
@@ -280,8 +279,6 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
             raise BadInputError(f"--{exc}") from None
     if type(qat_steps) is not int or qat_steps < 0:
         raise BadInputError(f"--qat-steps must be a non-negative integer, got {qat_steps!r}")
-    if qat_lr is not None and not (type(qat_lr) in (int, float) and math.isfinite(qat_lr) and qat_lr > 0):
-        raise BadInputError(f"--qat-lr must be a finite number > 0, got {qat_lr!r}")
     if not (type(layer_weight) in (int, float) and math.isfinite(layer_weight) and layer_weight >= 0):
         raise BadInputError(f"--layer-weight must be a finite number >= 0, got {layer_weight!r}")
     mini, teacher, texts = container.load(mini_path), load_adapter(teacher_path), read_data(dopts)
@@ -321,9 +318,7 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
                            f"{100 * unrounded['effect_kept']:.2f}% -> {100 * stored['effect_kept']:.2f}%")
     after = stored
     if qat_steps and unrounded["effect_kept"] - stored["effect_kept"] > QAT_MIN_LOSS:
-        qopts = dataclasses.replace(topts, steps=qat_steps, seed=topts.seed + 1, lr=qat_lr or topts.lr,
-                                    checkpoint_dir=str(Path(topts.checkpoint_dir) / "qat"))
-        qat, quantized, better = _qat_phase(session, seqs, held, step_loss, qopts, run, before, stored)
+        qat, quantized, better = _qat_phase(session, seqs, held, step_loss, topts, run, qat_steps, before, stored)
         _log(session, log, f"quantization-aware phase ({qat_steps} steps): effect kept as stored "
                            f"{100 * quantized['effect_kept']:.2f}% ({'kept' if better else 'not better; dropped'})")
         if better:
@@ -350,18 +345,20 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
                      qat=qat, kept_start=kept_start, start_bytes=budget, written_bytes=written, stored=stored)
 
 
-def _qat_phase(session: Session, seqs, held, step_loss, qopts: TrainOptions, run: dict,
+def _qat_phase(session: Session, seqs, held, step_loss, topts: TrainOptions, run: dict, steps: int,
                before: dict, stored: dict) -> tuple[TrainResult, dict, bool]:
-    """`qopts.steps` steps of quantization-aware training from the float phase's state (the forward sees the
+    """`steps` steps of quantization-aware training from the float phase's state (the forward sees the
     factors as stored, gradients pass straight through; fresh batches, its own checkpoints): (the
     run, its evaluation as stored, whether that beats `stored`, the float phase's). The float
     phase's state is put back unless it does."""
     layers = list(session.layers.values())
     trained = param_values(layers)
+    qopts = dataclasses.replace(topts, steps=steps, seed=topts.seed + 1,
+                                checkpoint_dir=str(Path(topts.checkpoint_dir) / "qat"))
     with rounded(layers):
         result = train_inner(session.accelerator, session.model, session.layers, seqs, session.pad_id, step_loss,
                              qopts, run | {"phase": "qat"})
-        quantized = evaluate(session, held, qopts.batch_size, reference=before)
+        quantized = evaluate(session, held, topts.batch_size, reference=before)
     better = quantized["effect_kept"] > stored["effect_kept"]
     if not better:
         load_values(layers, trained)
