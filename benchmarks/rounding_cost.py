@@ -1,0 +1,60 @@
+"""Where a quantized recovery loses effect: a `recover` checkpoint's factors evaluated on a text
+as trained (float) and rounded exactly as the file stores them.
+
+`recover` reports both on its own held-out slice; this measures them on any text, for example
+license texts that no training text resembles, to tell the rounding's share of what is lost
+from what the float factors never learned.
+
+    python benchmarks/rounding_cost.py START_FILE TEACHER CHECKPOINT TEXT --base MODEL
+    # e.g. the float phase of a run:  OUTPUT.checkpoints/step-00000300/state.pt
+    #      after its quantization-aware steps:  OUTPUT.checkpoints/qat/step-00000100/state.pt
+
+START_FILE is the LoRA-Mini file the run started from (it fixes every module's storage).
+Prints the effect kept, 1 - KL(teacher||student) / KL(teacher||base), both ways.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_convert import container  # noqa: E402
+from lora_convert.api import load_adapter  # noqa: E402
+from lora_convert.recovery import data as D  # noqa: E402
+from lora_convert.recovery.layers import rounded  # noqa: E402
+from lora_convert.recovery.run import ModelOptions, evaluate, open_session  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("start")
+    ap.add_argument("teacher")
+    ap.add_argument("checkpoint")
+    ap.add_argument("text")
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--max-eval-sequences", type=int, default=16)
+    args = ap.parse_args()
+
+    session = open_session(container.load(args.start), load_adapter(args.teacher),
+                           ModelOptions(base=args.base, device="cpu", offline=True))
+    # recover's checkpoints hold tensors only (torch.load with weights_only)
+    saved = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["tensors"]
+    with torch.no_grad():
+        for name, layer in session.layers.items():
+            layer.X.copy_(saved[f"{name}.X"])
+            layer.Y.copy_(saved[f"{name}.Y"])
+    held = D.tokenize(session.tokenizer, D.read_texts(args.text), args.max_len, pack=True)[:args.max_eval_sequences]
+    trained = evaluate(session, held, 4)
+    with rounded(list(session.layers.values())):
+        stored = evaluate(session, held, 4, reference=trained)
+    print(f"{args.checkpoint}: effect kept on {args.text}: {100 * trained['effect_kept']:.2f}% as trained, "
+          f"{100 * stored['effect_kept']:.2f}% as stored")
+
+
+if __name__ == "__main__":
+    main()
