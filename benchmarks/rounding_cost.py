@@ -9,7 +9,8 @@ from what the float factors never learned.
     # e.g. the float phase of a run:  OUTPUT.checkpoints/step-00000300/state.pt
     #      after its quantization-aware steps:  OUTPUT.checkpoints/qat/step-00000100/state.pt
 
-START_FILE is the LoRA-Mini file the run started from (it fixes every module's storage).
+START_FILE is the LoRA-Mini file the run started from (it fixes every module's storage; a run
+with `--bits` stored at another width, which this does not model).
 Prints the effect kept, 1 - KL(teacher||student) / KL(teacher||base), both ways.
 """
 from __future__ import annotations
@@ -38,17 +39,23 @@ def main() -> None:
     ap.add_argument("--base", required=True)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--max-eval-sequences", type=int, default=16)
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="cpu")
     args = ap.parse_args()
 
     session = open_session(container.load(args.start), load_adapter(args.teacher),
-                           ModelOptions(base=args.base, device="cpu", offline=True))
+                           ModelOptions(base=args.base, device=args.device, offline=True))
     # recover's checkpoints hold tensors only (torch.load with weights_only)
     saved = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["tensors"]
+    wanted = {f"{name}.{m}" for name in session.layers for m in "XY"}
+    if not wanted <= set(saved):
+        sys.exit(f"{args.checkpoint}: not a checkpoint of a recover run from {args.start} "
+                 f"({len(wanted - set(saved))} of its modules' factors missing)")
     with torch.no_grad():
         for name, layer in session.layers.items():
             layer.X.copy_(saved[f"{name}.X"])
             layer.Y.copy_(saved[f"{name}.Y"])
-    held = D.tokenize(session.tokenizer, D.read_texts(args.text), args.max_len, pack=True)[:args.max_eval_sequences]
+    pack = session.task == "causal-lm"  # as `eval` tokenizes
+    held = D.tokenize(session.tokenizer, D.read_texts(args.text), args.max_len, pack=pack)[:args.max_eval_sequences]
     trained = evaluate(session, held, 4)
     with rounded(list(session.layers.values())):
         stored = evaluate(session, held, 4, reference=trained)
