@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_convert import container  # noqa: E402
 from lora_convert.api import load_adapter  # noqa: E402
 from lora_convert.recovery import data as D  # noqa: E402
+from lora_convert.errors import BadInputError  # noqa: E402
 from lora_convert.recovery.layers import rounded  # noqa: E402
+from lora_convert.recovery.loop import TrainState  # noqa: E402
 from lora_convert.recovery.run import ModelOptions, evaluate, open_session  # noqa: E402
 
 
@@ -44,16 +46,13 @@ def main() -> None:
 
     session = open_session(container.load(args.start), load_adapter(args.teacher),
                            ModelOptions(base=args.base, device=args.device, offline=True))
-    # recover's checkpoints hold tensors only (torch.load with weights_only)
+    # recover's checkpoints hold tensors only (torch.load with weights_only); TrainState.load is
+    # how recover itself puts them back, and refuses a checkpoint of other modules
     saved = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["tensors"]
-    wanted = {f"{name}.{m}" for name in session.layers for m in "XY"}
-    if not wanted <= set(saved):
-        sys.exit(f"{args.checkpoint}: not a checkpoint of a recover run from {args.start} "
-                 f"({len(wanted - set(saved))} of its modules' factors missing)")
-    with torch.no_grad():
-        for name, layer in session.layers.items():
-            layer.X.copy_(saved[f"{name}.X"])
-            layer.Y.copy_(saved[f"{name}.Y"])
+    try:
+        TrainState(session.layers, {}).load(saved, Path(args.checkpoint))
+    except BadInputError as exc:
+        sys.exit(f"{exc} (not a checkpoint of a recover run from {args.start})")
     pack = session.task == "causal-lm"  # as `eval` tokenizes
     held = D.tokenize(session.tokenizer, D.read_texts(args.text), args.max_len, pack=pack)[:args.max_eval_sequences]
     trained = evaluate(session, held, 4)

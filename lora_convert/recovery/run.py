@@ -393,7 +393,8 @@ def layout_bytes(start_file: Path, output: str) -> int:
 
 
 def distill_step(session: Session, layer_weight: float = 0.0):
-    """step_loss(batch) for recovery: teacher forward (no grad), student forward, distillation loss."""
+    """step_loss(batch) for recovery: teacher forward (no grad), student forward, distillation loss,
+    plus `layer_weight` × per-layer output matching."""
     acc, task, layers = session.accelerator, session.task, list(session.layers.values())
     raw = acc.unwrap_model(session.model)
     tapped = layers if layer_weight else []
