@@ -619,3 +619,42 @@ def test_recovery_improves_smollm2(tmp_path):
     assert res["reference"]["loss_teacher"] < res["reference"]["loss_base"]  # the teacher learned something
     assert recovered["kl_student"] < 0.7 * closed["kl_student"]
     assert recovered["retained"] > closed["retained"] + 0.2
+
+
+@pytest.mark.parametrize("start", ["svd4", "rnd4"])
+def test_feedback_rounding_lands_on_the_grid_with_less_output_error(quant_setup, start):
+    """Error-feedback rounding of trained factors: values on the file's grid (encoding them again
+    changes no more than float32 round-off), and a smaller output error on the statistics' inputs than rounding
+    each factor to nearest."""
+    from lora_convert.calibrated import input_metric
+    from lora_convert.recovery import data as D
+    from lora_convert.recovery.qat import storage_round
+    from lora_convert.recovery.rounding import feedback_round, input_stats
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(quant_setup / "base").eval()
+    layers = inject(model, lc.load(quant_setup / start), lc.load_adapter(quant_setup / "teacher7"))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # off the grid, as trained factors are
+        for p in inner_parameters(layers.values()):
+            p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    seqs = D.tokenize(char_tokenizer(), D.read_texts(str(quant_setup / "calib.txt")), 32, pack=True)
+    stats = input_stats(model, layers, seqs, 8, 0)
+    assert set(stats) == set(layers)
+    nearest = feedback = 0.0
+    for name, layer in layers.items():
+        B, A = layer.inner_matrices()
+        V = None if layer.factored else layer.V.double() * layer.c_v
+        M = input_metric(stats[name].factor(), V)
+
+        def error(QB, QA):
+            return float(((B @ A - QB @ QA) @ M).norm() / (B @ A @ M).norm())
+
+        nearest += error(storage_round(B, layer.storage), storage_round(A, layer.storage))
+        feedback_round(layer, stats[name])
+        QB, QA = layer.inner_matrices()
+        for Q in (QB, QA):  # as export reads them: float32 values, encoded again
+            torch.testing.assert_close(storage_round(Q.float().double(), layer.storage), Q, rtol=1e-6, atol=0)
+        feedback += error(QB, QA)
+    assert feedback < 0.9 * nearest, (feedback, nearest)

@@ -38,6 +38,7 @@ from .export import export_inner
 from .inject import inject
 from .layers import MiniLayer, rounded, use_mode
 from .qat import lossless
+from .rounding import feedback_round, input_stats
 from .sample import sample_sequences
 from .loop import TrainOptions, TrainResult, make_accelerator, train_inner
 from .models import ModelSource, load_model, model_dtype, pick_device
@@ -316,6 +317,7 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
             stored = evaluate(session, held, topts.batch_size, reference=before)
         _log(session, log, f"rounding the trained factors to the file's storage: effect kept "
                            f"{100 * unrounded['effect_kept']:.2f}% -> {100 * stored['effect_kept']:.2f}%")
+        stored = _feedback_rounding(session, seqs, held, topts, before, stored, log)
     after = stored
     if qat_steps and unrounded["effect_kept"] - stored["effect_kept"] > QAT_MIN_LOSS:
         qat, quantized, better = _qat_phase(session, seqs, held, step_loss, topts, run, qat_steps, before, stored)
@@ -343,6 +345,33 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
                            "the recovery note in its header did not fit (a file of few modules, or another layout)")
     return RunResult(before, after, training, output, report, session.accelerator.is_main_process, unrounded=unrounded,
                      qat=qat, kept_start=kept_start, start_bytes=budget, written_bytes=written, stored=stored)
+
+
+FEEDBACK_SEQUENCES = 512  # training sequences the error-feedback rounding's input statistics read
+
+
+def _feedback_rounding(session: Session, seqs, held, topts: TrainOptions, before: dict, stored: dict, log) -> dict:
+    """Round the float phase's factors with error feedback on the training text (recovery.rounding)
+    and keep that when it beats rounding to nearest (`stored`): the evaluation as stored of the
+    state the layers are left in."""
+    layers = list(session.layers.values())
+    step = max(1, -(-len(seqs) // FEEDBACK_SEQUENCES))
+    stats = input_stats(session.accelerator.unwrap_model(session.model), session.layers, seqs[::step],
+                        topts.batch_size, session.pad_id)
+    if not stats:
+        return stored
+    trained = param_values(layers)
+    for name, s in stats.items():
+        feedback_round(session.layers[name], s)
+    with rounded(layers):
+        fed = evaluate(session, held, topts.batch_size, reference=before)
+    better = fed["effect_kept"] > stored["effect_kept"]
+    _log(session, log, f"rounding with error feedback on the training text: effect kept as stored "
+                       f"{100 * fed['effect_kept']:.2f}% ({'kept' if better else 'not better; dropped'})")
+    if better:
+        return fed
+    load_values(layers, trained)
+    return stored
 
 
 def _qat_phase(session: Session, seqs, held, step_loss, topts: TrainOptions, run: dict, steps: int,

@@ -1,0 +1,66 @@
+"""Rounding trained factors to a quantized file with error feedback on the training text.
+
+Plain rounding (round to nearest in every group) treats each factor entry alone. A recovered
+module's output error on its inputs x, scale·(B'A' − B̂Â)x, is smaller when the input-side factor
+Â (k×in for stored outers; Y, which reads V x, for random ones) is rounded column by column with
+each column's error pushed onto the columns not yet rounded, against the second moment of what it
+reads (GPTQ's update, whiten.error_feedback_round, with the format's own quantizer), and the
+output-side factor is then re-fitted in float to the rounded Â before it is rounded to nearest.
+
+The second moments come from one forward pass of the teacher over the training sequences (forward
+pre-hooks on the adapted modules, recovery.calibration). The result lies on the file's grid: the
+writer (and quantization-aware training, which starts from it) rounds it to itself.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import quant
+from ..calibrated import input_metric
+from ..whiten import error_feedback_round, feedback_factor
+from . import data as D
+from .calibration import InputStats, collect_input_stats
+from .layers import MiniLayer, use_mode
+from .qat import storage_round
+
+
+def quantized(layer: MiniLayer) -> bool:
+    """Whether the file stores this layer's factors as integer or codebook codes."""
+    return "bits" in layer.storage and layer.storage["bits"] != 16
+
+
+def input_stats(model: torch.nn.Module, layers: dict[str, MiniLayer], seqs: list[list[int]], batch_size: int,
+                pad_id: int) -> dict[str, InputStats]:
+    """Second moments of the inputs of the quantized linear layers, with the teacher's update
+    applied (the inputs the student should reproduce the teacher's outputs on)."""
+    paths = {m.name: p for p, m in model.named_modules() if isinstance(m, MiniLayer)}
+    modules = {n: (paths[n], layer.Y.shape[1] if layer.factored else layer.V.shape[1])
+               for n, layer in layers.items() if layer.kind == "linear" and quantized(layer)}
+    if not modules:
+        return {}
+    with use_mode(layers.values(), "teacher"):
+        return collect_input_stats(model, modules, D.eval_batches(seqs, batch_size, pad_id))
+
+
+@torch.no_grad()
+def feedback_round(layer: MiniLayer, stats: InputStats) -> None:
+    """Set the layer's factors to values on the file's grid, rounded with error feedback against
+    the second moment of its input (see the module docstring)."""
+    B, A = layer.inner_matrices()  # file coordinates, float64: B multiplies A's output
+    spec = layer.storage
+    metric = input_metric(stats.factor(), None if layer.factored else layer.V.to("cpu", torch.float64) * layer.c_v)
+    if A.shape[0] < A.shape[1]:  # wide: its vectors are its rows, as the quantizer walks them
+        QA = error_feedback_round(A.float().double(), quantizer=quant.GroupQuantizer(spec["bits"], spec["group"]),
+                                  feedback=feedback_factor(metric)).values
+        QA = storage_round(QA, spec)  # what the writer stores for these values (the same numbers)
+    else:
+        QA = storage_round(A.float().double(), spec)
+    # B re-fitted to the rounded A: min ||(B A − B' QA) metric||, a k×k solve
+    AM, QM = A @ metric, QA @ metric
+    G = QM @ QM.T
+    G.diagonal().add_(1e-12 * float(G.diagonal().mean()) + 1e-300)
+    B = torch.linalg.solve(G, (AM @ QM.T).T @ B.T).T
+    QB = storage_round(B.float().double(), spec)
+    dev = layer.X.device
+    layer.X.copy_((QB * layer.c_u).to(dev, torch.float32))
+    layer.Y.copy_((QA * layer.c_v).to(dev, torch.float32))
