@@ -565,6 +565,45 @@ def test_recover_on_generated_text_alone_lowers_kl_on_held_out_text(llama_setup,
     assert res.after["kl_student"] < 0.8 * res.before["kl_student"]  # measured on heldout.txt, never sampled
 
 
+def test_sampled_sequences_are_kept_for_a_resumed_run(llama_setup, tmp_path, monkeypatch):
+    """--generate's samples are saved in the checkpoint directory: the same run again (a --resume)
+    reads them; another teacher, or a file with ids outside the vocabulary, samples afresh."""
+    from lora_convert.recovery import run as R
+    from lora_convert.recovery.sample import SAMPLES_FILE
+
+    root = llama_setup
+    calls = []
+    real = R.sample_sequences
+    monkeypatch.setattr(R, "sample_sequences", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    d, m, t = options(root, steps=2, checkpoint_dir=str(tmp_path / "ckpt"))
+    d.data, d.generate = None, 24
+    first = recover(str(root / "mini"), str(root / "teacher"), str(tmp_path / "o1"), d, m, t, log=None)
+    assert calls == [24] and (tmp_path / "ckpt" / SAMPLES_FILE).is_file()
+    t.resume = True
+    again = recover(str(root / "mini"), str(root / "teacher"), str(tmp_path / "o2"), d, m, t, log=None)
+    assert calls == [24] and again.before == first.before  # the same held-out samples, not sampled again
+    # another teacher of the same shapes (the same file sizes): its own samples
+    other = tmp_path / "teacher_b"
+    shutil.copytree(root / "teacher", other)
+    from safetensors.torch import load_file, save_file
+
+    weights = other / "adapter_model.safetensors"
+    save_file({k: v * 1.5 for k, v in load_file(weights).items()}, weights)
+    t.resume, t.checkpoint_dir = False, str(tmp_path / "ckpt")
+    recover(str(root / "mini"), str(other), str(tmp_path / "o3"), d, m, t, log=None)
+    assert calls == [24, 24]
+    # a tampered file (an id past the vocabulary) is not used
+    path = tmp_path / "ckpt" / SAMPLES_FILE
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, ids = f.metadata(), f.get_tensor("ids")
+    ids[0, 1] = 10 ** 6
+    save_file({"ids": ids}, str(path), metadata=meta)
+    recover(str(root / "mini"), str(other), str(tmp_path / "o4"), d, m, t, log=None)
+    assert calls == [24, 24, 24]
+
+
 def test_cli_recover_needs_data_or_generate(llama_setup, tmp_path):
     root = llama_setup
     cmd = ["recover", str(root / "mini"), "--teacher", str(root / "teacher"), "--base", str(root / "base"),

@@ -39,7 +39,7 @@ from .inject import inject
 from .layers import MiniLayer, rounded, use_mode
 from .qat import lossless
 from .rounding import feedback_round, input_stats
-from .sample import sample_sequences
+from .sample import cached_samples, sample_sequences
 from .loop import TrainOptions, TrainResult, make_accelerator, train_inner
 from .models import ModelSource, load_model, model_dtype, pick_device
 from .objectives import (FidelityStats, distill_loss, layer_matching_loss, lm_loss, model_output, tap_outputs,
@@ -92,7 +92,9 @@ class RunResult:
     report: object = None
     main_process: bool = True  # False on the other ranks of a multi-process run (they print nothing)
     unrounded: dict | None = None  # recover: after the float phase, before rounding to the file's storage
-    stored: dict | None = None  # recover: after the float phase, rounded as the file stores it
+    stored: dict | None = None  # recover: after the float phase, rounded as the file stores it (the better rounding)
+    nearest: dict | None = None  # recover: after the float phase, each factor rounded to nearest
+    feedback: dict | None = None  # recover: after the float phase, rounded with error feedback (when it ran)
     qat: TrainResult | None = None  # recover: the quantization-aware phase, when it ran
     kept_start: bool = False  # recover: the start file's factors were written (recovery did not improve them)
     start_bytes: int | None = None  # recover: the start file's size in the output's layout (the size bound)
@@ -126,10 +128,13 @@ def read_data(dopts: DataOptions) -> tuple[list[str] | None, list[str] | None]:
             D.read_texts(dopts.eval_data) if dopts.eval_data else None)
 
 
-def load_sequences(session: Session, dopts: DataOptions, texts, seed: int = 0) -> tuple[list, list]:
+def load_sequences(session: Session, dopts: DataOptions, texts, seed: int = 0, cache_dir: str | None = None,
+                   teacher_digest: str | None = None) -> tuple[list, list]:
     """(training sequences, held-out sequences), tokenized; causal LMs pack text into full blocks.
     `dopts.generate` sequences sampled from the teacher and the base (sample.py) join the training
-    sequences; the held-out ones come from them only when there is no text of the user's."""
+    sequences; the held-out ones come from them only when there is no text of the user's. Samples
+    are kept in `cache_dir` (the checkpoint directory) for a later run of the same teacher
+    (`teacher_digest`), base and settings."""
     pack = session.task == "causal-lm"
     train_texts, eval_texts = texts
     seqs = D.tokenize(session.tokenizer, train_texts, dopts.max_len, pack) if train_texts is not None else []
@@ -140,8 +145,16 @@ def load_sequences(session: Session, dopts: DataOptions, texts, seed: int = 0) -
         if session.task != "causal-lm":
             raise BadInputError(f"--generate samples text from a causal language model; this base is a "
                                 f"{session.task} model: give --data")
-        sampled = sample_sequences(session.accelerator.unwrap_model(session.model), session.tokenizer,
-                                   list(session.layers.values()), dopts.generate, dopts.max_len, seed)
+        raw = session.accelerator.unwrap_model(session.model)
+
+        def sample():
+            return sample_sequences(raw, session.tokenizer, list(session.layers.values()), dopts.generate,
+                                    dopts.max_len, seed)
+
+        identity = {"teacher": teacher_digest, "base": session.base, "n": dopts.generate, "length": dopts.max_len,
+                    "seed": seed}
+        sampled = cached_samples(cache_dir if teacher_digest else None, identity,
+                                 raw.get_input_embeddings().num_embeddings, sample, session.accelerator.is_main_process)
         if held is None:
             sampled, held = D.split_holdout(sampled, dopts.eval_fraction, shuffle=True)  # both sources held out
         seqs = seqs + sampled
@@ -161,6 +174,19 @@ def file_digest(path: str | os.PathLike) -> str:
     with open(p, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, or of a directory's files (names and bytes): what decides
+    whether sequences sampled from a teacher may be reused."""
+    p = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -295,7 +321,8 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
         _log(session, log, f"sampling {dopts.generate} sequences of {dopts.max_len} tokens from the teacher and "
                            "the base model (--generate)")
     t0 = time.perf_counter()
-    seqs, held = load_sequences(session, dopts, texts, topts.seed)
+    seqs, held = load_sequences(session, dopts, texts, topts.seed, topts.checkpoint_dir,
+                                content_digest(teacher.source) if dopts.generate else None)
     if dopts.generate:
         _log(session, log, f"sampled in {time.perf_counter() - t0:.0f} s")
     start = param_values(layers)
@@ -311,13 +338,13 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
     training = train_inner(session.accelerator, session.model, session.layers, seqs, session.pad_id, step_loss,
                            topts, run)
     unrounded = evaluate(session, held, topts.batch_size, reference=before)
-    stored, qat = unrounded, None  # the float phase's result as the file stores it
+    stored, qat, nearest, fed = unrounded, None, None, None  # the float phase's result as the file stores it
     if not all(lossless(layer.storage) for layer in layers):
         with rounded(layers):
-            stored = evaluate(session, held, topts.batch_size, reference=before)
+            nearest = evaluate(session, held, topts.batch_size, reference=before)
         _log(session, log, f"rounding the trained factors to the file's storage: effect kept "
-                           f"{100 * unrounded['effect_kept']:.2f}% -> {100 * stored['effect_kept']:.2f}%")
-        stored = _feedback_rounding(session, seqs, held, topts, before, stored, log)
+                           f"{100 * unrounded['effect_kept']:.2f}% -> {100 * nearest['effect_kept']:.2f}%")
+        stored, fed = _feedback_rounding(session, seqs, held, topts, before, nearest, log)
     after = stored
     if qat_steps and unrounded["effect_kept"] - stored["effect_kept"] > QAT_MIN_LOSS:
         qat, quantized, better = _qat_phase(session, seqs, held, step_loss, topts, run, qat_steps, before, stored)
@@ -344,34 +371,35 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
         _log(session, log, f"note: the output is {written - budget:,} bytes larger than the start file ({budget:,} B): "
                            "the recovery note in its header did not fit (a file of few modules, or another layout)")
     return RunResult(before, after, training, output, report, session.accelerator.is_main_process, unrounded=unrounded,
-                     qat=qat, kept_start=kept_start, start_bytes=budget, written_bytes=written, stored=stored)
+                     qat=qat, kept_start=kept_start, start_bytes=budget, written_bytes=written, stored=stored,
+                     nearest=nearest, feedback=fed)
 
 
 FEEDBACK_SEQUENCES = 512  # training sequences the error-feedback rounding's input statistics read
 
 
-def _feedback_rounding(session: Session, seqs, held, topts: TrainOptions, before: dict, stored: dict, log) -> dict:
+def _feedback_rounding(session: Session, seqs, held, topts: TrainOptions, before: dict, nearest: dict,
+                       log) -> tuple[dict, dict | None]:
     """Round the float phase's factors with error feedback on the training text (recovery.rounding)
-    and keep that when it beats rounding to nearest (`stored`): the evaluation as stored of the
-    state the layers are left in."""
+    and keep that when it beats rounding to nearest (evaluated as `nearest`): (the evaluation as
+    stored of the state the layers are left in, the error-feedback rounding's evaluation or None)."""
     layers = list(session.layers.values())
     step = max(1, -(-len(seqs) // FEEDBACK_SEQUENCES))
     stats = input_stats(session.accelerator.unwrap_model(session.model), session.layers, seqs[::step],
                         topts.batch_size, session.pad_id)
     if not stats:
-        return stored
+        return nearest, None
     trained = param_values(layers)
     for name, s in stats.items():
         feedback_round(session.layers[name], s)
     with rounded(layers):
         fed = evaluate(session, held, topts.batch_size, reference=before)
-    better = fed["effect_kept"] > stored["effect_kept"]
+    better = fed["effect_kept"] > nearest["effect_kept"]
     _log(session, log, f"rounding with error feedback on the training text: effect kept as stored "
                        f"{100 * fed['effect_kept']:.2f}% ({'kept' if better else 'not better; dropped'})")
-    if better:
-        return fed
-    load_values(layers, trained)
-    return stored
+    if not better:
+        load_values(layers, trained)
+    return (fed if better else nearest), fed
 
 
 def _qat_phase(session: Session, seqs, held, step_loss, topts: TrainOptions, run: dict, steps: int,

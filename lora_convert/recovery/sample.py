@@ -8,13 +8,48 @@ sampled from the base model are broad, generic text. Half of each, at temperatur
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
+from typing import Callable
 
 import torch
 
+from ..atomic import atomic_file
 from ..errors import BadInputError
 from .layers import use_mode
 
 SOURCES = ("teacher", "base")
+SAMPLES_FILE = "samples.safetensors"  # in the checkpoint directory
+
+
+def cached_samples(directory: str | None, identity: dict, vocab: int, make: Callable[[], list[list[int]]],
+                   write: bool = True) -> list[list[int]]:
+    """make()'s sequences, kept in DIRECTORY/samples.safetensors (token ids and `identity`: what
+    shapes the samples), so that a later run with the same identity (a --resume after an
+    interruption) reads them instead of sampling again: minutes on a CPU. A file of another
+    identity, one that cannot be read, or one with ids outside the vocabulary is replaced.
+    `write`: this process writes the file (the main one of several)."""
+    if directory is None:
+        return make()
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save_file
+
+    path = Path(directory) / SAMPLES_FILE
+    key = json.dumps(identity, sort_keys=True)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("identity") == key and list(f.keys()) == ["ids"]:
+                ids = f.get_tensor("ids")
+                if (ids.dtype == torch.int32 and ids.dim() == 2 and ids.numel()
+                        and 0 <= int(ids.min()) and int(ids.max()) < vocab):
+                    return ids.tolist()
+    except (OSError, SafetensorError):
+        pass
+    seqs = make()
+    if write and seqs:
+        with atomic_file(path) as tmp:
+            save_file({"ids": torch.tensor(seqs, dtype=torch.int32)}, str(tmp), metadata={"identity": key})
+    return seqs
 
 
 @torch.no_grad()
