@@ -11,7 +11,9 @@ from what the float factors never learned.
 
 START_FILE is the LoRA-Mini file the run started from (it fixes every module's storage; a run
 with `--bits` stored at another width, which this does not model).
-Prints the effect kept, 1 - KL(teacher||student) / KL(teacher||base), both ways.
+Prints the effect kept, 1 - KL(teacher||student) / KL(teacher||base), both ways; with
+`--feedback-data FILE` also rounded with error feedback against the input moments on FILE's text
+(recovery.rounding, what recover does with its training text after the float phase).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from lora_convert.recovery import data as D  # noqa: E402
 from lora_convert.errors import BadInputError  # noqa: E402
 from lora_convert.recovery.layers import rounded  # noqa: E402
 from lora_convert.recovery.loop import TrainState  # noqa: E402
+from lora_convert.recovery.rounding import feedback_round, input_stats  # noqa: E402
 from lora_convert.recovery.run import ModelOptions, evaluate, open_session  # noqa: E402
 
 
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--max-eval-sequences", type=int, default=16)
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="cpu")
+    ap.add_argument("--feedback-data", help="text for the input moments of error-feedback rounding")
     args = ap.parse_args()
 
     session = open_session(container.load(args.start), load_adapter(args.teacher),
@@ -58,8 +62,17 @@ def main() -> None:
     trained = evaluate(session, held, 4)
     with rounded(list(session.layers.values())):
         stored = evaluate(session, held, 4, reference=trained)
-    print(f"{args.checkpoint}: effect kept on {args.text}: {100 * trained['effect_kept']:.2f}% as trained, "
-          f"{100 * stored['effect_kept']:.2f}% as stored")
+    line = (f"{args.checkpoint}: effect kept on {args.text}: {100 * trained['effect_kept']:.2f}% as trained, "
+            f"{100 * stored['effect_kept']:.2f}% as stored")
+    if args.feedback_data:
+        seqs = D.tokenize(session.tokenizer, D.read_texts(args.feedback_data), args.max_len, pack=pack)
+        stats = input_stats(session.accelerator.unwrap_model(session.model), session.layers, seqs, 4, session.pad_id)
+        for name, s in stats.items():
+            feedback_round(session.layers[name], s)
+        with rounded(list(session.layers.values())):
+            fed = evaluate(session, held, 4, reference=trained)
+        line += f", {100 * fed['effect_kept']:.2f}% rounded with error feedback on {args.feedback_data}"
+    print(line)
 
 
 if __name__ == "__main__":
