@@ -39,7 +39,7 @@ from .inject import inject
 from .layers import MiniLayer, rounded, use_mode
 from .qat import lossless
 from .rounding import feedback_round, input_stats
-from .sample import cached_samples, sample_sequences
+from .sample import SAMPLES_FILE, cached_samples, sample_sequences
 from .loop import TrainOptions, TrainResult, make_accelerator, train_inner
 from .models import ModelSource, load_model, model_dtype, pick_device
 from .objectives import (FidelityStats, distill_loss, layer_matching_loss, lm_loss, model_output, tap_outputs,
@@ -318,13 +318,15 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
         set_storage_bits(layers, bits)
     same_storage = start_storage == [layer.storage for layer in layers]
     if dopts.generate:
+        cache = Path(topts.checkpoint_dir) / SAMPLES_FILE
         _log(session, log, f"sampling {dopts.generate} sequences of {dopts.max_len} tokens from the teacher and "
-                           "the base model (--generate)")
+                           f"the base model (--generate; kept in {cache} for a --resume, and read from it if an "
+                           "earlier run of this teacher and these settings wrote it)")
     t0 = time.perf_counter()
     seqs, held = load_sequences(session, dopts, texts, topts.seed, topts.checkpoint_dir,
                                 content_digest(teacher.source) if dopts.generate else None)
     if dopts.generate:
-        _log(session, log, f"sampled in {time.perf_counter() - t0:.0f} s")
+        _log(session, log, f"sequences ready in {time.perf_counter() - t0:.0f} s")
     start = param_values(layers)
     with rounded(layers):  # the start file as it is stored (with --bits: as it would be stored at that width)
         before = evaluate(session, held, topts.batch_size)
