@@ -592,16 +592,16 @@ def test_sampled_sequences_are_kept_for_a_resumed_run(llama_setup, tmp_path, mon
     t.resume, t.checkpoint_dir = False, str(tmp_path / "ckpt")
     recover(str(root / "mini"), str(other), str(tmp_path / "o3"), d, m, t, log=None)
     assert calls == [24, 24]
-    # a tampered file (an id past the vocabulary) is not used
+    # a tampered file is not used
     path = tmp_path / "ckpt" / SAMPLES_FILE
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta, ids = f.metadata(), f.get_tensor("ids")
-    ids[0, 1] = 10 ** 6
-    save_file({"ids": ids}, str(path), metadata=meta)
-    recover(str(root / "mini"), str(other), str(tmp_path / "o4"), d, m, t, log=None)
-    assert calls == [24, 24, 24]
+    for bad in (ids.clone().index_fill_(1, torch.tensor([1]), 10 ** 6), ids[:-1]):  # past the vocabulary; a row short
+        save_file({"ids": bad.contiguous()}, str(path), metadata=meta)
+        recover(str(root / "mini"), str(other), str(tmp_path / "o4"), d, m, t, log=None)
+    assert calls == [24, 24, 24, 24]
 
 
 def test_cli_recover_needs_data_or_generate(llama_setup, tmp_path):

@@ -153,7 +153,7 @@ def load_sequences(session: Session, dopts: DataOptions, texts, seed: int = 0, c
 
         identity = {"teacher": teacher_digest, "base": session.base, "n": dopts.generate, "length": dopts.max_len,
                     "seed": seed}
-        sampled = cached_samples(cache_dir if teacher_digest else None, identity,
+        sampled = cached_samples(cache_dir if teacher_digest else None, identity, (dopts.generate, dopts.max_len),
                                  raw.get_input_embeddings().num_embeddings, sample, session.accelerator.is_main_process)
         if held is None:
             sampled, held = D.split_holdout(sampled, dopts.eval_fraction, shuffle=True)  # both sources held out

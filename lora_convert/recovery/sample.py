@@ -22,13 +22,13 @@ SOURCES = ("teacher", "base")
 SAMPLES_FILE = "samples.safetensors"  # in the checkpoint directory
 
 
-def cached_samples(directory: str | None, identity: dict, vocab: int, make: Callable[[], list[list[int]]],
-                   write: bool = True) -> list[list[int]]:
-    """make()'s sequences, kept in DIRECTORY/samples.safetensors (token ids and `identity`: what
-    shapes the samples), so that a later run with the same identity (a --resume after an
-    interruption) reads them instead of sampling again: minutes on a CPU. A file of another
-    identity, one that cannot be read, or one with ids outside the vocabulary is replaced.
-    `write`: this process writes the file (the main one of several)."""
+def cached_samples(directory: str | None, identity: dict, shape: tuple[int, int], vocab: int,
+                   make: Callable[[], list[list[int]]], write: bool = True) -> list[list[int]]:
+    """make()'s sequences (`shape`: how many, how long), kept in DIRECTORY/samples.safetensors
+    (token ids and `identity`: what decides the samples), so that a later run with the same
+    identity (a --resume after an interruption) reads them instead of sampling again: minutes on
+    a CPU. A file of another identity or shape, one that cannot be read, or one with ids outside
+    the vocabulary is replaced. `write`: this process writes the file (the main one of several)."""
     if directory is None:
         return make()
     from safetensors import SafetensorError, safe_open
@@ -40,7 +40,7 @@ def cached_samples(directory: str | None, identity: dict, vocab: int, make: Call
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("identity") == key and list(f.keys()) == ["ids"]:
                 ids = f.get_tensor("ids")
-                if (ids.dtype == torch.int32 and ids.dim() == 2 and ids.numel()
+                if (ids.dtype == torch.int32 and tuple(ids.shape) == tuple(shape) and ids.numel()
                         and 0 <= int(ids.min()) and int(ids.max()) < vocab):
                     return ids.tolist()
     except (OSError, SafetensorError):
