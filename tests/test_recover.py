@@ -428,6 +428,7 @@ def test_recover_bits_requantizes(quant_setup, tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["bytes"]["start"] is None and doc["bytes"]["written"] == _dir_bytes(out) > _dir_bytes(root / "svd4")
+    assert doc["stored"] in (doc["nearest"], doc["feedback"]) and doc["nearest"]["tokens"] > 0
     mini = lc.load(out)
     assert all(mini.module(n).quant == {"bits": 8, "group": quant.DEFAULT_GROUP} for n in mini.module_names)
     # a float file re-quantized: random outers, X and Y stored at 4 bits
@@ -598,10 +599,13 @@ def test_sampled_sequences_are_kept_for_a_resumed_run(llama_setup, tmp_path, mon
 
     with safe_open(str(path), framework="pt") as f:
         meta, ids = f.metadata(), f.get_tensor("ids")
-    for bad in (ids.clone().index_fill_(1, torch.tensor([1]), 10 ** 6), ids[:-1]):  # past the vocabulary; a row short
-        save_file({"ids": bad.contiguous()}, str(path), metadata=meta)
+    for bad in (ids.clone().index_fill_(1, torch.tensor([1]), 10 ** 6), ids[:-1], None):  # an id past the
+        if bad is None:                                                                    # vocabulary, a row short,
+            path.write_bytes(b"not a safetensors file")                                    # not safetensors
+        else:
+            save_file({"ids": bad.contiguous()}, str(path), metadata=meta)
         recover(str(root / "mini"), str(other), str(tmp_path / "o4"), d, m, t, log=None)
-    assert calls == [24, 24, 24, 24]
+    assert calls == [24, 24, 24, 24, 24]
 
 
 def test_cli_recover_needs_data_or_generate(llama_setup, tmp_path):
@@ -697,3 +701,39 @@ def test_feedback_rounding_lands_on_the_grid_with_less_output_error(quant_setup,
             torch.testing.assert_close(storage_round(Q.float().double(), layer.storage), Q, rtol=1e-6, atol=0)
         feedback += error(QB, QA)
     assert feedback < 0.9 * nearest, (feedback, nearest)
+
+
+def test_recover_keeps_the_better_rounding(quant_setup, tmp_path, monkeypatch):
+    """The error-feedback rounding is kept only when it keeps more on the held-out data than
+    rounding to nearest; a rounding that fails (a diverged float phase) leaves rounding to nearest."""
+    from lora_convert.recovery import rounding
+
+    root = quant_setup
+    runs = {}
+    for case in ("real", "ruined", "fails"):
+        if case == "ruined":  # rounds, then spoils the factors: worse than rounding to nearest
+            real = rounding.feedback_round
+
+            def spoiled(layer, stats, feedback=None):
+                real(layer, stats, feedback)
+                with torch.no_grad():
+                    layer.X.mul_(-1.0)
+            monkeypatch.setattr(rounding, "feedback_round", spoiled)
+        if case == "fails":
+            def refuse(layer, stats, feedback=None):
+                raise ValueError("cannot quantize non-finite values")
+            monkeypatch.setattr(rounding, "feedback_round", refuse)
+        d, m, t = options(root, steps=6, checkpoint_dir=str(tmp_path / f"ckpt-{case}"))
+        lines = []
+        runs[case] = recover(str(root / "svd4"), str(root / "teacher7"), str(tmp_path / case), d, m, t,
+                             log=lines.append, qat_steps=0), lines
+    (real, lines), (ruined, _), (fails, fail_lines) = runs["real"], runs["ruined"], runs["fails"]
+    assert real.feedback is not None and real.stored == max(real.nearest, real.feedback, key=lambda r: r["effect_kept"])
+    assert any("rounding with error feedback" in line for line in lines)
+    assert ruined.nearest == real.nearest and ruined.feedback["effect_kept"] < ruined.nearest["effect_kept"]
+    assert ruined.stored == ruined.nearest == ruined.after
+    assert fails.feedback is None and fails.stored == fails.nearest == real.nearest
+    assert any("error feedback skipped: cannot quantize" in line for line in fail_lines)
+    # what was written is the rounding to nearest: the same file as the failed run's
+    a, b = lc.load(tmp_path / "ruined"), lc.load(tmp_path / "fails")
+    assert all(container.quantized_blob(a.module(n)) == container.quantized_blob(b.module(n)) for n in a.module_names)

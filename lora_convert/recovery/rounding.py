@@ -42,21 +42,29 @@ def input_stats(model: torch.nn.Module, layers: dict[str, MiniLayer], seqs: list
         return collect_input_stats(model, modules, D.eval_batches(seqs, batch_size, pad_id))
 
 
+def metric(layer: MiniLayer, stats: InputStats) -> torch.Tensor:
+    """Lower-triangular factor of the second moment the layer's input-side factor reads (float64)."""
+    return input_metric(stats.factor(), None if layer.factored else layer.V.to("cpu", torch.float64) * layer.c_v)
+
+
 @torch.no_grad()
-def feedback_round(layer: MiniLayer, stats: InputStats) -> None:
+def feedback_round(layer: MiniLayer, stats: InputStats, feedback=None) -> None:
     """Set the layer's factors to values on the file's grid, rounded with error feedback against
-    the second moment of its input (see the module docstring)."""
+    the second moment of its input (see the module docstring). `feedback`: feedback_factor of the
+    layer's metric, when the caller shares it between layers that read the same input. Raises
+    ValueError for factors the file cannot hold (non-finite, or past the float16 scales)."""
     B, A = layer.inner_matrices()  # file coordinates, float64: B multiplies A's output
     spec = layer.storage
-    metric = input_metric(stats.factor(), None if layer.factored else layer.V.to("cpu", torch.float64) * layer.c_v)
+    M = metric(layer, stats)
     if A.shape[0] < A.shape[1]:  # wide: its vectors are its rows, as the quantizer walks them
         QA = error_feedback_round(A.float().double(), quantizer=quant.GroupQuantizer(spec["bits"], spec["group"]),
-                                  feedback=feedback_factor(metric)).values
-        QA = storage_round(QA, spec)  # what the writer stores for these values (the same numbers)
+                                  feedback=feedback_factor(M) if feedback is None else feedback).values
+        # encoded again as the writer will: a group whose largest value moved can get another scale
+        QA = storage_round(QA, spec)
     else:
         QA = storage_round(A.float().double(), spec)
     # B re-fitted to the rounded A: min ||(B A − B' QA) metric||, a k×k solve
-    AM, QM = A @ metric, QA @ metric
+    AM, QM = A @ M, QA @ M
     G = QM @ QM.T
     G.diagonal().add_(1e-12 * float(G.diagonal().mean()) + 1e-300)
     B = torch.linalg.solve(G, (AM @ QM.T).T @ B.T).T
@@ -64,3 +72,23 @@ def feedback_round(layer: MiniLayer, stats: InputStats) -> None:
     dev = layer.X.device
     layer.X.copy_((QB * layer.c_u).to(dev, torch.float32))
     layer.Y.copy_((QA * layer.c_v).to(dev, torch.float32))
+
+
+def feedback_round_all(layers: dict[str, MiniLayer], stats: dict[str, InputStats], accelerator=None) -> None:
+    """feedback_round for every layer with statistics, each feedback factor computed once per input
+    (q/k/v read one, gate/up another; random outers: once per input and outer). With several
+    processes (`accelerator`), the main process's values are sent to all, so that the ranks start
+    the next phase from one state whatever their floating-point differences."""
+    shared = {}
+    for name, s in stats.items():
+        layer = layers[name]
+        key = (s.source, None if layer.factored else layer.V.data_ptr())
+        if key not in shared:
+            shared[key] = feedback_factor(metric(layer, s))
+        feedback_round(layer, s, shared[key])
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        for name in stats:
+            for p in (layers[name].X, layers[name].Y):
+                p.data.copy_(broadcast(p.data.clone()))

@@ -38,7 +38,7 @@ from .export import export_inner
 from .inject import inject
 from .layers import MiniLayer, rounded, use_mode
 from .qat import lossless
-from .rounding import feedback_round, input_stats
+from .rounding import feedback_round_all, input_stats
 from .sample import SAMPLES_FILE, cached_samples, sample_sequences
 from .loop import TrainOptions, TrainResult, make_accelerator, train_inner
 from .models import ModelSource, load_model, model_dtype, pick_device
@@ -129,12 +129,12 @@ def read_data(dopts: DataOptions) -> tuple[list[str] | None, list[str] | None]:
 
 
 def load_sequences(session: Session, dopts: DataOptions, texts, seed: int = 0, cache_dir: str | None = None,
-                   teacher_digest: str | None = None) -> tuple[list, list]:
+                   models: dict | None = None) -> tuple[list, list]:
     """(training sequences, held-out sequences), tokenized; causal LMs pack text into full blocks.
     `dopts.generate` sequences sampled from the teacher and the base (sample.py) join the training
     sequences; the held-out ones come from them only when there is no text of the user's. Samples
-    are kept in `cache_dir` (the checkpoint directory) for a later run of the same teacher
-    (`teacher_digest`), base and settings."""
+    are kept in `cache_dir` (the checkpoint directory) for a later run with the same `models`
+    (sample_identity) and settings."""
     pack = session.task == "causal-lm"
     train_texts, eval_texts = texts
     seqs = D.tokenize(session.tokenizer, train_texts, dopts.max_len, pack) if train_texts is not None else []
@@ -151,9 +151,8 @@ def load_sequences(session: Session, dopts: DataOptions, texts, seed: int = 0, c
             return sample_sequences(raw, session.tokenizer, list(session.layers.values()), dopts.generate,
                                     dopts.max_len, seed)
 
-        identity = {"teacher": teacher_digest, "base": session.base, "n": dopts.generate, "length": dopts.max_len,
-                    "seed": seed}
-        sampled = cached_samples(cache_dir if teacher_digest else None, identity, (dopts.generate, dopts.max_len),
+        identity = (models or {}) | {"n": dopts.generate, "length": dopts.max_len, "seed": seed}
+        sampled = cached_samples(cache_dir if models else None, identity, (dopts.generate, dopts.max_len),
                                  raw.get_input_embeddings().num_embeddings, sample, session.accelerator.is_main_process)
         if held is None:
             sampled, held = D.split_holdout(sampled, dopts.eval_fraction, shuffle=True)  # both sources held out
@@ -175,6 +174,26 @@ def file_digest(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+SAMPLES_FORMAT = 1  # bumped when sampling changes what it draws for the same models and seed
+
+
+def sample_identity(teacher: Adapter, session: Session, mopts: ModelOptions) -> dict:
+    """What decides the sequences sampled from a teacher and its base, beside count, length and
+    seed: the teacher's bytes; the base (a local directory by absolute path and its files' names,
+    sizes and modification times; a Hub id with its revision; a GGUF file), its weights' dtype and
+    the device type (sampling draws differ between CPU and CUDA)."""
+    base = Path(session.base)
+    if base.exists():
+        files = sorted(q for q in base.iterdir() if q.is_file()) if base.is_dir() else [base]
+        where = [str(base.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    else:
+        where = [session.base, mopts.revision]
+    raw = session.accelerator.unwrap_model(session.model)
+    return {"format": SAMPLES_FORMAT, "teacher": content_digest(teacher.source), "base": where,
+            "gguf_file": mopts.gguf_file, "dtype": str(next(raw.parameters()).dtype),
+            "device": session.accelerator.device.type}
 
 
 def content_digest(path: str | os.PathLike) -> str:
@@ -324,7 +343,7 @@ def recover(mini_path: str, teacher_path: str, output: str, dopts: DataOptions, 
                            "earlier run of this teacher and these settings wrote it)")
     t0 = time.perf_counter()
     seqs, held = load_sequences(session, dopts, texts, topts.seed, topts.checkpoint_dir,
-                                content_digest(teacher.source) if dopts.generate else None)
+                                sample_identity(teacher, session, mopts) if dopts.generate else None)
     if dopts.generate:
         _log(session, log, f"sequences ready in {time.perf_counter() - t0:.0f} s")
     start = param_values(layers)
@@ -387,13 +406,19 @@ def _feedback_rounding(session: Session, seqs, held, topts: TrainOptions, before
     stored of the state the layers are left in, the error-feedback rounding's evaluation or None)."""
     layers = list(session.layers.values())
     step = max(1, -(-len(seqs) // FEEDBACK_SEQUENCES))
-    stats = input_stats(session.accelerator.unwrap_model(session.model), session.layers, seqs[::step],
-                        topts.batch_size, session.pad_id)
+    trained = param_values(layers)
+    try:
+        stats = input_stats(session.accelerator.unwrap_model(session.model), session.layers, seqs[::step],
+                            topts.batch_size, session.pad_id)
+        feedback_round_all(session.layers, stats, session.accelerator)
+    except (ValueError, BadInputError, torch.linalg.LinAlgError) as exc:
+        # a diverged float phase (factors the file cannot hold), a module the sequences never reach:
+        # rounding to nearest stands, and the never-worse check decides as before
+        load_values(layers, trained)
+        _log(session, log, f"rounding with error feedback skipped: {exc}")
+        return nearest, None
     if not stats:
         return nearest, None
-    trained = param_values(layers)
-    for name, s in stats.items():
-        feedback_round(session.layers[name], s)
     with rounded(layers):
         fed = evaluate(session, held, topts.batch_size, reference=before)
     better = fed["effect_kept"] > nearest["effect_kept"]

@@ -38,10 +38,10 @@ def cached_samples(directory: str | None, identity: dict, shape: tuple[int, int]
     key = json.dumps(identity, sort_keys=True)
     try:
         with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("identity") == key and list(f.keys()) == ["ids"]:
-                ids = f.get_tensor("ids")
-                if (ids.dtype == torch.int32 and tuple(ids.shape) == tuple(shape) and ids.numel()
-                        and 0 <= int(ids.min()) and int(ids.max()) < vocab):
+            if ((f.metadata() or {}).get("identity") == key and list(f.keys()) == ["ids"]
+                    and f.get_slice("ids").get_dtype() == "I32" and f.get_slice("ids").get_shape() == list(shape)):
+                ids = f.get_tensor("ids")  # its size is known now: shape × 4 bytes
+                if ids.numel() and 0 <= int(ids.min()) and int(ids.max()) < vocab:
                     return ids.tolist()
     except (OSError, SafetensorError):
         pass
