@@ -580,6 +580,7 @@ def test_sampled_sequences_are_kept_for_a_resumed_run(llama_setup, tmp_path, mon
     d.data, d.generate = None, 24
     first = recover(str(root / "mini"), str(root / "teacher"), str(tmp_path / "o1"), d, m, t, log=None)
     assert calls == [24] and (tmp_path / "ckpt" / SAMPLES_FILE).is_file()
+    assert (tmp_path / "ckpt" / SAMPLES_FILE).stat().st_mode & 0o044 == (tmp_path / "o1").stat().st_mode & 0o044
     t.resume = True
     again = recover(str(root / "mini"), str(root / "teacher"), str(tmp_path / "o2"), d, m, t, log=None)
     assert calls == [24] and again.before == first.before  # the same held-out samples, not sampled again

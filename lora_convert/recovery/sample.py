@@ -32,7 +32,7 @@ def cached_samples(directory: str | None, identity: dict, shape: tuple[int, int]
     if directory is None:
         return make()
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(directory) / SAMPLES_FILE
     key = json.dumps(identity, sort_keys=True)
@@ -48,7 +48,8 @@ def cached_samples(directory: str | None, identity: dict, shape: tuple[int, int]
     seqs = make()
     if write and seqs:
         with atomic_file(path) as tmp:
-            save_file({"ids": torch.tensor(seqs, dtype=torch.int32)}, str(tmp), metadata={"identity": key})
+            # bytes into the temporary file atomic_file made (its permissions; save_file would replace it)
+            tmp.write_bytes(save({"ids": torch.tensor(seqs, dtype=torch.int32)}, metadata={"identity": key}))
     return seqs
 
 
