@@ -7,7 +7,7 @@ each column's error pushed onto the columns not yet rounded, against the second 
 reads (GPTQ's update, whiten.error_feedback_round, with the format's own quantizer), and the
 output-side factor is then re-fitted in float to the rounded Â before it is rounded to nearest.
 
-The second moments come from one forward pass of the teacher over the training sequences (forward
+The second moments come from a forward pass of the teacher over the training sequences (forward
 pre-hooks on the adapted modules, recovery.calibration). The result lies on the file's grid: the
 writer (and quantization-aware training, which starts from it) rounds it to itself.
 """
