@@ -31,7 +31,7 @@ from lora_convert.recovery import data as D  # noqa: E402
 from lora_convert.errors import BadInputError  # noqa: E402
 from lora_convert.recovery.layers import rounded  # noqa: E402
 from lora_convert.recovery.loop import TrainState  # noqa: E402
-from lora_convert.recovery.rounding import feedback_round, input_stats  # noqa: E402
+from lora_convert.recovery.rounding import feedback_round_all, input_stats  # noqa: E402
 from lora_convert.recovery.run import ModelOptions, evaluate, open_session  # noqa: E402
 
 
@@ -67,8 +67,7 @@ def main() -> None:
     if args.feedback_data:
         seqs = D.tokenize(session.tokenizer, D.read_texts(args.feedback_data), args.max_len, pack=pack)
         stats = input_stats(session.accelerator.unwrap_model(session.model), session.layers, seqs, 4, session.pad_id)
-        for name, s in stats.items():
-            feedback_round(session.layers[name], s)
+        feedback_round_all(session.layers, stats)
         with rounded(list(session.layers.values())):
             fed = evaluate(session, held, 4, reference=trained)
         line += f", {100 * fed['effect_kept']:.2f}% rounded with error feedback on {args.feedback_data}"

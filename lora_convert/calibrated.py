@@ -165,10 +165,17 @@ def input_rounding(L: torch.Tensor, V: torch.Tensor | None = None):
             return quant.encode(F, bits, group)[1]
         if "R" not in state:
             state["R"] = _feedback(metric) if V is None else feedback_factor(metric)
-        ef = error_feedback_round(F, quantizer=quant.GroupQuantizer(bits, group), feedback=state["R"])
-        return quant.encode(ef.values.numpy(), bits, group)[1]  # the writer re-encodes these values
+        return feedback_rounded(F, bits, group, state["R"])
 
     return rounding
+
+
+def feedback_rounded(F: np.ndarray, bits: int | str, group: int, feedback: np.ndarray) -> np.ndarray:
+    """F (k×n, wide, float64) rounded with error feedback (`feedback`: feedback_factor of the metric
+    of what F reads), then encoded as the writer encodes it: the float32 values a reader decodes
+    (a group whose largest value moved can get another scale)."""
+    ef = error_feedback_round(F, quantizer=quant.GroupQuantizer(bits, group), feedback=feedback)
+    return quant.encode(ef.values.numpy(), bits, group)[1]
 
 
 def whitened_factors(m: LoraModule, src, options: dict, L: torch.Tensor):

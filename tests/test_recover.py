@@ -696,7 +696,7 @@ def test_feedback_rounding_lands_on_the_grid_with_less_output_error(quant_setup,
             return float(((B @ A - QB @ QA) @ M).norm() / (B @ A @ M).norm())
 
         nearest += error(storage_round(B, layer.storage), storage_round(A, layer.storage))
-        feedback_round(layer, stats[name])
+        feedback_round(layer, M)
         QB, QA = layer.inner_matrices()
         for Q in (QB, QA):  # as export reads them: float32 values, encoded again
             torch.testing.assert_close(storage_round(Q.float().double(), layer.storage), Q, rtol=1e-6, atol=0)
@@ -715,13 +715,13 @@ def test_recover_keeps_the_better_rounding(quant_setup, tmp_path, monkeypatch):
         if case == "ruined":  # rounds, then spoils the factors: worse than rounding to nearest
             real = rounding.feedback_round
 
-            def spoiled(layer, stats, feedback=None):
-                real(layer, stats, feedback)
+            def spoiled(layer, M, feedback=None):
+                real(layer, M, feedback)
                 with torch.no_grad():
                     layer.X.mul_(-1.0)
             monkeypatch.setattr(rounding, "feedback_round", spoiled)
         if case == "fails":
-            def refuse(layer, stats, feedback=None):
+            def refuse(layer, M, feedback=None):
                 raise ValueError("cannot quantize non-finite values")
             monkeypatch.setattr(rounding, "feedback_round", refuse)
         d, m, t = options(root, steps=6, checkpoint_dir=str(tmp_path / f"ckpt-{case}"))

@@ -118,8 +118,7 @@ def _echo_result(result, as_json: bool) -> None:
     if result.unrounded is not None:  # recover
         t = result.qat
         doc |= {"unrounded": result.unrounded, "stored": result.stored, "nearest": result.nearest,
-                "feedback": result.feedback,
-                "kept_start": result.kept_start,
+                "feedback": result.feedback, "kept_start": result.kept_start,
                 "qat": None if t is None else {"steps": t.steps, "seconds": round(t.seconds, 2),
                                                "final_loss": t.losses[-1] if t.losses else None},
                 "bytes": {"start": result.start_bytes, "written": result.written_bytes}}

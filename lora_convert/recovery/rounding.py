@@ -13,14 +13,14 @@ writer (and quantization-aware training, which starts from it) rounds it to itse
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .. import quant
-from ..calibrated import input_metric
-from ..whiten import error_feedback_round, feedback_factor
+from ..calibrated import feedback_rounded, input_metric
+from ..whiten import feedback_factor
 from . import data as D
 from .calibration import InputStats, collect_input_stats
-from .layers import MiniLayer, use_mode
+from .layers import MiniLayer, base_shape, use_mode
 from .qat import storage_round
 
 
@@ -34,7 +34,7 @@ def input_stats(model: torch.nn.Module, layers: dict[str, MiniLayer], seqs: list
     """Second moments of the inputs of the quantized linear layers, with the teacher's update
     applied (the inputs the student should reproduce the teacher's outputs on)."""
     paths = {m.name: p for p, m in model.named_modules() if isinstance(m, MiniLayer)}
-    modules = {n: (paths[n], layer.Y.shape[1] if layer.factored else layer.V.shape[1])
+    modules = {n: (paths[n], base_shape(layer.base, layer.kind)[1])
                for n, layer in layers.items() if layer.kind == "linear" and quantized(layer)}
     if not modules:
         return {}
@@ -48,22 +48,20 @@ def metric(layer: MiniLayer, stats: InputStats) -> torch.Tensor:
 
 
 @torch.no_grad()
-def feedback_round(layer: MiniLayer, stats: InputStats, feedback=None) -> None:
+def feedback_round(layer: MiniLayer, M: torch.Tensor, feedback: np.ndarray | None = None) -> None:
     """Set the layer's factors to values on the file's grid, rounded with error feedback against
-    the second moment of its input (see the module docstring). `feedback`: feedback_factor of the
-    layer's metric, when the caller shares it between layers that read the same input. Raises
+    the metric M of its input-side factor (metric(); see the module docstring). `feedback`:
+    feedback_factor(M), when the caller shares it between layers that read the same input. Raises
     ValueError for factors the file cannot hold (non-finite, or past the float16 scales)."""
     B, A = layer.inner_matrices()  # file coordinates, float64: B multiplies A's output
     spec = layer.storage
-    M = metric(layer, stats)
+    A32 = A.float().double()  # the float32 values export encodes
     if A.shape[0] < A.shape[1]:  # wide: its vectors are its rows, as the quantizer walks them
-        QA = error_feedback_round(A.float().double(), quantizer=quant.GroupQuantizer(spec["bits"], spec["group"]),
-                                  feedback=feedback_factor(M) if feedback is None else feedback).values
-        # encoded again as the writer will: a group whose largest value moved can get another scale
-        QA = storage_round(QA, spec)
+        R = feedback_factor(M) if feedback is None else feedback
+        QA = torch.from_numpy(feedback_rounded(A32.numpy(), spec["bits"], spec["group"], R)).double()
     else:
-        QA = storage_round(A.float().double(), spec)
-    # B re-fitted to the rounded A: min ||(B A − B' QA) metric||, a k×k solve
+        QA = storage_round(A32, spec)
+    # B re-fitted to the rounded A: min ||(B A − B' QA) M||, a k×k solve
     AM, QM = A @ M, QA @ M
     G = QM @ QM.T
     G.diagonal().add_(1e-12 * float(G.diagonal().mean()) + 1e-300)
@@ -75,17 +73,18 @@ def feedback_round(layer: MiniLayer, stats: InputStats, feedback=None) -> None:
 
 
 def feedback_round_all(layers: dict[str, MiniLayer], stats: dict[str, InputStats], accelerator=None) -> None:
-    """feedback_round for every layer with statistics, each feedback factor computed once per input
-    (q/k/v read one, gate/up another; random outers: once per input and outer). With several
-    processes (`accelerator`), the main process's values are sent to all, so that the ranks start
-    the next phase from one state whatever their floating-point differences."""
+    """feedback_round for every layer with statistics, each metric and feedback factor computed once
+    per input (q/k/v read one, gate/up another; random outers: once per input and outer). With
+    several processes (`accelerator`), the main process's values are sent to all, so that the ranks
+    start the next phase from one state whatever their floating-point differences."""
     shared = {}
     for name, s in stats.items():
         layer = layers[name]
         key = (s.source, None if layer.factored else layer.V.data_ptr())
         if key not in shared:
-            shared[key] = feedback_factor(metric(layer, s))
-        feedback_round(layer, s, shared[key])
+            M = metric(layer, s)
+            shared[key] = (M, feedback_factor(M))
+        feedback_round(layer, *shared[key])
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast
 

@@ -169,11 +169,7 @@ def file_digest(path: str | os.PathLike) -> str:
     p = Path(path)
     if p.is_dir():
         return ";".join(f"{f.name}:{f.stat().st_size}" for f in sorted(p.iterdir()) if f.is_file())
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return _hash_file(hashlib.sha256(), p).hexdigest()
 
 
 SAMPLES_FORMAT = 1  # bumped when sampling changes what it draws for the same models and seed
@@ -203,10 +199,16 @@ def content_digest(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     for f in sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]:
         h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        _hash_file(h, f)
     return h.hexdigest()
+
+
+def _hash_file(h, path: Path):
+    """`h` updated with the file's bytes, read in 1 MiB chunks."""
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h
 
 
 # ------------------------------------------------------------------ evaluation
