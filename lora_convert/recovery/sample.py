@@ -38,8 +38,9 @@ def cached_samples(directory: str | None, identity: dict, shape: tuple[int, int]
     key = json.dumps(identity, sort_keys=True)
     try:
         with safe_open(str(path), framework="pt") as f:
-            if ((f.metadata() or {}).get("identity") == key and list(f.keys()) == ["ids"]
-                    and f.get_slice("ids").get_dtype() == "I32" and f.get_slice("ids").get_shape() == list(shape)):
+            stored = f.get_slice("ids") if list(f.keys()) == ["ids"] else None
+            if ((f.metadata() or {}).get("identity") == key and stored is not None
+                    and stored.get_dtype() == "I32" and stored.get_shape() == list(shape)):
                 ids = f.get_tensor("ids")  # its size is known now: shape × 4 bytes
                 if ids.numel() and 0 <= int(ids.min()) and int(ids.max()) < vocab:
                     return ids.tolist()
